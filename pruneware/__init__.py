@@ -1,0 +1,56 @@
+"""pruneware: visual-token pruning for vision-language models.
+
+    import pruneware
+    with pruneware.prune(model, "divprune@pre:0.5,random@20:0.2", seed=0) as run:
+        out = model.generate(**inputs)
+    run.report
+
+Importing pruneware patches nothing: hooks exist only inside a session.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pruneware.plan import Plan, PlanError, Stage
+from pruneware.presets import available_presets
+from pruneware.report import Report
+from pruneware.session import _ACTIVE, Session
+
+__version__ = "0.1.0"
+__all__ = ["Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach", "prune"]
+
+
+def prune(model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None) -> Session:
+    """A session to use as a context manager: `with pruneware.prune(model, "fastv") as run: ...`.
+
+    Args:
+        model: a supported *ForConditionalGeneration model (see `pruneware.adapters`).
+        plan: a plan string ("random@20:0.25"), a Plan, or a preset name ("fastv").
+        seed: seeds random policies; the same inputs give the same kept tokens.
+        avg_tokens: solve the stage budgets so the average visual tokens per decoder layer is this.
+    Raises:
+        PlanError: a malformed or out-of-range plan, an unknown policy or preset.
+        TypeError: an unsupported model.
+    """
+    return Session(model, plan, seed=seed, avg_tokens=avg_tokens)
+
+
+def attach(model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None) -> Session:
+    """Install pruning on a long-lived model until `detach(model)`."""
+    return Session(model, plan, seed=seed, avg_tokens=avg_tokens).attach()
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the session attached to `model` and restore it exactly."""
+    session = _ACTIVE.get(model)
+    if session is None:
+        raise RuntimeError("no pruneware session is attached to this model")
+    session.detach()
+
+
+def load(name: str):
+    """Load an embedded tiny model: `(model, processor)`. See `pruneware.models`."""
+    from pruneware.models import load as _load
+
+    return _load(name)

@@ -1,0 +1,44 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): dynamic resolution, M-RoPE positions.
+
+Each image's token count is `t * h * w / merge**2` from `image_grid_thw`; images are laid out
+in the order they appear in the batch. Positions are 3-D ([3, B, L], or [4, B, L] with the
+text positions first under `generate`) and are kept as the model computed them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pruneware.adapters.base import Adapter, VisualLayout
+from pruneware.adapters.registry import register_adapter
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(Adapter):
+    model_types = ("qwen2_5_vl",)
+    rope = "mrope"
+
+    def visual_token_ids(self) -> list[int]:
+        return [self.config.image_token_id]
+
+    def vision_tower(self) -> torch.nn.Module:
+        return self.base_model.visual
+
+    def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
+        # Under generate(), the vision tower runs first and image_grid_thw is not passed on:
+        # the session records the grid the tower saw.
+        grid_thw = model_kwargs.get("image_grid_thw")
+        if grid_thw is None:
+            grid_thw = model_kwargs.get("seen_grid_thw")
+        if grid_thw is None:
+            if bool((input_ids == self.config.image_token_id).any()):
+                raise ValueError("input_ids hold image tokens but no image_grid_thw was given")
+            return self._runs_to_layout(input_ids, [], [])
+        merge = self.config.vision_config.spatial_merge_size
+        sizes, grids = [], []
+        for t, h, w in grid_thw.tolist():
+            sizes.append(t * h * w // merge**2)
+            grids.append((h // merge, w // merge))
+        return self._runs_to_layout(input_ids, sizes, grids)

@@ -1,0 +1,34 @@
+"""Adapters by `config.model_type`; duplicates are rejected, unknown models get the list."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pruneware.adapters.base import Adapter
+
+_ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    for model_type in cls.model_types:
+        if model_type in _ADAPTERS:
+            raise ValueError(f"model type {model_type!r} already has adapter {_ADAPTERS[model_type].__name__}")
+        _ADAPTERS[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for `model`, or a TypeError naming the supported model types."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    cls = _ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+    if cls is None or not hasattr(model, "model") or not hasattr(model.model, "language_model"):
+        raise TypeError(
+            f"pruneware does not support {type(model).__name__} (model_type={model_type!r}); "
+            f"supported model types: {', '.join(supported_model_types())} "
+            "(pass the *ForConditionalGeneration model)"
+        )
+    return cls(model)

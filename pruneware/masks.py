@@ -1,0 +1,112 @@
+"""Slicing the attention masks that the model loop builds for the full sequence.
+
+Three formats reach a decoder layer, depending on the backend's mask function:
+  - 4-D bool [B, 1, Q, K] (sdpa; True = attend), or None for a plain causal mask;
+  - 4-D float [B, 1, Q, K] (eager; 0 or the dtype's minimum);
+  - 2-D [B, K] padding mask (flash attention), or None when nothing is padded.
+A pruned level keeps some rows and columns, and may add invalid (padding) slots when
+samples keep different numbers of tokens; those columns are masked out, and an invalid row
+attends only to itself so that no row is empty (an empty softmax row gives NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+MaskKind = Literal["bool", "float", "2d"]
+
+
+def mask_kind(attn_implementation: str) -> MaskKind:
+    """The mask format a backend's mask function produces."""
+    if "flash" in attn_implementation:
+        return "2d"
+    if attn_implementation.endswith("eager"):
+        return "float"
+    return "bool"
+
+
+def _gather_last(m: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """m: [B|1, ..., K]; cols: [B, n] -> [B, ..., n]."""
+    if m.shape[0] == 1 and cols.shape[0] > 1:
+        m = m.expand(cols.shape[0], *m.shape[1:])
+    view = cols.view(cols.shape[0], *([1] * (m.dim() - 2)), cols.shape[1])
+    return m.gather(-1, view.expand(*m.shape[:-1], cols.shape[1]))
+
+
+def _fix_invalid(m: torch.Tensor, valid_cols: torch.Tensor, invalid_rows: torch.Tensor | None) -> torch.Tensor:
+    """Mask invalid columns; let each invalid row attend to its own slot only."""
+    if m.dtype == torch.bool:
+        m = m & valid_cols[:, None, None, :]
+        if invalid_rows is not None:
+            diag = torch.diag_embed(invalid_rows)[:, None]  # [B, 1, Ls, Ls]
+            m = m | diag
+        return m
+    low = torch.finfo(m.dtype).min
+    m = m.masked_fill(~valid_cols[:, None, None, :], low)
+    if invalid_rows is not None:
+        m = m.masked_fill(torch.diag_embed(invalid_rows)[:, None], 0.0)
+    return m
+
+
+def slice_prefill_mask(
+    mask: torch.Tensor | None, index0: torch.Tensor, valid: torch.Tensor, kind: MaskKind, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The level's prefill mask from the level-0 mask.
+
+    mask: [B|1, 1, L0, L0], [B, L0] or None; index0, valid: [B, Ls]. Returns the same format,
+    [B, 1, Ls, Ls] or [B, Ls], or None when a plain causal mask still fits.
+    """
+    has_invalid = not bool(valid.all())
+    if mask is None:
+        if not has_invalid:
+            return None
+        if kind == "2d":
+            return valid.long()
+        length = index0.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=index0.device).tril()
+        mask = causal.expand(index0.shape[0], 1, length, length)
+        mask = _fix_invalid(mask, valid, ~valid)
+        if kind == "float":
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+    if mask.dim() == 2:
+        return _gather_last(mask, index0) * valid.to(mask.dtype)
+    rows = index0.view(index0.shape[0], 1, -1, 1)
+    if mask.shape[0] == 1 and index0.shape[0] > 1:
+        mask = mask.expand(index0.shape[0], *mask.shape[1:])
+    mask = mask.gather(2, rows.expand(mask.shape[0], mask.shape[1], index0.shape[1], mask.shape[3]))
+    mask = _gather_last(mask, index0)
+    return _fix_invalid(mask, valid, ~valid if has_invalid else None) if has_invalid else mask
+
+
+def decode_columns(index0: torch.Tensor, level0_length: int, kv_length: int) -> torch.Tensor:
+    """Level-0 cache columns a level's cache holds: its kept prefix, then every decoded token."""
+    b = index0.shape[0]
+    tail = torch.arange(level0_length, kv_length, device=index0.device).expand(b, -1)
+    return torch.cat([index0, tail], dim=1)
+
+
+def slice_decode_mask(
+    mask: torch.Tensor | None, index0: torch.Tensor, valid: torch.Tensor, level0_length: int,
+    kv_length: int, q_length: int, kind: MaskKind, dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """The level's decode-step mask. mask: [B|1, 1, q, kv0], [B, kv0] or None (kv0 = kv_length)."""
+    has_invalid = not bool(valid.all())
+    cols = decode_columns(index0, level0_length, kv_length)
+    tail = torch.ones(valid.shape[0], kv_length - level0_length, dtype=torch.bool, device=valid.device)
+    valid_cols = torch.cat([valid, tail], dim=1)
+    if mask is None:
+        if not has_invalid:
+            return None
+        if kind == "2d":
+            return valid_cols.long()
+        allowed = valid_cols[:, None, None, :].expand(-1, 1, q_length, -1)
+        if kind == "bool":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if mask.dim() == 2:
+        return _gather_last(mask, cols) * valid_cols.to(mask.dtype)
+    mask = _gather_last(mask, cols)
+    return _fix_invalid(mask, valid_cols, None) if has_invalid else mask

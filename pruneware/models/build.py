@@ -1,0 +1,164 @@
+"""Build the embedded tiny VLMs, their tokenizers and processors from configs (never the hub).
+
+Two architectures:
+
+* ``llava``: ``LlavaForConditionalGeneration``, a CLIP vision tower at 336 px with patch 14
+  (576 image tokens, ``vision_feature_select_strategy="default"``) and a Llama LM.
+* ``qwen2.5-vl``: ``Qwen2_5_VLForConditionalGeneration`` with M-RoPE; images are resized to
+  448 px, patch 14, 2x2 merge: 256 visual tokens per image.
+
+Both tokenizers are ``tokenizers`` WordLevel models over the synthetic benchmark vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from pruneware.evals.synthetic import vocabulary
+
+Arch = Literal["llava", "qwen2.5-vl"]
+ARCHS: tuple[str, ...] = ("llava", "qwen2.5-vl")
+QWEN_SIDE = 448  # qwen images are resized to 448 x 448: a 32 x 32 patch grid, 16 x 16 merged
+
+LLAVA_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+LLAVA_WORDS = ["USER", "ASSISTANT", ":"]
+QWEN_SPECIAL = [
+    "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+QWEN_WORDS = ["user", "assistant", "system"]
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Widths are small on purpose: the models must train from scratch in about an hour on a
+# 2-core CPU. Depth is 8 LLM layers so that layer-indexed plans (e.g. K = 2, 4, 6) make sense.
+LLM = {"hidden": 96, "layers": 8, "heads": 4, "kv_heads": 2, "mlp": 256}
+VISION = {"hidden": 96, "layers": 2, "heads": 4, "mlp": 192}
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {list(ARCHS)}")
+
+
+def build_tokenizer(arch: Arch) -> PreTrainedTokenizerFast:
+    """WordLevel tokenizer: special tokens first, then the prompt words, then the benchmark words."""
+    _check_arch(arch)
+    special, extra = (LLAVA_SPECIAL, LLAVA_WORDS) if arch == "llava" else (QWEN_SPECIAL, QWEN_WORDS)
+    vocab = {w: i for i, w in enumerate(special + extra + vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(special)
+    kw = dict(model_input_names=["input_ids", "attention_mask"], unk_token="<unk>")
+    if arch == "llava":
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>", **kw
+        )
+    else:
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>", **kw)
+    tok.padding_side = "left"
+    return tok
+
+
+def build_processor(arch: Arch):
+    """The real HF processor of the architecture, with the tiny tokenizer and a chat template."""
+    tok = build_tokenizer(arch)
+    if arch == "llava":
+        image = CLIPImageProcessor(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_convert_rgb=True
+        )
+        return LlavaProcessor(
+            image_processor=image, tokenizer=tok, patch_size=14, num_additional_image_tokens=1,
+            vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+        )  # fmt: skip
+    pixels = QWEN_SIDE * QWEN_SIDE
+    image = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2)
+    video = Qwen2VLVideoProcessor(min_pixels=pixels // 4, max_pixels=pixels, patch_size=14, merge_size=2)
+    return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
+
+
+def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None):
+    """Model config sized by ``LLM`` and ``VISION``, token ids taken from the tokenizer."""
+    _check_arch(arch)
+    tok = tok or build_tokenizer(arch)
+    ids = tok.convert_tokens_to_ids
+    text = dict(
+        vocab_size=len(tok), hidden_size=LLM["hidden"], intermediate_size=LLM["mlp"],
+        num_hidden_layers=LLM["layers"], num_attention_heads=LLM["heads"],
+        num_key_value_heads=LLM["kv_heads"], max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    if arch == "llava":
+        vision = CLIPVisionConfig(
+            hidden_size=VISION["hidden"], intermediate_size=VISION["mlp"],
+            num_hidden_layers=VISION["layers"], num_attention_heads=VISION["heads"],
+            image_size=336, patch_size=14,
+        )  # fmt: skip
+        return LlavaConfig(
+            vision_config=vision, text_config=LlamaConfig(bos_token_id=tok.bos_token_id, **text),
+            image_token_index=ids("<image>"), image_seq_length=576,
+            vision_feature_select_strategy="default", vision_feature_layer=-1,
+            pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+    head_dim = LLM["hidden"] // LLM["heads"]
+    third = head_dim // 2 // 3
+    mrope = [head_dim // 2 - 2 * third, third, third]  # temporal, height, width; sums to head_dim/2
+    vision = dict(
+        depth=VISION["layers"], hidden_size=VISION["hidden"], intermediate_size=VISION["mlp"],
+        num_heads=VISION["heads"], out_hidden_size=LLM["hidden"], patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[VISION["layers"] - 1],
+    )  # fmt: skip
+    text["bos_token_id"] = None
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+
+
+def build_tiny(arch: Arch, seed: int = 0):
+    """A randomly initialised tiny model and its processor: ``(model, processor)``.
+
+    Deterministic in ``seed``. Useful for tests that need a real architecture without weights.
+    """
+    processor = build_processor(arch)
+    config = build_config(arch, processor.tokenizer)
+    torch.manual_seed(seed)
+    cls = LlavaForConditionalGeneration if arch == "llava" else Qwen2_5_VLForConditionalGeneration
+    model = cls(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    return model, processor

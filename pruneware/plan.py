@@ -1,0 +1,192 @@
+"""Plans and stages: what to prune, where, and how much.
+
+A plan is an ordered list of stages. Each stage names a policy, a place (`pre`, before the
+language model, or a decoder-layer index K, before layer K), a budget and a positions mode.
+Plans parse from and format to one string, and the two round-trip::
+
+    divprune@pre:0.5,random@20:0.2          # two stages
+    random@3:64:compact                     # keep 64 tokens, re-index positions
+    crosslmm[factor=3]@pre:1.0              # policy parameters in brackets
+
+Budgets: a float (written with a dot) is a ratio in (0, 1] of the sample's *original*
+number of visual tokens; an integer is a count >= 1. A stage never keeps more tokens than
+the previous stage left, and each image in a sample keeps at least one token.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+Where = Literal["pre"] | int
+PositionsMode = Literal["keep", "compact"]
+POSITIONS_MODES = ("keep", "compact")
+
+_STAGE_RE = re.compile(
+    r"^(?P<policy>[A-Za-z][\w\-]*)(?:\[(?P<params>[^\]]*)\])?"
+    r"@(?P<where>pre|\d+)(?::(?P<budget>[^:]+))?(?::(?P<mode>[a-z]+))?$"
+)
+
+
+class PlanError(ValueError):
+    """A plan that cannot run: bad syntax, unknown policy, or out-of-range values."""
+
+
+def _format_number(value: float | int) -> str:
+    if isinstance(value, float):
+        text = repr(value)
+        return text if "." in text or "e" in text else text + ".0"
+    return str(value)
+
+
+def _parse_param(text: str) -> str | int | float | bool:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning step.
+
+    Attributes:
+        policy: a registered policy name (see `pruneware.policies.available()`).
+        where: "pre" (on the projected visual embeddings, before the LLM) or a layer index K:
+            the stage runs before decoder layer K, using what layer K-1 saw.
+        budget: a ratio in (0, 1] of the original visual tokens, or a count >= 1.
+        positions: "keep" keeps each token's original position; "compact" re-indexes the
+            kept sequence (1-D RoPE models only).
+        params: extra policy parameters, e.g. {"factor": 3}.
+    """
+
+    policy: str
+    where: Where = "pre"
+    budget: float | int = 0.5
+    positions: PositionsMode = "keep"
+    params: tuple[tuple[str, str | int | float | bool], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, str) or not self.policy:
+            raise PlanError(f"policy must be a non-empty name, got {self.policy!r}")
+        if self.where != "pre" and not (isinstance(self.where, int) and not isinstance(self.where, bool)):
+            raise PlanError(f"where must be 'pre' or a layer index >= 0, got {self.where!r}")
+        if isinstance(self.where, int) and self.where < 0:
+            raise PlanError(f"layer index must be >= 0, got {self.where}")
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, int | float):
+            raise PlanError(f"budget must be a ratio in (0, 1] or a count >= 1, got {budget!r}")
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise PlanError(f"budget ratio must be in (0, 1], got {budget}")
+        if isinstance(budget, int) and budget < 1:
+            raise PlanError(f"budget count must be >= 1, got {budget}")
+        if self.positions not in POSITIONS_MODES:
+            raise PlanError(f"positions must be one of {POSITIONS_MODES}, got {self.positions!r}")
+        if isinstance(self.params, dict):
+            object.__setattr__(self, "params", tuple(sorted(self.params.items())))
+
+    @property
+    def layer(self) -> int:
+        """The first decoder layer that sees the pruned sequence (0 for `pre`)."""
+        return 0 if self.where == "pre" else int(self.where)
+
+    def keep_count(self, n_visual: int) -> int:
+        """Tokens this stage keeps out of a sample's original `n_visual` visual tokens."""
+        if n_visual == 0:
+            return 0
+        if isinstance(self.budget, float):
+            return max(1, min(n_visual, round(self.budget * n_visual)))
+        return min(n_visual, self.budget)
+
+    def __str__(self) -> str:
+        params = ";".join(f"{k}={v}" for k, v in self.params)
+        text = self.policy + (f"[{params}]" if params else "")
+        text += f"@{self.where}:{_format_number(self.budget)}"
+        return text + (":compact" if self.positions == "compact" else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Stage:
+        match = _STAGE_RE.match(text.strip())
+        if not match:
+            raise PlanError(
+                f"malformed stage {text!r}: expected 'policy@where:budget[:keep|compact]', "
+                "e.g. 'random@20:0.25' or 'divprune@pre:64'"
+            )
+        where: Where = "pre" if match["where"] == "pre" else int(match["where"])
+        budget_text = match["budget"] or "0.5"
+        try:
+            budget: float | int = float(budget_text) if "." in budget_text else int(budget_text)
+        except ValueError:
+            raise PlanError(f"malformed budget {budget_text!r} in {text!r}: use a ratio like 0.25 or a count like 64") from None
+        params = {}
+        for item in filter(None, (match["params"] or "").split(";")):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise PlanError(f"malformed parameter {item!r} in {text!r}: expected key=value")
+            params[key.strip()] = _parse_param(value.strip())
+        return cls(match["policy"], where, budget, match["mode"] or "keep", tuple(sorted(params.items())))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered list of stages, checked against the policy registry on creation."""
+
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self) -> None:
+        from pruneware.policies import get_policy
+
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            raise PlanError("a plan needs at least one stage")
+        for stage in self.stages:
+            get_policy(stage.policy)  # raises with the list of valid names
+        layers = [s.layer for s in self.stages]
+        if layers != sorted(layers) or len([s for s in self.stages if s.where == "pre"]) > 1:
+            raise PlanError(f"stages must be in increasing layer order with at most one 'pre' stage, got {self}")
+        if len(set(layers)) != len(layers):
+            raise PlanError(f"two stages at the same place in {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> Plan:
+        if not isinstance(text, str) or not text.strip():
+            raise PlanError(f"empty plan string {text!r}")
+        return cls(tuple(Stage.parse(part) for part in text.split(",")))
+
+    def __str__(self) -> str:
+        return ",".join(str(s) for s in self.stages)
+
+    def validate_for(self, n_layers: int, rope: Literal["1d", "mrope"]) -> None:
+        """Check layer indices against a model of `n_layers` decoder layers and its RoPE kind."""
+        for stage in self.stages:
+            if stage.where != "pre" and not 0 <= stage.where < n_layers:
+                raise PlanError(
+                    f"stage {stage} prunes before layer {stage.where}, but the model has {n_layers} "
+                    f"decoder layers: use 'pre' or a layer in 0..{n_layers - 1}"
+                )
+            if stage.positions == "compact" and rope == "mrope":
+                raise PlanError(
+                    f"stage {stage}: 'compact' positions are only defined for 1-D RoPE models; "
+                    "this model uses M-RoPE, use 'keep'"
+                )
+
+    def keep_counts(self, n_visual: int) -> list[int]:
+        """Visual tokens left after each stage, for a sample with `n_visual` visual tokens."""
+        counts, current = [], n_visual
+        for stage in self.stages:
+            current = min(current, stage.keep_count(n_visual))
+            counts.append(current)
+        return counts
+
+    def avg_visual_tokens(self, n_visual: int, n_layers: int) -> float:
+        """Average visual tokens per decoder layer for a sample with `n_visual` visual tokens."""
+        total, current, start = 0.0, n_visual, 0
+        for stage, count in zip(self.stages, self.keep_counts(n_visual), strict=True):
+            total += current * (stage.layer - start)
+            current, start = count, stage.layer
+        return (total + current * (n_layers - start)) / n_layers

@@ -1,0 +1,138 @@
+"""The policy contract, the shared top-k selection, and the policy registry.
+
+A policy is a frozen dataclass registered by name. Selection policies implement `score`
+(higher = keep) and inherit `select`, which splits each sample's budget over its images in
+proportion to their current sizes (at least one token each) and takes the top-k per image.
+Policies hold no run-time state: everything a call needs arrives in a `StageInput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class StageInput:
+    """What a stage sees, for a batch of B samples with up to N visual tokens each.
+
+    Attributes:
+        hidden: [B, N, D] the visual tokens' states (projected embeddings for `pre`, the
+            input of decoder layer K otherwise); rows past a sample's count are zeros.
+        valid: [B, N] bool, True for real visual tokens.
+        image_ids: [B, N] long, which image (0-based within the sample) each token belongs to; -1 if invalid.
+        attention: [B, N] float32 or None: attention mass the chosen query rows put on each
+            visual token at layer K-1 (only for policies with `needs_attention`).
+        seed: derived from the session's seed and the stage index; random policies seed a
+            torch.Generator with it per sample, so a sample's draw does not depend on the batch.
+        layer: the decoder layer the stage runs before (0 for `pre`).
+    """
+
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    image_ids: torch.Tensor
+    attention: torch.Tensor | None
+    seed: int
+    layer: int
+
+    def image_sizes(self) -> list[list[int]]:
+        """Tokens per image, per sample."""
+        out = []
+        for row, ok in zip(self.image_ids, self.valid, strict=True):
+            ids = row[ok]
+            out.append(torch.bincount(ids).tolist() if ids.numel() else [])
+        return out
+
+
+def split_budget(sizes: list[int], count: int) -> list[int]:
+    """Split `count` kept tokens over images of `sizes` tokens, in proportion, >= 1 each."""
+    total = sum(sizes)
+    if count >= total:
+        return list(sizes)
+    count = max(count, len(sizes))
+    shares = [count * s / total for s in sizes]
+    out = [max(1, min(s, int(share))) for s, share in zip(sizes, shares, strict=True)]
+    order = sorted(range(len(sizes)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    while sum(out) < count:
+        for i in order:
+            if sum(out) < count and out[i] < sizes[i]:
+                out[i] += 1
+    while sum(out) > count:
+        for i in reversed(order):
+            if sum(out) > count and out[i] > 1:
+                out[i] -= 1
+    return out
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base class. Subclasses set `name` and implement `score` or override `select`."""
+
+    name: ClassVar[str] = ""
+    needs_attention: ClassVar[bool] = False  # needs attention rows from layer K-1
+    pre_llm: ClassVar[bool] = True  # may run at `pre`
+    description: ClassVar[str] = ""
+
+    def score(self, inputs: StageInput) -> torch.Tensor:
+        """[B, N] float scores; higher means more worth keeping."""
+        raise NotImplementedError(f"policy {self.name!r} implements neither score() nor select()")
+
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
+        """Per sample, the sorted indices (into that sample's N visual tokens) to keep.
+
+        `counts[b]` is sample b's budget; it is split over the sample's images.
+        """
+        scores = self.score(inputs).float()
+        scores = scores.masked_fill(~inputs.valid, float("-inf"))
+        return topk_per_image(scores, inputs, counts)
+
+
+def topk_per_image(scores: torch.Tensor, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
+    """Top-k of `scores` [B, N] per image under the split budget; sorted indices per sample."""
+    sizes = inputs.image_sizes()
+    single = all(len(s) <= 1 for s in sizes)
+    if single and len(set(counts)) == 1 and counts[0] > 0:
+        # One image per sample and one budget: a single batched top-k.
+        k = min(counts[0], scores.shape[1])
+        picked = scores.topk(k, dim=1).indices.sort(dim=1).values
+        return list(picked)
+    out = []
+    for b, image_sizes in enumerate(sizes):
+        if not image_sizes:
+            out.append(torch.zeros(0, dtype=torch.long, device=scores.device))
+            continue
+        parts = []
+        for image, k in enumerate(split_budget(image_sizes, counts[b])):
+            members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
+            top = scores[b, members].topk(k).indices
+            parts.append(members[top])
+        out.append(torch.cat(parts).sort().values)
+    return out
+
+
+_POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: register a policy under `cls.name`; duplicate names are rejected."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _POLICIES:
+        raise ValueError(f"policy {cls.name!r} is already registered by {_POLICIES[cls.name].__name__}")
+    _POLICIES[cls.name] = cls
+    return cls
+
+
+def get_policy(name: str) -> type[Policy]:
+    from pruneware.plan import PlanError
+
+    try:
+        return _POLICIES[name]
+    except KeyError:
+        raise PlanError(f"unknown policy {name!r}; valid policies: {', '.join(sorted(_POLICIES))}") from None
+
+
+def available() -> dict[str, type[Policy]]:
+    return dict(_POLICIES)

@@ -1,0 +1,29 @@
+"""`random`: uniform random selection, reproducible from the session seed.
+
+*All You Need Are Random Visual Tokens?* (the Information Horizon paper) finds that past
+about layer 20 of 32 in LLaVA-1.5-7B, scored pruning does no better than random.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pruneware.policies.base import Policy, StageInput, register_policy
+
+
+@register_policy
+@dataclass(frozen=True)
+class RandomPolicy(Policy):
+    name = "random"
+    description = "Uniform random visual tokens (Information Horizon); seeded."
+
+    def score(self, inputs: StageInput) -> torch.Tensor:
+        # Each row draws from a generator seeded the same way, over its own token count: a
+        # sample keeps the same tokens alone or in a batch, and beams of one sample agree.
+        scores = torch.zeros(inputs.valid.shape, dtype=torch.float32)
+        for b, n in enumerate(inputs.valid.sum(dim=1).tolist()):
+            generator = torch.Generator().manual_seed(inputs.seed)
+            scores[b, :n] = torch.rand(n, generator=generator)
+        return scores.to(inputs.hidden.device)

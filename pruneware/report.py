@@ -1,0 +1,95 @@
+"""What a pruned prefill kept and what it cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class StageReport:
+    """One stage of the last prefill.
+
+    Attributes:
+        where: "pre" or the decoder layer index K.
+        policy: the policy name.
+        kept: per sample, a LongTensor of the original input positions of the visual tokens
+            kept by this stage (sorted).
+        n_before: per sample, visual tokens entering the stage.
+        n_after: per sample, visual tokens leaving it.
+    """
+
+    where: str | int
+    policy: str
+    kept: list[torch.Tensor]
+    n_before: list[int]
+    n_after: list[int]
+
+
+@dataclass
+class Report:
+    """The last prefill's pruning record.
+
+    Attributes:
+        stages: one StageReport per plan stage.
+        n_layers: decoder layers of the language model.
+        visual_per_layer: per layer, the mean over samples of the visual tokens it processed.
+        tokens_per_layer: per layer, the mean over samples of all tokens it processed.
+        lm_flops: estimated language-model prefill FLOPs for the batch (see `lm_flops`).
+        lm_flops_unpruned: the same estimate without pruning.
+        plan: the plan string that ran.
+    """
+
+    stages: list[StageReport] = field(default_factory=list)
+    n_layers: int = 0
+    visual_per_layer: list[float] = field(default_factory=list)
+    tokens_per_layer: list[float] = field(default_factory=list)
+    lm_flops: float = 0.0
+    lm_flops_unpruned: float = 0.0
+    plan: str = ""
+
+    @property
+    def avg_visual_tokens(self) -> float:
+        """Visual tokens per sample, averaged over all decoder layers."""
+        return sum(self.visual_per_layer) / len(self.visual_per_layer) if self.visual_per_layer else 0.0
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.lm_flops / self.lm_flops_unpruned if self.lm_flops_unpruned else 1.0
+
+    def summary(self) -> dict[str, object]:
+        """A JSON-friendly digest."""
+        return {
+            "plan": self.plan,
+            "avg_visual_tokens": round(self.avg_visual_tokens, 2),
+            "lm_flops": self.lm_flops,
+            "flops_ratio": round(self.flops_ratio, 4),
+            "stages": [
+                {"where": s.where, "policy": s.policy, "n_before": s.n_before, "n_after": s.n_after}
+                for s in self.stages
+            ],
+        }
+
+
+def layer_flops(tokens: float, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> float:
+    """Prefill FLOPs of one decoder layer on `tokens` tokens (one sample).
+
+    Linear layers: 2 * tokens * params (q, k, v, o projections and a gated MLP).
+    Attention: causal QK^T and PV, 2 * 2 * tokens^2 / 2 * heads * head_dim.
+    """
+    proj = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * intermediate
+    return 2.0 * tokens * (proj + mlp) + 2.0 * tokens * tokens * heads * head_dim
+
+
+def lm_flops(tokens_per_layer_per_sample: list[list[int]], text_config) -> float:
+    """Total FLOPs over layers and samples; tokens_per_layer_per_sample[layer][sample]."""
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    return sum(
+        layer_flops(t, text_config.hidden_size, text_config.intermediate_size, heads, kv_heads, head_dim)
+        for layer in tokens_per_layer_per_sample
+        for t in layer
+    )

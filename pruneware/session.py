@@ -1,0 +1,345 @@
+"""The engine: installs hooks for a session's lifetime, runs the stages, remaps at decode.
+
+Hooks (all removed on exit, errors included):
+  - a pre-hook on the multimodal base model reads `input_ids` and the image layout, and tells
+    prefill (empty cache) from decode;
+  - a pre-hook on the language model runs a `pre` stage on `inputs_embeds`, the 2-D mask and
+    the positions, so every layer and the cache see the shorter sequence; at decode it
+    remaps the 2-D mask through the kept index;
+  - a pre-hook on every decoder layer >= the first in-LLM stage: at a stage's layer K it
+    selects and slices the hidden states; at every layer of a pruned level it slices the
+    cos/sin tables, position ids and mask rows/columns that the model loop passes full-size
+    (once per level per forward, memoised), and at decode remaps the mask columns;
+  - while a stage needs attention rows, a registered attention function (see capture.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruneware import masks
+from pruneware.adapters import Adapter, VisualLayout, adapter_for
+from pruneware.capture import AttentionCapture
+from pruneware.kernels.scores import attention_scores
+from pruneware.levels import Level, as_root, gather_seq, next_level, root_level
+from pruneware.plan import Plan, PlanError, Stage
+from pruneware.policies import Policy, StageInput, get_policy
+from pruneware.report import Report, StageReport, lm_flops
+from pruneware.resolve import PlanSource
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+
+
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+@dataclass
+class _Forward:
+    """State of the current sequence: set at prefill, read at every decode step."""
+
+    layout: VisualLayout
+    plan: Plan
+    n_visual: list[int]
+    levels: list[Level] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # first layer of each level
+    padding0: torch.Tensor | None = None  # [B, L0] bool key padding at level 0
+    input_length: int = 0  # L, before a `pre` stage
+    last_position: torch.Tensor | None = None  # [..., B] position of the last prefill token
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)  # K -> [B, Ls] scores
+    decoding: bool = False
+    past0: int = 0  # level-0 cache length before the current decode step
+    q_length: int = 0
+
+    def level_for(self, layer: int) -> tuple[int, Level]:
+        i = max(j for j, start in enumerate(self.starts) if start <= layer)
+        return i, self.levels[i]
+
+
+class Session:
+    """A pruning run on one model. Use as a context manager, or `attach()` / `detach()`."""
+
+    def __init__(self, model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None):
+        self.model = model
+        self.adapter: Adapter = adapter_for(model)
+        self.source = PlanSource.create(plan, self.adapter, avg_tokens)
+        self.seed = seed
+        self.report = Report(n_layers=self.adapter.n_layers)
+        self.history: list[Report] = []
+        self._handles: list[Any] = []
+        self._capture: AttentionCapture | None = None
+        self._state: _Forward | None = None
+        self._seen_grid_thw: torch.Tensor | None = None
+        self._attn = self.adapter.text_config._attn_implementation or "eager"
+
+    # lifecycle -------------------------------------------------------------------------
+    def attach(self) -> Session:
+        if self.model in _ACTIVE:
+            raise RuntimeError("this model already has a pruneware session; detach it first")
+        try:
+            base = self.adapter.base_model
+            self._handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
+            lm = self.adapter.language_model
+            self._handles.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+            self._handles.append(lm.register_forward_hook(self._on_language_model_done))
+            tower = self.adapter.vision_tower()
+            if tower is not None:
+                self._handles.append(tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
+            first = self.source.first_llm_layer()
+            if first is not None:
+                for i in range(first, self.adapter.n_layers):
+                    hook = self.adapter.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
+                    self._handles.append(hook)
+            if self.source.needs_attention():
+                self._capture = AttentionCapture(self.model, self._on_attention)
+                self._capture.install()
+        except BaseException:
+            self._remove()
+            raise
+        _ACTIVE[self.model] = self
+        return self
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        self._state = None
+
+    def detach(self) -> None:
+        self._remove()
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
+
+    def __enter__(self) -> Session:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # hooks -----------------------------------------------------------------------------
+    def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._seen_grid_thw = grid
+
+    def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = _cache_of(kwargs)
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            if input_ids is None:
+                raise ValueError("pruneware locates visual tokens from input_ids: pass input_ids, not inputs_embeds")
+            layout = self.adapter.layout(input_ids, {**kwargs, "seen_grid_thw": self._seen_grid_thw})
+            self._seen_grid_thw = None
+            n_visual = layout.visual.sum(dim=1).tolist()
+            self._state = _Forward(layout, self.source.plan_for(max(n_visual, default=0)), n_visual)
+            self.report = Report(n_layers=self.adapter.n_layers, plan=str(self._state.plan))
+            return
+        if self._state is None:
+            raise RuntimeError("this cache was filled outside the pruneware session; start generation inside it")
+        self._state.decoding, self._state.past0 = True, past
+        for level in self._state.levels:
+            level.cache.clear()
+
+    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        state = self._state
+        if state is None:
+            return None
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        positions = kwargs.get("position_ids")
+        mask = kwargs.get("attention_mask")
+        if state.decoding:
+            return args, self._decode_language_model(state, kwargs, embeds, positions, mask)
+        state.input_length, state.q_length = length, length
+        root = root_level(state.layout.image_ids.to(embeds.device))
+        pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("pruneware needs a 2-D attention_mask [batch, length] (or none) at the language model")
+        if pre is None:
+            state.levels, state.starts = [root], [0]
+            state.padding0 = None if mask is None else mask.bool()
+            return None
+        level = next_level(root, self._select(state, 0, pre, root, embeds))
+        if positions is None:
+            shape = (3, batch, length) if self.adapter.rope == "mrope" else (batch, length)
+            positions = torch.arange(length, device=embeds.device).expand(shape)
+        if pre.positions == "compact":
+            new_positions = torch.arange(level.length, device=embeds.device).expand(*positions.shape[:-1], -1)
+        else:
+            new_positions = gather_seq(positions, level.index_prev, positions.dim() - 1)
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        new_mask = mask.gather(1, level.index_prev) * level.valid.to(mask.dtype)
+        state.levels, state.starts = [as_root(level)], [0]
+        state.padding0 = new_mask.bool()
+        state.last_position = new_positions[..., -1]
+        kwargs.update(
+            inputs_embeds=gather_seq(embeds, level.index_prev, 1), attention_mask=new_mask, position_ids=new_positions
+        )
+        return args, kwargs
+
+    def _decode_language_model(self, state: _Forward, kwargs, embeds, positions, mask) -> dict[str, Any]:
+        level0 = state.levels[0]
+        q = embeds.shape[1]
+        state.q_length = q
+        pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
+        if pre is None:
+            return kwargs
+        length0 = level0.length
+        if mask is not None:
+            head = mask[:, : state.input_length].gather(1, level0.index_prev) * level0.valid.to(mask.dtype)
+            kwargs["attention_mask"] = torch.cat([head, mask[:, state.input_length :]], dim=1)
+        elif not bool(level0.valid.all()):
+            ones = torch.ones(embeds.shape[0], state.past0 - length0 + q, dtype=torch.long, device=embeds.device)
+            kwargs["attention_mask"] = torch.cat([level0.valid.long(), ones], dim=1)
+        steps = torch.arange(q, device=embeds.device) + (state.past0 - length0)
+        if pre.positions == "compact":
+            kwargs["position_ids"] = (length0 + steps).expand(embeds.shape[0], q)
+        elif positions is None:
+            kwargs["position_ids"] = state.last_position[..., None] + 1 + steps
+        return kwargs
+
+    def _on_language_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
+        state = self._state
+        if state is None or state.decoding:
+            return
+        per_layer = [state.level_for(i)[1] for i in range(self.adapter.n_layers)]
+        tokens = [self._real_tokens(state, lvl).sum(dim=1).tolist() for lvl in per_layer]
+        unpruned = self._real_tokens(state, state.levels[0]).sum(dim=1).cpu()
+        if state.plan.stages[0].where == "pre":  # level 0 lost the pre stage's tokens
+            unpruned = unpruned + (torch.tensor(state.n_visual) - torch.tensor(state.levels[0].visual_counts()))
+        full = [unpruned.tolist()] * self.adapter.n_layers
+        visual = [lvl.visual_counts() for lvl in per_layer]
+        self.report.visual_per_layer = [sum(v) / len(v) for v in visual]
+        self.report.tokens_per_layer = [sum(t) / len(t) for t in tokens]
+        self.report.lm_flops = lm_flops(tokens, self.adapter.text_config)
+        self.report.lm_flops_unpruned = lm_flops(full, self.adapter.text_config)
+        self.history.append(self.report)
+
+    @staticmethod
+    def _real_tokens(state: _Forward, level: Level) -> torch.Tensor:
+        """[B, Ls] bool: slots holding a real (not padding) token."""
+        if state.padding0 is None:
+            return level.valid
+        return level.valid & state.padding0.gather(1, level.index0)
+
+    def _layer_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            state = self._state
+            if state is None:
+                return None
+            if not state.decoding:
+                stage_index = self.source.stage_index_at(state.plan, layer)
+                if stage_index is not None:
+                    args = self._run_llm_stage(state, stage_index, layer, args, kwargs)
+            level_index, level = state.level_for(layer)
+            if level.identity:
+                return args, kwargs
+            kwargs.update(self._sliced_kwargs(state, level_index, kwargs))
+            return args, kwargs
+
+        return hook
+
+    def _run_llm_stage(self, state: _Forward, stage_index: int, layer: int, args: tuple, kwargs) -> tuple:
+        stage = state.plan.stages[stage_index]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        parent = state.levels[-1]
+        level = next_level(parent, self._select(state, stage_index, stage, parent, hidden))
+        state.levels.append(level)
+        state.starts.append(layer)
+        if level.same_as_prev:
+            return args
+        hidden = gather_seq(hidden, level.index_prev, 1)
+        if args:
+            return (hidden, *args[1:])
+        kwargs["hidden_states"] = hidden
+        return args
+
+    def _sliced_kwargs(self, state: _Forward, level_index: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        level = state.levels[level_index]
+        if "kwargs" in level.cache:
+            return level.cache["kwargs"]  # type: ignore[return-value]
+        kind = masks.mask_kind(self._attn)
+        cos, sin = kwargs["position_embeddings"]
+        out: dict[str, Any] = {}
+        llm_stages = [s for s in state.plan.stages if s.where != "pre"]
+        compact = llm_stages[level_index - 1].positions == "compact"
+        index0, valid = level.index0, level.valid
+        if state.decoding:
+            kv = state.past0 + state.q_length
+            out["attention_mask"] = masks.slice_decode_mask(
+                kwargs.get("attention_mask"), index0, valid, state.levels[0].length, kv, state.q_length, kind, cos.dtype
+            )
+            if compact:
+                start = level.length + state.past0 - state.levels[0].length
+                new_pos = torch.arange(start, start + state.q_length, device=cos.device).expand(index0.shape[0], -1)
+                out["position_embeddings"] = self.adapter.language_model.rotary_emb(cos, new_pos)
+                out["position_ids"] = new_pos
+        else:
+            out["attention_mask"] = masks.slice_prefill_mask(kwargs.get("attention_mask"), index0, valid, kind, cos.dtype)
+            if compact:
+                new_pos = torch.arange(level.length, device=cos.device).expand(index0.shape[0], -1)
+                out["position_embeddings"] = self.adapter.language_model.rotary_emb(cos, new_pos)
+                out["position_ids"] = new_pos
+            else:
+                out["position_embeddings"] = (gather_seq(cos, index0, 1), gather_seq(sin, index0, 1))
+                if kwargs.get("position_ids") is not None:
+                    pos = kwargs["position_ids"]
+                    out["position_ids"] = gather_seq(pos, index0, pos.dim() - 1)
+        level.cache["kwargs"] = out
+        return out
+
+    def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any) -> None:
+        state = self._state
+        if state is None or state.decoding:
+            return
+        stage_index = self.source.stage_index_at(state.plan, module.layer_idx + 1)
+        if stage_index is None or not self.source.policy(state.plan, stage_index).needs_attention:
+            return
+        _, level = state.level_for(module.layer_idx)
+        key_mask = level.valid
+        if state.padding0 is not None:
+            key_mask = key_mask & state.padding0.gather(1, level.index0)
+        with torch.no_grad():
+            weights = torch.full((query.shape[0], 1), 1.0 / query.shape[1], device=query.device)
+            scores, _ = attention_scores(
+                query[:, :, -1:, :], key, weights, key_mask=key_mask, scale=getattr(module, "scaling", None)
+            )
+        state.captured[module.layer_idx + 1] = scores
+
+    # selection ---------------------------------------------------------------------------
+    def _select(self, state: _Forward, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor):
+        """Run the stage's policy on `level`; returns per-sample indices into its visual slots."""
+        visual = level.visual
+        counts_now = visual.sum(dim=1)
+        n = int(counts_now.max()) if visual.numel() else 0
+        order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]  # visual slots first
+        token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
+        budgets = [min(stage.keep_count(nv), now) for nv, now in zip(state.n_visual, counts_now.tolist(), strict=True)]
+        attention = None
+        if self.source.policy(state.plan, stage_index).needs_attention:
+            attention = state.captured.pop(stage.layer).gather(1, order)
+        inputs = StageInput(
+            hidden=gather_seq(hidden, order, 1) * token_valid[..., None].to(hidden.dtype),
+            valid=token_valid,
+            image_ids=level.image_ids.gather(1, order).masked_fill(~token_valid, -1),
+            attention=attention,
+            seed=self.seed * 1_000_003 + stage_index,
+            layer=stage.layer,
+        )
+        with torch.no_grad():
+            keep = self.source.policy(state.plan, stage_index).select(inputs, budgets)
+        originals = level.orig.gather(1, order)
+        kept = [originals[b, k.to(originals.device)] for b, k in enumerate(keep)]
+        self.report.stages.append(
+            StageReport(stage.where, stage.policy, kept, counts_now.tolist(), [k.numel() for k in keep])
+        )
+        return keep
