@@ -83,7 +83,7 @@ def tiny_qwen(attn: str = "sdpa", layers: int = 6, seed: int = 0):
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
             fullatt_block_indexes=[0],
         ),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, bos_token_id=None, eos_token_id=None,
         vision_start_token_id=92, vision_end_token_id=93,
     )
     config._attn_implementation = attn
