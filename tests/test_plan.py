@@ -1,0 +1,90 @@
+"""Plan grammar, validation, presets and the avg_tokens solver."""
+
+from __future__ import annotations
+
+import pytest
+
+from pruneware import Plan, PlanError, Stage
+from pruneware.presets import available_presets, get_preset, solve_counts
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "random@20:0.25",
+        "divprune@pre:0.5,random@20:0.2",
+        "random@3:64:compact",
+        "fastv@2:1.0",
+        "divprune[alpha=2;mode=fast]@pre:12",
+    ],
+)
+def test_plan_string_round_trips(text):
+    plan = Plan.parse(text)
+    assert str(plan) == text
+    assert Plan.parse(str(plan)) == plan
+
+
+def test_stage_fields():
+    stage = Stage.parse("random@20:64:compact")
+    assert (stage.policy, stage.where, stage.budget, stage.positions) == ("random", 20, 64, "compact")
+    assert Stage.parse("divprune@pre:0.5").where == "pre"
+    assert Stage.parse("random@4").budget == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("random@3:0.0", r"ratio must be in \(0, 1\]"),
+        ("random@3:1.5", r"ratio must be in \(0, 1\]"),
+        ("random@3:0", "count must be >= 1"),
+        ("nosuch@3:0.5", "unknown policy 'nosuch'; valid policies: divprune, fastv, random"),
+        ("random3:0.5", "malformed stage"),
+        ("random@x:0.5", "malformed stage"),
+        ("random@3:abc", "malformed budget"),
+        ("", "empty plan"),
+        ("random@5:0.5,random@3:0.5", "increasing layer order"),
+        ("random@3:0.5:sideways", "positions must be one of"),
+    ],
+)
+def test_bad_plans_are_rejected_with_clear_errors(text, match):
+    with pytest.raises(PlanError, match=match):
+        Plan.parse(text)
+
+
+def test_layer_range_is_checked_against_the_model():
+    plan = Plan.parse("random@8:0.5")
+    with pytest.raises(PlanError, match=r"model has 8 decoder layers: use 'pre' or a layer in 0..7"):
+        plan.validate_for(8, "1d")
+    plan.validate_for(9, "1d")
+
+
+def test_keep_counts_and_average():
+    plan = Plan.parse("divprune@pre:0.5,random@2:0.25")
+    assert plan.keep_counts(100) == [50, 25]
+    # 2 layers at 50 tokens, 6 layers at 25
+    assert plan.avg_visual_tokens(100, 8) == pytest.approx((2 * 50 + 6 * 25) / 8)
+
+
+def test_presets_scale_with_depth():
+    fastv = get_preset("fastv")
+    assert fastv.layers(32) == [2] and fastv.layers(16) == [1]
+    horizon = get_preset("info-horizon")
+    assert horizon.layers(32) == [None, 20] and horizon.layers(8) == [None, 5]
+    assert str(horizon.build(32)) == "divprune@pre:0.5,random@20:0.25"
+    assert set(available_presets()) >= {"fastv", "random", "divprune", "info-horizon"}
+    with pytest.raises(PlanError, match="unknown preset 'nope'; valid presets: divprune, fastv"):
+        get_preset("nope")
+
+
+@pytest.mark.parametrize("target", [64, 128, 192])
+def test_avg_tokens_solver_hits_the_target(target):
+    # AdaptInfer's schedule on LLaVA-1.5-7B: layers [1, 10, 20] of 32, 576 visual tokens.
+    counts = solve_counts([1, 10, 20], [1.0, 2.0, 3.0], 576, 32, target)
+    plan = Plan(tuple(Stage("random", layer, c) for layer, c in zip([1, 10, 20], counts, strict=True)))
+    assert counts == sorted(counts, reverse=True)
+    assert abs(plan.avg_visual_tokens(576, 32) - target) < 1.0
+
+
+def test_avg_tokens_out_of_reach_names_the_range():
+    with pytest.raises(PlanError, match=r"choose a value in \[36.9, 576\]"):
+        get_preset("fastv").build(32, avg_tokens=5, n_visual=576)
