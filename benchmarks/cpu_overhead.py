@@ -1,0 +1,119 @@
+"""CPU overhead of a pre-LLM pruning plan against its native lower bound.
+
+For a random-weight LLaVA with 576 image tokens (336 px, patch 14), this measures, side by
+side in one run and interleaved round by round:
+  - unpruned: `model(**inputs)`;
+  - pruned: the same call inside `pruneware.prune(model, plan)`;
+  - direct: the model's own modules run on an input that already holds only the kept tokens
+    (vision tower + projector, embedding, then the language model and head on the kept rows,
+    with the kept tokens' original positions): what a pruned forward cannot beat.
+Overhead = median(pruned) / median(direct); the target is <= 1.10 on CPU.
+
+    python benchmarks/cpu_overhead.py [--rounds 30] [--batch 1 4] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import pruneware
+
+IMAGE_TOKEN = 250
+
+
+def build_model() -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=336, patch_size=14)
+    text = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    config._attn_implementation = "sdpa"
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def make_inputs(batch: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(1, 200, (batch, 8), generator=g), torch.full((batch, 576), IMAGE_TOKEN),
+                     torch.randint(1, 200, (batch, 24), generator=g)], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
+
+
+def direct_forward(model, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+    """The kept-tokens-only forward. keep: [B, k] original positions of every kept token."""
+    base = model.model
+    feats = base.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output
+    embeds = base.get_input_embeddings()(inputs["input_ids"])
+    mask = (inputs["input_ids"] == IMAGE_TOKEN)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(mask, torch.cat(list(feats)).to(embeds.dtype))
+    rows = torch.arange(keep.shape[0])[:, None]
+    out = base.language_model(inputs_embeds=embeds[rows, keep], position_ids=keep,
+                              attention_mask=torch.ones_like(keep))
+    return model.lm_head(out.last_hidden_state)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure(model, plan: str, batch: int, rounds: int) -> dict:
+    inputs = make_inputs(batch)
+    session = pruneware.prune(model, plan, seed=0)
+    with session:
+        with torch.no_grad():
+            model(**inputs)
+    kept_visual = session.report.stages[0].kept
+    text = (inputs["input_ids"][0] != IMAGE_TOKEN).nonzero().squeeze(1)
+    keep = torch.stack([torch.cat([text, k]).sort().values for k in kept_visual])
+    times: dict[str, list[float]] = {"unpruned": [], "pruned": [], "direct": []}
+    for _ in range(3):  # warm-up
+        timed(lambda: model(**inputs)), timed(lambda: direct_forward(model, inputs, keep))
+    for _ in range(rounds):
+        times["unpruned"].append(timed(lambda: model(**inputs)))
+        with pruneware.prune(model, plan, seed=0):
+            times["pruned"].append(timed(lambda: model(**inputs)))
+        times["direct"].append(timed(lambda: direct_forward(model, inputs, keep)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"plan": plan, "batch": batch, "kept_visual": int(kept_visual[0].numel()),
+            **{f"{k}_ms": round(v, 2) for k, v in med.items()},
+            "overhead": round(med["pruned"] / med["direct"], 3),
+            "speedup_vs_unpruned": round(med["unpruned"] / med["pruned"], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--plans", nargs="+", default=["random@pre:0.25", "divprune@pre:0.25", "random@pre:64"])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model()
+    rows = [measure(model, plan, batch, args.rounds) for batch in args.batch for plan in args.plans]
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
+    print(f"{'plan':22} {'B':>2} {'kept':>5} {'unpruned':>9} {'pruned':>8} {'direct':>8} {'overhead':>8}")
+    for r in rows:
+        print(f"{r['plan']:22} {r['batch']:>2} {r['kept_visual']:>5} {r['unpruned_ms']:>9} {r['pruned_ms']:>8} "
+              f"{r['direct_ms']:>8} {r['overhead']:>8}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
