@@ -128,6 +128,14 @@ register_preset(Preset("random", (StageTemplate("random", 20, 0.5),), "Uniform r
 register_preset(Preset("divprune", (StageTemplate("divprune", None, 0.25),), "DivPrune: max-min diversity before the LLM."))
 register_preset(
     Preset(
+        "adaptinfer",
+        (StageTemplate("adaptinfer", 1, 0.5, 1.0), StageTemplate("adaptinfer", 10, 0.125, 2.1),
+         StageTemplate("adaptinfer", 20, 0.03125, 3.6)),
+        "AdaptInfer: text-prior-weighted attention, pruning at layers 1, 10, 20 of 32.",
+    )
+)
+register_preset(
+    Preset(
         "info-horizon",
         (StageTemplate("divprune", None, 0.5, 1.0), StageTemplate("random", 20, 0.25, 2.0)),
         "Information Horizon: DivPrune before the LLM, then random past layer 20/32.",

@@ -28,7 +28,7 @@ from pruneware.capture import AttentionCapture
 from pruneware.kernels.scores import attention_scores
 from pruneware.levels import Level, as_root, gather_seq, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
-from pruneware.policies import Policy, StageInput, get_policy
+from pruneware.policies import AttentionPolicy, StageInput
 from pruneware.report import Report, StageReport, lm_flops
 from pruneware.resolve import PlanSource
 
@@ -298,22 +298,43 @@ class Session:
         return out
 
     def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any) -> None:
+        """Score visual tokens for the stage at layer_idx + 1. query: [B, H, Ls, d]; key: [B, Hkv, Ls, d]."""
         state = self._state
         if state is None or state.decoding:
             return
         stage_index = self.source.stage_index_at(state.plan, module.layer_idx + 1)
-        if stage_index is None or not self.source.policy(state.plan, stage_index).needs_attention:
+        if stage_index is None:
+            return
+        policy = self.source.policy(state.plan, stage_index)
+        if not isinstance(policy, AttentionPolicy):
             return
         _, level = state.level_for(module.layer_idx)
-        key_mask = level.valid
-        if state.padding0 is not None:
-            key_mask = key_mask & state.padding0.gather(1, level.index0)
+        real = self._real_tokens(state, level)
+        rows, row_valid = self._query_rows(policy, level, real)
+        q_rows = gather_seq(query, rows, 2, batch_dim=0)
+        scale = getattr(module, "scaling", None)
         with torch.no_grad():
-            weights = torch.full((query.shape[0], 1), 1.0 / query.shape[1], device=query.device)
-            scores, _ = attention_scores(
-                query[:, :, -1:, :], key, weights, key_mask=key_mask, scale=getattr(module, "scaling", None)
-            )
+            block = None
+            if policy.needs_query_block:
+                _, block = attention_scores(
+                    q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale,
+                    return_query_block=True,
+                )
+            weights = policy.row_weights(block, row_valid)
+            scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)
         state.captured[module.layer_idx + 1] = scores
+
+    @staticmethod
+    def _query_rows(policy: AttentionPolicy, level: Level, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] slot indices of the policy's query rows (left-aligned) and their validity."""
+        if policy.query == "last":
+            rows = torch.full((real.shape[0], 1), level.length - 1, device=real.device)
+            return rows, real[:, -1:]
+        text = real & ~level.visual
+        counts = text.sum(dim=1)
+        order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
+        row_valid = torch.arange(order.shape[1], device=real.device)[None] < counts[:, None]
+        return order, row_valid
 
     # selection ---------------------------------------------------------------------------
     def _select(self, state: _Forward, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor):

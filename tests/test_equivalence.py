@@ -49,7 +49,8 @@ def test_keep_all_is_bit_identical(family, plan):
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize(
-    "plan", ["divprune@pre:0.3", "random@2:0.4", "fastv@3:6", "divprune@pre:0.5,random@4:0.25"]
+    "plan",
+    ["divprune@pre:0.3", "random@2:0.4", "fastv@3:6", "divprune@pre:0.5,random@4:0.25", "adaptinfer@1:0.5,adaptinfer@3:4"],
 )
 def test_pruned_forward_matches_reference(family, attn, plan):
     model, inputs, _ = make(family, attn)
@@ -124,7 +125,9 @@ def _pad_batch(samples: list[dict]) -> dict:
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 @pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("plan", ["divprune@pre:0.3", "fastv@2:0.3", "divprune@pre:0.5,random@4:0.25"])
+@pytest.mark.parametrize(
+    "plan", ["divprune@pre:0.3", "fastv@2:0.3", "divprune@pre:0.5,random@4:0.25", "adaptinfer@1:0.5,adaptinfer@3:0.2"]
+)
 def test_padded_batch_equals_samples_alone(family, attn, plan):
     model, _, samples = make(family, attn)
     batch = _pad_batch(samples)

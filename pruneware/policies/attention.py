@@ -1,0 +1,41 @@
+"""The shared scoring path of attention-guided policies (FastV, AdaptInfer).
+
+At the layer before a stage, the session takes the policy's query rows (the last token, or
+every text token), asks `row_weights` how much each row counts, and scores every visual token
+by the weighted attention those rows pay it, summed over heads:
+    s[b, l] = sum_t w[b, t] * sum_h softmax(q_t . k / sqrt(d))[l]
+computed by `pruneware.kernels.scores` without materialising the attention matrix.
+FastV is the special case w = 1 on the last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from pruneware.policies.base import Policy, StageInput
+
+
+@dataclass(frozen=True)
+class AttentionPolicy(Policy):
+    """Base for policies scored by attention rows captured at layer K-1."""
+
+    needs_attention: ClassVar[bool] = True
+    pre_llm: ClassVar[bool] = False
+    query: ClassVar[Literal["last", "text"]] = "last"
+    needs_query_block: ClassVar[bool] = False
+
+    def row_weights(self, query_block: torch.Tensor | None, row_valid: torch.Tensor) -> torch.Tensor:
+        """[B, T] weight of each query row.
+
+        query_block: [B, T, T] attention among the query rows (heads summed), when
+        `needs_query_block`; row_valid: [B, T] bool.
+        """
+        return row_valid.float()
+
+    def score(self, inputs: StageInput) -> torch.Tensor:
+        if inputs.attention is None:
+            raise RuntimeError(f"{self.name} needs captured attention rows; the session did not provide them")
+        return inputs.attention
