@@ -55,6 +55,10 @@ class PlanSource:
                     f"stage {stage}: {stage.policy!r} needs attention rows from the layer before, "
                     "so it cannot run at 'pre'; give a layer K >= 1"
                 )
+            if stage.where != "pre" and policy.merges:
+                raise PlanError(
+                    f"stage {stage}: {stage.policy!r} merges tokens into new embeddings and runs only at 'pre'"
+                )
             if stage.where == 0 and policy.needs_attention:
                 raise PlanError(f"stage {stage}: {stage.policy!r} needs layer K-1's attention; use K >= 1")
 

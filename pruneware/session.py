@@ -28,9 +28,11 @@ from pruneware.capture import AttentionCapture
 from pruneware.kernels.scores import attention_scores
 from pruneware.levels import Level, as_root, gather_seq, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
-from pruneware.policies import AttentionPolicy, StageInput
-from pruneware.report import Report, StageReport, lm_flops
+from pruneware.policies import AttentionPolicy
+from pruneware.prestage import prune_inputs, remap_decode
+from pruneware.report import Report, lm_flops
 from pruneware.resolve import PlanSource
+from pruneware.selection import Selection, run_stage
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
@@ -54,6 +56,9 @@ class _Forward:
     captured: dict[int, torch.Tensor] = field(default_factory=dict)  # K -> [B, Ls] scores
     decoding: bool = False
     past0: int = 0  # level-0 cache length before the current decode step
+    rewritten: bool = False  # a `pre` stage rewrote positions: decode recomputes them
+    input_ids: torch.Tensor | None = None
+    mm_token_type_ids: torch.Tensor | None = None
     q_length: int = 0
 
     def level_for(self, layer: int) -> tuple[int, Level]:
@@ -139,7 +144,10 @@ class Session:
             layout = self.adapter.layout(input_ids, {**kwargs, "seen_grid_thw": self._seen_grid_thw})
             self._seen_grid_thw = None
             n_visual = layout.visual.sum(dim=1).tolist()
-            self._state = _Forward(layout, self.source.plan_for(max(n_visual, default=0)), n_visual)
+            self._state = _Forward(
+                layout, self.source.plan_for(max(n_visual, default=0)), n_visual,
+                input_ids=input_ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+            )
             self.report = Report(n_layers=self.adapter.n_layers, plan=str(self._state.plan))
             return
         if self._state is None:
@@ -167,44 +175,27 @@ class Session:
             state.levels, state.starts = [root], [0]
             state.padding0 = None if mask is None else mask.bool()
             return None
-        level = next_level(root, self._select(state, 0, pre, root, embeds))
-        if positions is None:
-            shape = (3, batch, length) if self.adapter.rope == "mrope" else (batch, length)
-            positions = torch.arange(length, device=embeds.device).expand(shape)
-        if pre.positions == "compact":
-            new_positions = torch.arange(level.length, device=embeds.device).expand(*positions.shape[:-1], -1)
-        else:
-            new_positions = gather_seq(positions, level.index_prev, positions.dim() - 1)
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        new_mask = mask.gather(1, level.index_prev) * level.valid.to(mask.dtype)
-        state.levels, state.starts = [as_root(level)], [0]
-        state.padding0 = new_mask.bool()
-        state.last_position = new_positions[..., -1]
-        kwargs.update(
-            inputs_embeds=gather_seq(embeds, level.index_prev, 1), attention_mask=new_mask, position_ids=new_positions
+        selection = self._run(state, 0, pre, root, embeds)
+        level = next_level(root, selection.keep)
+        pruned = prune_inputs(
+            self.adapter, pre, level, selection, embeds, mask, positions, state.input_ids, state.mm_token_type_ids
         )
+        state.levels, state.starts = [as_root(level)], [0]
+        state.padding0 = pruned.mask.bool()
+        state.last_position = pruned.positions[..., -1]
+        state.rewritten = pruned.rewritten
+        kwargs.update(inputs_embeds=pruned.embeds, attention_mask=pruned.mask, position_ids=pruned.positions)
         return args, kwargs
 
     def _decode_language_model(self, state: _Forward, kwargs, embeds, positions, mask) -> dict[str, Any]:
-        level0 = state.levels[0]
-        q = embeds.shape[1]
-        state.q_length = q
-        pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
-        if pre is None:
+        state.q_length = embeds.shape[1]
+        pre = state.plan.stages[0]
+        if pre.where != "pre":
             return kwargs
-        length0 = level0.length
-        if mask is not None:
-            head = mask[:, : state.input_length].gather(1, level0.index_prev) * level0.valid.to(mask.dtype)
-            kwargs["attention_mask"] = torch.cat([head, mask[:, state.input_length :]], dim=1)
-        elif not bool(level0.valid.all()):
-            ones = torch.ones(embeds.shape[0], state.past0 - length0 + q, dtype=torch.long, device=embeds.device)
-            kwargs["attention_mask"] = torch.cat([level0.valid.long(), ones], dim=1)
-        steps = torch.arange(q, device=embeds.device) + (state.past0 - length0)
-        if pre.positions == "compact":
-            kwargs["position_ids"] = (length0 + steps).expand(embeds.shape[0], q)
-        elif positions is None:
-            kwargs["position_ids"] = state.last_position[..., None] + 1 + steps
+        kwargs.update(remap_decode(
+            state.levels[0], state.input_length, state.past0, state.q_length, mask, positions,
+            state.last_position, state.rewritten, pre.positions == "compact",
+        ))
         return kwargs
 
     def _on_language_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -252,7 +243,7 @@ class Session:
         stage = state.plan.stages[stage_index]
         hidden = args[0] if args else kwargs["hidden_states"]
         parent = state.levels[-1]
-        level = next_level(parent, self._select(state, stage_index, stage, parent, hidden))
+        level = next_level(parent, self._run(state, stage_index, stage, parent, hidden).keep)
         state.levels.append(level)
         state.starts.append(layer)
         if level.same_as_prev:
@@ -337,30 +328,12 @@ class Session:
         return order, row_valid
 
     # selection ---------------------------------------------------------------------------
-    def _select(self, state: _Forward, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor):
-        """Run the stage's policy on `level`; returns per-sample indices into its visual slots."""
-        visual = level.visual
-        counts_now = visual.sum(dim=1)
-        n = int(counts_now.max()) if visual.numel() else 0
-        order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]  # visual slots first
-        token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
-        budgets = [min(stage.keep_count(nv), now) for nv, now in zip(state.n_visual, counts_now.tolist(), strict=True)]
-        attention = None
-        if self.source.policy(state.plan, stage_index).needs_attention:
-            attention = state.captured.pop(stage.layer).gather(1, order)
-        inputs = StageInput(
-            hidden=gather_seq(hidden, order, 1) * token_valid[..., None].to(hidden.dtype),
-            valid=token_valid,
-            image_ids=level.image_ids.gather(1, order).masked_fill(~token_valid, -1),
-            attention=attention,
-            seed=self.seed * 1_000_003 + stage_index,
-            layer=stage.layer,
+    def _run(self, state: _Forward, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
+        policy = self.source.policy(state.plan, stage_index)
+        attention = state.captured.pop(stage.layer) if isinstance(policy, AttentionPolicy) else None
+        selection = run_stage(
+            policy, stage, level, hidden, state.n_visual, self.seed * 1_000_003 + stage_index,
+            state.layout.grids, attention,
         )
-        with torch.no_grad():
-            keep = self.source.policy(state.plan, stage_index).select(inputs, budgets)
-        originals = level.orig.gather(1, order)
-        kept = [originals[b, k.to(originals.device)] for b, k in enumerate(keep)]
-        self.report.stages.append(
-            StageReport(stage.where, stage.policy, kept, counts_now.tolist(), [k.numel() for k in keep])
-        )
-        return keep
+        self.report.stages.append(selection.report)
+        return selection

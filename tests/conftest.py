@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton 3.8 picks interpreter or compiler once, when triton is first imported,
+# and torch/transformers import it early. So the flag that lets Triton kernels
+# run on CPU must be set here, before any test module loads; only without CUDA,
+# where nothing could be compiled anyway.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

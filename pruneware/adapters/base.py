@@ -66,6 +66,12 @@ class Adapter:
     def visual_token_ids(self) -> list[int]:
         raise NotImplementedError
 
+    def pooled_positions(
+        self, mm_token_type_ids: torch.Tensor, grids: list[list[tuple[int, int]]], attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """M-RoPE models: positions of merged tokens on pooled grids. 1-D RoPE models never call this."""
+        raise NotImplementedError(f"{type(self).__name__} has no M-RoPE positions")
+
     def vision_tower(self) -> nn.Module | None:
         """A module whose input `grid_thw` the session records (dynamic-resolution models)."""
         return None

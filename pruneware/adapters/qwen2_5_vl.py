@@ -42,3 +42,23 @@ class Qwen2_5_VLAdapter(Adapter):
             sizes.append(t * h * w // merge**2)
             grids.append((h // merge, w // merge))
         return self._runs_to_layout(input_ids, sizes, grids)
+
+    def pooled_positions(
+        self, mm_token_type_ids: torch.Tensor, grids: list[list[tuple[int, int]]], attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """M-RoPE positions [3, B, L] for merged tokens laid out on pooled grids.
+
+        The model's own `get_rope_index` runs on a grid of (h, w) merged tokens per image, as
+        if each image had that lower resolution; text after an image continues from the
+        pooled grid, exactly as for a genuinely smaller image.
+        """
+        merge = self.config.vision_config.spatial_merge_size
+        grid_thw = torch.tensor(
+            [(1, h * merge, w * merge) for sample in grids for h, w in sample], dtype=torch.long,
+            device=mm_token_type_ids.device,
+        ).reshape(-1, 3)
+        positions, _ = self.base_model.get_rope_index(
+            mm_token_type_ids.long(), mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=grid_thw if len(grid_thw) else None, attention_mask=attention_mask,
+        )
+        return positions

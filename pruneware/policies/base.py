@@ -8,7 +8,7 @@ Policies hold no run-time state: everything a call needs arrives in a `StageInpu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -36,6 +36,7 @@ class StageInput:
     attention: torch.Tensor | None
     seed: int
     layer: int
+    grids: list[list[tuple[int, int]]] = field(default_factory=list)  # per sample, (h, w) per image
 
     def image_sizes(self) -> list[list[int]]:
         """Tokens per image, per sample."""
@@ -66,6 +67,22 @@ def split_budget(sizes: list[int], count: int) -> list[int]:
     return out
 
 
+@dataclass
+class MergeResult:
+    """What a merging policy returns, per sample.
+
+    Attributes:
+        keep: sorted indices (into the sample's visual tokens) of the slot each merged token
+            takes; it inherits that token's mask entry and, on 1-D RoPE models, its position.
+        embeds: [k, D] the merged tokens' embeddings, in the order of `keep`.
+        grids: the pooled (h, w) grid of each image, for M-RoPE positions.
+    """
+
+    keep: list[torch.Tensor]
+    embeds: list[torch.Tensor]
+    grids: list[list[tuple[int, int]]]
+
+
 @dataclass(frozen=True)
 class Policy:
     """Base class. Subclasses set `name` and implement `score` or override `select`."""
@@ -73,7 +90,12 @@ class Policy:
     name: ClassVar[str] = ""
     needs_attention: ClassVar[bool] = False  # needs attention rows from layer K-1
     pre_llm: ClassVar[bool] = True  # may run at `pre`
+    merges: ClassVar[bool] = False  # implements merge(): new embeddings, `pre` only
     description: ClassVar[str] = ""
+
+    def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
+        """Merging policies: new embeddings for the kept slots."""
+        raise NotImplementedError(f"policy {self.name!r} selects tokens; it does not merge them")
 
     def score(self, inputs: StageInput) -> torch.Tensor:
         """[B, N] float scores; higher means more worth keeping."""

@@ -71,11 +71,10 @@ def validate_inputs(
             f"got {key_mask.dtype} of shape {_shape(key_mask)}"
         )
     if query_positions is not None:
-        if query_positions.shape != (B, T) or query_positions.is_floating_point() or (
-            query_positions.dtype == torch.bool
-        ):
+        if query_positions.shape != (B, T) or query_positions.dtype not in (torch.int32, torch.int64):
             raise ValueError(
-                f"{_NAME}: query_positions must be an integer tensor [B, T] = [{B}, {T}], "
+                f"{_NAME}: query_positions must be an integer tensor (int64 or int32) "
+                f"[B, T] = [{B}, {T}], "
                 f"got {query_positions.dtype} of shape {_shape(query_positions)}"
             )
         if query_positions.numel() > 0:
@@ -153,7 +152,7 @@ def attention_scores(
     Hkv, L = k.shape[1], k.shape[2]
     group = H // Hkv
     qg = q.float().reshape(B, Hkv, group, T, d)  # [B, Hkv, g, T, d]
-    logits = torch.einsum("bkgtd,bkld->bkgtl", qg, k.float()) * scale  # [B, Hkv, g, T, L]
+    logits = torch.einsum("bkgtd,bkld->bkgtl", qg, k.float()).mul_(scale)  # [B, Hkv, g, T, L]
     allowed = allowed_keys(B, T, L, query_positions, key_mask, q.device)  # [B, T, L]
     # A row with no allowed key would softmax all -inf to NaN, so it keeps its
     # raw logits here and is zeroed after the softmax.

@@ -19,7 +19,6 @@ statistics (``[B, H, T]``) and a second kernel gathers the keys at
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -33,6 +32,7 @@ _MAX_HEAD_DIM = 256
 _ROWS_PER_PROGRAM = 64  # query rows (heads x positions) sharing one key tile
 
 
+@triton.jit
 def _scores_kernel(
     q_ptr, k_ptr, w_ptr, pos_ptr, mask_ptr, part_ptr, m_ptr, inv_ptr,
     Hkv, G, T, L, N_CHUNKS, N_TBLOCKS,
@@ -121,6 +121,7 @@ def _scores_kernel(
         tl.store(part_row + offs_l, tl.sum(p, axis=0), mask=offs_l < L)
 
 
+@triton.jit
 def _query_block_kernel(
     q_ptr, k_ptr, pos_ptr, mask_ptr, m_ptr, inv_ptr, qq_ptr,
     H, G, T,
@@ -164,23 +165,24 @@ def _query_block_kernel(
     tl.store(qq_ptr + b * sqq_b + t[:, None] * sqq_t + u[None, :], acc, mask=t_ok[:, None] & u_ok[None, :])
 
 
-@functools.cache
-def _compiled(interpret: bool) -> tuple:
-    """The two kernels, wrapped for the current TRITON_INTERPRET setting.
-
-    Triton 3.x picks interpreter or compiler when ``triton.jit`` runs, so
-    decorating at import would freeze whatever the environment held when this
-    module was first imported. Wrapping per mode lets tests turn on the
-    interpreter for CPU tensors while CUDA runs in the same process compile.
-    """
-    del interpret  # only the cache key; triton.jit reads the knob itself
-    return triton.jit(_scores_kernel), triton.jit(_query_block_kernel)
+# Triton 3.8 chooses interpreter or compiler once, when triton.language and
+# these kernels are decorated, from TRITON_INTERPRET at that moment.
+_INTERPRETED = not isinstance(_scores_kernel, triton.runtime.JITFunction)
 
 
-def _interpreting() -> bool:
-    from triton import knobs
+def _tiles(group: int, T: int, D: int) -> tuple[int, int, int, int]:
+    """Block sizes (d, heads of the group, query rows, keys) of one program."""
+    block_d = max(16, triton.next_power_of_2(D))
+    block_g = min(triton.next_power_of_2(group), _ROWS_PER_PROGRAM)
+    # tl.dot wants at least 16 rows; a tile never needs more rows than T has.
+    block_t = max(16 // block_g, 1, min(_ROWS_PER_PROGRAM // block_g, triton.next_power_of_2(T)))
+    return block_d, block_g, block_t, 64 if block_d <= 128 else 32
 
-    return bool(knobs.runtime.interpret)
+
+def workspace_rows(H: int, Hkv: int, T: int, d: int) -> int:
+    """R of the ``[B, R, L]`` fp32 partial-score buffer, the kernel's only large workspace."""
+    _, block_g, block_t, _ = _tiles(H // Hkv, T, d)
+    return Hkv * triton.cdiv(H // Hkv, block_g) * triton.cdiv(T, block_t)
 
 
 def attention_scores(
@@ -201,11 +203,11 @@ def attention_scores(
     tensors under ``TRITON_INTERPRET=1``; d up to 256; fp16, bf16 or fp32.
     """
     scale = validate_inputs(q, k, weights, query_positions, key_mask, scale, return_query_block)
-    interpret = _interpreting()
-    if not q.is_cuda and not interpret:
+    if not q.is_cuda and not _INTERPRETED:
         raise ValueError(
             f"attention_scores: the Triton backend needs CUDA tensors, got {q.device}; "
-            "set TRITON_INTERPRET=1 to run it on CPU, or PRUNEWARE_KERNELS=reference"
+            "to run it on CPU set TRITON_INTERPRET=1 before triton is first imported, "
+            "or use PRUNEWARE_KERNELS=reference"
         )
     if q.dtype not in _DTYPES:
         raise ValueError(
@@ -224,19 +226,16 @@ def attention_scores(
         qq = torch.zeros(B, T, T, dtype=torch.float32, device=q.device)
         return s, (qq if return_query_block else None)
 
-    scores_kernel, query_block_kernel = _compiled(interpret)
     G = H // Hkv
-    block_d = max(16, triton.next_power_of_2(D))
-    block_g = min(triton.next_power_of_2(G), _ROWS_PER_PROGRAM)
-    # tl.dot wants at least 16 rows; a tile never needs more rows than T has.
-    block_t = max(16 // block_g, 1, min(_ROWS_PER_PROGRAM // block_g, triton.next_power_of_2(T)))
-    block_l = 64 if block_d <= 128 else 32
+    block_d, block_g, block_t, block_l = _tiles(G, T, D)
     n_chunks, n_tblocks = triton.cdiv(G, block_g), triton.cdiv(T, block_t)
     # The 3.8 interpreter multiplies bfloat16 as raw uint16 bits in tl.dot, so
     # it gets fp32 operands (exact for bf16); compiled kernels keep bf16.
-    dot_fp32 = interpret and q.dtype == torch.bfloat16
+    dot_fp32 = _INTERPRETED and q.dtype == torch.bfloat16
     precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"  # unused for 16-bit
     scale_log2 = scale * math.log2(math.e)
+    # fp32 tiles at d=256 need two stages to fit the 99 KiB of shared memory on sm_86/89.
+    stages = 2 if q.dtype == torch.float32 else 3
 
     partial = torch.empty(B, Hkv * n_chunks * n_tblocks, L, dtype=torch.float32, device=q.device)
     if return_query_block:
@@ -250,7 +249,7 @@ def attention_scores(
     mask_strides = mask.stride() if key_mask is not None else (0, 0)
     stat_strides = (H * T, T) if return_query_block else (0, 0)
 
-    scores_kernel[(B * Hkv, n_chunks, n_tblocks)](
+    _scores_kernel[(B * Hkv, n_chunks, n_tblocks)](
         q, k, weights, pos, mask, partial, row_max, row_inv,
         Hkv, G, T, L, n_chunks, n_tblocks,
         *q.stride(), *k.stride(), *weights.stride(), *pos_strides, *mask_strides,
@@ -259,21 +258,22 @@ def attention_scores(
         D=D, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_L=block_l,
         HAS_POS=query_positions is not None, HAS_MASK=key_mask is not None,
         STORE_STATS=return_query_block, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
-        num_warps=4,
+        num_warps=4, num_stages=stages,
     )
     s = partial.sum(dim=1)
     if not return_query_block:
         return s, None
 
     qq = torch.empty(B, T, T, dtype=torch.float32, device=q.device)
-    block_u = max(16, min(64, triton.next_power_of_2(T)))
-    query_block_kernel[(B, triton.cdiv(T, block_u), triton.cdiv(T, block_u))](
+    widest = 64 if block_d * q.element_size() <= 512 else 32  # shared memory again
+    block_u = max(16, min(widest, triton.next_power_of_2(T)))
+    _query_block_kernel[(B, triton.cdiv(T, block_u), triton.cdiv(T, block_u))](
         q, k, pos, mask, row_max, row_inv, qq,
         H, G, T,
         *q.stride(), *k.stride(), *pos_strides, *mask_strides, *stat_strides, *qq.stride()[:2],
         scale_log2,
         D=D, BLOCK_D=block_d, BLOCK_T=block_u, BLOCK_U=block_u,
         HAS_MASK=key_mask is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
-        num_warps=4,
+        num_warps=4, num_stages=stages,
     )
     return s, qq

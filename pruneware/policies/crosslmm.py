@@ -1,0 +1,85 @@
+"""`crosslmm`: pool each image's token grid, then refine the pooled tokens by cross-attention.
+
+CrossLMM (Decoupling Long Video Sequences from LMMs via Dual Cross-Attention) pools visual
+tokens on their grid and lets the pooled tokens attend to the original ones (V2V) with a gated
+residual. This is a *merging* policy: it returns new embeddings for the kept slots.
+
+Modes (plan parameters in brackets):
+  - training-free (default): `refined = pooled + gate * (attend(pooled, originals) - pooled)`,
+    parameter-free scaled dot-product attention in the embedding space; `gate` in [0, 1]
+    (default 0.5; 0 is plain average pooling).
+  - trained: `adapter=DIR` loads V2V projections trained by `python -m pruneware.crosslmm.train`
+    (`refined = pooled + tanh(g) * attention(Wq pooled, Wk x, Wv x)`, g initialised to 0).
+The pooled grid is `factor` x `factor` bins (`factor=3`), or the largest grid of the image's
+aspect within the stage's per-image budget. Runs at `pre` only.
+
+Positions: each pooled token stands at its bin's first token. On 1-D RoPE models it takes that
+token's position; on M-RoPE models the engine gives the pooled tokens the positions of the
+pooled grid, as if the image had that lower resolution (see the Qwen adapter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy, split_budget
+from pruneware.policies.pooling import cross_attend, pool_grid, pooled_shape
+
+
+@register_policy
+@dataclass(frozen=True)
+class CrossLMMPolicy(Policy):
+    name = "crosslmm"
+    merges: ClassVar[bool] = True
+    description = "CrossLMM: grid pooling + V2V cross-attention refinement (training-free or trained)."
+    factor: int | None = None
+    gate: float = 0.5
+    adapter: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.factor is not None and (not isinstance(self.factor, int) or self.factor < 1):
+            raise TypeError(f"factor must be an integer >= 1, got {self.factor!r}")
+        if not 0.0 <= float(self.gate) <= 1.0:
+            raise TypeError(f"gate must be in [0, 1], got {self.gate!r}")
+
+    def _refine(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.adapter is not None:
+            from pruneware.crosslmm.modules import load_adapter
+
+            module = load_adapter(self.adapter, tokens.shape[-1])
+            return module(pooled, tokens)
+        if self.gate == 0:
+            return pooled
+        return pooled + self.gate * (cross_attend(pooled, tokens) - pooled)
+
+    def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
+        sizes = inputs.image_sizes()
+        keep, embeds, grids = [], [], []
+        for b, image_sizes in enumerate(sizes):
+            sample_keep, sample_embeds, sample_grids = [], [], []
+            budgets = split_budget(image_sizes, counts[b]) if image_sizes else []
+            for image, budget in enumerate(budgets):
+                h, w = inputs.grids[b][image]
+                members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
+                if h * w != len(members):
+                    raise ValueError(f"image {image} of sample {b}: grid {h}x{w} but {len(members)} tokens")
+                ph, pw = pooled_shape(h, w, budget, self.factor)
+                tokens = inputs.hidden[b, members]
+                pooled, first = pool_grid(tokens, h, w, ph, pw)
+                sample_keep.append(members[first])
+                sample_embeds.append(self._refine(pooled, tokens))
+                sample_grids.append((ph, pw))
+            if sample_keep:
+                keep.append(torch.cat(sample_keep))
+                embeds.append(torch.cat(sample_embeds))
+            else:
+                keep.append(torch.zeros(0, dtype=torch.long, device=inputs.hidden.device))
+                embeds.append(inputs.hidden.new_zeros(0, inputs.hidden.shape[-1]))
+            grids.append(sample_grids)
+        return MergeResult(keep, embeds, grids)
+
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
+        return self.merge(inputs, counts).keep

@@ -1,0 +1,99 @@
+"""A `pre` stage: prune (or merge) at the input of the language model, so every layer and the
+KV cache see the shorter sequence; and the decode-time remapping that goes with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pruneware.adapters import Adapter
+from pruneware.levels import Level, gather_seq
+from pruneware.plan import Stage
+from pruneware.selection import Selection
+
+
+@dataclass
+class PrePruned:
+    """The language model's new inputs after a `pre` stage.
+
+    Attributes:
+        embeds: [B, L0, D]; mask: [B, L0] 2-D padding mask (invalid slots are 0);
+        positions: the new position ids, same layout as the model's ([B, L0] or [3|4, B, L0]);
+        rewritten: True when positions no longer follow the original ones (compact, or
+            merged tokens on an M-RoPE model), so decode positions must be recomputed.
+    """
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    rewritten: bool
+
+
+def prune_inputs(
+    adapter: Adapter, stage: Stage, level: Level, selection: Selection, embeds: torch.Tensor,
+    mask: torch.Tensor | None, positions: torch.Tensor | None, input_ids: torch.Tensor,
+    mm_token_type_ids: torch.Tensor | None,
+) -> PrePruned:
+    """Apply a `pre` stage. level: the pruned level (index_prev into the input sequence)."""
+    batch, length = embeds.shape[:2]
+    device = embeds.device
+    index = level.index_prev
+    new_embeds = gather_seq(embeds, index, 1)
+    if selection.merged is not None:
+        new_embeds = new_embeds.clone()
+        for b, merged in enumerate(selection.merged.embeds):
+            slots = level.visual[b].nonzero().squeeze(1)
+            new_embeds[b, slots] = merged.to(new_embeds.dtype)
+    if mask is None:
+        mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    new_mask = mask.gather(1, index) * level.valid.to(mask.dtype)
+    if positions is None:
+        shape = (3, batch, length) if adapter.rope == "mrope" else (batch, length)
+        positions = torch.arange(length, device=device).expand(shape)
+    rewritten = True
+    if stage.positions == "compact":
+        new_positions = torch.arange(level.length, device=device).expand(*positions.shape[:-1], -1)
+    elif selection.merged is not None and adapter.rope == "mrope":
+        types = mm_token_type_ids if mm_token_type_ids is not None else torch.isin(
+            input_ids, torch.tensor(adapter.visual_token_ids(), device=input_ids.device)
+        ).int()
+        types = types.to(device).gather(1, index) * level.valid
+        grid = adapter.pooled_positions(types, selection.merged.grids, new_mask)  # [3, B, L0]
+        new_positions = grid if positions.shape[0] == 3 else torch.cat([_text_positions(new_mask)[None], grid])
+    else:
+        new_positions = gather_seq(positions, index, positions.dim() - 1)
+        rewritten = False
+    return PrePruned(new_embeds, new_mask, new_positions, rewritten)
+
+
+def _text_positions(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 1-D positions of a left-padded batch, as generate() builds them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def remap_decode(
+    level0: Level, input_length: int, past0: int, q: int, mask: torch.Tensor | None,
+    positions: torch.Tensor | None, last_position: torch.Tensor, rewritten: bool, compact: bool,
+) -> dict:
+    """Kwargs to replace at a decode step after a `pre` stage.
+
+    mask: the full-length 2-D mask [B, input_length + steps]; past0: the pruned cache length
+    before this step; last_position: [..., B] position of the last prefill token.
+    """
+    out: dict = {}
+    batch = level0.index_prev.shape[0]
+    device = level0.index_prev.device
+    if mask is not None:
+        head = mask[:, :input_length].gather(1, level0.index_prev) * level0.valid.to(mask.dtype)
+        out["attention_mask"] = torch.cat([head, mask[:, input_length:]], dim=1)
+    elif not bool(level0.valid.all()):
+        ones = torch.ones(batch, past0 - level0.length + q, dtype=torch.long, device=device)
+        out["attention_mask"] = torch.cat([level0.valid.long(), ones], dim=1)
+    steps = torch.arange(q, device=device) + (past0 - level0.length)
+    if compact:
+        out["position_ids"] = (level0.length + steps).expand(batch, q)
+    elif positions is None or rewritten:
+        out["position_ids"] = last_position[..., None] + 1 + steps
+    return out

@@ -1,0 +1,58 @@
+"""Running one stage's policy on a level: gather the visual slots, call the policy, report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pruneware.levels import Level, gather_seq
+from pruneware.plan import Stage
+from pruneware.policies import MergeResult, Policy, StageInput
+from pruneware.report import StageReport
+
+
+@dataclass
+class Selection:
+    """A stage's outcome: per sample, indices into the level's visual slots (in slot order)."""
+
+    keep: list[torch.Tensor]
+    merged: MergeResult | None
+    report: StageReport
+
+
+def run_stage(
+    policy: Policy, stage: Stage, level: Level, hidden: torch.Tensor, n_visual: list[int], seed: int,
+    grids: list[list[tuple[int, int]]], attention: torch.Tensor | None = None,
+) -> Selection:
+    """Apply `policy` to the visual slots of `level`.
+
+    hidden: [B, Ls, D] the level's states; n_visual: each sample's original visual-token count
+    (ratios apply to it); attention: [B, Ls] captured scores for attention policies.
+    """
+    visual = level.visual
+    counts_now = visual.sum(dim=1)
+    n = int(counts_now.max()) if visual.numel() else 0
+    order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]  # visual slots first
+    token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
+    budgets = [min(stage.keep_count(nv), now) for nv, now in zip(n_visual, counts_now.tolist(), strict=True)]
+    inputs = StageInput(
+        hidden=gather_seq(hidden, order, 1) * token_valid[..., None].to(hidden.dtype),
+        valid=token_valid,
+        image_ids=level.image_ids.gather(1, order).masked_fill(~token_valid, -1),
+        attention=None if attention is None else attention.gather(1, order),
+        seed=seed,
+        layer=stage.layer,
+        grids=grids,
+    )
+    merged = None
+    if policy.merges:
+        merged = policy.merge(inputs, budgets)
+        keep = merged.keep
+    else:
+        with torch.no_grad():
+            keep = policy.select(inputs, budgets)
+    originals = level.orig.gather(1, order)
+    kept = [originals[b, k.to(originals.device)] for b, k in enumerate(keep)]
+    report = StageReport(stage.where, stage.policy, kept, counts_now.tolist(), [k.numel() for k in keep])
+    return Selection(keep, merged, report)

@@ -1,0 +1,153 @@
+"""CrossLMM merging: identity at factor 1 / gate 0, M-RoPE positions of the pooled grid,
+uneven grids, padded batches, generation, and the trained adapter's file format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pruneware
+from pruneware.crosslmm import AdapterError, V2VAdapter, load_adapter, save_adapter
+from pruneware.policies.pooling import pool_grid, pooled_shape
+from tests.test_equivalence import _pad_batch, _uncached_greedy, logits, make
+from tests.tiny import qwen_inputs, tiny_qwen
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_factor_one_with_gate_zero_reproduces_unpruned_logits(family):
+    model, inputs, _ = make(family)
+    expected = logits(model, inputs)
+    with pruneware.prune(model, "crosslmm[factor=1;gate=0.0]@pre:1.0"):
+        assert torch.equal(logits(model, inputs), expected)
+
+
+def test_pooled_positions_match_a_genuinely_lower_resolution_image():
+    model = tiny_qwen()
+    full = qwen_inputs(model, [(3, [(8, 12)], 5)])  # 4 x 6 merged tokens
+    low = qwen_inputs(model, [(3, [(4, 6)], 5)])  # 2 x 3 merged tokens: the pooled grid
+    expected, _ = model.model.get_rope_index(
+        low["input_ids"], mm_token_type_ids=low["mm_token_type_ids"], image_grid_thw=low["image_grid_thw"],
+        attention_mask=low["attention_mask"],
+    )
+    seen = {}
+    with pruneware.prune(model, "crosslmm[factor=2]@pre:1.0"):
+        def record(module, args, kwargs):
+            seen["positions"] = kwargs["position_ids"]
+
+        hook = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+        logits(model, full)
+        hook.remove()
+    assert torch.equal(seen["positions"], expected)
+
+
+def test_pooled_positions_under_generate_continue_from_the_pooled_grid():
+    model, inputs, _ = make("qwen")
+    with pruneware.prune(model, "crosslmm[factor=2]@pre:1.0"):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ids, uncached = _uncached_greedy(model, inputs, 4)
+    assert torch.equal(out.sequences, ids)
+    torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
+
+
+def test_uneven_grid_uses_adaptive_bins_and_first_tokens():
+    h, w, ph, pw = 5, 7, 2, 3
+    x = torch.randn(h * w, 4)
+    pooled, first = pool_grid(x, h, w, ph, pw)
+    grid = x.reshape(h, w, 4)
+    for i in range(ph):
+        r0, r1 = (i * h) // ph, -((-(i + 1) * h) // ph)
+        for j in range(pw):
+            c0, c1 = (j * w) // pw, -((-(j + 1) * w) // pw)
+            torch.testing.assert_close(pooled[i * pw + j], grid[r0:r1, c0:c1].reshape(-1, 4).mean(0))
+            assert first[i * pw + j] == r0 * w + c0
+    assert pooled_shape(24, 24, 64) == (8, 8)
+    assert pooled_shape(4, 6, 6) == (2, 3)
+    assert pooled_shape(5, 7, 100, factor=3) == (2, 3)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("plan", ["crosslmm[factor=3]@pre:1.0", "crosslmm@pre:0.25"])
+def test_padded_batch_equals_samples_alone(family, plan):
+    model, _, samples = make(family)
+    batch = _pad_batch(samples)
+    with pruneware.prune(model, plan):
+        batched = logits(model, batch)
+        for b, sample in enumerate(samples):
+            alone = logits(model, sample)
+            torch.testing.assert_close(batched[b, -alone.shape[1]:], alone[0], atol=2e-5, rtol=1e-4)
+
+
+def test_merging_refuses_in_llm_stages():
+    model, _, _ = make("llava")
+    with pytest.raises(pruneware.PlanError, match="runs only at 'pre'"):
+        pruneware.prune(model, "crosslmm@2:0.25")
+
+
+def test_adapter_round_trip_is_exact(tmp_path):
+    adapter = V2VAdapter(64, 8)
+    with torch.no_grad():
+        adapter.gate.fill_(0.3)
+    save_adapter(adapter, tmp_path)
+    loaded = load_adapter(tmp_path, 64)
+    for (name, a), (_, b) in zip(adapter.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    pooled, tokens = torch.randn(4, 64), torch.randn(16, 64)
+    assert torch.equal(adapter(pooled, tokens), loaded(pooled, tokens))
+
+
+def test_trained_adapter_runs_in_a_plan_and_gate_zero_is_pooling(tmp_path):
+    model, inputs, _ = make("llava")
+    save_adapter(V2VAdapter(64, 8), tmp_path)  # untrained: gate 0
+    with pruneware.prune(model, f"crosslmm[adapter={tmp_path}]@pre:4"):
+        trained = logits(model, inputs)
+    with pruneware.prune(model, "crosslmm[gate=0.0]@pre:4"):
+        pooled = logits(model, inputs)
+    torch.testing.assert_close(trained, pooled)
+
+
+def test_bad_adapter_files_get_clear_errors(tmp_path):
+    model, inputs, _ = make("llava")
+    with pytest.raises(AdapterError, match="is not a CrossLMM adapter"):
+        with pruneware.prune(model, f"crosslmm[adapter={tmp_path / 'missing'}]@pre:4"):
+            logits(model, inputs)
+    save_adapter(V2VAdapter(32, 8), tmp_path / "narrow")
+    with pytest.raises(AdapterError, match="width 32, but this model's are 64"):
+        with pruneware.prune(model, f"crosslmm[adapter={tmp_path / 'narrow'}]@pre:4"):
+            logits(model, inputs)
+    broken = tmp_path / "broken"
+    save_adapter(V2VAdapter(64, 8), broken)
+    config = json.loads((broken / "crosslmm_adapter.json").read_text())
+    config["rank"] = 16
+    (broken / "crosslmm_adapter.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="do not match the config's shapes"):
+        load_adapter(broken, 64)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "crosslmm_adapter.json").write_text("{not json")
+    (tmp_path / "junk" / "crosslmm_adapter.safetensors").write_bytes(b"nope")
+    with pytest.raises(AdapterError, match="malformed adapter config"):
+        load_adapter(tmp_path / "junk", 64)
+
+
+def test_distillation_lowers_the_kl_on_a_tiny_model():
+    from pruneware.crosslmm.train import answer_kl
+
+    model, inputs, _ = make("llava")
+    model.requires_grad_(False)
+    adapter = V2VAdapter(64, 8)
+    optimizer = torch.optim.Adam(adapter.parameters(), lr=3e-2)
+    from pruneware.crosslmm import live_adapter
+
+    with torch.no_grad():
+        teacher = model(**inputs).logits
+    losses = []
+    with live_adapter(adapter) as key:
+        for _ in range(12):
+            with pruneware.prune(model, f"crosslmm[adapter={key}]@pre:4"):
+                loss = answer_kl(teacher, model(**inputs).logits, [3])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
