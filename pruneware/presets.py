@@ -125,6 +125,7 @@ def available_presets() -> dict[str, Preset]:
 
 register_preset(Preset("fastv", (StageTemplate("fastv", 2, 0.5),), "FastV: last-token attention at layer K-1, prune at K=2/32."))
 register_preset(Preset("random", (StageTemplate("random", 20, 0.5),), "Uniform random pruning past the information horizon (layer 20/32)."))
+register_preset(Preset("crosslmm", (StageTemplate("crosslmm", None, 0.25),), "CrossLMM: grid pooling + V2V cross-attention before the LLM."))
 register_preset(Preset("divprune", (StageTemplate("divprune", None, 0.25),), "DivPrune: max-min diversity before the LLM."))
 register_preset(
     Preset(

@@ -39,6 +39,8 @@ class Report:
         lm_flops: estimated language-model prefill FLOPs for the batch (see `lm_flops`).
         lm_flops_unpruned: the same estimate without pruning.
         plan: the plan string that ran.
+        visual_per_sample: per sample, its visual tokens averaged over layers.
+        flops_per_sample: per sample, its share of `lm_flops`.
     """
 
     stages: list[StageReport] = field(default_factory=list)
@@ -48,6 +50,8 @@ class Report:
     lm_flops: float = 0.0
     lm_flops_unpruned: float = 0.0
     plan: str = ""
+    visual_per_sample: list[float] = field(default_factory=list)
+    flops_per_sample: list[float] = field(default_factory=list)
 
     @property
     def avg_visual_tokens(self) -> float:
@@ -85,11 +89,16 @@ def layer_flops(tokens: float, hidden: int, intermediate: int, heads: int, kv_he
 
 def lm_flops(tokens_per_layer_per_sample: list[list[int]], text_config) -> float:
     """Total FLOPs over layers and samples; tokens_per_layer_per_sample[layer][sample]."""
+    return sum(lm_flops_per_sample(tokens_per_layer_per_sample, text_config))
+
+
+def lm_flops_per_sample(tokens_per_layer_per_sample: list[list[int]], text_config) -> list[float]:
+    """FLOPs of each sample summed over layers; tokens_per_layer_per_sample[layer][sample]."""
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    return sum(
-        layer_flops(t, text_config.hidden_size, text_config.intermediate_size, heads, kv_heads, head_dim)
-        for layer in tokens_per_layer_per_sample
-        for t in layer
-    )
+    per_sample = [0.0] * (len(tokens_per_layer_per_sample[0]) if tokens_per_layer_per_sample else 0)
+    for layer in tokens_per_layer_per_sample:
+        for b, t in enumerate(layer):
+            per_sample[b] += layer_flops(t, text_config.hidden_size, text_config.intermediate_size, heads, kv_heads, head_dim)
+    return per_sample

@@ -30,7 +30,7 @@ from pruneware.levels import Level, as_root, gather_seq, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import prune_inputs, remap_decode
-from pruneware.report import Report, lm_flops
+from pruneware.report import Report, lm_flops, lm_flops_per_sample
 from pruneware.resolve import PlanSource
 from pruneware.selection import Selection, run_stage
 
@@ -211,8 +211,10 @@ class Session:
         visual = [lvl.visual_counts() for lvl in per_layer]
         self.report.visual_per_layer = [sum(v) / len(v) for v in visual]
         self.report.tokens_per_layer = [sum(t) / len(t) for t in tokens]
-        self.report.lm_flops = lm_flops(tokens, self.adapter.text_config)
+        self.report.flops_per_sample = lm_flops_per_sample(tokens, self.adapter.text_config)
+        self.report.lm_flops = sum(self.report.flops_per_sample)
         self.report.lm_flops_unpruned = lm_flops(full, self.adapter.text_config)
+        self.report.visual_per_sample = [sum(col) / len(col) for col in zip(*visual, strict=True)]
         self.history.append(self.report)
 
     @staticmethod

@@ -1,0 +1,3 @@
+from pruneware.cli import main
+
+main()

@@ -1,0 +1,137 @@
+"""Shared CLI plumbing: one-line user errors, model and image loading, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_MODEL = "tiny-llava"
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit code 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from pruneware.crosslmm import AdapterError
+    from pruneware.plan import PlanError
+
+    types: list[type[BaseException]] = [UserError, PlanError, AdapterError, FileNotFoundError]
+    try:
+        from pruneware.evals.datasets import DatasetError
+
+        types.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def user_errors(fn: F) -> F:
+    """Turn user mistakes into `error: ...` on stderr and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_error_types() as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(2) from None
+        except TypeError as err:
+            if "pruneware does not support" in str(err):
+                typer.echo(f"error: {err}", err=True)
+                raise typer.Exit(2) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def device_name(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name: str | None, download: bool = False, device: str | None = None):
+    """(model, processor, name) for an embedded name, a local folder, or (with download) a hub id."""
+    from transformers.utils import logging as hf_logging
+
+    from pruneware import models
+
+    hf_logging.disable_progress_bar()
+    name = name or DEFAULT_MODEL
+    device = device_name(device)
+    if name in models.MODELS:
+        if name not in models.available():
+            raise UserError(f"embedded model {name!r} has no weights in this install; shipped: {models.available()}")
+        model, processor = models.load(name, device=device)
+        return model, processor, name
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"{local} is not a model folder (no config.json)")
+        kwargs: dict[str, Any] = {"local_files_only": True}
+    elif download:
+        kwargs = {}
+    else:
+        raise UserError(
+            f"unknown model {name!r}: not an embedded model ({', '.join(models.MODELS)}) nor a local folder; "
+            "pass --download to fetch a Hugging Face hub id"
+        )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(local) if local.exists() else name, **kwargs)
+        processor = AutoProcessor.from_pretrained(str(local) if local.exists() else name, **kwargs)
+    except OSError as err:
+        raise UserError(f"could not load {name!r} ({str(err).splitlines()[0]}); offline? check the id or path") from None
+    return model.to(device).eval(), processor, name
+
+
+def sample() -> dict:
+    """The bundled sample image and its question."""
+    root = resources.files("pruneware") / "assets"
+    meta = json.loads((root / "sample.json").read_text())
+    return {"image": str(root / "sample.png"), **meta}
+
+
+def load_image(path: str | None):
+    from PIL import Image, UnidentifiedImageError
+
+    path = path or sample()["image"]
+    if not Path(path).is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"not a readable image: {path}") from None
+
+
+def parse_list(text: str | None, cast: Callable[[str], Any] = str) -> list[Any]:
+    if not text:
+        return []
+    try:
+        return [cast(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"could not parse {text!r} as a comma-separated list of {cast.__name__}") from None
+
+
+def split_plans(text: str) -> list[str]:
+    """Plans separated by ';' when any is present (multi-stage plans contain ','), else by ','."""
+    separator = ";" if ";" in text else ","
+    plans = [p.strip() for p in text.split(separator) if p.strip()]
+    if not plans:
+        raise UserError("no plans given")
+    return plans

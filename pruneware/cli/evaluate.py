@@ -1,0 +1,81 @@
+"""`pruneware eval`: sweep plans x budgets over a benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pruneware.cli.common import emit_json, load_model, parse_list, split_plans, user_errors
+
+
+def _items(bench: str, data: str | None, limit: int | None, seed: int) -> list:
+    from pruneware.evals.datasets import load_benchmark
+
+    if bench == "synthetic" and limit is None:
+        limit = 200
+    return list(load_benchmark(bench, path=data, limit=limit, seed=seed))
+
+
+@user_errors
+def evaluate(
+    model: str = typer.Option(None, help="Embedded name, local folder, or hub id (with --download)."),
+    bench: str = typer.Option("synthetic", help="synthetic, jsonl, textvqa, pope, gqa or mme."),
+    data: str = typer.Option(None, help="Local file or folder for jsonl and the public benchmarks."),
+    plans: str = typer.Option("none,fastv,adaptinfer,divprune,random,info-horizon,crosslmm",
+                              help="Plans or presets, ','-separated (';' if a plan has several stages)."),
+    avg_tokens: str = typer.Option("64,128,192", "--avg-tokens", help="Budgets: average visual tokens per layer."),
+    limit: int = typer.Option(None, help="Examples (synthetic default: 200)."),
+    seed: int = typer.Option(0, help="Seed: a fresh synthetic split, and random policies."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    out: str = typer.Option("runs/eval", help="Output folder: rows.jsonl (resumable), results.json, plots."),
+    download: bool = typer.Option(False),
+    json_out: bool = typer.Option(False, "--json", help="stdout is one JSON object with a `results` list."),
+) -> None:
+    """Sweep plans and budgets over a benchmark: accuracy, fidelity, tokens, FLOPs, latency."""
+    from pruneware.evals.plots import plot_sweep
+    from pruneware.evals.runner import run_sweep, summarize, variants
+
+    plan_list = split_plans(plans)
+    budgets = parse_list(avg_tokens, float)
+    items = _items(bench, data, limit, seed)  # a bad dataset fails before the model loads
+    vlm, processor, name = load_model(model, download)
+    for plan in plan_list:  # fail on a bad plan before any work
+        if plan != "none":
+            import pruneware
+
+            pruneware.prune(vlm, plan, avg_tokens=budgets[0] if budgets else None)
+    sweep = variants(plan_list, budgets)
+    out_dir = Path(out)
+    console = Console(stderr=True)
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=json_out) as progress:
+        task = progress.add_task("eval", total=len(sweep) * len(items))
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        rows = run_sweep(vlm, processor, items, sweep, out_dir / "rows.jsonl", batch_size, seed,
+                         bench=bench, on_progress=on_progress)
+    ids = {str(it.id) for it in items}
+    results = summarize([r for r in rows if r["id"] in ids], sweep, items, bench)
+    payload = {"model": name, "bench": bench, "n_examples": len(items), "seed": seed, "results": results}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    payload["plots"] = [str(p) for p in plot_sweep(results, out_dir)]
+    if json_out:
+        emit_json(payload)
+        return
+    table = Table(title=f"{name} on {bench} ({len(items)} examples)")
+    for column in ("plan", "avg tokens", "accuracy", "relative", "visual/layer", "GFLOPs", "prefill ms", "KL"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(r["plan"], "-" if r["avg_tokens"] is None else f"{r['avg_tokens']:g}", f"{r['accuracy']:.3f}",
+                      "-" if r["relative_accuracy"] is None else f"{r['relative_accuracy']:.3f}",
+                      f"{r['avg_visual_tokens']:.1f}", f"{r['flops'] / 1e9:.3f}", f"{r['prefill_ms']:.1f}", f"{r['kl']:.4f}")
+    Console().print(table)
+    Console().print(f"wrote {out_dir / 'results.json'}, {out_dir / 'rows.jsonl'} and plots: {', '.join(payload['plots'])}")

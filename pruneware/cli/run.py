@@ -1,0 +1,76 @@
+"""`pruneware run`: answer one question about one image, with and without pruning."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import pruneware
+from pruneware.cli.common import emit_json, load_image, load_model, sample, user_errors
+
+
+def _answer(model, processor, inputs: dict, max_new_tokens: int) -> tuple[str, float, float]:
+    """(answer, prefill ms, total ms)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    with torch.inference_mode():
+        sync()
+        start = time.perf_counter()
+        model(**inputs)
+        sync()
+        prefill = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        sync()
+        total = (time.perf_counter() - start) * 1e3
+    text = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    return text.strip(), prefill, total
+
+
+@user_errors
+def run(
+    model: str = typer.Option(None, help="Embedded name, local folder, or hub id (with --download). Default: tiny-llava."),
+    image: str = typer.Option(None, help="Image file. Default: the bundled sample."),
+    prompt: str = typer.Option(None, help="Question. Default: the sample's question."),
+    plan: str = typer.Option("divprune", help="Plan string or preset name."),
+    avg_tokens: float = typer.Option(None, "--avg-tokens", help="Solve budgets for this many visual tokens per layer."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens"),
+    seed: int = typer.Option(0),
+    download: bool = typer.Option(False, help="Allow fetching a hub model id."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Answer a question about an image with and without pruning, side by side."""
+    from pruneware.evals.synthetic.accuracy import build_prompt
+
+    question = prompt or (sample()["question"] if image is None else None)
+    if question is None:
+        raise typer.BadParameter("--prompt is required with --image")
+    picture = load_image(image)
+    vlm, processor, name = load_model(model, download)
+    inputs = processor(text=[build_prompt(processor, question)], images=[picture], return_tensors="pt").to(vlm.device)
+    session = pruneware.prune(vlm, plan, seed=seed, avg_tokens=avg_tokens)
+    base = _answer(vlm, processor, inputs, max_new_tokens)
+    with session:
+        pruned = _answer(vlm, processor, inputs, max_new_tokens)
+    report = session.history[0]
+    n_visual = report.stages[0].n_before[0] if report.stages else 0
+    result = {
+        "model": name, "question": question, "plan": str(report.plan),
+        "unpruned": {"answer": base[0], "visual_tokens": n_visual, "prefill_ms": round(base[1], 2)},
+        "pruned": {"answer": pruned[0], "avg_visual_tokens": round(report.avg_visual_tokens, 2),
+                   "kept_per_stage": [s.n_after[0] for s in report.stages], "prefill_ms": round(pruned[1], 2),
+                   "flops_ratio": round(report.flops_ratio, 4)},
+    }
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{name}: {question}")
+    for column in ("", "answer", "visual tokens / layer", "prefill ms", "LM FLOPs"):
+        table.add_column(column)
+    table.add_row("unpruned", base[0], str(n_visual), f"{base[1]:.1f}", "1.00")
+    table.add_row(f"pruned ({report.plan})", pruned[0], f"{report.avg_visual_tokens:.1f}", f"{pruned[1]:.1f}",
+                  f"{report.flops_ratio:.2f}")
+    Console().print(table)

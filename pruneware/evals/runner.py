@@ -1,0 +1,229 @@
+"""Sweep plans x budgets over a benchmark: accuracy, fidelity to the unpruned model, and cost.
+
+For each batch of examples the unpruned reference (answer and next-token distribution) is
+computed once and reused by every plan. Each finished (plan, budget, example) row is appended
+to a JSONL file at once, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import pruneware
+from pruneware.report import lm_flops_per_sample
+
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the sweep: a plan (as the user wrote it) at one budget."""
+
+    plan: str
+    avg_tokens: float | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.plan}|{self.avg_tokens}"
+
+
+def variants(plans: Sequence[str], avg_tokens: Sequence[float | None]) -> list[Variant]:
+    """Every plan at every budget; `none` once. Plans without avg_tokens run as written."""
+    out, budgets = [], list(avg_tokens) or [None]
+    for plan in plans:
+        if plan == NONE:
+            out.append(Variant(NONE, None))
+        else:
+            out.extend(Variant(plan, b) for b in budgets)
+    return out
+
+
+def _answers(item: Any) -> list[str]:
+    return list(getattr(item, "answers", None) or [item.answer])
+
+
+def item_score(bench: str, prediction: str, item: Any) -> float:
+    """One example's score under the benchmark's per-question metric (means give accuracy)."""
+    from pruneware.evals import metrics
+
+    answers = _answers(item)
+    if bench == "textvqa":
+        return metrics.vqa_accuracy(prediction, answers)
+    if bench in ("pope", "mme"):
+        return float(metrics.parse_yes_no(prediction) == metrics.parse_yes_no(answers[0]))
+    if bench == "synthetic":  # one-word answers: the first word decides, as in the model cards
+        from pruneware.evals.synthetic.accuracy import normalize
+
+        prediction = normalize(prediction)
+    return metrics.exact_match(prediction, answers)
+
+
+def _inputs(processor, items: Sequence[Any], device) -> dict:
+    from pruneware.evals.synthetic.accuracy import build_prompt
+
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        batch = processor(
+            text=[build_prompt(processor, it.question) for it in items], images=[it.image for it in items],
+            return_tensors="pt", padding=True,
+        )
+    finally:
+        tok.padding_side = side
+    return batch.to(device)
+
+
+@torch.inference_mode()
+def _forward(model, processor, inputs: dict, max_new_tokens: int) -> tuple[torch.Tensor, list[str], float]:
+    """Next-token logits [B, V], decoded answers, and the prefill time in ms."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    logits = model(**inputs).logits[:, -1].float()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return logits, [t.strip() for t in texts], prefill_ms
+
+
+def run_sweep(
+    model, processor, items: Sequence[Any], plan_variants: Sequence[Variant], out_path: str | Path,
+    batch_size: int = 8, seed: int = 0, max_new_tokens: int = 3, bench: str = "synthetic",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Evaluate every variant on every item; returns all rows (old and new) of `out_path`."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(out_path)
+    done = {(r["variant"], r["id"]) for r in rows}
+    total = len(plan_variants) * len(items)
+    progress = sum(1 for v in plan_variants for it in items if (v.key, str(it.id)) in done)
+    if on_progress:
+        on_progress(progress, total)
+    device = next(model.parameters()).device
+    if out_path.is_file() and out_path.stat().st_size and not out_path.read_bytes().endswith(b"\n"):
+        with out_path.open("a") as sink:  # an interrupted write left a torn line: end it
+            sink.write("\n")
+    with out_path.open("a") as sink:
+        for start in range(0, len(items), batch_size):
+            batch = list(items[start : start + batch_size])
+            pending = [v for v in plan_variants if any((v.key, str(it.id)) not in done for it in batch)]
+            if not pending:
+                continue
+            inputs = _inputs(processor, batch, device)
+            ref_logits, ref_answers, ref_ms = _forward(model, processor, inputs, max_new_tokens)
+            for variant in pending:
+                if variant.plan == NONE:
+                    logits, answers, ms, report = ref_logits, ref_answers, ref_ms, None
+                else:
+                    with pruneware.prune(model, variant.plan, seed=seed, avg_tokens=variant.avg_tokens) as run:
+                        logits, answers, ms = _forward(model, processor, inputs, max_new_tokens)
+                    report = run.history[0]
+                kl = torch.nn.functional.kl_div(
+                    logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="none"
+                ).sum(-1)
+                for b, item in enumerate(batch):
+                    if (variant.key, str(item.id)) in done:
+                        continue
+                    row = {
+                        "variant": variant.key, "plan": variant.plan, "avg_tokens": variant.avg_tokens,
+                        "id": str(item.id), "task": item.task, "prediction": answers[b],
+                        "score": item_score(bench, answers[b], item),
+                        "answer_agrees": answers[b] == ref_answers[b],
+                        "top1_agrees": bool(logits[b].argmax() == ref_logits[b].argmax()),
+                        "kl": round(float(kl[b]), 6),
+                        "visual_tokens": _visual_tokens(report, b, inputs, model),
+                        "flops": _flops(report, b, inputs, model),
+                        "prefill_ms": round(ms / len(batch), 3),
+                    }
+                    sink.write(json.dumps(row) + "\n")
+                    rows.append(row)
+                    progress += 1
+                sink.flush()
+                if on_progress:
+                    on_progress(progress, total)
+    return rows
+
+
+def _visual_tokens(report, b: int, inputs: dict, model) -> float:
+    """Sample b's visual tokens averaged over layers (all of them, unpruned)."""
+    if report is not None:
+        return float(report.visual_per_sample[b])
+    ids = inputs["input_ids"][b]
+    token_ids = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
+    return float(sum(int((ids == t).sum()) for t in token_ids if t is not None))
+
+
+def _flops(report, b: int, inputs: dict, model) -> float:
+    """Sample b's language-model prefill FLOPs (estimate, see pruneware.report)."""
+    if report is not None:
+        return float(report.flops_per_sample[b])
+    config = model.config.get_text_config()
+    tokens = int(inputs["attention_mask"][b].sum())
+    return lm_flops_per_sample([[tokens]] * config.num_hidden_layers, config)[0]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows already written; a torn last line (interrupted write) is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def summarize(rows: Sequence[dict], plan_variants: Sequence[Variant], items: Sequence[Any] = (),
+              bench: str = "synthetic") -> list[dict]:
+    """One result row per variant: accuracy, relative accuracy, fidelity and cost means, and
+    the benchmark's main metric (e.g. POPE F1, MME score) when `items` are given."""
+    from pruneware.evals.metrics import score
+
+    by_id = {str(it.id): it for it in items}
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_variant[r["variant"]].append(r)
+    base = by_variant.get(Variant(NONE, None).key)
+    base_acc = sum(r["score"] for r in base) / len(base) if base else None
+    out = []
+    for v in plan_variants:
+        group = by_variant.get(v.key, [])
+        if not group:
+            continue
+        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
+        tasks: dict[str, list[bool]] = defaultdict(list)
+        for r in group:
+            tasks[r["task"]].append(r["score"])
+        accuracy = mean("score")
+        main = None
+        if by_id and all(r["id"] in by_id for r in group):
+            main = score(bench, [r["prediction"] for r in group], [by_id[r["id"]] for r in group])
+        out.append({
+            "plan": v.plan, "avg_tokens": v.avg_tokens, "n": len(group),
+            "accuracy": round(accuracy, 4),
+            "relative_accuracy": round(accuracy / base_acc, 4) if base_acc else None,
+            "avg_visual_tokens": round(mean("visual_tokens"), 2),
+            "flops": mean("flops"),
+            "prefill_ms": round(mean("prefill_ms"), 3),
+            "top1_agreement": round(mean("top1_agrees"), 4),
+            "answer_agreement": round(mean("answer_agrees"), 4),
+            "kl": round(mean("kl"), 6),
+            "per_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(tasks.items())},
+            "main_metric": None if main is None else {"name": main["metric"], "score": main["score"]},
+        })
+    return out

@@ -1,0 +1,134 @@
+"""Every command through Typer's CliRunner on tiny local models, and once as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pruneware.cli import app
+from pruneware.models import build_tiny
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2.5-vl"])
+def model_dir(request, tmp_path_factory):
+    """A random-weight tiny model saved as a local folder, with its processor."""
+    model, processor = build_tiny(request.param, seed=0)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    return result
+
+
+def test_plans_and_models_list_everything():
+    result = invoke("plans", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert {p["name"] for p in payload["policies"]} >= {"random", "divprune", "fastv", "adaptinfer", "crosslmm"}
+    assert {p["name"] for p in payload["presets"]} >= {"fastv", "adaptinfer", "info-horizon", "crosslmm"}
+    assert payload["model_types"] == ["llava", "qwen2_5_vl"]
+    result = invoke("models", "--json")
+    assert result.exit_code == 0
+    assert {m["name"] for m in json.loads(result.stdout)["models"]} == {"tiny-llava", "tiny-qwen2.5-vl"}
+    assert "presets" in invoke("plans").stdout
+
+
+@pytest.mark.parametrize("plan", ["fastv@2:0.25", "crosslmm"])
+def test_run_compares_pruned_and_unpruned(model_dir, plan):
+    result = invoke("run", "--model", model_dir, "--plan", plan, "--max-new-tokens", "2", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["pruned"]["avg_visual_tokens"] < payload["unpruned"]["visual_tokens"]
+    assert payload["pruned"]["prefill_ms"] > 0 and payload["unpruned"]["prefill_ms"] > 0
+    assert isinstance(payload["pruned"]["answer"], str)
+
+
+def test_eval_writes_results_plots_and_resumes(model_dir, tmp_path):
+    out = tmp_path / "ev"
+    args = ["eval", "--model", model_dir, "--limit", "4", "--batch-size", "2", "--plans", "none,fastv,divprune@pre:0.5",
+            "--avg-tokens", "128", "--out", str(out), "--json"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [r["plan"] for r in payload["results"]] == ["none", "fastv", "divprune@pre:0.5"]
+    for row in payload["results"]:
+        assert {"plan", "avg_tokens", "accuracy", "relative_accuracy", "avg_visual_tokens", "flops", "prefill_ms",
+                "per_task"} <= set(row)
+    fastv = payload["results"][1]
+    assert abs(fastv["avg_visual_tokens"] - 128) <= 1
+    assert payload["results"][0]["avg_visual_tokens"] > fastv["avg_visual_tokens"]
+    for png in payload["plots"]:
+        with Image.open(png) as image:
+            assert image.size[0] > 0 and image.size[1] > 0
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 4
+    (out / "rows.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # interrupted mid-write
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()[:5]]
+    again = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines() if x.startswith("{") and x.endswith("}")]
+    assert rows == [json.loads(x) for x in lines[:5]]  # finished rows are kept, not redone
+    assert len({(r["variant"], r["id"]) for r in again}) == len(again) == 12
+
+
+def test_viz_draws_one_panel_per_stage(model_dir, tmp_path):
+    out = tmp_path / "viz.png"
+    result = invoke("viz", "--model", model_dir, "--plan", "divprune@pre:0.25,fastv@3:0.1", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert len(payload["stages"]) == 2
+    with Image.open(out) as image:
+        assert image.width > 2 * image.height  # original + two panels side by side
+
+
+def test_bench_on_a_tiny_shape():
+    result = invoke("bench", "--shape", "tiny", "--plans", "none,divprune", "--batch-sizes", "1", "--repeats", "1",
+                    "--avg-tokens", "64", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [r["plan"] for r in rows] == ["none", "divprune"]
+    assert rows[1]["avg_visual_tokens"] == 64 and rows[1]["kv_cache_mb"] < rows[0]["kv_cache_mb"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--image", "/no/such.png", "--prompt", "hi"], "error: image not found: /no/such.png"),
+        (["run", "--plan", "nosuch@2:0.5"], "error: unknown policy 'nosuch'; valid policies:"),
+        (["run", "--model", "no-such-model"], "error: unknown model 'no-such-model'"),
+        (["bench", "--shape", "gpt-5"], "error: unknown shape 'gpt-5'; valid shapes:"),
+        (["eval", "--bench", "jsonl", "--data", "BAD_JSONL"], "error: "),
+        (["eval", "--bench", "nosuch"], "error: unknown benchmark 'nosuch'; valid benchmarks:"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_exit_code_2(model_dir, args, message, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{not json\n')
+    args = [str(bad) if a == "BAD_JSONL" else a for a in args]
+    if "--model" not in args and args[0] == "run":
+        args = [*args, "--model", model_dir]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_real_subprocess(model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "pruneware.cli", "run", "--model", model_dir, "--max-new-tokens", "2", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["plan"] == "divprune@pre:0.25"
