@@ -99,8 +99,18 @@ _INTERPRETED = not isinstance(_gather_kernel, triton.runtime.JITFunction)
 _MIN_PROGRAMS = 8 if _INTERPRETED else 512  # keep every SM of a big GPU busy when rows allow
 
 
+# Plain integer helpers: triton.next_power_of_2 and triton.cdiv cost microseconds per call in
+# Triton 3.8, and at batch 1 the host time of this function is the whole cost.
 def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _plan_slot(t: torch.Tensor, out: torch.Tensor, plane_dims: int, B: int, K: int) -> tuple:
@@ -109,23 +119,24 @@ def _plan_slot(t: torch.Tensor, out: torch.Tensor, plane_dims: int, B: int, K: i
     ``t`` is ``[*planes, Bt, L, *row]`` with ``plane_dims`` leading plane dims (0 or 1) and
     at most one row dim.
     """
-    G = t.shape[0] if plane_dims else 1
-    W = t.shape[-1] if t.dim() == plane_dims + 3 else 1
-    if W > 1 and t.stride(-1) != 1:
+    shape, stride = t.shape, t.stride()
+    G = shape[0] if plane_dims else 1
+    W = shape[-1] if len(shape) == plane_dims + 3 else 1
+    if W > 1 and stride[-1] != 1:
         t = t.contiguous()  # rows must be unit-stride for vector access; never the case for HF tensors
-    bits = _BITS[t.element_size()]
-    s_g = t.stride(0) if plane_dims else 0
-    s_b = t.stride(plane_dims) if t.shape[plane_dims] > 1 else 0  # batch-1 tables broadcast
-    s_l = t.stride(plane_dims + 1)
+        stride = t.stride()
     elt = t.element_size()
-    block_w = min(triton.next_power_of_2(W), max(1, _MAX_ROW_CHUNK_BYTES // elt))
+    bits = _BITS[elt]
+    s_g = stride[0] if plane_dims else 0
+    s_b = stride[plane_dims] if shape[plane_dims] > 1 else 0  # batch-1 tables broadcast
+    s_l = stride[plane_dims + 1]
+    block_w = min(_pow2_ceil(W), max(1, _MAX_ROW_CHUNK_BYTES // elt))
     block_r = _pow2_floor(max(1, _TILE_BYTES // (block_w * elt)))
     rows = G * B * K
-    while block_r > 1 and triton.cdiv(rows, block_r) < _MIN_PROGRAMS:
-        block_r //= 2
+    block_r = min(block_r, _pow2_floor(rows // _MIN_PROGRAMS))  # smaller blocks when rows are few
     runtime = (t.view(bits), out.view(bits), s_g, s_b, s_l)
     meta = (G, W, block_r, block_w, W % block_w == 0)
-    return runtime, meta, triton.cdiv(rows, block_r)
+    return runtime, meta, _cdiv(rows, block_r)
 
 
 def gather_rows(
