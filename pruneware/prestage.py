@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from pruneware.adapters import Adapter
-from pruneware.levels import Level, gather_seq
+from pruneware.kernels.gather import gather_rows
+from pruneware.levels import Level
 from pruneware.plan import Stage
 from pruneware.selection import Selection
 
@@ -40,30 +41,28 @@ def prune_inputs(
     batch, length = embeds.shape[:2]
     device = embeds.device
     index = level.index_prev
-    new_embeds = gather_seq(embeds, index, 1)
-    if selection.merged is not None:
-        new_embeds = new_embeds.clone()
-        for b, merged in enumerate(selection.merged.embeds):
-            slots = level.visual[b].nonzero().squeeze(1)
-            new_embeds[b, slots] = merged.to(new_embeds.dtype)
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
-    new_mask = mask.gather(1, index) * level.valid.to(mask.dtype)
     if positions is None:
         shape = (3, batch, length) if adapter.rope == "mrope" else (batch, length)
         positions = torch.arange(length, device=device).expand(shape)
+    # One fused launch (on CUDA) for every row tensor that shares the keep index.
+    new_embeds, new_mask, kept_positions = gather_rows(index, embeds, mask, positions=positions)
+    new_mask = new_mask * level.valid.to(new_mask.dtype)
+    if selection.merged is not None:
+        for b, merged in enumerate(selection.merged.embeds):
+            slots = level.visual[b].nonzero().squeeze(1)
+            new_embeds[b, slots] = merged.to(new_embeds.dtype)
     rewritten = True
     if stage.positions == "compact":
         new_positions = torch.arange(level.length, device=device).expand(*positions.shape[:-1], -1)
     elif selection.merged is not None and adapter.rope == "mrope":
-        types = mm_token_type_ids if mm_token_type_ids is not None else torch.isin(
-            input_ids, torch.tensor(adapter.visual_token_ids(), device=input_ids.device)
-        ).int()
+        types = mm_token_type_ids if mm_token_type_ids is not None else adapter.token_types(input_ids)
         types = types.to(device).gather(1, index) * level.valid
         grid = adapter.pooled_positions(types, selection.merged.grids, new_mask)  # [3, B, L0]
         new_positions = grid if positions.shape[0] == 3 else torch.cat([_text_positions(new_mask)[None], grid])
     else:
-        new_positions = gather_seq(positions, index, positions.dim() - 1)
+        new_positions = kept_positions
         rewritten = False
     return PrePruned(new_embeds, new_mask, new_positions, rewritten)
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pruneware.levels import Level, gather_seq
+from pruneware.kernels.gather import gather_rows
+from pruneware.levels import Level
 from pruneware.plan import Stage
 from pruneware.policies import MergeResult, Policy, StageInput
 from pruneware.report import StageReport
@@ -37,7 +38,7 @@ def run_stage(
     token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
     budgets = [min(stage.keep_count(nv), now) for nv, now in zip(n_visual, counts_now.tolist(), strict=True)]
     inputs = StageInput(
-        hidden=gather_seq(hidden, order, 1) * token_valid[..., None].to(hidden.dtype),
+        hidden=gather_rows(order, hidden)[0] * token_valid[..., None].to(hidden.dtype),
         valid=token_valid,
         image_ids=level.image_ids.gather(1, order).masked_fill(~token_valid, -1),
         attention=None if attention is None else attention.gather(1, order),

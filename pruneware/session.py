@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from pruneware import masks
-from pruneware.adapters import Adapter, VisualLayout, adapter_for
+from pruneware.adapters import Adapter, VisualInjections, VisualLayout, adapter_for
 from pruneware.capture import AttentionCapture
+from pruneware.kernels.gather import gather_rows
 from pruneware.kernels.scores import attention_scores
+from pruneware.layer_inputs import level_kwargs
 from pruneware.levels import Level, as_root, gather_seq, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
@@ -60,6 +62,7 @@ class _Forward:
     input_ids: torch.Tensor | None = None
     mm_token_type_ids: torch.Tensor | None = None
     q_length: int = 0
+    injections: VisualInjections | None = None  # model-added per-layer visual features (prefill)
 
     def level_for(self, layer: int) -> tuple[int, Level]:
         i = max(j for j, start in enumerate(self.starts) if start <= layer)
@@ -79,7 +82,7 @@ class Session:
         self._handles: list[Any] = []
         self._capture: AttentionCapture | None = None
         self._state: _Forward | None = None
-        self._seen_grid_thw: torch.Tensor | None = None
+        self._seen_vision: list[tuple[Any, torch.Tensor | None]] = []  # vision-tower (output, grid_thw)
         self._attn = self.adapter.text_config._attn_implementation or "eager"
 
     # lifecycle -------------------------------------------------------------------------
@@ -94,7 +97,9 @@ class Session:
             self._handles.append(lm.register_forward_hook(self._on_language_model_done))
             tower = self.adapter.vision_tower()
             if tower is not None:
-                self._handles.append(tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
+                self._handles.append(tower.register_forward_hook(self._on_vision, with_kwargs=True))
+            for i in range(self.adapter.injection_layers()):
+                self._handles.append(self.adapter.layers[i].register_forward_hook(self._inject_hook(i)))
             first = self.source.first_llm_layer()
             if first is not None:
                 for i in range(first, self.adapter.n_layers):
@@ -130,9 +135,8 @@ class Session:
         self.detach()
 
     # hooks -----------------------------------------------------------------------------
-    def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        self._seen_grid_thw = grid
+    def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        self._seen_vision.append((output, kwargs.get("grid_thw", args[1] if len(args) > 1 else None)))
 
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -141,8 +145,8 @@ class Session:
         if past == 0:
             if input_ids is None:
                 raise ValueError("pruneware locates visual tokens from input_ids: pass input_ids, not inputs_embeds")
-            layout = self.adapter.layout(input_ids, {**kwargs, "seen_grid_thw": self._seen_grid_thw})
-            self._seen_grid_thw = None
+            layout = self.adapter.layout(input_ids, {**kwargs, "seen_vision": self._seen_vision})
+            self._seen_vision = []
             n_visual = layout.visual.sum(dim=1).tolist()
             self._state = _Forward(
                 layout, self.source.plan_for(max(n_visual, default=0)), n_visual,
@@ -167,6 +171,7 @@ class Session:
         if state.decoding:
             return args, self._decode_language_model(state, kwargs, embeds, positions, mask)
         state.input_length, state.q_length = length, length
+        state.injections = self.adapter.take_injections(kwargs)
         root = root_level(state.layout.image_ids.to(embeds.device))
         pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
         if mask is not None and mask.dim() != 2:
@@ -174,7 +179,7 @@ class Session:
         if pre is None:
             state.levels, state.starts = [root], [0]
             state.padding0 = None if mask is None else mask.bool()
-            return None
+            return args, kwargs
         selection = self._run(state, 0, pre, root, embeds)
         level = next_level(root, selection.keep)
         pruned = prune_inputs(
@@ -200,8 +205,10 @@ class Session:
 
     def _on_language_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         state = self._state
+        self._seen_vision = []
         if state is None or state.decoding:
             return
+        state.injections = None
         per_layer = [state.level_for(i)[1] for i in range(self.adapter.n_layers)]
         tokens = [self._real_tokens(state, lvl).sum(dim=1).tolist() for lvl in per_layer]
         unpruned = self._real_tokens(state, state.levels[0]).sum(dim=1).cpu()
@@ -250,7 +257,7 @@ class Session:
         state.starts.append(layer)
         if level.same_as_prev:
             return args
-        hidden = gather_seq(hidden, level.index_prev, 1)
+        (hidden,) = gather_rows(level.index_prev, hidden)
         if args:
             return (hidden, *args[1:])
         kwargs["hidden_states"] = hidden
@@ -258,37 +265,28 @@ class Session:
 
     def _sliced_kwargs(self, state: _Forward, level_index: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         level = state.levels[level_index]
-        if "kwargs" in level.cache:
-            return level.cache["kwargs"]  # type: ignore[return-value]
-        kind = masks.mask_kind(self._attn)
-        cos, sin = kwargs["position_embeddings"]
-        out: dict[str, Any] = {}
-        llm_stages = [s for s in state.plan.stages if s.where != "pre"]
-        compact = llm_stages[level_index - 1].positions == "compact"
-        index0, valid = level.index0, level.valid
-        if state.decoding:
-            kv = state.past0 + state.q_length
-            out["attention_mask"] = masks.slice_decode_mask(
-                kwargs.get("attention_mask"), index0, valid, state.levels[0].length, kv, state.q_length, kind, cos.dtype
+        if "kwargs" not in level.cache:
+            llm_stages = [s for s in state.plan.stages if s.where != "pre"]
+            level.cache["kwargs"] = level_kwargs(
+                level, kwargs, kind=masks.mask_kind(self._attn), compact=llm_stages[level_index - 1].positions == "compact",
+                rotary=self.adapter.language_model.rotary_emb, decoding=state.decoding,
+                level0_length=state.levels[0].length, past0=state.past0, q_length=state.q_length,
             )
-            if compact:
-                start = level.length + state.past0 - state.levels[0].length
-                new_pos = torch.arange(start, start + state.q_length, device=cos.device).expand(index0.shape[0], -1)
-                out["position_embeddings"] = self.adapter.language_model.rotary_emb(cos, new_pos)
-                out["position_ids"] = new_pos
-        else:
-            out["attention_mask"] = masks.slice_prefill_mask(kwargs.get("attention_mask"), index0, valid, kind, cos.dtype)
-            if compact:
-                new_pos = torch.arange(level.length, device=cos.device).expand(index0.shape[0], -1)
-                out["position_embeddings"] = self.adapter.language_model.rotary_emb(cos, new_pos)
-                out["position_ids"] = new_pos
-            else:
-                out["position_embeddings"] = (gather_seq(cos, index0, 1), gather_seq(sin, index0, 1))
-                if kwargs.get("position_ids") is not None:
-                    pos = kwargs["position_ids"]
-                    out["position_ids"] = gather_seq(pos, index0, pos.dim() - 1)
-        level.cache["kwargs"] = out
-        return out
+        return level.cache["kwargs"]  # type: ignore[return-value]
+
+    def _inject_hook(self, layer: int):
+        """After an early layer: add the model's per-layer visual features to the kept tokens."""
+
+        def hook(module: nn.Module, args: tuple, output: Any):
+            state = self._state
+            if state is None or state.decoding or state.injections is None:
+                return None
+            level = state.level_for(layer)[1]
+            if isinstance(output, tuple):
+                return (state.injections.add(output[0], layer, level.orig, level.valid), *output[1:])
+            return state.injections.add(output, layer, level.orig, level.valid)
+
+        return hook
 
     def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any) -> None:
         """Score visual tokens for the stage at layer_idx + 1. query: [B, H, Ls, d]; key: [B, Hkv, Ls, d]."""

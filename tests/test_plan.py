@@ -37,7 +37,7 @@ def test_stage_fields():
         ("random@3:0.0", r"ratio must be in \(0, 1\]"),
         ("random@3:1.5", r"ratio must be in \(0, 1\]"),
         ("random@3:0", "count must be >= 1"),
-        ("nosuch@3:0.5", "unknown policy 'nosuch'; valid policies: adaptinfer, divprune, fastv, random"),
+        ("nosuch@3:0.5", "unknown policy 'nosuch'; valid policies: adaptinfer, crosslmm, divprune, fastv, random"),
         ("random3:0.5", "malformed stage"),
         ("random@x:0.5", "malformed stage"),
         ("random@3:abc", "malformed budget"),
@@ -72,7 +72,7 @@ def test_presets_scale_with_depth():
     assert horizon.layers(32) == [None, 20] and horizon.layers(8) == [None, 5]
     assert str(horizon.build(32)) == "divprune@pre:0.5,random@20:0.25"
     assert set(available_presets()) >= {"fastv", "random", "divprune", "info-horizon"}
-    with pytest.raises(PlanError, match="unknown preset 'nope'; valid presets: adaptinfer, divprune, fastv"):
+    with pytest.raises(PlanError, match="unknown preset 'nope'; valid presets: adaptinfer, crosslmm, divprune, fastv"):
         get_preset("nope")
 
 
