@@ -18,7 +18,7 @@ from pruneware.report import Report
 from pruneware.session import _ACTIVE, Session
 
 __version__ = "0.1.0"
-__all__ = ["Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach", "prune"]
+__all__ = ["Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach", "load", "prune"]
 
 
 def prune(model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None) -> Session:
