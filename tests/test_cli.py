@@ -132,3 +132,12 @@ def test_real_subprocess(model_dir):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["plan"] == "divprune@pre:0.25"
+
+
+def test_train_adapter_command_trains_and_saves(model_dir, tmp_path):
+    if "qwen" in model_dir:
+        pytest.skip("one architecture is enough for the pass-through command")
+    result = invoke("train-adapter", "--model", model_dir, "--budget", "16", "--steps", "2", "--batch", "2",
+                    "--out", str(tmp_path / "adapter"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "adapter" / "crosslmm_adapter.safetensors").stat().st_size > 0

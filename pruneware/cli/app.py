@@ -8,6 +8,7 @@ from pruneware.cli.bench import bench
 from pruneware.cli.evaluate import evaluate
 from pruneware.cli.listing import models, plans
 from pruneware.cli.run import run
+from pruneware.cli.train import PASS_THROUGH, train_adapter, train_tiny
 from pruneware.cli.viz import viz
 
 app = typer.Typer(
@@ -21,6 +22,8 @@ app.command("bench")(bench)
 app.command("viz")(viz)
 app.command("plans")(plans)
 app.command("models")(models)
+app.command("train-tiny", context_settings=PASS_THROUGH)(train_tiny)
+app.command("train-adapter", context_settings=PASS_THROUGH)(train_adapter)
 
 
 def main() -> None:

@@ -24,7 +24,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from pruneware.crosslmm import AdapterError
     from pruneware.plan import PlanError
 
-    types: list[type[BaseException]] = [UserError, PlanError, AdapterError, FileNotFoundError]
+    from pruneware.models.loading import ModelLoadError
+
+    types: list[type[BaseException]] = [UserError, PlanError, AdapterError, ModelLoadError, FileNotFoundError]
     try:
         from pruneware.evals.datasets import DatasetError
 
@@ -66,38 +68,11 @@ def device_name(device: str | None) -> str:
 
 def load_model(name: str | None, download: bool = False, device: str | None = None):
     """(model, processor, name) for an embedded name, a local folder, or (with download) a hub id."""
-    from transformers.utils import logging as hf_logging
+    from pruneware.models.loading import load_any
 
-    from pruneware import models
-
-    hf_logging.disable_progress_bar()
     name = name or DEFAULT_MODEL
-    device = device_name(device)
-    if name in models.MODELS:
-        if name not in models.available():
-            raise UserError(f"embedded model {name!r} has no weights in this install; shipped: {models.available()}")
-        model, processor = models.load(name, device=device)
-        return model, processor, name
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    local = Path(name).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise UserError(f"{local} is not a model folder (no config.json)")
-        kwargs: dict[str, Any] = {"local_files_only": True}
-    elif download:
-        kwargs = {}
-    else:
-        raise UserError(
-            f"unknown model {name!r}: not an embedded model ({', '.join(models.MODELS)}) nor a local folder; "
-            "pass --download to fetch a Hugging Face hub id"
-        )
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(str(local) if local.exists() else name, **kwargs)
-        processor = AutoProcessor.from_pretrained(str(local) if local.exists() else name, **kwargs)
-    except OSError as err:
-        raise UserError(f"could not load {name!r} ({str(err).splitlines()[0]}); offline? check the id or path") from None
-    return model.to(device).eval(), processor, name
+    model, processor = load_any(name, download, device)
+    return model, processor, name
 
 
 def sample() -> dict:

@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    from pruneware.models import load
+    from pruneware.models.loading import load_any
 
-    model, processor = load(args.model)
+    model, processor = load_any(args.model)
     start = time.time()
     adapter, curve = train(model, processor, args.budget, args.steps, args.batch, args.lr, args.seed, args.rank)
     meta = {"model": args.model, "budget": args.budget, "steps": args.steps, "batch": args.batch, "lr": args.lr,
