@@ -67,27 +67,33 @@ def root_level(image_ids: torch.Tensor) -> Level:
 def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
     """The level that keeps every valid non-visual slot of `parent` plus the chosen visual ones.
 
-    keep_visual[b] holds sorted indices into sample b's visual slots (in slot order).
+    keep_visual[b] holds sorted indices into sample b's visual slots (in slot order). Built with
+    batched tensor ops and a single host sync (the new length).
     """
+    batch, length = parent.index_prev.shape
     device = parent.index_prev.device
-    rows = []
-    for b, chosen in enumerate(keep_visual):
-        visual_slots = parent.visual[b].nonzero().squeeze(1)
-        keep = parent.valid[b] & ~parent.visual[b]
-        keep[visual_slots[chosen.to(device)]] = True
-        rows.append(keep.nonzero().squeeze(1))
-    length = max(len(r) for r in rows)
-    if all(len(r) == parent.length for r in rows):  # nothing dropped
+    # Visual slots of each row, in slot order, first: order[b, j] is the j-th visual slot.
+    order = torch.sort((~parent.visual).to(torch.int8), dim=1, stable=True).indices
+    chosen = torch.nn.utils.rnn.pad_sequence(
+        [k.to(device) for k in keep_visual], batch_first=True, padding_value=-1
+    ) if keep_visual else torch.zeros(batch, 0, dtype=torch.long, device=device)
+    keep = parent.valid & ~parent.visual
+    if chosen.numel():
+        slots = order.gather(1, chosen.clamp(min=0))
+        # scatter_add, not scatter: padding entries (-1) alias a real slot and must not unset it.
+        hits = torch.zeros(batch, length, dtype=torch.int32, device=device).scatter_add_(1, slots, (chosen >= 0).int())
+        keep = keep | (hits > 0)
+    counts = keep.sum(dim=1)
+    new_length = int(counts.max()) if batch else 0
+    if new_length == length and bool((counts == length).all()):  # nothing dropped
         return Level(
-            torch.arange(length, device=device).expand(len(rows), length),
+            torch.arange(length, device=device).expand(batch, length),
             parent.index0, parent.orig, parent.valid, parent.image_ids,
             identity=parent.identity, same_as_prev=True,
         )
-    index = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-    valid = torch.zeros(len(rows), length, dtype=torch.bool, device=device)
-    for b, row in enumerate(rows):
-        index[b, length - len(row):] = row
-        valid[b, length - len(row):] = True
+    # Kept slots last, in slot order: the rows come out left-padded with dropped slots.
+    index = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, length - new_length:]
+    valid = torch.arange(new_length, device=device)[None] >= (new_length - counts)[:, None]
     image_ids = parent.image_ids.gather(1, index).masked_fill(~valid, -1)
     return Level(
         index, parent.index0.gather(1, index), parent.orig.gather(1, index),
