@@ -18,6 +18,8 @@ def record_lm_inputs(model, inputs: dict) -> dict:
     def hook(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
         seen["positions"] = kwargs.get("position_ids")
+        seen["deepstack"] = kwargs.get("deepstack_visual_embeds")  # Qwen3-VL: [n_visual, D] per early layer
+        seen["deepstack_mask"] = kwargs.get("visual_pos_masks")  # [1, L] bool
 
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -32,7 +34,9 @@ def reference_logits(model, seen: dict, stages: list[tuple[int, torch.Tensor]], 
     """Logits of one sample (batch 1) pruned in a plain layer loop.
 
     stages: (layer, kept original positions) pairs; layer 0 means before the first layer
-    (a `pre` stage). Positions are the original ones, or re-indexed when `compact`.
+    (a `pre` stage). Positions are the original ones, or re-indexed when `compact`. Qwen3-VL
+    DeepStack features recorded with the inputs are added after their layers to the visual
+    tokens still present.
     """
     lm = model.model.language_model
     hidden = seen["embeds"]
@@ -56,6 +60,13 @@ def reference_logits(model, seen: dict, stages: list[tuple[int, torch.Tensor]], 
             cache=None,
         )
         hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None)
+        if seen.get("deepstack") is not None and i < len(seen["deepstack"]):
+            # DeepStack: the layer's features for the visual positions still present, in order.
+            visual = seen["deepstack_mask"][0]
+            row_of = visual.long().cumsum(0) - 1  # input position -> row of the features
+            present = visual[origin]
+            hidden = hidden.clone()
+            hidden[0, present] += seen["deepstack"][i][row_of[origin[present]]].to(hidden.dtype)
     return model.lm_head(lm.norm(hidden))
 
 

@@ -37,7 +37,7 @@ def test_plans_and_models_list_everything():
     payload = json.loads(result.stdout)
     assert {p["name"] for p in payload["policies"]} >= {"random", "divprune", "fastv", "adaptinfer", "crosslmm"}
     assert {p["name"] for p in payload["presets"]} >= {"fastv", "adaptinfer", "info-horizon", "crosslmm"}
-    assert payload["model_types"] == ["llava", "qwen2_5_vl"]
+    assert payload["model_types"] == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
     result = invoke("models", "--json")
     assert result.exit_code == 0
     assert {m["name"] for m in json.loads(result.stdout)["models"]} == {"tiny-llava", "tiny-qwen2.5-vl"}

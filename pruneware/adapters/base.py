@@ -19,8 +19,9 @@ class VisualLayout:
 
     Attributes:
         image_ids: [B, L] long: for each input position, the index (within its sample) of the
-            image or frame it belongs to, or -1 for text and padding.
-        grids: per sample, the (height, width) token grid of each image, in order.
+            unit it belongs to (an image, a video frame, an anyres tile grid; see `VisualItem`),
+            or -1 for text, padding and structural tokens kept like text.
+        grids: per sample, the (height, width) token grid of each unit, in order.
     """
 
     image_ids: torch.Tensor
@@ -30,6 +31,34 @@ class VisualLayout:
     def visual(self) -> torch.Tensor:
         """[B, L] bool: True at visual-token positions."""
         return self.image_ids >= 0
+
+
+@dataclass
+class VisualInjections:
+    """Features a model adds to the visual tokens' hidden states after its first decoder layers
+    (Qwen3-VL DeepStack), kept in the model's own form so a pruned sequence can follow them.
+
+    Attributes:
+        mask: [B, L] bool, the language-model input positions that receive features.
+        embeds: per layer i, [N, D] rows added after layer i to the masked positions, in
+            row-major order (N = mask.sum()).
+    """
+
+    mask: torch.Tensor
+    embeds: list[torch.Tensor]
+
+    def add(self, hidden: torch.Tensor, layer: int, orig: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """hidden [B, Ls, D] after `layer`, whose slots hold input positions orig [B, Ls] (valid
+        [B, Ls]): add the layer's rows of the slots still present, as the model itself would."""
+        if layer >= len(self.embeds):
+            return hidden
+        mask = self.mask.to(hidden.device)
+        rank = mask.flatten().long().cumsum(0).view_as(mask) - 1  # row of each masked position
+        here = mask.gather(1, orig) & valid
+        rows = self.embeds[layer].to(hidden.device, hidden.dtype)[rank.gather(1, orig)[here]]
+        hidden = hidden.clone()
+        hidden[here] = hidden[here] + rows
+        return hidden
 
 
 class Adapter:
@@ -72,35 +101,111 @@ class Adapter:
         """M-RoPE models: positions of merged tokens on pooled grids. 1-D RoPE models never call this."""
         raise NotImplementedError(f"{type(self).__name__} has no M-RoPE positions")
 
+    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] int: 0 for text, nonzero (the modality) at visual placeholder tokens."""
+        return torch.isin(input_ids, torch.tensor(self.visual_token_ids(), device=input_ids.device)).int()
+
     def vision_tower(self) -> nn.Module | None:
-        """A module whose input `grid_thw` the session records (dynamic-resolution models)."""
+        """A module whose calls the session records as (output, `grid_thw`) pairs, passed to
+        `layout` as `seen_vision` (dynamic-resolution models, whose grids `generate()` drops)."""
         return None
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
-        """Locate every image's tokens in `input_ids` [B, L]."""
+        """Locate every image's tokens in `input_ids` [B, L].
+
+        model_kwargs: the multimodal base model's forward kwargs, plus `seen_vision`.
+        """
         raise NotImplementedError
+
+    def injection_layers(self) -> int:
+        """n: the model adds features to the visual tokens after each of decoder layers 0..n-1."""
+        return 0
+
+    def take_injections(self, lm_kwargs: dict[str, Any]) -> VisualInjections | None:
+        """Remove from the language model's prefill kwargs the per-layer features it would add
+        to the visual tokens by position, and return them for the engine to add to the kept ones."""
+        return None
 
     def _runs_to_layout(
         self, input_ids: torch.Tensor, sizes: list[int], grids: list[tuple[int, int]]
     ) -> VisualLayout:
         """Cut the visual positions of each row, in reading order, into images of `sizes` tokens."""
-        visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids(), device=input_ids.device))
-        image_ids = torch.full_like(input_ids, -1)
-        per_sample: list[list[tuple[int, int]]] = []
-        cursor, counts = 0, visual.sum(dim=1).tolist()
-        for b, n in enumerate(counts):
-            positions = visual[b].nonzero().squeeze(1)
-            taken, image, sample_grids = 0, 0, []
-            while taken < n:
-                if cursor >= len(sizes):
+        token = self.visual_token_ids()[0]
+        return items_to_layout(input_ids, [VisualItem(token, (g,), (n,)) for n, g in zip(sizes, grids, strict=True)])
+
+
+@dataclass(frozen=True)
+class VisualItem:
+    """One image or video as the language model sees it: a run of placeholder tokens split into units.
+
+    A *unit* is what a layout calls an image: a picture, a video frame, an anyres tile. Each has
+    its own grid and a share of the budget.
+
+    Attributes:
+        token_id: the placeholder token of its positions in `input_ids`.
+        grids: (height, width) token grid of each unit, in order.
+        sizes: tokens of each unit.
+        units: [n] long, optional: the unit of each of the item's tokens, or -1 for a structural
+            token that is kept like text (LLaVA-NeXT's newline rows). None: the units' tokens
+            follow one another.
+    """
+
+    token_id: int
+    grids: tuple[tuple[int, int], ...]
+    sizes: tuple[int, ...]
+    units: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.units) if self.units is not None else sum(self.sizes)
+
+    def token_units(self, device: torch.device) -> torch.Tensor:
+        if self.units is not None:
+            return self.units.to(device)
+        sizes = torch.tensor(self.sizes, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.sizes), device=device), sizes)
+
+
+def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem]) -> VisualLayout:
+    """Lay out `items` over `input_ids` [B, L].
+
+    For each placeholder token id, items are taken in batch order (as a model concatenates its
+    `*_grid_thw` or `image_sizes`), each covering its next `length` positions of that id, which
+    need not be contiguous (Qwen3-VL puts timestamps between video frames). Within a sample,
+    units are numbered in order of appearance across all items, images and videos alike.
+    """
+    image_ids = torch.full_like(input_ids, -1)
+    queues: dict[int, list[VisualItem]] = {}
+    for item in items:
+        queues.setdefault(item.token_id, []).append(item)
+    per_sample: list[list[tuple[int, int]]] = []
+    for b in range(input_ids.shape[0]):
+        placed: list[tuple[int, VisualItem, torch.Tensor]] = []
+        for token, queue in queues.items():
+            positions = (input_ids[b] == token).nonzero().squeeze(1)
+            taken = 0
+            while taken < len(positions):
+                if not queue:
                     raise ValueError(
-                        f"sample {b} has {n} visual tokens, more than the images given account for"
+                        f"sample {b} has {len(positions)} tokens of id {token}, more than the images or videos "
+                        "given account for"
                     )
-                size = sizes[cursor]
-                image_ids[b, positions[taken : taken + size]] = image
-                sample_grids.append(grids[cursor])
-                taken, image, cursor = taken + size, image + 1, cursor + 1
-            if taken != n:
-                raise ValueError(f"sample {b}: {n} visual tokens do not split into whole images of sizes {sizes}")
-            per_sample.append(sample_grids)
-        return VisualLayout(image_ids, per_sample)
+                item = queue.pop(0)
+                if taken + item.length > len(positions):
+                    raise ValueError(
+                        f"sample {b}: {len(positions)} tokens of id {token} do not split into whole items "
+                        f"(the next needs {item.length} from position {taken})"
+                    )
+                span = positions[taken : taken + item.length]
+                placed.append((int(span[0]), item, span))
+                taken += item.length
+        grids: list[tuple[int, int]] = []
+        for _, item, span in sorted(placed, key=lambda p: p[0]):
+            units = item.token_units(input_ids.device)
+            image_ids[b, span] = torch.where(units >= 0, units + len(grids), units)
+            grids.extend(item.grids)
+        per_sample.append(grids)
+    left = [t for t, q in queues.items() if q]
+    if left:
+        raise ValueError(f"{sum(len(queues[t]) for t in left)} images or videos have no placeholder tokens left")
+    return VisualLayout(image_ids, per_sample)

@@ -1,0 +1,53 @@
+"""What the decoder layers of a pruned level receive instead of the model loop's full-size kwargs.
+
+The model loop builds the mask and the cos/sin tables once per forward for the level-0
+sequence; every layer of a pruned level needs the rows and columns of its kept slots (or, with
+`compact` positions, tables recomputed for re-indexed positions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruneware import masks
+from pruneware.levels import Level, gather_seq
+
+
+def level_kwargs(
+    level: Level, kwargs: dict[str, Any], *, kind: masks.MaskKind, compact: bool, rotary: nn.Module,
+    decoding: bool, level0_length: int, past0: int, q_length: int,
+) -> dict[str, Any]:
+    """The kwargs to replace at a layer of `level`.
+
+    kwargs: the layer's own (level-0 sized) kwargs: `position_embeddings` (cos, sin) [B|1, Q, d],
+    `attention_mask` (see masks.py), `position_ids`. At decode, past0 is the level-0 cache length
+    before the step and q_length the step's new tokens.
+    """
+    cos, sin = kwargs["position_embeddings"]
+    out: dict[str, Any] = {}
+    index0, valid = level.index0, level.valid
+    if decoding:
+        kv = past0 + q_length
+        out["attention_mask"] = masks.slice_decode_mask(
+            kwargs.get("attention_mask"), index0, valid, level0_length, kv, q_length, kind, cos.dtype
+        )
+        if compact:
+            start = level.length + past0 - level0_length
+            new_pos = torch.arange(start, start + q_length, device=cos.device).expand(index0.shape[0], -1)
+            out["position_embeddings"] = rotary(cos, new_pos)
+            out["position_ids"] = new_pos
+        return out
+    out["attention_mask"] = masks.slice_prefill_mask(kwargs.get("attention_mask"), index0, valid, kind, cos.dtype)
+    if compact:
+        new_pos = torch.arange(level.length, device=cos.device).expand(index0.shape[0], -1)
+        out["position_embeddings"] = rotary(cos, new_pos)
+        out["position_ids"] = new_pos
+    else:
+        out["position_embeddings"] = (gather_seq(cos, index0, 1), gather_seq(sin, index0, 1))
+        if kwargs.get("position_ids") is not None:
+            pos = kwargs["position_ids"]
+            out["position_ids"] = gather_seq(pos, index0, pos.dim() - 1)
+    return out
