@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from pruneware import masks
-from pruneware.levels import Level, gather_seq
+from pruneware.kernels.gather import gather_rows
+from pruneware.levels import Level
 
 
 def level_kwargs(
@@ -46,8 +47,9 @@ def level_kwargs(
         out["position_embeddings"] = rotary(cos, new_pos)
         out["position_ids"] = new_pos
     else:
-        out["position_embeddings"] = (gather_seq(cos, index0, 1), gather_seq(sin, index0, 1))
-        if kwargs.get("position_ids") is not None:
-            pos = kwargs["position_ids"]
-            out["position_ids"] = gather_seq(pos, index0, pos.dim() - 1)
+        pos = kwargs.get("position_ids")
+        gathered = gather_rows(index0, cos, sin, positions=pos)  # one fused launch on CUDA
+        out["position_embeddings"] = gathered[:2]
+        if pos is not None:
+            out["position_ids"] = gathered[2]
     return out

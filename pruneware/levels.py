@@ -106,22 +106,3 @@ def as_root(level: Level) -> Level:
     b, length = level.index_prev.shape
     arange = torch.arange(length, device=level.index_prev.device).expand(b, length)
     return Level(level.index_prev, arange, level.orig, level.valid, level.image_ids, True, level.same_as_prev)
-
-
-def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, batch_dim: int | None = None) -> torch.Tensor:
-    """Select along sequence dim `dim` of x with a per-sample index [B, Ls].
-
-    The batch dim of x is `batch_dim` (default `dim - 1`); x may have batch size 1
-    (broadcast rotary tables).
-    """
-    batch_dim = dim - 1 if batch_dim is None else batch_dim
-    if x.shape[batch_dim] == 1 and index.shape[0] > 1:
-        if bool((index == index[:1]).all()):
-            return x.index_select(dim, index[0])
-        x = x.expand(*x.shape[:batch_dim], index.shape[0], *x.shape[batch_dim + 1 :])
-    shape = [1] * x.dim()
-    shape[batch_dim], shape[dim] = index.shape
-    target = list(x.shape)
-    target[dim] = index.shape[1]
-    expanded = index.view(shape).expand(target)
-    return x.gather(dim, expanded)

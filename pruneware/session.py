@@ -28,7 +28,7 @@ from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
 from pruneware.kernels.scores import attention_scores
 from pruneware.layer_inputs import level_kwargs
-from pruneware.levels import Level, as_root, gather_seq, next_level, root_level
+from pruneware.levels import Level, as_root, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import prune_inputs, remap_decode
@@ -302,7 +302,8 @@ class Session:
         _, level = state.level_for(module.layer_idx)
         real = self._real_tokens(state, level)
         rows, row_valid = self._query_rows(policy, level, real)
-        q_rows = gather_seq(query, rows, 2, batch_dim=0)
+        heads, dim = query.shape[1], query.shape[3]
+        q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]
         scale = getattr(module, "scaling", None)
         with torch.no_grad():
             block = None
