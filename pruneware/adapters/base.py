@@ -174,6 +174,13 @@ def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem]) -> VisualL
     need not be contiguous (Qwen3-VL puts timestamps between video frames). Within a sample,
     units are numbered in order of appearance across all items, images and videos alike.
     """
+    repeat = _expansion(input_ids, items)
+    if repeat > 1:  # generate() expanded the rows (beams, num_return_sequences) after encoding
+        layout = items_to_layout(input_ids[::repeat], items)
+        return VisualLayout(
+            layout.image_ids.repeat_interleave(repeat, dim=0),
+            [grids for grids in layout.grids for _ in range(repeat)],
+        )
     image_ids = torch.full_like(input_ids, -1)
     queues: dict[int, list[VisualItem]] = {}
     for item in items:
@@ -209,3 +216,18 @@ def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem]) -> VisualL
     if left:
         raise ValueError(f"{sum(len(queues[t]) for t in left)} images or videos have no placeholder tokens left")
     return VisualLayout(image_ids, per_sample)
+
+
+def _expansion(input_ids: torch.Tensor, items: list[VisualItem]) -> int:
+    """r > 1 when the rows are r consecutive copies of a batch whose media are `items`."""
+    have = sum(item.length for item in items)
+    if not have:
+        return 1
+    tokens = torch.tensor(sorted({item.token_id for item in items}), device=input_ids.device)
+    need = int(torch.isin(input_ids, tokens).sum())
+    repeat = need // have
+    batch = input_ids.shape[0]
+    if repeat <= 1 or need != repeat * have or batch % repeat:
+        return 1
+    groups = input_ids.view(batch // repeat, repeat, -1)
+    return repeat if bool((groups == groups[:, :1]).all()) else 1
