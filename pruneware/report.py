@@ -102,3 +102,18 @@ def lm_flops_per_sample(tokens_per_layer_per_sample: list[list[int]], text_confi
         for b, t in enumerate(layer):
             per_sample[b] += layer_flops(t, text_config.hidden_size, text_config.intermediate_size, heads, kv_heads, head_dim)
     return per_sample
+
+
+def fill_report(report: Report, tokens: list[list[int]], visual: list[list[int]], unpruned: list[int], text_config) -> None:
+    """Per-layer and per-sample statistics of a prefill.
+
+    tokens[layer][sample] and visual[layer][sample]: what each layer processed;
+    unpruned[sample]: the sample's tokens without pruning.
+    """
+    n_layers = len(tokens)
+    report.visual_per_layer = [sum(v) / len(v) for v in visual]
+    report.tokens_per_layer = [sum(t) / len(t) for t in tokens]
+    report.flops_per_sample = lm_flops_per_sample(tokens, text_config)
+    report.lm_flops = sum(report.flops_per_sample)
+    report.lm_flops_unpruned = lm_flops([unpruned] * n_layers, text_config)
+    report.visual_per_sample = [sum(col) / len(col) for col in zip(*visual, strict=True)]

@@ -1,4 +1,5 @@
-"""Running one stage's policy on a level: gather the visual slots, call the policy, report."""
+"""Running one stage's policy on a level: score with attention rows if the policy needs them,
+gather the visual slots, call the policy, report."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from pruneware.kernels.gather import gather_rows
+from pruneware.kernels.scores import attention_scores
 from pruneware.levels import Level
 from pruneware.plan import Stage
-from pruneware.policies import MergeResult, Policy, StageInput
+from pruneware.policies import AttentionPolicy, MergeResult, Policy, StageInput
 from pruneware.report import StageReport
 
 
@@ -57,3 +59,40 @@ def run_stage(
     kept = [originals[b, k.to(originals.device)] for b, k in enumerate(keep)]
     report = StageReport(stage.where, stage.policy, kept, counts_now.tolist(), [k.numel() for k in keep])
     return Selection(keep, merged, report)
+
+
+def query_rows(policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] slot indices of the policy's query rows (left-aligned) and their validity.
+
+    visual, real: [B, Ls] bool (visual slots; slots holding a real, unpadded token).
+    """
+    if policy.query == "last":
+        rows = torch.full((real.shape[0], 1), real.shape[1] - 1, device=real.device)
+        return rows, real[:, -1:]
+    text = real & ~visual
+    counts = text.sum(dim=1)
+    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
+    row_valid = torch.arange(order.shape[1], device=real.device)[None] < counts[:, None]
+    return order, row_valid
+
+
+@torch.no_grad()
+def attention_policy_scores(
+    policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    """[B, Ls] weighted attention the policy's query rows pay each slot, at layer K-1.
+
+    query: [B, H, Ls, d] post-RoPE; key: [B, Hkv, Ls, d] (not repeated for GQA).
+    """
+    rows, row_valid = query_rows(policy, visual, real)
+    heads, dim = query.shape[1], query.shape[3]
+    q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]
+    block = None
+    if policy.needs_query_block:
+        _, block = attention_scores(
+            q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True
+        )
+    weights = policy.row_weights(block, row_valid)
+    scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)
+    return scores

@@ -26,15 +26,14 @@ from pruneware import masks
 from pruneware.adapters import Adapter, VisualInjections, VisualLayout, adapter_for
 from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
-from pruneware.kernels.scores import attention_scores
 from pruneware.layer_inputs import level_kwargs
 from pruneware.levels import Level, as_root, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import prune_inputs, remap_decode
-from pruneware.report import Report, lm_flops, lm_flops_per_sample
+from pruneware.report import Report, fill_report
 from pruneware.resolve import PlanSource
-from pruneware.selection import Selection, run_stage
+from pruneware.selection import Selection, attention_policy_scores, run_stage
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
@@ -209,19 +208,14 @@ class Session:
         if state is None or state.decoding:
             return
         state.injections = None
-        per_layer = [state.level_for(i)[1] for i in range(self.adapter.n_layers)]
-        tokens = [self._real_tokens(state, lvl).sum(dim=1).tolist() for lvl in per_layer]
-        unpruned = self._real_tokens(state, state.levels[0]).sum(dim=1).cpu()
-        if state.plan.stages[0].where == "pre":  # level 0 lost the pre stage's tokens
-            unpruned = unpruned + (torch.tensor(state.n_visual) - torch.tensor(state.levels[0].visual_counts()))
-        full = [unpruned.tolist()] * self.adapter.n_layers
-        visual = [lvl.visual_counts() for lvl in per_layer]
-        self.report.visual_per_layer = [sum(v) / len(v) for v in visual]
-        self.report.tokens_per_layer = [sum(t) / len(t) for t in tokens]
-        self.report.flops_per_sample = lm_flops_per_sample(tokens, self.adapter.text_config)
-        self.report.lm_flops = sum(self.report.flops_per_sample)
-        self.report.lm_flops_unpruned = lm_flops(full, self.adapter.text_config)
-        self.report.visual_per_sample = [sum(col) / len(col) for col in zip(*visual, strict=True)]
+        real = [self._real_tokens(state, level) for level in state.levels]
+        # [levels][2][B]: tokens and visual tokens per sample, in one host sync.
+        counts = torch.stack([torch.stack([r.sum(1), (r & lvl.visual).sum(1)]) for r, lvl in zip(real, state.levels, strict=True)]).tolist()
+        per_layer = [counts[state.level_for(i)[0]] for i in range(self.adapter.n_layers)]
+        unpruned = counts[0][0]
+        if state.plan.stages[0].where == "pre":  # level 0 already lost the pre stage's tokens
+            unpruned = [t + n - v for t, n, v in zip(unpruned, state.n_visual, counts[0][1], strict=True)]
+        fill_report(self.report, [c[0] for c in per_layer], [c[1] for c in per_layer], unpruned, self.adapter.text_config)
         self.history.append(self.report)
 
     @staticmethod
@@ -301,32 +295,9 @@ class Session:
             return
         _, level = state.level_for(module.layer_idx)
         real = self._real_tokens(state, level)
-        rows, row_valid = self._query_rows(policy, level, real)
-        heads, dim = query.shape[1], query.shape[3]
-        q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]
-        scale = getattr(module, "scaling", None)
-        with torch.no_grad():
-            block = None
-            if policy.needs_query_block:
-                _, block = attention_scores(
-                    q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale,
-                    return_query_block=True,
-                )
-            weights = policy.row_weights(block, row_valid)
-            scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)
-        state.captured[module.layer_idx + 1] = scores
-
-    @staticmethod
-    def _query_rows(policy: AttentionPolicy, level: Level, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T] slot indices of the policy's query rows (left-aligned) and their validity."""
-        if policy.query == "last":
-            rows = torch.full((real.shape[0], 1), level.length - 1, device=real.device)
-            return rows, real[:, -1:]
-        text = real & ~level.visual
-        counts = text.sum(dim=1)
-        order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
-        row_valid = torch.arange(order.shape[1], device=real.device)[None] < counts[:, None]
-        return order, row_valid
+        state.captured[module.layer_idx + 1] = attention_policy_scores(
+            policy, level.visual, real, query, key, getattr(module, "scaling", None)
+        )
 
     # selection ---------------------------------------------------------------------------
     def _run(self, state: _Forward, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
