@@ -384,7 +384,7 @@ def kernel_benchmarks(device: str, cpu: bool) -> list[dict]:
     from pruneware.kernels.gather import triton as fused_gather
     from pruneware.kernels.scores import reference as scores_ref
     from pruneware.kernels.scores import triton as fused_scores
-    from pruneware.levels import gather_seq
+    from pruneware.kernels.gather import reference as torch_gather
 
     cuda, iters = device == "cuda", (1 if cpu else 20)
     runs_triton = cuda or fused_gather._INTERPRETED
@@ -405,10 +405,9 @@ def kernel_benchmarks(device: str, cpu: bool) -> list[dict]:
              "copy_tbps": sig(tb / (time_ms(lambda: dst.copy_(src), cuda, iters) / 1e3)),
              "torch_gather_tbps": sig(tb / (time_ms(lambda: hidden.gather(1, expanded), cuda, iters) / 1e3)),
              "torch_index_tbps": sig(tb / (time_ms(lambda: hidden[rows, index], cuda, iters) / 1e3))}
-        # What the session does today: one gather per tensor (and a host sync for batch-1 cos/sin).
-        r["set4_torch_us"] = sig(1e3 * time_ms(lambda: (gather_seq(hidden, index, 1), gather_seq(cos, index, 1),
-                                                        gather_seq(sin, index, 1), gather_seq(positions, index, 1)),
-                                               cuda, iters))
+        # The plain-torch path: one gather per tensor.
+        r["set4_torch_us"] = sig(1e3 * time_ms(
+            lambda: torch_gather.gather_rows(index, hidden, cos, sin, positions=positions), cuda, iters))
         if runs_triton:
             ms = time_ms(lambda: fused_gather.gather_rows(index, hidden), cuda, iters)
             r.update(triton_tbps=sig(tb / (ms / 1e3)), triton_over_copy=sig(tb / (ms / 1e3) / r["copy_tbps"]),
