@@ -37,7 +37,7 @@ def test_stage_fields():
         ("random@3:0.0", r"ratio must be in \(0, 1\]"),
         ("random@3:1.5", r"ratio must be in \(0, 1\]"),
         ("random@3:0", "count must be >= 1"),
-        ("nosuch@3:0.5", "unknown policy 'nosuch'; valid policies: adaptinfer, crosslmm, divprune, fastv, random"),
+        ("nosuch@3:0.5", "unknown policy 'nosuch'; valid policies: adaptinfer, crosslmm, divprune, fastv, random, vision-score"),
         ("random3:0.5", "malformed stage"),
         ("random@x:0.5", "malformed stage"),
         ("random@3:abc", "malformed budget"),

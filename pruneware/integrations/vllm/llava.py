@@ -1,0 +1,128 @@
+"""Pruned LLaVA for vLLM: `PrunewareLlavaForConditionalGeneration`.
+
+A subclass of vLLM's LlavaForConditionalGeneration with its own multimodal processor: each
+image's placeholder count is the stage's budget for the vision tower's (g x g) patch grid, and
+`embed_multimodal` returns exactly those rows. Positions are 1-D: the prompt itself is shorter,
+so the kept tokens take consecutive positions (what the plan grammar calls `compact`).
+Only CLIP/SigLIP towers (a fixed square grid) are supported; Pixtral-HF is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+
+import torch
+from transformers import PixtralVisionConfig
+
+from pruneware.integrations.vllm import check_vllm_version
+
+check_vllm_version()  # before the vllm imports below, which older versions lack
+
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalKwargsItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
+
+from pruneware.integrations.vllm.prune import prune_item
+from pruneware.integrations.vllm.spec import PruneSpec, refuse_tower_lora, require_spec, square_grid
+
+ARCHITECTURE = "PrunewareLlavaForConditionalGeneration"
+
+
+def _refuse_pixtral(config) -> None:
+    if isinstance(config.vision_config, PixtralVisionConfig):
+        raise ValueError(
+            f"{ARCHITECTURE} supports CLIP and SigLIP vision towers (a fixed square patch grid); "
+            "Pixtral-HF has variable grids with break tokens. Unset PRUNEWARE_VLLM_PLAN or drop the "
+            "pruned architecture for this model."
+        )
+
+
+class PrunewareLlavaProcessingInfo(LlavaProcessingInfo):
+    """LLaVA processing info whose image token count is the pruned one (prompts and profiling)."""
+
+    def __init__(self, ctx: InputProcessingContext) -> None:
+        super().__init__(ctx)
+        self.pruneware  # noqa: B018  (a bad plan fails when the processor is built, not per request)
+
+    @cached_property
+    def pruneware(self) -> PruneSpec:
+        config = self.get_hf_config()
+        _refuse_pixtral(config)
+        return require_spec(config, ARCHITECTURE, "1d")
+
+    def pruned_tokens(self, n: int) -> int:
+        """Tokens kept from an image of `n` tokens."""
+        return self.pruneware.item_tokens(1, *square_grid(n))
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        return self.pruned_tokens(full)
+
+
+class PrunewareLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    """Emits the pruned number of `<image>` placeholders, for pixel and embedding inputs."""
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        info: PrunewareLlavaProcessingInfo = self.info  # type: ignore[assignment]
+        image_token_id = info.get_hf_config().image_token_index
+
+        def replacement(item_idx: int) -> list[int]:
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                count = info.pruned_tokens(images.get_feature_size(item_idx))
+            else:
+                size = images.get_image_size(item_idx)
+                count = info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+            return [image_token_id] * count
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+def _build_info(ctx: InputProcessingContext) -> PrunewareLlavaProcessingInfo:
+    return PrunewareLlavaProcessingInfo(ctx)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunewareLlavaMultiModalProcessor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PrunewareLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA whose image embeddings are pruned (or pooled) before the language model."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        _refuse_pixtral(config)
+        spec = require_spec(config, ARCHITECTURE, "1d")  # fail before building any weights
+        refuse_tower_lora(vllm_config, ARCHITECTURE)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.pruneware = spec
+
+    def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...] | list:
+        """One tensor per image: [k, D], the kept rows in original order (or the pooled rows)."""
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] == "image_embeds":
+            embeds, vision = image_input["data"], None
+        else:
+            vision = self._process_image_pixels(image_input)  # [bn, n, C]
+            embeds = self.multi_modal_projector(vision)  # [bn, n, D]
+        out = []
+        for i, item in enumerate(embeds):
+            grid = (1, *square_grid(item.shape[0]))
+            rows, _ = prune_item(self.pruneware, item, grid, None if vision is None else vision[i])
+            out.append(rows)
+        return tuple(out)

@@ -1,0 +1,164 @@
+"""What the vLLM plugin prunes: one `pre` stage, read from the model config or the environment,
+and the fixed token layout it gives each image or video frame.
+
+vLLM fixes every item's placeholder count when it processes the prompt, one item at a time, and
+caches items independently; so in vLLM a stage's budget applies **per image and per video
+frame** (a ratio of that frame's tokens, or a count per frame), not per sample as in the HF
+session. The same `FrameLayout` is used by the processor (prompt and profiling token counts),
+by `embed_multimodal` (rows returned) and by the M-RoPE positions, so the three always agree.
+
+This module does not import vllm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pruneware.integrations.vllm import ENV_PLAN
+from pruneware.plan import Plan, PlanError, Stage
+from pruneware.policies import Policy, get_policy
+from pruneware.policies.pooling import pooled_shape
+
+CONFIG_KEY = "pruneware"  # hf_overrides={"pruneware": {"plan": ..., "seed": ...}}
+CONFIG_FIELDS = ("plan", "seed")
+SEED_STRIDE = 1_000_003  # the HF session derives stage i's seed as seed * SEED_STRIDE + i
+
+IN_LLM_REFUSAL = (
+    "vLLM supports only pre-LLM stages ('policy@pre:budget'): every decoder layer shares one "
+    "block table and one set of positions per request, so a stage inside the LLM (like "
+    "'fastv@2', 'adaptinfer@1' or 'random@20') cannot drop tokens from later layers only. "
+    "Use the HF wrapper (pruneware.prune) for in-LLM stages."
+)
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Tokens one frame (or image) keeps, and the grid that places them.
+
+    Attributes:
+        count: tokens kept; equals rows * cols for pooling, <= rows * cols for selection.
+        rows, cols: the pseudo-grid: kept token i (in original raster order) sits at
+            (i // cols, i % cols). For pooling it is the pooled grid itself.
+    """
+
+    count: int
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """One pre-LLM stage as the vLLM plugin runs it. `policy` is built from the stage's params."""
+
+    stage: Stage
+    seed: int = 0
+    policy: Policy = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_stage(self.stage)
+        cls = get_policy(self.stage.policy)
+        try:
+            object.__setattr__(self, "policy", cls(**dict(self.stage.params)))
+        except TypeError as err:
+            raise PlanError(f"bad parameters for policy {self.stage.policy!r} in {self.stage}: {err}") from None
+
+    @property
+    def stage_seed(self) -> int:
+        return self.seed * SEED_STRIDE
+
+    def budget(self, rows: int, cols: int) -> int:
+        """The stage's budget for one frame: what the policy is asked to keep (or pool into)."""
+        return self.stage.keep_count(rows * cols)
+
+    def frame(self, rows: int, cols: int) -> FrameLayout:
+        """The layout of one frame of `rows` x `cols` tokens (after the model's spatial merge)."""
+        budget = self.budget(rows, cols)
+        if self.policy.merges:
+            factor = dict(self.stage.params).get("factor")
+            pr, pc = pooled_shape(rows, cols, budget, factor)
+            return FrameLayout(pr * pc, pr, pc)
+        # Selection: keep the image's aspect ratio for the pseudo-grid.
+        pc = max(1, min(cols, budget, round(math.sqrt(budget * cols / rows))))
+        return FrameLayout(budget, math.ceil(budget / pc), pc)
+
+    def item_tokens(self, frames: int, rows: int, cols: int) -> int:
+        """Placeholder tokens for an item of `frames` frames of `rows` x `cols` tokens each."""
+        return frames * self.frame(rows, cols).count
+
+
+def check_stage(stage: Stage) -> None:
+    """Refuse what vLLM cannot run: in-LLM stages and attention-guided policies."""
+    if stage.where != "pre":
+        raise PlanError(f"stage {stage}: {IN_LLM_REFUSAL}")
+    cls = get_policy(stage.policy)
+    if cls.needs_attention or not cls.pre_llm:
+        raise PlanError(
+            f"stage {stage}: policy {stage.policy!r} needs attention rows from inside the LLM, which "
+            "vLLM does not expose; pre-LLM policies: divprune, random, crosslmm, vision-score"
+        )
+
+
+def parse_stage(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> Stage:
+    """The single `pre` stage of a plan string or preset name, checked for vLLM."""
+    from pruneware.presets import available_presets, get_preset
+
+    text = text.strip()
+    if "@" not in text and text in available_presets():
+        plan = get_preset(text).build(n_layers)
+    else:
+        plan = Plan.parse(text)
+    for stage in plan.stages:
+        check_stage(stage)  # before validate_for: "pre only" is the message that matters here
+    plan.validate_for(n_layers, rope)
+    return plan.stages[0]  # a plan holds at most one `pre` stage
+
+
+def spec_from_config(hf_config: Any, rope: Literal["1d", "mrope"]) -> PruneSpec | None:
+    """The spec asked for in `hf_config.pruneware` (from hf_overrides) or, failing that, in
+    $PRUNEWARE_VLLM_PLAN; None when neither is set."""
+    options = getattr(hf_config, CONFIG_KEY, None)
+    if options is None and not os.environ.get(ENV_PLAN, "").strip():
+        return None
+    if options is None:
+        options = {"plan": os.environ[ENV_PLAN]}
+    if not isinstance(options, Mapping):
+        raise PlanError(f"hf_overrides[{CONFIG_KEY!r}] must be a dict like {{'plan': 'divprune@pre:64'}}, got {options!r}")
+    unknown = sorted(set(options) - set(CONFIG_FIELDS))
+    if unknown:
+        raise PlanError(f"unknown keys {unknown} in hf_overrides[{CONFIG_KEY!r}]; valid keys: {list(CONFIG_FIELDS)}")
+    plan = options.get("plan") or os.environ.get(ENV_PLAN, "")
+    if not str(plan).strip():
+        raise PlanError(f"hf_overrides[{CONFIG_KEY!r}] has no 'plan' and ${ENV_PLAN} is not set")
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PlanError(f"hf_overrides[{CONFIG_KEY!r}]['seed'] must be an integer, got {seed!r}")
+    text_config = getattr(hf_config, "text_config", hf_config)
+    n_layers = int(getattr(text_config, "num_hidden_layers", 32))
+    return PruneSpec(parse_stage(str(plan), n_layers, rope), seed)
+
+
+def require_spec(hf_config: Any, architecture: str, rope: Literal["1d", "mrope"]) -> PruneSpec:
+    spec = spec_from_config(hf_config, rope)
+    if spec is None:
+        raise PlanError(
+            f"{architecture} needs a plan: pass hf_overrides={{'architectures': ['{architecture}'], "
+            f"'{CONFIG_KEY}': {{'plan': 'divprune@pre:0.25'}}}} or set ${ENV_PLAN}"
+        )
+    return spec
+
+
+def refuse_tower_lora(vllm_config: Any, architecture: str) -> None:
+    """Tower/connector LoRA sizes its token counts from the (pruned) embeddings: refuse it."""
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is not None and getattr(lora, "enable_tower_connector_lora", False):
+        raise ValueError(f"{architecture} does not support enable_tower_connector_lora: its token counts assume unpruned items")
+
+
+def square_grid(n: int) -> tuple[int, int]:
+    """(s, s) for a square token count, else one row: the grid of an image given only its size."""
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else (1, n)

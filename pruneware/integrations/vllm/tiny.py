@@ -1,0 +1,136 @@
+"""Tiny offline LLaVA and Qwen2.5-VL checkpoints for exercising the plugin on a CPU.
+
+`write_tiny_llava(dir)` / `write_tiny_qwen(dir)` save a config, a WordLevel tokenizer and the
+HF processor (nothing is downloaded, no weights are written). `cpu_model(dir, ...)` builds the
+vLLM model class that vLLM itself would pick for that directory, on the CPU, with seeded random
+weights: enough for `ModelConfig`, `MULTIMODAL_REGISTRY.create_processor` and `embed_multimodal`
+(the full engine needs a GPU). Set VLLM_TARGET_DEVICE=cpu before vllm is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPECIAL = ["<pad>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+VOCAB = {token: i for i, token in enumerate(SPECIAL + [f"w{i}" for i in range(40)])}
+QWEN_UNIT = 28  # patch 14 x merge 2: one merged token per 28x28 pixels
+QWEN_PIXELS = {"shortest_edge": QWEN_UNIT**2 * 4, "longest_edge": QWEN_UNIT**2 * 48}
+
+
+def _tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    # Special tokens and words are tokens; whitespace is dropped.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+"), behavior="removed")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+        model_input_names=["input_ids", "attention_mask"], extra_special_tokens=SPECIAL[2:],
+    )
+
+
+def _text_config() -> dict[str, Any]:
+    return dict(
+        vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0,
+    )
+
+
+def write_tiny_llava(path: str | Path, image_size: int = 84) -> Path:
+    """A LLaVA with a 2-layer CLIP tower of (image_size/14)^2 patches (6x6 at 84 px)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+
+    path = Path(path)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=14, projection_dim=32, hidden_act="gelu",  # quick_gelu needs vllm._C on CPU
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=LlamaConfig(**_text_config()), image_token_id=VOCAB["<image>"],
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(path)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    LlavaProcessor(
+        image_processor=image_processor, tokenizer=_tokenizer(), patch_size=14,
+        vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+    ).save_pretrained(path)
+    return path
+
+
+def write_tiny_qwen(path: str | Path) -> Path:
+    """A Qwen2.5-VL with a 1-block vision tower (patch 14, merge 2, 2 frames per temporal patch)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    path = Path(path)
+    text = _text_config() | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                            "bos_token_id": None, "eos_token_id": None}
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0],
+        ),
+        image_token_id=VOCAB["<|image_pad|>"], video_token_id=VOCAB["<|video_pad|>"],
+        vision_start_token_id=VOCAB["<|vision_start|>"], vision_end_token_id=VOCAB["<|vision_end|>"],
+        bos_token_id=None, eos_token_id=None,
+    )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.save_pretrained(path)
+    kwargs = dict(size=QWEN_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2)
+    Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**kwargs), video_processor=Qwen2VLVideoProcessor(**kwargs),
+        tokenizer=_tokenizer(),
+    ).save_pretrained(path)
+    return path
+
+
+def model_config(path: str | Path, hf_overrides: dict | None = None, **kwargs: Any):
+    """A vLLM ModelConfig for a tiny checkpoint (float32, short context)."""
+    from vllm.config import ModelConfig
+
+    kwargs = {"dtype": "float32", "max_model_len": 2048, "seed": 0} | kwargs
+    return ModelConfig(model=str(path), tokenizer=str(path), hf_overrides=hf_overrides or {}, **kwargs)
+
+
+def _init_distributed() -> None:
+    from vllm.distributed import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return
+    handle, name = tempfile.mkstemp(prefix="pruneware-vllm-dist-")
+    os.close(handle)
+    parallel_state.init_distributed_environment(
+        world_size=1, rank=0, distributed_init_method=f"file://{name}", local_rank=0, backend="gloo"
+    )
+    parallel_state.initialize_model_parallel(1, 1)
+
+
+@torch.no_grad()
+def cpu_model(config, seed: int = 0) -> torch.nn.Module:
+    """Build, on the CPU, the model class vLLM resolves for `config` (a ModelConfig), with
+    seeded N(0, 0.05) weights; the same seed gives the same weights to every class."""
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader import get_model_architecture
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    vllm_config = VllmConfig(model_config=config, device_config=DeviceConfig("cpu"))
+    with set_current_vllm_config(vllm_config):
+        _init_distributed()
+        cls, _ = get_model_architecture(config)
+        model = cls(vllm_config=vllm_config, prefix="")
+        generator = torch.Generator().manual_seed(seed)
+        for _, param in sorted(model.named_parameters()):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        process_weights_after_loading(model, config, torch.device("cpu"))
+    return model.eval()

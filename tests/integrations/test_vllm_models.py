@@ -1,0 +1,251 @@
+"""The pruned vLLM models on CPU: placeholder counts (prompts and profiling), embed_multimodal
+rows against the unpruned embedding, and Qwen2.5-VL M-RoPE positions.
+
+Expected kept indices are derived independently of the plugin's plumbing: from the unpruned
+embedding of vLLM's own base class (called on the same weights), frame by frame.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # before vllm picks its platform
+pytest.importorskip("vllm", reason="vllm is not importable: run .ci/install_vllm.sh to install it")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.encoder_budget import get_mm_max_toks_per_item  # noqa: E402
+from vllm.multimodal.inputs import MultiModalFeatureSpec  # noqa: E402
+from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
+
+from pruneware.integrations.vllm import register  # noqa: E402
+from pruneware.integrations.vllm.spec import PruneSpec, parse_stage  # noqa: E402
+from pruneware.integrations.vllm.tiny import cpu_model, model_config, write_tiny_llava, write_tiny_qwen  # noqa: E402
+from pruneware.policies.divprune import max_min_diverse  # noqa: E402
+
+LLAVA = "PrunewareLlavaForConditionalGeneration"
+QWEN = "PrunewareQwen2_5_VLForConditionalGeneration"
+QWEN_PROMPT = (
+    "w1 <|vision_start|><|image_pad|><|vision_end|> w2 w3 <|vision_start|><|video_pad|><|vision_end|> w4"
+)
+SEED_STRIDE = 1_000_003  # the session's stage-0 seed is seed * 1_000_003
+
+
+def _config(path, arch: str, plan: str, **kwargs):
+    return model_config(path, {"architectures": [arch], "pruneware": {"plan": plan}}, **kwargs)
+
+
+def _images(n: int, size=(84, 112)) -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _video(frames: int = 4, size=(56, 84)):
+    """4 frames -> 2 temporal patches of (2 x 3) merged tokens."""
+    array = np.random.default_rng(2).integers(0, 255, (frames, *size, 3), dtype=np.uint8)
+    meta = {"fps": 2.0, "duration": frames / 2.0, "total_num_frames": frames,
+            "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
+    return array, meta
+
+
+def _lengths(out, modality: str) -> list[int]:
+    return [p.length for p in out["mm_placeholders"][modality]]
+
+
+def _embed(model, out, method=None) -> list[torch.Tensor]:
+    """Run embed_multimodal the way the model runner does: batched per modality."""
+    items = [(m, item) for m in out["mm_kwargs"] for item in out["mm_kwargs"][m]]
+    rows = []
+    for _, _, batch in group_and_batch_mm_kwargs(items, device="cpu"):
+        rows += list((method or type(model).embed_multimodal)(model, **batch))
+    return rows
+
+
+def _random_keep(n_frames: int, per_frame: int, k: int, seed: int = 0) -> torch.Tensor:
+    """`random`'s draw for one item: one generator over all its tokens, top-k per frame."""
+    scores = torch.rand(n_frames * per_frame, generator=torch.Generator().manual_seed(seed * SEED_STRIDE))
+    parts = [f * per_frame + scores[f * per_frame:(f + 1) * per_frame].topk(k).indices for f in range(n_frames)]
+    return torch.cat(parts).sort().values
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    register()
+    root = tmp_path_factory.mktemp("vllm-tiny-models")
+    return {"llava": write_tiny_llava(root / "llava"), "qwen": write_tiny_qwen(root / "qwen")}
+
+
+@pytest.fixture(scope="module")
+def llava(tiny):
+    return cpu_model(_config(tiny["llava"], LLAVA, "divprune@pre:9"))
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny):
+    return cpu_model(_config(tiny["qwen"], QWEN, "divprune@pre:0.5"))
+
+
+@pytest.fixture
+def plan(request):
+    """Swap a model's plan for one test (the spec is plain data read at every call)."""
+    def use(model, text: str, rope: str) -> PruneSpec:
+        saved = model.pruneware
+        request.addfinalizer(lambda: setattr(model, "pruneware", saved))
+        model.pruneware = PruneSpec(parse_stage(text, 2, rope))
+        return model.pruneware
+    return use
+
+
+@pytest.mark.parametrize(("text", "count"), [
+    ("divprune@pre:0.25", 9), ("random@pre:5", 5), ("crosslmm@pre:9", 9), ("crosslmm@pre:7", 6),
+    ("crosslmm[factor=4]@pre:1.0", 4),
+])
+def test_llava_placeholders_for_prompts_and_profiling(tiny, text, count):
+    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["llava"], LLAVA, text))
+    out = processor("w1 <image> w2 <image> w3", processor.info.parse_mm_data({"image": _images(2)}))
+    assert _lengths(out, "image") == [count, count]
+    assert len(out["prompt_token_ids"]) == 3 + 2 * count
+    assert get_mm_max_toks_per_item(processor, {"image": 1}, None) == {"image": count}
+    assert _lengths(processor.get_dummy_mm_inputs({"image": 2}), "image") == [count, count]
+
+
+@pytest.mark.parametrize(("text", "image", "video"), [
+    ("divprune@pre:0.5", 6, 2 * 3), ("random@pre:4", 4, 2 * 4), ("crosslmm[factor=2]@pre:1.0", 4, 2 * 2),
+])
+def test_qwen_placeholders_per_image_and_per_frame(tiny, text, image, video):
+    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, text))
+    data = processor.info.parse_mm_data({"image": _images(1), "video": [_video()]})
+    out = processor(QWEN_PROMPT, data)
+    assert (_lengths(out, "image"), _lengths(out, "video")) == ([image], [video])
+
+
+def test_qwen_profiling_uses_pruned_counts(tiny):
+    spec = PruneSpec(parse_stage("divprune@pre:0.25", 2, "mrope"))
+    pruned = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, str(spec.stage)))
+    full = MULTIMODAL_REGISTRY.create_processor(model_config(tiny["qwen"]))
+    counts = {"image": 1, "video": 1}
+    dummy = pruned.get_dummy_mm_inputs(counts)
+    expected = {}
+    for modality in counts:
+        frames, height, width = dummy["mm_kwargs"][modality][0][f"{modality}_grid_thw"].data.tolist()
+        expected[modality] = frames * spec.frame(height // 2, width // 2).count
+        assert _lengths(dummy, modality) == [expected[modality]]
+    assert get_mm_max_toks_per_item(pruned, counts, None) == expected
+    full_max = get_mm_max_toks_per_item(full, counts, None)
+    assert expected["image"] == round(full_max["image"] * 0.25)
+    assert all(expected[m] < full_max[m] for m in counts)
+
+
+@pytest.mark.parametrize("text", ["divprune@pre:9", "random@pre:7", "vision-score@pre:0.5", "random@pre:1.0"])
+def test_llava_embed_returns_the_kept_rows_in_order(tiny, llava, plan, text):
+    spec = plan(llava, text, "1d")
+    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["llava"], LLAVA, text))
+    out = processor("w1 <image> w2 <image>", processor.info.parse_mm_data({"image": _images(2)}))
+    base = type(llava).__mro__[1]  # vLLM's LlavaForConditionalGeneration
+    rows = _embed(llava, out)
+    full = _embed(llava, out, base.embed_multimodal)  # [36, D] per image, unpruned
+    k = spec.frame(6, 6).count
+    for i, (got, ref) in enumerate(zip(rows, full, strict=True)):
+        if spec.stage.policy == "divprune":
+            keep = max_min_diverse(ref[None], k)[0]
+        elif spec.stage.policy == "random":
+            keep = _random_keep(1, 36, k)
+        else:  # vision-score: the CLIP features before the projector, scored by their mean
+            pixels = out["mm_kwargs"]["image"][i]["pixel_values"].data[None]
+            vision = llava.vision_tower(pixels, feature_select_strategy="default")[0]
+            keep = (vision @ vision.mean(0)).topk(k).indices.sort().values
+        assert got.shape[0] == _lengths(out, "image")[i] == k
+        torch.testing.assert_close(got, ref[keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("budget", "grid"), [(9, (3, 3)), (7, (3, 2))])
+def test_llava_crosslmm_returns_pooled_rows(tiny, llava, plan, budget, grid):
+    text = f"crosslmm[gate=0.0]@pre:{budget}"
+    spec = plan(llava, text, "1d")
+    assert (spec.frame(6, 6).rows, spec.frame(6, 6).cols) == grid
+    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["llava"], LLAVA, text))
+    out = processor("<image> w1", processor.info.parse_mm_data({"image": _images(1)}))
+    rows = _embed(llava, out)[0]
+    full = _embed(llava, out, type(llava).__mro__[1].embed_multimodal)[0]
+    pooled = torch.nn.functional.adaptive_avg_pool2d(full.T.reshape(1, -1, 6, 6), grid)  # [1, D, *grid]
+    torch.testing.assert_close(rows, pooled.reshape(full.shape[1], -1).T)
+
+
+@pytest.mark.parametrize("text", ["divprune@pre:0.5", "random@pre:2", "random@pre:1.0"])
+def test_qwen_embed_prunes_images_and_each_frame(tiny, qwen, plan, text):
+    spec = plan(qwen, text, "mrope")
+    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, text))
+    out = processor(QWEN_PROMPT, processor.info.parse_mm_data({"image": _images(1), "video": [_video()]}))
+    rows = _embed(qwen, out)
+    full = _embed(qwen, out, type(qwen).__mro__[1].embed_multimodal)
+    for got, ref, (frames, rows_, cols), length in zip(
+        rows, full, [(1, 3, 4), (2, 2, 3)], _lengths(out, "image") + _lengths(out, "video"), strict=True
+    ):
+        n, k = rows_ * cols, spec.frame(rows_, cols).count
+        if spec.stage.policy == "divprune":
+            per_frame = max_min_diverse(ref.reshape(frames, n, -1), k)
+            keep = (per_frame + torch.arange(frames)[:, None] * n).reshape(-1)
+        else:
+            keep = _random_keep(frames, n, k)
+        assert got.shape[0] == length == frames * k
+        torch.testing.assert_close(got, ref[keep], rtol=0, atol=0)
+    if text == "random@pre:1.0":  # keep-all is the unpruned embedding
+        for got, ref in zip(rows, full, strict=True):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def _features(out) -> list[MultiModalFeatureSpec]:
+    return [
+        MultiModalFeatureSpec(data=item, modality=m, identifier=f"{m}{i}", mm_position=out["mm_placeholders"][m][i])
+        for m in out["mm_kwargs"] for i, item in enumerate(out["mm_kwargs"][m])
+    ]
+
+
+def test_qwen_positions_follow_the_pseudo_grid(tiny, qwen, plan):
+    plan(qwen, "divprune@pre:0.5", "mrope")
+    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, "divprune@pre:0.5"))
+    out = processor(QWEN_PROMPT, processor.info.parse_mm_data({"image": _images(1), "video": [_video()]}))
+    ids = out["prompt_token_ids"]
+    positions, delta = qwen.get_mrope_input_positions(ids, _features(out))
+    # Worked by hand. Image: 3x4 tokens keep 6 on a 2x3 grid. Video: 2 frames of 2x3 keep 3
+    # each on a 2x2 grid; frame f sits at t = f * (2 frames / 2 fps) * tokens_per_second.
+    tps = int(qwen.config.vision_config.tokens_per_second)
+    text = lambda start, n: [[start + i] * 3 for i in range(n)]  # noqa: E731
+    expected = text(0, 2)  # w1 <vision_start>
+    expected += [[2, 2 + r, 2 + c] for r in range(2) for c in range(3)]  # image, max 4
+    expected += text(5, 4)  # <vision_end> w2 w3 <vision_start>: 5..8
+    expected += [[9 + f * tps, 9 + r, 9 + c] for f in range(2) for r, c in [(0, 0), (0, 1), (1, 0)]]
+    after = 9 + max(tps, 1) + 1
+    expected += text(after, 2)  # <vision_end> w4
+    assert len(ids) == len(expected)
+    assert positions.T.tolist() == expected
+    assert delta == after + 2 - len(ids)
+
+
+def test_qwen_keep_all_positions_match_vllm(tiny, qwen, plan):
+    plan(qwen, "random@pre:1.0", "mrope")
+    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, "random@pre:1.0"))
+    out = processor(QWEN_PROMPT, processor.info.parse_mm_data({"image": _images(1), "video": [_video()]}))
+    ids, features = out["prompt_token_ids"], _features(out)
+    got = qwen.get_mrope_input_positions(ids, features)
+    want = type(qwen).__mro__[1].get_mrope_input_positions(qwen, ids, features)
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_qwen_encoder_cuda_graphs_are_off(qwen):
+    assert qwen.get_encoder_cudagraph_config().modalities == []
+
+
+def test_llava_image_embeddings_input_is_pruned_too(tiny, llava, plan):
+    spec = plan(llava, "divprune@pre:9", "1d")
+    config = _config(tiny["llava"], LLAVA, "divprune@pre:9", enable_mm_embeds=True)
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    embeds = torch.randn(1, 36, 64, generator=torch.Generator().manual_seed(5))
+    out = processor("w1 <image> w2", processor.info.parse_mm_data({"image": embeds}))
+    assert _lengths(out, "image") == [spec.frame(6, 6).count] == [9]
+    rows = _embed(llava, out)[0]
+    torch.testing.assert_close(rows, embeds[0][max_min_diverse(embeds, 9)[0]], rtol=0, atol=0)
