@@ -141,3 +141,14 @@ def test_train_adapter_command_trains_and_saves(model_dir, tmp_path):
                     "--out", str(tmp_path / "adapter"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "adapter" / "crosslmm_adapter.safetensors").stat().st_size > 0
+
+
+def test_eval_skips_budgets_a_preset_cannot_reach(model_dir, tmp_path):
+    if "qwen" in model_dir:
+        pytest.skip("one architecture is enough")
+    result = invoke("eval", "--model", model_dir, "--limit", "2", "--plans", "none,random,divprune", "--avg-tokens", "64",
+                    "--out", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [r["plan"] for r in payload["results"]] == ["none", "divprune"]
+    assert "out of reach for preset 'random'" in payload["skipped"]["random|64.0"]

@@ -44,11 +44,11 @@ def evaluate(
     budgets = parse_list(avg_tokens, float)
     items = _items(bench, data, limit, seed)  # a bad dataset fails before the model loads
     vlm, processor, name = load_model(model, download)
-    for plan in plan_list:  # fail on a bad plan before any work
-        if plan != "none":
-            import pruneware
+    import pruneware
 
-            pruneware.prune(vlm, plan, avg_tokens=budgets[0] if budgets else None)
+    for plan in plan_list:  # fail on a malformed plan before any work (budgets are checked per input)
+        if plan != "none":
+            pruneware.prune(vlm, plan)
     sweep = variants(plan_list, budgets)
     out_dir = Path(out)
     console = Console(stderr=True)
@@ -60,11 +60,13 @@ def evaluate(
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
+        skipped: dict[str, str] = {}
         rows = run_sweep(vlm, processor, items, sweep, out_dir / "rows.jsonl", batch_size, seed,
-                         bench=bench, on_progress=on_progress)
+                         bench=bench, on_progress=on_progress, skipped=skipped)
     ids = {str(it.id) for it in items}
     results = summarize([r for r in rows if r["id"] in ids], sweep, items, bench)
-    payload = {"model": name, "bench": bench, "n_examples": len(items), "seed": seed, "results": results}
+    payload = {"model": name, "bench": bench, "n_examples": len(items), "seed": seed, "results": results,
+               "skipped": skipped}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
     payload["plots"] = [str(p) for p in plot_sweep(results, out_dir)]
     if json_out:
@@ -78,4 +80,6 @@ def evaluate(
                       "-" if r["relative_accuracy"] is None else f"{r['relative_accuracy']:.3f}",
                       f"{r['avg_visual_tokens']:.1f}", f"{r['flops'] / 1e9:.3f}", f"{r['prefill_ms']:.1f}", f"{r['kl']:.4f}")
     Console().print(table)
+    for key, reason in skipped.items():
+        Console(stderr=True).print(f"skipped {key.replace('|', ' at avg_tokens=')}: {reason}")
     Console().print(f"wrote {out_dir / 'results.json'}, {out_dir / 'rows.jsonl'} and plots: {', '.join(payload['plots'])}")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import pruneware
+from pruneware.plan import PlanError
 from pruneware.report import lm_flops_per_sample
 
 NONE = "none"
@@ -101,9 +102,14 @@ def _forward(model, processor, inputs: dict, max_new_tokens: int) -> tuple[torch
 def run_sweep(
     model, processor, items: Sequence[Any], plan_variants: Sequence[Variant], out_path: str | Path,
     batch_size: int = 8, seed: int = 0, max_new_tokens: int = 3, bench: str = "synthetic",
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None, skipped: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Evaluate every variant on every item; returns all rows (old and new) of `out_path`."""
+    """Evaluate every variant on every item; returns all rows (old and new) of `out_path`.
+
+    A variant that cannot run (a PlanError, e.g. an unreachable avg_tokens) is left out and
+    its reason recorded in `skipped` (variant key -> message).
+    """
+    skipped = {} if skipped is None else skipped
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out_path)
@@ -125,11 +131,17 @@ def run_sweep(
             inputs = _inputs(processor, batch, device)
             ref_logits, ref_answers, ref_ms = _forward(model, processor, inputs, max_new_tokens)
             for variant in pending:
+                if variant.key in skipped:
+                    continue
                 if variant.plan == NONE:
                     logits, answers, ms, report = ref_logits, ref_answers, ref_ms, None
                 else:
-                    with pruneware.prune(model, variant.plan, seed=seed, avg_tokens=variant.avg_tokens) as run:
-                        logits, answers, ms = _forward(model, processor, inputs, max_new_tokens)
+                    try:
+                        with pruneware.prune(model, variant.plan, seed=seed, avg_tokens=variant.avg_tokens) as run:
+                            logits, answers, ms = _forward(model, processor, inputs, max_new_tokens)
+                    except PlanError as err:  # e.g. avg_tokens out of reach for this preset and model
+                        skipped[variant.key] = str(err)
+                        continue
                     report = run.history[0]
                 kl = torch.nn.functional.kl_div(
                     logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="none"
