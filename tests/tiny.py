@@ -22,6 +22,17 @@ VIDEO_TOKEN = 91
 PAD = 0
 
 
+def left_pad(rows: list[list[int]]) -> dict:
+    """Token rows of different lengths -> left-padded input_ids and attention_mask [B, L]."""
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), PAD)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, ids in enumerate(rows):
+        input_ids[b, length - len(ids):] = torch.tensor(ids)
+        mask[b, length - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def tiny_llava(attn: str = "sdpa", layers: int = 6, image_size: int = 56, seed: int = 0):
     """A LLaVA with a CLIP tower of `(image_size/14)**2` patches and a Llama LM."""
     torch.manual_seed(seed)
@@ -56,13 +67,7 @@ def llava_inputs(model, texts: list[tuple[int, int, int]], seed: int = 0) -> dic
         ids += torch.randint(2, 80, (after,), generator=g).tolist()
         rows.append(ids)
         n_images += images
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), PAD)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, ids in enumerate(rows):
-        input_ids[b, length - len(ids):] = torch.tensor(ids)
-        mask[b, length - len(ids):] = 1
-    out = {"input_ids": input_ids, "attention_mask": mask}
+    out = left_pad(rows)
     if n_images:
         out["pixel_values"] = torch.randn(n_images, 3, vc.image_size, vc.image_size, generator=g)
     return out
@@ -110,16 +115,8 @@ def qwen_inputs(model, texts: list[tuple[int, list[tuple[int, int]], int]], seed
             pixels.append(torch.randn(h * w, patch_dim, generator=g))
         ids += torch.randint(2, 80, (after,), generator=g).tolist()
         rows.append(ids)
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), PAD)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, ids in enumerate(rows):
-        input_ids[b, length - len(ids):] = torch.tensor(ids)
-        mask[b, length - len(ids):] = 1
-    out = {
-        "input_ids": input_ids, "attention_mask": mask,
-        "mm_token_type_ids": (input_ids == IMAGE_TOKEN).int(),
-    }
+    out = left_pad(rows)
+    out["mm_token_type_ids"] = (out["input_ids"] == IMAGE_TOKEN).int()
     if grids:
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.tensor(grids)
@@ -191,17 +188,7 @@ def llava_next_inputs(model, texts: list[tuple[int, list[tuple[int, int]], int]]
             cursor += 1
         ids += torch.randint(2, 80, (after,), generator=g).tolist()
         rows.append(ids)
-    return {**_left_pad(rows), **out}
-
-
-def _left_pad(rows: list[list[int]]) -> dict:
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), PAD)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, ids in enumerate(rows):
-        input_ids[b, length - len(ids):] = torch.tensor(ids)
-        mask[b, length - len(ids):] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    return {**left_pad(rows), **out}
 
 
 _QWEN_IDS = dict(
@@ -285,7 +272,7 @@ def qwen_media_inputs(model, samples: list[list], seed: int = 0) -> dict:
             grids[kind].append([t, h, w])
             pixels[kind].append(torch.randn(t * h * w, patch_dim, generator=g))
         rows.append(ids)
-    out = _left_pad(rows)
+    out = left_pad(rows)
     ids = out["input_ids"]
     out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
     if grids["image"]:
