@@ -28,7 +28,7 @@ from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
 from pruneware.layer_inputs import level_kwargs
 from pruneware.levels import Level, as_root, next_level, root_level
-from pruneware.plan import Plan, PlanError, Stage
+from pruneware.plan import Plan, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import prune_inputs, remap_decode
 from pruneware.report import Report, fill_report

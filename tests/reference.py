@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from tests.tiny import IMAGE_TOKEN, PAD, VIDEO_TOKEN
+
 
 def record_lm_inputs(model, inputs: dict) -> dict:
     """Run `model` unpruned and return the language model's inputs_embeds and position_ids."""
@@ -74,3 +76,40 @@ def kept_positions(input_ids: torch.Tensor, visual_ids: list[int], kept_visual: 
     """All text positions of one sample plus its kept visual positions, sorted."""
     text = (~torch.isin(input_ids, torch.tensor(visual_ids))).nonzero().squeeze(1)
     return torch.cat([text, kept_visual]).sort().values
+
+
+def uncached_greedy(model, inputs, steps):
+    """Greedy decoding by full recomputation (no cache): ids [B, L+steps], logits [B, steps, V]."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out = []
+    for _ in range(steps):
+        kwargs = dict(extra)
+        if "mm_token_type_ids" in inputs:
+            kwargs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+        with torch.no_grad():
+            last = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, -1]
+        out.append(last)
+        ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids, torch.stack(out, 1)
+
+
+def pad_batch(samples: list[dict]) -> dict:
+    """Left-pad token tensors; concatenate pixels and grids (LLaVA-NeXT tiles padded to the most)."""
+    length = max(s["input_ids"].shape[1] for s in samples)
+    batch: dict = {}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in samples[0]:
+            batch[key] = torch.cat([torch.nn.functional.pad(s[key], (length - s[key].shape[1], 0)) for s in samples])
+    batch["input_ids"][batch["attention_mask"] == 0] = PAD
+    for key in ("image_grid_thw", "video_grid_thw", "image_sizes", "pixel_values_videos"):
+        if any(key in s for s in samples):
+            batch[key] = torch.cat([s[key] for s in samples if key in s])
+    pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
+    if pixels and pixels[0].dim() == 5:
+        tiles = max(p.shape[1] for p in pixels)
+        pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+    return batch

@@ -14,7 +14,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import pruneware
-from tests.test_equivalence import _pad_batch, _uncached_greedy, logits, make
+from tests.reference import pad_batch, uncached_greedy
+from tests.test_equivalence import logits, make
 
 NAME = "cpu_flash_attention_2"
 
@@ -54,7 +55,7 @@ def flash_model(family: str):
 @pytest.mark.parametrize("plan", ["divprune@pre:0.3", "fastv@2:0.3", "adaptinfer@1:0.5,random@4:0.2"])
 def test_flash_backend_padded_batch_and_generation(family, plan):
     model, _, samples = flash_model(family)
-    batch = _pad_batch(samples)
+    batch = pad_batch(samples)
     with pruneware.prune(model, plan, seed=1) as run:
         batched = logits(model, batch)
         assert model.config.get_text_config()._attn_implementation.endswith(NAME) or "fastv" not in plan
@@ -78,7 +79,7 @@ def test_flash_backend_cached_generate_equals_uncached(family):
     model, inputs, _ = flash_model(family)
     with pruneware.prune(model, "divprune@pre:0.4,random@3:0.5", seed=5):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        ids, uncached = _uncached_greedy(model, inputs, 4)
+        ids, uncached = uncached_greedy(model, inputs, 4)
     assert torch.equal(out.sequences, ids)
     torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
 
@@ -93,7 +94,7 @@ def test_flash_backend_keep_all_is_bit_identical():
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 def test_beam_search_equals_samples_alone(family):
     model, _, samples = make(family)
-    batch = _pad_batch(samples[:2])
+    batch = pad_batch(samples[:2])
     with pruneware.prune(model, "divprune@pre:0.4,random@3:0.5", seed=0):
         beams = model.generate(**batch, max_new_tokens=4, num_beams=3, do_sample=False)
         for b, sample in enumerate(samples[:2]):

@@ -11,7 +11,8 @@ import torch
 import pruneware
 from pruneware.crosslmm import AdapterError, V2VAdapter, load_adapter, save_adapter
 from pruneware.policies.pooling import pool_grid, pooled_shape
-from tests.test_equivalence import _pad_batch, _uncached_greedy, logits, make
+from tests.reference import pad_batch, uncached_greedy
+from tests.test_equivalence import logits, make
 from tests.tiny import qwen_inputs, tiny_qwen
 
 
@@ -46,7 +47,7 @@ def test_pooled_positions_under_generate_continue_from_the_pooled_grid():
     model, inputs, _ = make("qwen")
     with pruneware.prune(model, "crosslmm[factor=2]@pre:1.0"):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        ids, uncached = _uncached_greedy(model, inputs, 4)
+        ids, uncached = uncached_greedy(model, inputs, 4)
     assert torch.equal(out.sequences, ids)
     torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
 
@@ -71,7 +72,7 @@ def test_uneven_grid_uses_adaptive_bins_and_first_tokens():
 @pytest.mark.parametrize("plan", ["crosslmm[factor=3]@pre:1.0", "crosslmm@pre:0.25"])
 def test_padded_batch_equals_samples_alone(family, plan):
     model, _, samples = make(family)
-    batch = _pad_batch(samples)
+    batch = pad_batch(samples)
     with pruneware.prune(model, plan):
         batched = logits(model, batch)
         for b, sample in enumerate(samples):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pruneware
-from tests.reference import kept_positions, record_lm_inputs, reference_logits
+from tests.reference import kept_positions, pad_batch, record_lm_inputs, reference_logits, uncached_greedy
 from tests.tiny import IMAGE_TOKEN, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
 
 ATTN = ["sdpa", "eager"]
@@ -79,22 +79,6 @@ def test_compact_positions_match_reference_on_llava():
         pruneware.prune(tiny_qwen(), "random@3:0.25:compact")
 
 
-def _uncached_greedy(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    out_logits = []
-    for _ in range(steps):
-        kwargs = dict(extra)
-        if "mm_token_type_ids" in inputs:
-            kwargs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
-        with torch.no_grad():
-            last = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, -1]
-        out_logits.append(last)
-        ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids, torch.stack(out_logits, 1)
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 @pytest.mark.parametrize(
     "plan", ["divprune@pre:0.4,random@3:0.5", "random@2:0.3:compact", "random@pre:0.5:compact"]
@@ -105,22 +89,9 @@ def test_cached_generate_equals_uncached_recomputation(family, plan):
     model, inputs, _ = make(family)
     with pruneware.prune(model, plan, seed=5):
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        ids, uncached = _uncached_greedy(model, inputs, 5)
+        ids, uncached = uncached_greedy(model, inputs, 5)
     assert torch.equal(out.sequences, ids)
     torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
-
-
-def _pad_batch(samples: list[dict]) -> dict:
-    length = max(s["input_ids"].shape[1] for s in samples)
-    batch: dict = {}
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in samples[0]:
-            rows = [torch.nn.functional.pad(s[key], (length - s[key].shape[1], 0)) for s in samples]
-            batch[key] = torch.cat(rows)
-    batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
-    if "image_grid_thw" in samples[0]:
-        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples])
-    return batch
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
@@ -130,7 +101,7 @@ def _pad_batch(samples: list[dict]) -> dict:
 )
 def test_padded_batch_equals_samples_alone(family, attn, plan):
     model, _, samples = make(family, attn)
-    batch = _pad_batch(samples)
+    batch = pad_batch(samples)
     with pruneware.prune(model, plan, seed=2) as run:
         batched = logits(model, batch)
         batched_gen = model.generate(**batch, max_new_tokens=4, do_sample=False)

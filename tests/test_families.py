@@ -13,11 +13,10 @@ import torch
 
 import pruneware
 from pruneware.adapters import adapter_for
-from tests.reference import record_lm_inputs, reference_logits
+from tests.reference import pad_batch, record_lm_inputs, reference_logits, uncached_greedy
 from tests.test_equivalence import logits
 from tests.tiny import (
     IMAGE_TOKEN,
-    PAD,
     VIDEO_TOKEN,
     llava_next_inputs,
     qwen_media_inputs,
@@ -119,22 +118,6 @@ def test_eager_attention_matches_reference(family):
     _check_against_reference(model, inputs, "divprune@pre:0.5,adaptinfer@2:0.25")
 
 
-def _uncached_greedy(model, inputs, steps):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    out = []
-    for _ in range(steps):
-        kwargs = dict(extra)
-        if "mm_token_type_ids" in inputs:
-            kwargs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
-        with torch.no_grad():
-            last = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, -1]
-        out.append(last)
-        ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids, torch.stack(out, 1)
-
-
 @pytest.mark.parametrize(
     ("family", "media", "plan"),
     [(f, m, "divprune@pre:0.4,random@3:0.5") for f, m in CASES]
@@ -144,36 +127,16 @@ def test_cached_generate_equals_uncached_recomputation(family, media, plan):
     model, inputs, _ = make(family, media)
     with pruneware.prune(model, plan, seed=5):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        ids, uncached = _uncached_greedy(model, inputs, 4)
+        ids, uncached = uncached_greedy(model, inputs, 4)
     assert torch.equal(out.sequences, ids)
     torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
-
-
-def _pad_batch(samples: list[dict]) -> dict:
-    """Left-pad token tensors; concatenate pixels and grids (LLaVA-NeXT tiles padded to the most)."""
-    length = max(s["input_ids"].shape[1] for s in samples)
-    batch: dict = {}
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in samples[0]:
-            batch[key] = torch.cat([torch.nn.functional.pad(s[key], (length - s[key].shape[1], 0)) for s in samples])
-    batch["input_ids"][batch["attention_mask"] == 0] = PAD
-    for key in ("image_grid_thw", "video_grid_thw", "image_sizes", "pixel_values_videos"):
-        if any(key in s for s in samples):
-            batch[key] = torch.cat([s[key] for s in samples if key in s])
-    pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
-    if pixels and pixels[0].dim() == 5:
-        tiles = max(p.shape[1] for p in pixels)
-        pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
-    return batch
 
 
 @pytest.mark.parametrize(("family", "media"), CASES)
 @pytest.mark.parametrize("plan", ["divprune@pre:0.3", "divprune@pre:0.5,adaptinfer@1:0.3,random@4:0.15"])
 def test_padded_batch_equals_samples_alone(family, media, plan):
     model, _, samples = make(family, media)
-    batch = _pad_batch(samples)
+    batch = pad_batch(samples)
     with pruneware.prune(model, plan, seed=2) as run:
         batched = logits(model, batch)
         batched_gen = model.generate(**batch, max_new_tokens=3, do_sample=False)

@@ -105,7 +105,7 @@ def qwen_inputs(model, texts: list[tuple[int, list[tuple[int, int]], int]], seed
     g = torch.Generator().manual_seed(seed)
     vc = model.config.vision_config
     patch_dim = 3 * vc.temporal_patch_size * vc.patch_size**2
-    rows, types, grids, pixels = [], [], [], []
+    rows, grids, pixels = [], [], []
     for before, images, after in texts:
         ids = torch.randint(2, 80, (before,), generator=g).tolist()
         for h, w in images:
