@@ -55,6 +55,11 @@ class PlanSource:
                     f"stage {stage}: {stage.policy!r} needs attention rows from the layer before, "
                     "so it cannot run at 'pre'; give a layer K >= 1"
                 )
+            if policy.merges and not self.adapter.supports_merging:
+                raise PlanError(
+                    f"stage {stage}: {type(self.adapter).__name__} cannot run merging policies ({stage.policy!r}); "
+                    "use a selection policy: random, divprune, fastv, adaptinfer, vision-score"
+                )
             if stage.where != "pre" and policy.merges:
                 raise PlanError(
                     f"stage {stage}: {stage.policy!r} merges tokens into new embeddings and runs only at 'pre'"

@@ -60,6 +60,7 @@ class _Forward:
     rewritten: bool = False  # a `pre` stage rewrote positions: decode recomputes them
     input_ids: torch.Tensor | None = None
     mm_token_type_ids: torch.Tensor | None = None
+    second_per_grid_ts: torch.Tensor | None = None
     q_length: int = 0
     injections: VisualInjections | None = None  # model-added per-layer visual features (prefill)
 
@@ -150,6 +151,7 @@ class Session:
             self._state = _Forward(
                 layout, self.source.plan_for(max(n_visual, default=0)), n_visual,
                 input_ids=input_ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+                second_per_grid_ts=kwargs.get("second_per_grid_ts"),
             )
             self.report = Report(n_layers=self.adapter.n_layers, plan=str(self._state.plan))
             return
@@ -182,7 +184,8 @@ class Session:
         selection = self._run(state, 0, pre, root, embeds)
         level = next_level(root, selection.keep)
         pruned = prune_inputs(
-            self.adapter, pre, level, selection, embeds, mask, positions, state.input_ids, state.mm_token_type_ids
+            self.adapter, pre, level, selection, embeds, mask, positions, state.input_ids, state.mm_token_type_ids,
+            state.second_per_grid_ts,
         )
         state.levels, state.starts = [as_root(level)], [0]
         state.padding0 = pruned.mask.bool()

@@ -152,3 +152,29 @@ def test_distillation_lowers_the_kl_on_a_tiny_model():
             optimizer.step()
             losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_video_frames_pool_per_frame_with_temporal_positions_kept():
+    from tests.tiny import qwen_media_inputs
+
+    model = tiny_qwen()
+    full = qwen_media_inputs(model, [[3, ("video", 3, 8, 12), 4]])  # 3 time steps of 4 x 6 tokens
+    low = qwen_media_inputs(model, [[3, ("video", 3, 4, 6), 4]])  # the pooled grid: 3 x (2 x 3)
+    expected, _ = model.model.get_rope_index(
+        low["input_ids"], mm_token_type_ids=low["mm_token_type_ids"], video_grid_thw=low["video_grid_thw"],
+        attention_mask=low["attention_mask"],
+    )
+    seen = {}
+    with pruneware.prune(model, "crosslmm[factor=2]@pre:1.0") as run:
+        def record(module, args, kwargs):
+            seen["positions"] = kwargs["position_ids"]
+
+        hook = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+        logits(model, full)
+        hook.remove()
+        out = model.generate(**full, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ids, uncached = uncached_greedy(model, full, 3)
+    assert run.report.stages[0].n_after == [18]  # 6 tokens per time step
+    assert torch.equal(seen["positions"], expected)
+    assert torch.equal(out.sequences, ids)
+    torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)

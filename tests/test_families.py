@@ -199,10 +199,17 @@ def test_crosslmm_pools_llava_next_units_on_their_grids():
     assert run.report.stages[0].n_after == [4 + 6]  # ceil(h/2) x ceil(w/2) bins: base 3x3, high-res 3x6
 
 
-def test_crosslmm_on_qwen_video_is_refused_clearly():
+def test_crosslmm_pools_qwen2_vl_video_and_refuses_qwen3_vl():
     model, inputs, _ = make("qwen2_vl", "video")
-    with pruneware.prune(model, "crosslmm@pre:0.5"), pytest.raises(NotImplementedError, match="on video"):
-        logits(model, inputs)
+    with pruneware.prune(model, "crosslmm@pre:0.5") as run:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ids, uncached = uncached_greedy(model, inputs, 3)
+    assert run.report.stages[0].n_after[0] < run.report.stages[0].n_before[0]
+    assert torch.equal(out.sequences, ids)
+    torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
+    model, _, _ = make("qwen3_vl", "image")
+    with pytest.raises(pruneware.PlanError, match="cannot run merging policies"):
+        pruneware.prune(model, "crosslmm@pre:0.5")
 
 
 def test_generate_without_grids_reads_them_from_the_vision_tower():

@@ -66,6 +66,7 @@ class Adapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     rope: ClassVar[Literal["1d", "mrope"]] = "1d"
+    supports_merging: ClassVar[bool] = True  # merging policies (crosslmm) can run at `pre`
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -96,7 +97,8 @@ class Adapter:
         raise NotImplementedError
 
     def pooled_positions(
-        self, mm_token_type_ids: torch.Tensor, grids: list[list[tuple[int, int]]], attention_mask: torch.Tensor
+        self, mm_token_type_ids: torch.Tensor, grids: list[list[tuple[int, int]]], attention_mask: torch.Tensor,
+        second_per_grid_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """M-RoPE models: positions of merged tokens on pooled grids. 1-D RoPE models never call this."""
         raise NotImplementedError(f"{type(self).__name__} has no M-RoPE positions")

@@ -6,6 +6,8 @@ time by `second_per_grid_ts`, which only affects the positions the model compute
 
 from __future__ import annotations
 
+import torch
+
 from pruneware.adapters.qwen_common import QwenVLAdapter
 from pruneware.adapters.registry import register_adapter
 
@@ -13,3 +15,8 @@ from pruneware.adapters.registry import register_adapter
 @register_adapter
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     model_types = ("qwen2_5_vl",)
+
+    def video_time_interval(self, video: int, second_per_grid_ts: torch.Tensor | None) -> float:
+        """tokens_per_second x seconds per grid step, as in the model's `get_rope_index`."""
+        seconds = 1.0 if second_per_grid_ts is None else float(second_per_grid_ts[video])
+        return self.config.vision_config.tokens_per_second * seconds

@@ -22,6 +22,7 @@ from pruneware.adapters.registry import register_adapter
 
 @register_adapter
 class Qwen3VLAdapter(QwenVLAdapter):
+    supports_merging = False  # DeepStack features belong to the original tokens, not to merged ones
     model_types = ("qwen3_vl",)
 
     def injection_layers(self) -> int:
@@ -33,3 +34,4 @@ class Qwen3VLAdapter(QwenVLAdapter):
             return None
         lm_kwargs["deepstack_visual_embeds"], lm_kwargs["visual_pos_masks"] = None, None
         return VisualInjections(mask.bool(), list(embeds))
+

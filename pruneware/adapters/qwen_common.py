@@ -68,27 +68,53 @@ class QwenVLAdapter(Adapter):
             f"pass {modality}_grid_thw too, or encode the pixels inside the pruneware session"
         )
 
+    def video_time_interval(self, video: int, second_per_grid_ts: torch.Tensor | None) -> float:
+        """Temporal position step between a video's grid steps (Qwen2-VL: 1)."""
+        return 1.0
+
     def pooled_positions(
-        self, mm_token_type_ids: torch.Tensor, grids: list[list[tuple[int, int]]], attention_mask: torch.Tensor
+        self, mm_token_type_ids: torch.Tensor, grids: list[list[tuple[int, int]]], attention_mask: torch.Tensor,
+        second_per_grid_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """M-RoPE positions [3, B, L] for merged tokens laid out on pooled grids.
 
-        The model's own `get_rope_index` runs on a grid of (h, w) merged tokens per image, as
-        if each image had that lower resolution; text after an image continues from the
-        pooled grid, exactly as for a genuinely smaller image.
+        As the model's own `get_rope_index` would give them for a genuinely lower-resolution
+        input: text counts up by one; an image (or a video time step: its temporal position is
+        kept) is laid out on its pooled (h, w) grid from the current position; the text after it
+        continues from there plus the grid's larger side, as for a smaller image.
+        mm_token_type_ids: [B, L] (0 text, 1 image, 2 video); grids: per sample, the pooled grid
+        of each unit (image or video time step) in order of appearance.
         """
-        if bool((mm_token_type_ids == 2).any()):
-            raise NotImplementedError(
-                "merging policies (crosslmm) on video are not supported on M-RoPE models yet; "
-                "use a selection policy (random, divprune, fastv, adaptinfer) for video"
-            )
-        merge = self.config.vision_config.spatial_merge_size
-        grid_thw = torch.tensor(
-            [(1, h * merge, w * merge) for sample in grids for h, w in sample], dtype=torch.long,
-            device=mm_token_type_ids.device,
-        ).reshape(-1, 3)
-        positions, _ = self.base_model.get_rope_index(
-            mm_token_type_ids.long(), mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=grid_thw if len(grid_thw) else None, attention_mask=attention_mask,
-        )
+        batch, length = mm_token_type_ids.shape
+        device = mm_token_type_ids.device
+        positions = torch.zeros(3, batch, length, dtype=torch.long, device=device)
+        video = 0
+        for b in range(batch):
+            keep = attention_mask[b].bool()
+            types = mm_token_type_ids[b][keep].tolist()
+            units, parts, current, start = iter(grids[b]), [], 0, 0
+            while start < len(types):
+                end = start
+                while end < len(types) and types[end] == types[start]:
+                    end += 1
+                count, kind = end - start, types[start]
+                if kind == 0:
+                    parts.append(torch.arange(count, device=device).expand(3, -1) + current)
+                    current += count
+                else:
+                    frames, taken = [], 0
+                    while taken < count:
+                        frames.append(next(units))
+                        taken += frames[-1][0] * frames[-1][1]
+                    step = self.video_time_interval(video, second_per_grid_ts) if kind == 2 else 1.0
+                    for t, (h, w) in enumerate(frames):
+                        rows = torch.arange(h, device=device).repeat_interleave(w)
+                        cols = torch.arange(w, device=device).repeat(h)
+                        temporal = torch.full_like(rows, int(t * step))
+                        parts.append(torch.stack([temporal, rows, cols]) + current)
+                    current += max(max(h, w) for h, w in frames)
+                    video += kind == 2
+                start = end
+            if parts:
+                positions[:, b, keep] = torch.cat(parts, dim=1)
         return positions
