@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import pruneware
 from pruneware.cli.common import emit_json, load_image, load_model, sample, user_errors
-
-
-def _answer(model, processor, inputs: dict, max_new_tokens: int) -> tuple[str, float, float]:
-    """(answer, prefill ms, total ms)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    with torch.inference_mode():
-        sync()
-        start = time.perf_counter()
-        model(**inputs)
-        sync()
-        prefill = (time.perf_counter() - start) * 1e3
-        start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        sync()
-        total = (time.perf_counter() - start) * 1e3
-    text = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    return text.strip(), prefill, total
+from pruneware.evals.runner import timed_answers
 
 
 @user_errors
@@ -52,9 +33,10 @@ def run(
     vlm, processor, name = load_model(model, download)
     inputs = processor(text=[build_prompt(processor, question)], images=[picture], return_tensors="pt").to(vlm.device)
     session = pruneware.prune(vlm, plan, seed=seed, avg_tokens=avg_tokens)
-    base = _answer(vlm, processor, inputs, max_new_tokens)
+    _, (base_answer,), base_ms = timed_answers(vlm, processor, inputs, max_new_tokens)
     with session:
-        pruned = _answer(vlm, processor, inputs, max_new_tokens)
+        _, (pruned_answer,), pruned_ms = timed_answers(vlm, processor, inputs, max_new_tokens)
+    base, pruned = (base_answer, base_ms), (pruned_answer, pruned_ms)
     report = session.history[0]
     n_visual = report.stages[0].n_before[0] if report.stages else 0
     result = {

@@ -83,7 +83,7 @@ def _inputs(processor, items: Sequence[Any], device) -> dict:
 
 
 @torch.inference_mode()
-def _forward(model, processor, inputs: dict, max_new_tokens: int) -> tuple[torch.Tensor, list[str], float]:
+def timed_answers(model, processor, inputs: dict, max_new_tokens: int) -> tuple[torch.Tensor, list[str], float]:
     """Next-token logits [B, V], decoded answers, and the prefill time in ms."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -129,7 +129,7 @@ def run_sweep(
             if not pending:
                 continue
             inputs = _inputs(processor, batch, device)
-            ref_logits, ref_answers, ref_ms = _forward(model, processor, inputs, max_new_tokens)
+            ref_logits, ref_answers, ref_ms = timed_answers(model, processor, inputs, max_new_tokens)
             for variant in pending:
                 if variant.key in skipped:
                     continue
@@ -138,7 +138,7 @@ def run_sweep(
                 else:
                     try:
                         with pruneware.prune(model, variant.plan, seed=seed, avg_tokens=variant.avg_tokens) as run:
-                            logits, answers, ms = _forward(model, processor, inputs, max_new_tokens)
+                            logits, answers, ms = timed_answers(model, processor, inputs, max_new_tokens)
                     except PlanError as err:  # e.g. avg_tokens out of reach for this preset and model
                         skipped[variant.key] = str(err)
                         continue
