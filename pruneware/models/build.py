@@ -62,7 +62,7 @@ QWEN_TEMPLATE = (
 
 # Widths are small on purpose: the models must train from scratch in about an hour on a
 # 2-core CPU. Depth is 8 LLM layers so that layer-indexed plans (e.g. K = 2, 4, 6) make sense.
-LLM = {"hidden": 96, "layers": 8, "heads": 4, "kv_heads": 2, "mlp": 256}
+LLM = {"hidden": 96, "layers": 8, "heads": 4, "kv_heads": 2, "mlp": 256, "head_dim": 24, "rope_theta": 1e6}
 VISION = {"hidden": 96, "layers": 2, "heads": 4, "mlp": 192}
 
 
@@ -107,15 +107,23 @@ def build_processor(arch: Arch):
     return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
 
 
-def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None):
-    """Model config sized by ``LLM`` and ``VISION``, token ids taken from the tokenizer."""
+def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, **llm):
+    """Model config sized by ``LLM`` (entries overridable by ``llm``) and ``VISION``.
+
+    A large ``rope_theta`` leaves more rotary frequencies slow enough that a question word can
+    match image tokens by content wherever they are in the 576-token image.
+    """
     _check_arch(arch)
+    unknown = set(llm) - set(LLM)
+    if unknown:
+        raise ValueError(f"unknown LLM settings {sorted(unknown)}; valid: {sorted(LLM)}")
+    spec = {**LLM, **llm}
     tok = tok or build_tokenizer(arch)
     ids = tok.convert_tokens_to_ids
     text = dict(
-        vocab_size=len(tok), hidden_size=LLM["hidden"], intermediate_size=LLM["mlp"],
-        num_hidden_layers=LLM["layers"], num_attention_heads=LLM["heads"],
-        num_key_value_heads=LLM["kv_heads"], max_position_embeddings=2048,
+        vocab_size=len(tok), hidden_size=spec["hidden"], intermediate_size=spec["mlp"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"], head_dim=spec["head_dim"], max_position_embeddings=2048,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
     )  # fmt: skip
     if arch == "llava":
@@ -125,22 +133,25 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None):
             image_size=336, patch_size=14,
         )  # fmt: skip
         return LlavaConfig(
-            vision_config=vision, text_config=LlamaConfig(bos_token_id=tok.bos_token_id, **text),
+            vision_config=vision,
+            text_config=LlamaConfig(bos_token_id=tok.bos_token_id, rope_theta=spec["rope_theta"], **text),
             image_token_index=ids("<image>"), image_seq_length=576,
             vision_feature_select_strategy="default", vision_feature_layer=-1,
             pad_token_id=tok.pad_token_id,
         )  # fmt: skip
-    head_dim = LLM["hidden"] // LLM["heads"]
+    head_dim = spec["head_dim"]
+    if head_dim * spec["heads"] != spec["hidden"]:
+        raise ValueError(f"qwen2.5-vl needs head_dim * heads == hidden, got {head_dim} * {spec['heads']} != {spec['hidden']}")
     third = head_dim // 2 // 3
     mrope = [head_dim // 2 - 2 * third, third, third]  # temporal, height, width; sums to head_dim/2
     vision = dict(
         depth=VISION["layers"], hidden_size=VISION["hidden"], intermediate_size=VISION["mlp"],
-        num_heads=VISION["heads"], out_hidden_size=LLM["hidden"], patch_size=14,
+        num_heads=VISION["heads"], out_hidden_size=spec["hidden"], patch_size=14,
         spatial_merge_size=2, temporal_patch_size=2, window_size=112,
         fullatt_block_indexes=[VISION["layers"] - 1],
     )  # fmt: skip
     text["bos_token_id"] = None
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": spec["rope_theta"], "mrope_section": mrope}
     return Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
@@ -149,13 +160,14 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None):
     )  # fmt: skip
 
 
-def build_tiny(arch: Arch, seed: int = 0):
+def build_tiny(arch: Arch, seed: int = 0, **llm):
     """A randomly initialised tiny model and its processor: ``(model, processor)``.
 
-    Deterministic in ``seed``. Useful for tests that need a real architecture without weights.
+    Deterministic in ``seed``; ``llm`` overrides entries of ``LLM``. Useful for tests that need
+    a real architecture without weights.
     """
     processor = build_processor(arch)
-    config = build_config(arch, processor.tokenizer)
+    config = build_config(arch, processor.tokenizer, **llm)
     torch.manual_seed(seed)
     cls = LlavaForConditionalGeneration if arch == "llava" else Qwen2_5_VLForConditionalGeneration
     model = cls(config).eval()

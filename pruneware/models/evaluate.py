@@ -16,20 +16,8 @@ import torch
 
 from pruneware.evals.synthetic import evaluate, make_split
 
-from . import MODELS, load
-
-
-def load_any(model: str, device: str):
-    """``(model, processor)`` from an embedded name or a checkpoint folder."""
-    if model in MODELS:
-        return load(model, device=device)
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"--model must be one of {sorted(MODELS)} or a checkpoint folder, got {model!r}")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    m = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).to(device).eval()
-    return m, AutoProcessor.from_pretrained(folder, local_files_only=True)
+from . import MODELS
+from .loading import ModelLoadError, load_any
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,7 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load_any(args.model, device)
+    try:
+        model, processor = load_any(args.model, device=device)
+    except ModelLoadError as err:
+        raise SystemExit(str(err)) from None
     t0 = time.time()
     res = evaluate(model, processor, make_split("eval", args.n, args.seed), args.batch_size)
     res["seconds"] = round(time.time() - t0, 1)

@@ -38,7 +38,7 @@ from pruneware.evals.synthetic import TASKS, evaluate, make_multi, make_split
 from pruneware.evals.synthetic.split import SEED_SPACE
 
 from . import prompt
-from .build import ARCHS, build_tiny
+from .build import ARCHS, LLM, build_tiny
 from .grounding import HEADS, cell_targets, phrases, referents
 
 SELECT_SEED = 4242
@@ -202,13 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--aux", type=float, default=0.5, help="weight of the grounding loss")
     ap.add_argument("--look", type=float, default=0.5, help="weight of the attention supervision")
+    ap.add_argument("--head-dim", type=int, default=LLM["head_dim"])
+    ap.add_argument("--rope-theta", type=float, default=LLM["rope_theta"])
     ap.add_argument("--eval-every", type=int, default=150)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
-    model, processor = build_tiny(args.arch, seed=args.seed)
+    model, processor = build_tiny(args.arch, seed=args.seed, head_dim=args.head_dim, rope_theta=args.rope_theta)
     model.to(device).train()
     hidden = model.config.text_config.hidden_size
     torch.manual_seed(args.seed)
