@@ -14,7 +14,12 @@ NAMES = sorted(models.MODELS)
 BAR_OVERALL, BAR_TASK = 0.90, 0.80
 # A shipped model below the bar is marked here with its measured accuracy (on
 # `make_split("eval", 200, seed=2024)`) instead of lowering the bar.
-BELOW_BAR: dict[str, str] = {}
+BELOW_BAR: dict[str, str] = {
+    "tiny-llava": "shipped checkpoint measures 0.335 overall (attribute 0.175, counting 0.275, "
+    "existence 0.60, glyph 0.10, spatial 0.525): below the 0.90 / 0.80 bar",
+    "tiny-qwen2.5-vl": "shipped checkpoint measures 0.36 overall (attribute 0.30, counting 0.275, "
+    "existence 0.475, glyph 0.225, spatial 0.525): below the 0.90 / 0.80 bar",
+}
 
 
 @pytest.fixture(scope="module", params=list(models.ARCHS))
@@ -100,10 +105,28 @@ def _fixed_examples() -> list[Example]:
     return [Example(render(s), q, a, t, f"fixed-{i}", s) for i, (s, q, a, t) in enumerate(qa)]
 
 
+def _below_bar(names: list[str]) -> list:
+    """``names`` as params, a strict xfail on those listed in ``BELOW_BAR``."""
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BELOW_BAR[n])) if n in BELOW_BAR else n
+        for n in names
+    ]
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_shipped_model_answers_fixed_questions(name):
+def test_shipped_model_loads_offline_and_answers_one_word(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = _shipped(name)
     assert model.training is False
+    examples = _fixed_examples()[:3]
+    res = evaluate(model, processor, examples, batch_size=3)
+    vocab = set(processor.tokenizer.get_vocab())
+    assert all(p in vocab for p in res["predictions"]), res["predictions"]
+
+
+@pytest.mark.parametrize("name", _below_bar(NAMES))
+def test_shipped_model_answers_fixed_questions(name):
+    model, processor = _shipped(name)
     examples = _fixed_examples()
     res = evaluate(model, processor, examples, batch_size=8)
     wrong = [(e.question, p) for e, p in zip(examples, res["predictions"]) if p != e.answer]
@@ -120,13 +143,7 @@ def test_shipped_weights_are_small_safetensors(name):
     assert models.card(name).startswith("# ")
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BELOW_BAR[n])) if n in BELOW_BAR else n
-        for n in NAMES
-    ],
-)
+@pytest.mark.parametrize("name", _below_bar(NAMES))
 def test_shipped_model_accuracy_bar(name):
     model, processor = _shipped(name)
     res = evaluate(model, processor, make_split("eval", 200, seed=2024), batch_size=25)
