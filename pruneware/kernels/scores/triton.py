@@ -33,6 +33,31 @@ _ROWS_PER_PROGRAM = 64  # query rows (heads x positions) sharing one key tile
 
 
 @triton.jit
+def _logit_tile(
+    q, k_base, l0, L, sk_l, sk_d, offs_d, mask_row, sm_l, pos, scale_log2,
+    D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_POS: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Log2-domain logits [R, BLOCK_L] of the key tile starting at l0, -inf where a key is not
+    allowed (past L, padding, or after the row's causal position); both passes share it."""
+    offs_l = l0 + tl.arange(0, BLOCK_L)
+    kt = tl.load(
+        k_base + offs_l[None, :] * sk_l + offs_d[:, None] * sk_d,
+        mask=(offs_l[None, :] < L) & (offs_d[:, None] < D), other=0.0,
+    )  # [BLOCK_D, BLOCK_L]
+    if DOT_FP32:
+        kt = kt.to(tl.float32)
+    x = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+    ok = (offs_l < L)[None, :]
+    if HAS_MASK:
+        km = tl.load(mask_row + offs_l * sm_l, mask=offs_l < L, other=0)
+        ok = ok & (km != 0)[None, :]
+    if HAS_POS:
+        ok = ok & (offs_l[None, :] <= pos[:, None])
+    return tl.where(ok, x, float("-inf")), offs_l
+
+
+@triton.jit
 def _scores_kernel(
     q_ptr, k_ptr, w_ptr, pos_ptr, mask_ptr, part_ptr, m_ptr, inv_ptr,
     Hkv, G, T, L, N_CHUNKS, N_TBLOCKS,
@@ -64,27 +89,16 @@ def _scores_kernel(
     w = tl.load(w_ptr + b * sw_b + t * sw_t, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_POS:
         pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=row_ok, other=-1)
+    else:
+        pos = tl.zeros([BLOCK_G * BLOCK_T], tl.int32)  # unused: no causal mask
     k_base = k_ptr + b * sk_b + kvh * sk_h
 
     # Pass 1: row max and denominator, in the log2 domain (exp2 is cheaper).
     m = tl.full([BLOCK_G * BLOCK_T], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_G * BLOCK_T], tl.float32)
     for l0 in range(0, L, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        kt = tl.load(
-            k_base + offs_l[None, :] * sk_l + offs_d[:, None] * sk_d,
-            mask=(offs_l[None, :] < L) & (offs_d[:, None] < D), other=0.0,
-        )  # [BLOCK_D, BLOCK_L]
-        if DOT_FP32:
-            kt = kt.to(tl.float32)
-        x = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
-        ok = (offs_l < L)[None, :]
-        if HAS_MASK:
-            km = tl.load(mask_ptr + b * sm_b + offs_l * sm_l, mask=offs_l < L, other=0)
-            ok = ok & (km != 0)[None, :]
-        if HAS_POS:
-            ok = ok & (offs_l[None, :] <= pos[:, None])
-        x = tl.where(ok, x, float("-inf"))
+        x, offs_l = _logit_tile(q, k_base, l0, L, sk_l, sk_d, offs_d, mask_ptr + b * sm_b, sm_l, pos, scale_log2,
+                                D, BLOCK_L, HAS_POS, HAS_MASK, DOT_PRECISION, DOT_FP32)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         # A row with nothing allowed so far keeps max -inf; shift by 0 to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -103,21 +117,9 @@ def _scores_kernel(
     # Pass 2: weighted probabilities, reduced over the tile's rows.
     part_row = part_ptr + b * spart_b + ((kvh * N_CHUNKS + chunk) * N_TBLOCKS + tblock) * spart_r
     for l0 in range(0, L, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        kt = tl.load(
-            k_base + offs_l[None, :] * sk_l + offs_d[:, None] * sk_d,
-            mask=(offs_l[None, :] < L) & (offs_d[:, None] < D), other=0.0,
-        )
-        if DOT_FP32:
-            kt = kt.to(tl.float32)
-        x = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
-        ok = (offs_l < L)[None, :]
-        if HAS_MASK:
-            km = tl.load(mask_ptr + b * sm_b + offs_l * sm_l, mask=offs_l < L, other=0)
-            ok = ok & (km != 0)[None, :]
-        if HAS_POS:
-            ok = ok & (offs_l[None, :] <= pos[:, None])
-        p = tl.exp2(tl.where(ok, x, float("-inf")) - m_shift[:, None]) * coef[:, None]
+        x, offs_l = _logit_tile(q, k_base, l0, L, sk_l, sk_d, offs_d, mask_ptr + b * sm_b, sm_l, pos, scale_log2,
+                                D, BLOCK_L, HAS_POS, HAS_MASK, DOT_PRECISION, DOT_FP32)
+        p = tl.exp2(x - m_shift[:, None]) * coef[:, None]
         tl.store(part_row + offs_l, tl.sum(p, axis=0), mask=offs_l < L)
 
 
