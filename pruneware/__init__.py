@@ -10,6 +10,9 @@ Importing pruneware patches nothing: hooks exist only inside a session.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 from pruneware.plan import Plan, PlanError, Stage
@@ -21,24 +24,38 @@ __version__ = "0.1.0"
 __all__ = ["Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach", "load", "prune"]
 
 
-def prune(model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None) -> Session:
+def prune(
+    model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None,
+    on_report: Callable[[Report], Any] | None = None,
+) -> Session:
     """A session to use as a context manager: `with pruneware.prune(model, "fastv") as run: ...`.
 
     Args:
         model: a supported *ForConditionalGeneration model (see `pruneware.adapters`).
         plan: a plan string ("random@20:0.25"), a Plan, or a preset name ("fastv").
         seed: seeds random policies; the same inputs give the same kept tokens.
-        avg_tokens: solve the stage budgets so the average visual tokens per decoder layer is this.
+        avg_tokens: solve each sample's stage budgets so its average visual tokens per decoder
+            layer is this (a preset, or a plan string without budgets).
+        on_report: called with each call's Report when its prefill completes (on that thread);
+            `session.report` is the last call completed on the current thread.
     Raises:
-        PlanError: a malformed or out-of-range plan, an unknown policy or preset.
+        PlanError: a malformed or out-of-range plan, an unknown policy or preset, or a plan
+            that sets budgets together with avg_tokens.
         TypeError: an unsupported model.
     """
-    return Session(model, plan, seed=seed, avg_tokens=avg_tokens)
+    return Session(model, plan, seed=seed, avg_tokens=avg_tokens, on_report=on_report)
 
 
-def attach(model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None) -> Session:
-    """Install pruning on a long-lived model until `detach(model)`."""
-    return Session(model, plan, seed=seed, avg_tokens=avg_tokens).attach()
+def attach(
+    model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None,
+    on_report: Callable[[Report], Any] | None = None,
+) -> Session:
+    """Install pruning on a long-lived model until `detach(model)`.
+
+    One attached model serves concurrent calls from several threads; `on_report(report)`
+    receives each call's report (see `prune`).
+    """
+    return Session(model, plan, seed=seed, avg_tokens=avg_tokens, on_report=on_report).attach()
 
 
 def detach(model: nn.Module) -> None:

@@ -33,6 +33,11 @@ class PlanError(ValueError):
     """A plan that cannot run: bad syntax, unknown policy, or out-of-range values."""
 
 
+def writes_budgets(text: str) -> bool:
+    """True when a plan string gives any stage an explicit budget ("random@4:0.25", not "random@4")."""
+    return any((m := _STAGE_RE.match(part.strip())) is not None and m["budget"] is not None for part in text.split(","))
+
+
 def _format_number(value: float | int) -> str:
     if isinstance(value, float):
         text = repr(value)

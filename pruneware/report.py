@@ -14,8 +14,8 @@ class StageReport:
     Attributes:
         where: "pre" or the decoder layer index K.
         policy: the policy name.
-        kept: per sample, a LongTensor of the original input positions of the visual tokens
-            kept by this stage (sorted).
+        kept: per sample, a CPU LongTensor of the original input positions of the visual
+            tokens kept by this stage (sorted); on the model's device until the call completes.
         n_before: per sample, visual tokens entering the stage.
         n_after: per sample, visual tokens leaving it.
     """
@@ -38,7 +38,9 @@ class Report:
         tokens_per_layer: per layer, the mean over samples of all tokens it processed.
         lm_flops: estimated language-model prefill FLOPs for the batch (see `lm_flops`).
         lm_flops_unpruned: the same estimate without pruning.
-        plan: the plan string that ran.
+        plan: the plan string that ran (under `avg_tokens`, the first sample with visual
+            tokens; see `sample_plans`).
+        sample_plans: per sample, the plan string with that sample's own budgets.
         visual_per_sample: per sample, its visual tokens averaged over layers.
         flops_per_sample: per sample, its share of `lm_flops`.
     """
@@ -50,6 +52,7 @@ class Report:
     lm_flops: float = 0.0
     lm_flops_unpruned: float = 0.0
     plan: str = ""
+    sample_plans: list[str] = field(default_factory=list)
     visual_per_sample: list[float] = field(default_factory=list)
     flops_per_sample: list[float] = field(default_factory=list)
 
@@ -117,3 +120,25 @@ def fill_report(report: Report, tokens: list[list[int]], visual: list[list[int]]
     report.lm_flops = sum(report.flops_per_sample)
     report.lm_flops_unpruned = lm_flops([unpruned] * n_layers, text_config)
     report.visual_per_sample = [sum(col) / len(col) for col in zip(*visual, strict=True)]
+
+
+def finish_report(
+    report: Report, counts: torch.Tensor, level_of_layer: list[int], n_visual: list[int], pre: bool, text_config
+) -> None:
+    """Complete a prefill's report in one host sync, which also moves the kept indices to the CPU.
+
+    counts: [levels, 2, B] tokens and visual tokens per sample at each level; level_of_layer:
+    the level each decoder layer runs; n_visual: each sample's visual tokens before pruning;
+    pre: level 0 is the output of a `pre` stage (it already lost that stage's tokens).
+    """
+    kept = [k for stage in report.stages for k in stage.kept]
+    flat = torch.cat([counts.flatten().long(), *(k.flatten().long().to(counts.device) for k in kept)]).cpu()
+    head = flat[: counts.numel()].view(counts.shape).tolist()
+    pieces = iter(flat[counts.numel():].split([k.numel() for k in kept]))
+    for stage in report.stages:
+        stage.kept = [next(pieces) for _ in stage.kept]
+    per_layer = [head[i] for i in level_of_layer]
+    unpruned = head[0][0]
+    if pre:
+        unpruned = [t + n - v for t, n, v in zip(unpruned, n_visual, head[0][1], strict=True)]
+    fill_report(report, [c[0] for c in per_layer], [c[1] for c in per_layer], unpruned, text_config)

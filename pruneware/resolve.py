@@ -7,11 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pruneware.adapters import Adapter
-from pruneware.plan import Plan, PlanError
+from pruneware.plan import Plan, PlanError, writes_budgets
 from pruneware.policies import Policy, get_policy
 from pruneware.presets import Preset, StageTemplate, available_presets
 
 NOMINAL_VISUAL_TOKENS = 576  # used only to validate a lazily solved plan before the first input
+_MAX_SOLVED = 512
 
 
 @dataclass
@@ -27,20 +28,24 @@ class PlanSource:
 
     @classmethod
     def create(cls, plan: str | Plan, adapter: Adapter, avg_tokens: float | None) -> PlanSource:
+        """Raises PlanError when a plan that writes its own budgets is given `avg_tokens` too."""
         n_layers = adapter.n_layers
-        if isinstance(plan, Plan):
-            template = None if avg_tokens is None else _template_of(plan, n_layers)
-            source = cls(adapter, plan if avg_tokens is None else None, template, avg_tokens)
-        elif isinstance(plan, str):
-            presets = available_presets()
-            if plan.strip() in presets:
-                preset = presets[plan.strip()]
-                fixed = preset.build(n_layers) if avg_tokens is None else None
-                source = cls(adapter, fixed, preset if avg_tokens is not None else None, avg_tokens)
-            elif avg_tokens is None:
-                source = cls(adapter, Plan.parse(plan), None, None)
+        preset = available_presets().get(plan.strip()) if isinstance(plan, str) else None
+        if preset is not None:
+            fixed = preset.build(n_layers) if avg_tokens is None else None
+            source = cls(adapter, fixed, preset if avg_tokens is not None else None, avg_tokens)
+        elif isinstance(plan, Plan | str):
+            parsed = plan if isinstance(plan, Plan) else Plan.parse(plan)
+            if avg_tokens is None:
+                source = cls(adapter, parsed, None, None)
+            elif isinstance(plan, Plan) or writes_budgets(plan):
+                raise PlanError(
+                    f"plan {str(parsed)!r} sets its own budgets, which conflict with avg_tokens={avg_tokens:g}: "
+                    "drop avg_tokens, pass a preset name "
+                    f"({', '.join(sorted(available_presets()))}), or leave the budgets out (e.g. 'divprune@pre,random@4')"
+                )
             else:
-                source = cls(adapter, None, _template_of(Plan.parse(plan), n_layers), avg_tokens)
+                source = cls(adapter, None, _template_of(parsed, n_layers), avg_tokens)
         else:
             raise PlanError(f"plan must be a plan string, a Plan or a preset name, got {type(plan).__name__}")
         source._check(source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False))
@@ -67,13 +72,33 @@ class PlanSource:
             if stage.where == 0 and policy.needs_attention:
                 raise PlanError(f"stage {stage}: {stage.policy!r} needs layer K-1's attention; use K >= 1")
 
+    def sample_plans(self, n_visual: list[int]) -> list[Plan]:
+        """Each sample's plan: under `avg_tokens`, solved for the sample's own visual tokens.
+
+        Raises PlanError, naming the sample and the valid range, when a budget is out of reach.
+        """
+        if self.fixed is not None:
+            return [self.fixed] * max(len(n_visual), 1)
+        plans = []
+        for b, n in enumerate(n_visual):
+            if n == 0:  # a text-only sample keeps nothing visual whatever its budgets
+                plans.append(self._any_plan())
+                continue
+            try:
+                plans.append(self.plan_for(n))
+            except PlanError as err:
+                raise PlanError(f"sample {b} of the batch ({n} visual tokens): {err}") from None
+        return plans or [self._any_plan()]
+
     def plan_for(self, n_visual: int, strict: bool = True) -> Plan:
-        """The plan for a batch whose largest sample has `n_visual` visual tokens."""
+        """The plan for a sample with `n_visual` visual tokens (memoised per count)."""
         if self.fixed is not None:
             return self.fixed
         assert self.template is not None and self.avg_tokens is not None
         key = max(n_visual, 1)
         if key not in self._solved:
+            if len(self._solved) >= _MAX_SOLVED:  # dynamic resolution: bound the memo
+                self._solved.clear()
             try:
                 self._solved[key] = self.template.build(self.adapter.n_layers, self.avg_tokens, key)
             except PlanError:

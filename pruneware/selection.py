@@ -27,18 +27,21 @@ class Selection:
 def run_stage(
     policy: Policy, stage: Stage, level: Level, hidden: torch.Tensor, n_visual: list[int], seed: int,
     grids: list[list[tuple[int, int]]], attention: torch.Tensor | None = None,
+    sample_stages: list[Stage] | None = None,
 ) -> Selection:
     """Apply `policy` to the visual slots of `level`.
 
     hidden: [B, Ls, D] the level's states; n_visual: each sample's original visual-token count
-    (ratios apply to it); attention: [B, Ls] captured scores for attention policies.
+    (ratios apply to it); attention: [B, Ls] captured scores for attention policies;
+    sample_stages: per sample, the stage with that sample's own budget (default: `stage`).
     """
     visual = level.visual
     counts_now = visual.sum(dim=1)
     n = int(counts_now.max()) if visual.numel() else 0
     order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]  # visual slots first
     token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
-    budgets = [min(stage.keep_count(nv), now) for nv, now in zip(n_visual, counts_now.tolist(), strict=True)]
+    per_sample = sample_stages or [stage] * len(n_visual)
+    budgets = [min(s.keep_count(nv), now) for s, nv, now in zip(per_sample, n_visual, counts_now.tolist(), strict=True)]
     inputs = StageInput(
         hidden=gather_rows(order, hidden)[0] * token_valid[..., None].to(hidden.dtype),
         valid=token_valid,

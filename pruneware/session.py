@@ -2,7 +2,7 @@
 
 Hooks (all removed on exit, errors included):
   - a pre-hook on the multimodal base model reads `input_ids` and the image layout, and tells
-    prefill (empty cache) from decode;
+    prefill (empty cache) from decode; a forward hook (always called) ends the call;
   - a pre-hook on the language model runs a `pre` stage on `inputs_embeds`, the 2-D mask and
     the positions, so every layer and the cache see the shorter sequence; at decode it
     remaps the 2-D mask through the kept index;
@@ -11,79 +11,67 @@ Hooks (all removed on exit, errors included):
     cos/sin tables, position ids and mask rows/columns that the model loop passes full-size
     (once per level per forward, memoised), and at decode remaps the mask columns;
   - while a stage needs attention rows, a registered attention function (see capture.py).
+
+The session holds no run-time state: each call's lives in a `RequestState` (see request.py),
+so one attached model serves concurrent calls from several threads.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from pruneware import masks
-from pruneware.adapters import Adapter, VisualInjections, VisualLayout, adapter_for
+from pruneware.adapters import Adapter, adapter_for
 from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
 from pruneware.layer_inputs import level_kwargs
 from pruneware.levels import Level, as_root, next_level, root_level
-from pruneware.plan import Plan, Stage
+from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import prune_inputs, remap_decode
-from pruneware.report import Report, fill_report
+from pruneware.report import Report, finish_report
+from pruneware.request import RequestState, RequestTracker
 from pruneware.resolve import PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+_PRESTAGE_INPUTS = ("mm_token_type_ids", "second_per_grid_ts")  # base-model inputs a `pre` stage may need
 
 
 def _cache_of(kwargs: dict[str, Any]) -> Any:
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
-@dataclass
-class _Forward:
-    """State of the current sequence: set at prefill, read at every decode step."""
-
-    layout: VisualLayout
-    plan: Plan
-    n_visual: list[int]
-    levels: list[Level] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)  # first layer of each level
-    padding0: torch.Tensor | None = None  # [B, L0] bool key padding at level 0
-    input_length: int = 0  # L, before a `pre` stage
-    last_position: torch.Tensor | None = None  # [..., B] position of the last prefill token
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)  # K -> [B, Ls] scores
-    decoding: bool = False
-    past0: int = 0  # level-0 cache length before the current decode step
-    rewritten: bool = False  # a `pre` stage rewrote positions: decode recomputes them
-    input_ids: torch.Tensor | None = None
-    mm_token_type_ids: torch.Tensor | None = None
-    second_per_grid_ts: torch.Tensor | None = None
-    q_length: int = 0
-    injections: VisualInjections | None = None  # model-added per-layer visual features (prefill)
-
-    def level_for(self, layer: int) -> tuple[int, Level]:
-        i = max(j for j, start in enumerate(self.starts) if start <= layer)
-        return i, self.levels[i]
-
-
 class Session:
-    """A pruning run on one model. Use as a context manager, or `attach()` / `detach()`."""
+    """A pruning run on one model. Use as a context manager, or `attach()` / `detach()`.
 
-    def __init__(self, model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None):
+    `report` is the last call completed on the current thread; `on_report(report)` is called
+    with every call's report as it completes (on the thread that ran it).
+    """
+
+    def __init__(
+        self, model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None,
+        on_report: Callable[[Report], Any] | None = None,
+    ):
         self.model = model
         self.adapter: Adapter = adapter_for(model)
         self.source = PlanSource.create(plan, self.adapter, avg_tokens)
         self.seed = seed
-        self.report = Report(n_layers=self.adapter.n_layers)
-        self.history: list[Report] = []
+        self.on_report = on_report
         self._handles: list[Any] = []
         self._capture: AttentionCapture | None = None
-        self._state: _Forward | None = None
-        self._seen_vision: list[tuple[Any, torch.Tensor | None]] = []  # vision-tower (output, grid_thw)
+        self._requests = RequestTracker()
         self._attn = self.adapter.text_config._attn_implementation or "eager"
+
+    @property
+    def report(self) -> Report:
+        """The report of the last call completed on this thread (empty before the first)."""
+        return self._requests.last_report or Report(n_layers=self.adapter.n_layers)
 
     # lifecycle -------------------------------------------------------------------------
     def attach(self) -> Session:
@@ -92,6 +80,7 @@ class Session:
         try:
             base = self.adapter.base_model
             self._handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
+            self._handles.append(base.register_forward_hook(self._on_base_done, always_call=True))
             lm = self.adapter.language_model
             self._handles.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
             self._handles.append(lm.register_forward_hook(self._on_language_model_done))
@@ -121,7 +110,7 @@ class Session:
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
-        self._state = None
+        self._requests.clear()
 
     def detach(self) -> None:
         self._remove()
@@ -136,42 +125,47 @@ class Session:
 
     # hooks -----------------------------------------------------------------------------
     def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        self._seen_vision.append((output, kwargs.get("grid_thw", args[1] if len(args) > 1 else None)))
+        self._requests.saw_vision(output, kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
 
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._requests.enter()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            if input_ids is None:
-                raise ValueError("pruneware locates visual tokens from input_ids: pass input_ids, not inputs_embeds")
-            layout = self.adapter.layout(input_ids, {**kwargs, "seen_vision": self._seen_vision})
-            self._seen_vision = []
-            n_visual = layout.visual.sum(dim=1).tolist()
-            self._state = _Forward(
-                layout, self.source.plan_for(max(n_visual, default=0)), n_visual,
-                input_ids=input_ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
-                second_per_grid_ts=kwargs.get("second_per_grid_ts"),
-            )
-            self.report = Report(n_layers=self.adapter.n_layers, plan=str(self._state.plan))
+        if past:
+            state = self._requests.resume(cache)
+            if state is None:
+                raise RuntimeError("this cache was filled outside the pruneware session; start generation inside it")
+            state.decoding, state.past0 = True, past
+            for level in state.levels:
+                level.cache.clear()
             return
-        if self._state is None:
-            raise RuntimeError("this cache was filled outside the pruneware session; start generation inside it")
-        self._state.decoding, self._state.past0 = True, past
-        for level in self._state.levels:
-            level.cache.clear()
+        if input_ids is None:
+            raise ValueError("pruneware locates visual tokens from input_ids: pass input_ids, not inputs_embeds")
+        layout = self.adapter.layout(input_ids, {**kwargs, "seen_vision": self._requests.take_vision()})
+        n_visual = layout.visual.sum(dim=1).tolist()
+        sample_plans = self.source.sample_plans(n_visual)  # raises before any layer runs
+        plan = next((p for p, n in zip(sample_plans, n_visual, strict=True) if n), sample_plans[0])
+        report = Report(n_layers=self.adapter.n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans])
+        state = RequestState(
+            layout, plan, sample_plans, n_visual, report, input_ids=input_ids,
+            model_inputs={k: kwargs.get(k) for k in _PRESTAGE_INPUTS},
+        )
+        self._requests.start(state, cache)
+
+    def _on_base_done(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._requests.exit()
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        state = self._state
+        state = self._requests.current
         if state is None:
             return None
         embeds = kwargs["inputs_embeds"]
-        batch, length = embeds.shape[:2]
         positions = kwargs.get("position_ids")
         mask = kwargs.get("attention_mask")
         if state.decoding:
             return args, self._decode_language_model(state, kwargs, embeds, positions, mask)
-        state.input_length, state.q_length = length, length
+        state.input_length = state.q_length = embeds.shape[1]
         state.injections = self.adapter.take_injections(kwargs)
         root = root_level(state.layout.image_ids.to(embeds.device))
         pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
@@ -184,8 +178,8 @@ class Session:
         selection = self._run(state, 0, pre, root, embeds)
         level = next_level(root, selection.keep)
         pruned = prune_inputs(
-            self.adapter, pre, level, selection, embeds, mask, positions, state.input_ids, state.mm_token_type_ids,
-            state.second_per_grid_ts,
+            self.adapter, pre, level, selection, embeds, mask, positions, state.input_ids,
+            state.model_inputs["mm_token_type_ids"], state.model_inputs["second_per_grid_ts"],
         )
         state.levels, state.starts = [as_root(level)], [0]
         state.padding0 = pruned.mask.bool()
@@ -194,7 +188,7 @@ class Session:
         kwargs.update(inputs_embeds=pruned.embeds, attention_mask=pruned.mask, position_ids=pruned.positions)
         return args, kwargs
 
-    def _decode_language_model(self, state: _Forward, kwargs, embeds, positions, mask) -> dict[str, Any]:
+    def _decode_language_model(self, state: RequestState, kwargs, embeds, positions, mask) -> dict[str, Any]:
         state.q_length = embeds.shape[1]
         pre = state.plan.stages[0]
         if pre.where != "pre":
@@ -206,23 +200,23 @@ class Session:
         return kwargs
 
     def _on_language_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
-        state = self._state
-        self._seen_vision = []
+        state = self._requests.current
         if state is None or state.decoding:
             return
         state.injections = None
+        state.input_ids = None
+        self._requests.bind(getattr(output, "past_key_values", None), state)  # a cache the model made itself
         real = [self._real_tokens(state, level) for level in state.levels]
-        # [levels][2][B]: tokens and visual tokens per sample, in one host sync.
-        counts = torch.stack([torch.stack([r.sum(1), (r & lvl.visual).sum(1)]) for r, lvl in zip(real, state.levels, strict=True)]).tolist()
-        per_layer = [counts[state.level_for(i)[0]] for i in range(self.adapter.n_layers)]
-        unpruned = counts[0][0]
-        if state.plan.stages[0].where == "pre":  # level 0 already lost the pre stage's tokens
-            unpruned = [t + n - v for t, n, v in zip(unpruned, state.n_visual, counts[0][1], strict=True)]
-        fill_report(self.report, [c[0] for c in per_layer], [c[1] for c in per_layer], unpruned, self.adapter.text_config)
-        self.history.append(self.report)
+        # [levels, 2, B]: tokens and visual tokens per sample
+        counts = torch.stack([torch.stack([r.sum(1), (r & lvl.visual).sum(1)]) for r, lvl in zip(real, state.levels, strict=True)])
+        per_layer = [state.level_for(i)[0] for i in range(self.adapter.n_layers)]
+        finish_report(state.report, counts, per_layer, state.n_visual, state.plan.stages[0].where == "pre", self.adapter.text_config)
+        self._requests.completed(state.report)
+        if self.on_report is not None:
+            self.on_report(state.report)
 
     @staticmethod
-    def _real_tokens(state: _Forward, level: Level) -> torch.Tensor:
+    def _real_tokens(state: RequestState, level: Level) -> torch.Tensor:
         """[B, Ls] bool: slots holding a real (not padding) token."""
         if state.padding0 is None:
             return level.valid
@@ -230,7 +224,7 @@ class Session:
 
     def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-            state = self._state
+            state = self._requests.current
             if state is None:
                 return None
             if not state.decoding:
@@ -245,7 +239,7 @@ class Session:
 
         return hook
 
-    def _run_llm_stage(self, state: _Forward, stage_index: int, layer: int, args: tuple, kwargs) -> tuple:
+    def _run_llm_stage(self, state: RequestState, stage_index: int, layer: int, args: tuple, kwargs) -> tuple:
         stage = state.plan.stages[stage_index]
         hidden = args[0] if args else kwargs["hidden_states"]
         parent = state.levels[-1]
@@ -260,7 +254,7 @@ class Session:
         kwargs["hidden_states"] = hidden
         return args
 
-    def _sliced_kwargs(self, state: _Forward, level_index: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _sliced_kwargs(self, state: RequestState, level_index: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         level = state.levels[level_index]
         if "kwargs" not in level.cache:
             llm_stages = [s for s in state.plan.stages if s.where != "pre"]
@@ -275,7 +269,7 @@ class Session:
         """After an early layer: add the model's per-layer visual features to the kept tokens."""
 
         def hook(module: nn.Module, args: tuple, output: Any):
-            state = self._state
+            state = self._requests.current
             if state is None or state.decoding or state.injections is None:
                 return None
             level = state.level_for(layer)[1]
@@ -287,7 +281,7 @@ class Session:
 
     def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any) -> None:
         """Score visual tokens for the stage at layer_idx + 1. query: [B, H, Ls, d]; key: [B, Hkv, Ls, d]."""
-        state = self._state
+        state = self._requests.current
         if state is None or state.decoding:
             return
         stage_index = self.source.stage_index_at(state.plan, module.layer_idx + 1)
@@ -303,12 +297,19 @@ class Session:
         )
 
     # selection ---------------------------------------------------------------------------
-    def _run(self, state: _Forward, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
+    def _run(self, state: RequestState, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
         policy = self.source.policy(state.plan, stage_index)
-        attention = state.captured.pop(stage.layer) if isinstance(policy, AttentionPolicy) else None
+        attention = None
+        if isinstance(policy, AttentionPolicy):
+            if stage.layer not in state.captured:
+                raise PlanError(
+                    f"stage {stage}: no attention rows were captured at layer {stage.layer - 1}; "
+                    "the layer's attention did not run through the pruneware capture"
+                )
+            attention = state.captured.pop(stage.layer)
         selection = run_stage(
             policy, stage, level, hidden, state.n_visual, self.seed * 1_000_003 + stage_index,
-            state.layout.grids, attention,
+            state.layout.grids, attention, sample_stages=state.sample_stages(stage_index),
         )
-        self.report.stages.append(selection.report)
+        state.report.stages.append(selection.report)
         return selection

@@ -215,10 +215,12 @@ def test_crosslmm_pools_qwen2_vl_video_and_refuses_qwen3_vl():
 def test_generate_without_grids_reads_them_from_the_vision_tower():
     """generate() encodes pixels first and drops *_grid_thw; the layout must be the same."""
     model, inputs, _ = make("qwen2_5_vl", "video")
-    with pruneware.prune(model, "random@pre:0.5", seed=1) as run:
+    reports = []
+    with pruneware.prune(model, "random@pre:0.5", seed=1, on_report=reports.append) as run:
         logits(model, inputs)
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    forward, generate = run.history[0].stages[0], run.history[1].stages[0]
+    assert len(reports) == 2 and run.report is reports[1]
+    forward, generate = reports[0].stages[0], reports[1].stages[0]
     assert torch.equal(forward.kept[0], generate.kept[0]) and forward.n_before == generate.n_before
 
 

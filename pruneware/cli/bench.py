@@ -108,7 +108,7 @@ def bench(
             else:
                 with pruneware.prune(vlm, plan, avg_tokens=avg_tokens) as run:
                     row = _measure(vlm, inputs, repeats)
-                visual = run.history[-1].avg_visual_tokens
+                visual = run.report.avg_visual_tokens
             rows.append({"plan": plan, "batch": batch, "avg_visual_tokens": round(visual, 1), **row})
     base = {r["batch"]: r["prefill_ms"] for r in rows if r["plan"] == "none"}
     for r in rows:

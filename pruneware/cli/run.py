@@ -37,7 +37,7 @@ def run(
     with session:
         _, (pruned_answer,), pruned_ms = timed_answers(vlm, processor, inputs, max_new_tokens)
     base, pruned = (base_answer, base_ms), (pruned_answer, pruned_ms)
-    report = session.history[0]
+    report = session.report
     n_visual = report.stages[0].n_before[0] if report.stages else 0
     result = {
         "model": name, "question": question, "plan": str(report.plan),

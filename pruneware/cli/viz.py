@@ -69,7 +69,7 @@ def viz(
     with pruneware.prune(vlm, plan, seed=seed, avg_tokens=avg_tokens) as run:
         with torch.inference_mode():
             vlm(**inputs)
-    report = run.history[0]
+    report = run.report
     layout = run.adapter.layout(inputs["input_ids"].cpu(), dict(inputs))
     if not layout.grids or not layout.grids[0]:
         raise UserError("the prompt holds no image tokens")

@@ -142,7 +142,7 @@ def run_sweep(
                     except PlanError as err:  # e.g. avg_tokens out of reach for this preset and model
                         skipped[variant.key] = str(err)
                         continue
-                    report = run.history[0]
+                    report = run.report
                 kl = torch.nn.functional.kl_div(
                     logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="none"
                 ).sum(-1)

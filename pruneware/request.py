@@ -1,0 +1,156 @@
+"""Run-time state of one request (one forward, or one `generate` with its decode steps).
+
+A Session only installs hooks; everything a call needs while it runs lives here, so that one
+attached model can serve concurrent `generate` calls from several threads, as plain HF does:
+
+  - the call in flight on this thread (or asyncio task) is a context variable, set when the
+    multimodal base model starts and cleared when it returns, errors included;
+  - a prefill's state is also keyed (weakly) on its KV cache, where the decode steps of that
+    same sequence find it again, on whatever thread they run; it goes with the cache;
+  - vision-tower outputs seen before a forward (`generate()` encodes pixels first) wait in a
+    context variable of the thread that produced them;
+  - the last completed report is per thread, and can also be handed to an `on_report` callback.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import torch
+
+from pruneware.adapters import VisualInjections, VisualLayout
+from pruneware.levels import Level
+from pruneware.plan import Plan, Stage
+from pruneware.report import Report
+
+_ids = count()
+
+
+@dataclass
+class RequestState:
+    """One sequence's state: set at prefill, read at every decode step.
+
+    Attributes:
+        layout: where the visual tokens are ([B, L] image ids and per-sample grids).
+        plan: the plan whose stages (places and policies) every sample runs.
+        sample_plans: per sample, the plan with that sample's own budgets (they differ only
+            under `avg_tokens`, solved for each sample's own visual-token count).
+        n_visual: per sample, its visual tokens before pruning.
+        report: this call's report, filled during prefill.
+        levels, starts: the kept sequence of each level and the first layer it covers.
+        padding0: [B, L0] bool key padding at level 0.
+        input_length: L, the language model's input length before a `pre` stage.
+        last_position: [..., B] position of the last prefill token (after a `pre` stage).
+        captured: stage layer K -> [B, Ls] attention scores captured at layer K-1.
+        decoding, past0, q_length: decode bookkeeping (level-0 cache length before the step,
+            the step's new tokens).
+        rewritten: a `pre` stage rewrote positions, so decode recomputes them.
+        injections: model-added per-layer visual features (prefill only).
+    """
+
+    layout: VisualLayout
+    plan: Plan
+    sample_plans: list[Plan]
+    n_visual: list[int]
+    report: Report
+    input_ids: torch.Tensor | None = None
+    model_inputs: dict[str, Any] = field(default_factory=dict)  # extra base-model inputs prestage needs
+    levels: list[Level] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    padding0: torch.Tensor | None = None
+    input_length: int = 0
+    last_position: torch.Tensor | None = None
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    decoding: bool = False
+    past0: int = 0
+    rewritten: bool = False
+    q_length: int = 0
+    injections: VisualInjections | None = None
+
+    def level_for(self, layer: int) -> tuple[int, Level]:
+        i = max(j for j, start in enumerate(self.starts) if start <= layer)
+        return i, self.levels[i]
+
+    def sample_stages(self, index: int) -> list[Stage]:
+        """Stage `index` as each sample runs it (its own budget)."""
+        return [plan.stages[index] for plan in self.sample_plans]
+
+
+class RequestTracker:
+    """Where a session finds the state of the call running on the current thread."""
+
+    def __init__(self) -> None:
+        n = next(_ids)
+        self._current: ContextVar[RequestState | None] = ContextVar(f"pruneware_request_{n}", default=None)
+        self._depth: ContextVar[int] = ContextVar(f"pruneware_depth_{n}", default=0)
+        self._vision: ContextVar[tuple] = ContextVar(f"pruneware_vision_{n}", default=())
+        self._by_cache: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    # the call in flight --------------------------------------------------------------------
+    def enter(self) -> None:
+        """A top-level forward starts on this thread. Raises if one is already running here."""
+        depth = self._depth.get()
+        self._depth.set(depth + 1)
+        if depth:
+            raise RuntimeError(
+                "pruneware session re-entered: this model was called again on the same thread while one of "
+                "its forwards was still running (e.g. from a policy, hook or callback); finish that call first"
+            )
+
+    def exit(self) -> None:
+        """The forward that `enter` opened returned or raised."""
+        depth = self._depth.get() - 1
+        self._depth.set(max(depth, 0))
+        if depth <= 0:
+            self._current.set(None)
+            self._vision.set(())
+
+    @property
+    def current(self) -> RequestState | None:
+        return self._current.get()
+
+    def start(self, state: RequestState, cache: Any) -> None:
+        """Make `state` this thread's call, and the state of `cache`'s later decode steps."""
+        self._current.set(state)
+        self.bind(cache, state)
+
+    def resume(self, cache: Any) -> RequestState | None:
+        """The state a prefill left on `cache`, now this thread's call (None if unknown)."""
+        with self._lock:
+            state = self._by_cache.get(cache) if cache is not None else None
+        self._current.set(state)
+        return state
+
+    def bind(self, cache: Any, state: RequestState) -> None:
+        if cache is not None:
+            with self._lock:
+                self._by_cache[cache] = state
+
+    # vision-tower calls before a forward ----------------------------------------------------
+    def saw_vision(self, output: Any, grid_thw: torch.Tensor | None) -> None:
+        self._vision.set((*self._vision.get(), (output, grid_thw)))
+
+    def take_vision(self) -> list[tuple[Any, torch.Tensor | None]]:
+        seen = list(self._vision.get())
+        self._vision.set(())
+        return seen
+
+    # reports -------------------------------------------------------------------------------
+    @property
+    def last_report(self) -> Report | None:
+        return getattr(self._local, "report", None)
+
+    def completed(self, report: Report) -> None:
+        self._local.report = report
+
+    def clear(self) -> None:
+        """Forget every cache's state (the session is detached)."""
+        with self._lock:
+            self._by_cache.clear()
