@@ -1,0 +1,69 @@
+"""Budgets per sample: `avg_tokens` is solved for each sample's own visual tokens, an
+unreachable budget is refused before any layer runs, and a written budget is what runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pruneware
+from tests.reference import pad_batch
+from tests.test_equivalence import logits
+from tests.test_families import make
+from tests.tiny import llava_inputs, qwen_media_inputs, tiny_llava
+
+
+@pytest.mark.parametrize(("family", "media"), [("qwen2_5_vl", "image"), ("qwen2_5_vl", "video"), ("llava_next", "image")])
+@pytest.mark.parametrize("preset", ["info-horizon", "adaptinfer", "fastv"])
+def test_padded_batch_equals_samples_alone_under_avg_tokens(family, media, preset):
+    model, _, samples = make(family, media)
+    batch = pad_batch(samples)
+    with pruneware.prune(model, preset, avg_tokens=10, seed=2) as run:
+        batched = logits(model, batch)
+        batched_gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        report = run.report
+        for b, sample in enumerate(samples):
+            alone = logits(model, sample)
+            assert report.sample_plans[b] == run.report.plan  # this sample's own solved budgets
+            offset = batch["input_ids"].shape[1] - sample["input_ids"].shape[1]
+            for in_batch, own in zip(report.stages, run.report.stages, strict=True):
+                assert in_batch.n_after[b] == own.n_after[0]
+                assert torch.equal(in_batch.kept[b] - offset, own.kept[0])
+            n = alone.shape[1]
+            torch.testing.assert_close(batched[b, -n:], alone[0], atol=2e-5, rtol=1e-4)
+            alone_gen = model.generate(**sample, max_new_tokens=3, do_sample=False)
+            assert torch.equal(batched_gen[b, -3:], alone_gen[0, -3:])
+    assert len(set(report.sample_plans)) > 1, report.sample_plans  # the samples differ
+
+
+def test_unreachable_budget_is_refused_before_any_layer_runs():
+    model, _, _ = make("qwen2_5_vl", "image")
+    small, large = qwen_media_inputs(model, [[2, ("image", 4, 4), 2]]), qwen_media_inputs(model, [[2, ("image", 8, 12), 2]])
+    calls = []
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pruneware.prune(model, "info-horizon", avg_tokens=10):
+            logits(model, large)  # 24 visual tokens: 10 per layer is reachable
+            assert calls
+            calls.clear()
+            with pytest.raises(pruneware.PlanError, match=r"sample 1 of the batch \(4 visual tokens\).*choose a value in \[1\.0, 4\]"):
+                logits(model, pad_batch([large, small]))
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_written_budgets_conflict_with_avg_tokens():
+    model = tiny_llava()
+    with pytest.raises(pruneware.PlanError, match="sets its own budgets, which conflict with avg_tokens=64"):
+        pruneware.prune(model, "random@pre:0.02", avg_tokens=64)
+    with pytest.raises(pruneware.PlanError, match="conflict"):
+        pruneware.prune(model, pruneware.Plan.parse("random@pre:0.5"), avg_tokens=8)
+    inputs = llava_inputs(model, [(3, 1, 4)])
+    with pruneware.prune(model, "random@pre:0.02") as run:  # as written: 2% of 16 rounds to 1 token... at least 1
+        logits(model, inputs)
+    assert run.report.plan == "random@pre:0.02" and run.report.stages[0].n_after == [1]
+    with pruneware.prune(model, "divprune@pre,random@3", avg_tokens=6) as run:  # no budgets written: solved
+        logits(model, inputs)
+    assert abs(run.report.avg_visual_tokens - 6) <= 1
+    assert [s.where for s in run.report.stages] == ["pre", 3]
