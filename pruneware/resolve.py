@@ -137,6 +137,11 @@ class PlanSource:
         return None
 
 
+def accepts_avg_tokens(plan: str) -> bool:
+    """True for a preset name or a plan string without written budgets: `avg_tokens` solves it."""
+    return plan.strip() in available_presets() or not writes_budgets(plan)
+
+
 def _template_of(plan: Plan, n_layers: int) -> Preset:
     """A plan's stages as a template whose counts decay geometrically with stage order."""
     plan.validate_for(n_layers, "1d")

@@ -65,14 +65,18 @@ def test_eval_writes_results_plots_and_resumes(model_dir, tmp_path):
     for row in payload["results"]:
         assert {"plan", "avg_tokens", "accuracy", "relative_accuracy", "avg_visual_tokens", "flops", "prefill_ms",
                 "per_task"} <= set(row)
-    fastv = payload["results"][1]
+    fastv, explicit = payload["results"][1], payload["results"][2]
     assert abs(fastv["avg_visual_tokens"] - 128) <= 1
+    assert explicit["avg_tokens"] is None and explicit["plans_run"] == ["divprune@pre:0.5"]  # once, as written
     assert payload["results"][0]["avg_visual_tokens"] > fastv["avg_visual_tokens"]
     for png in payload["plots"]:
         with Image.open(png) as image:
             assert image.size[0] > 0 and image.size[1] > 0
     lines = (out / "rows.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 4
+    written = [json.loads(x) for x in lines]
+    assert {r["plan"] for r in written if r["requested"] == "divprune@pre:0.5"} == {"divprune@pre:0.5"}
+    assert all(r["plan"].startswith("fastv@") for r in written if r["requested"] == "fastv")  # the solved plan that ran
     (out / "rows.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # interrupted mid-write
     result = invoke(*args)
     assert result.exit_code == 0, result.output
@@ -98,6 +102,7 @@ def test_bench_on_a_tiny_shape():
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["results"]
     assert [r["plan"] for r in rows] == ["none", "divprune"]
+    assert rows[1]["ran"].startswith("divprune@pre:")
     assert rows[1]["avg_visual_tokens"] == 64 and rows[1]["kv_cache_mb"] < rows[0]["kv_cache_mb"]
 
 
@@ -108,6 +113,8 @@ def test_bench_on_a_tiny_shape():
         (["run", "--plan", "nosuch@2:0.5"], "error: unknown policy 'nosuch'; valid policies:"),
         (["run", "--model", "no-such-model"], "error: unknown model 'no-such-model'"),
         (["bench", "--shape", "gpt-5"], "error: unknown shape 'gpt-5'; valid shapes:"),
+        (["bench", "--shape", "tiny", "--batch-sizes", "0"], "error: --batch-sizes must be >= 1, got 0"),
+        (["eval", "--avg-tokens", "0"], "error: --avg-tokens must be >= 1, got 0"),
         (["eval", "--bench", "jsonl", "--data", "BAD_JSONL"], "error: "),
         (["eval", "--bench", "nosuch"], "error: unknown benchmark 'nosuch'; valid benchmarks:"),
     ],

@@ -16,7 +16,10 @@ from rich.table import Table
 
 import pruneware
 from pruneware.evals.metrics import kv_cache_bytes
-from pruneware.cli.common import UserError, device_name, emit_json, load_model, parse_list, split_plans, user_errors
+from pruneware.cli.common import (
+    UserError, check_minimum, device_name, emit_json, load_model, parse_list, split_plans, user_errors,
+)
+from pruneware.resolve import accepts_avg_tokens
 
 SHAPES = {
     "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -85,6 +88,9 @@ def bench(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prefill latency, peak memory and KV-cache size per plan and batch size."""
+    sizes = parse_list(batch_sizes, int, minimum=1, option="--batch-sizes")
+    check_minimum("--repeats", [repeats], 1)
+    check_minimum("--avg-tokens", [avg_tokens], 1)
     device = device_name(device)
     if shape is not None:
         vlm, name = shape_model(shape, device), f"random {shape}"
@@ -99,17 +105,19 @@ def bench(
         text = build_prompt(processor, sample()["question"])
         make = lambda b: processor(text=[text] * b, images=[picture] * b, return_tensors="pt").to(vlm.device)  # noqa: E731
     rows = []
-    for batch in parse_list(batch_sizes, int):
+    for batch in sizes:
         inputs = make(batch)
         for plan in split_plans(plans):
             if plan == "none":
                 row = _measure(vlm, inputs, repeats)
                 visual = float(sum(int((inputs["input_ids"][0] == vlm.config.image_token_id).sum()) for _ in [0]))
             else:
-                with pruneware.prune(vlm, plan, avg_tokens=avg_tokens) as run:
+                budget = avg_tokens if accepts_avg_tokens(plan) else None  # a written budget runs as written
+                with pruneware.prune(vlm, plan, avg_tokens=budget) as run:
                     row = _measure(vlm, inputs, repeats)
                 visual = run.report.avg_visual_tokens
-            rows.append({"plan": plan, "batch": batch, "avg_visual_tokens": round(visual, 1), **row})
+            ran = plan if plan == "none" else run.report.plan
+            rows.append({"plan": plan, "ran": ran, "batch": batch, "avg_visual_tokens": round(visual, 1), **row})
     base = {r["batch"]: r["prefill_ms"] for r in rows if r["plan"] == "none"}
     for r in rows:
         r["speedup"] = round(base[r["batch"]] / r["prefill_ms"], 3) if r["batch"] in base else None

@@ -94,13 +94,26 @@ def load_image(path: str | None):
         raise UserError(f"not a readable image: {path}") from None
 
 
-def parse_list(text: str | None, cast: Callable[[str], Any] = str) -> list[Any]:
+def parse_list(
+    text: str | None, cast: Callable[[str], Any] = str, *, minimum: float | None = None, option: str = "value"
+) -> list[Any]:
+    """A comma-separated option; with `minimum`, every number must be >= it."""
     if not text:
         return []
     try:
-        return [cast(part.strip()) for part in text.split(",") if part.strip()]
+        values = [cast(part.strip()) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"could not parse {text!r} as a comma-separated list of {cast.__name__}") from None
+    if minimum is not None:
+        check_minimum(option, values, minimum)
+    return values
+
+
+def check_minimum(option: str, values: list[Any], minimum: float) -> None:
+    """Raise a one-line UserError unless every value is >= minimum."""
+    bad = [v for v in values if v < minimum]
+    if bad:
+        raise UserError(f"{option} must be >= {minimum:g}, got {bad[0]:g}")
 
 
 def split_plans(text: str) -> list[str]:

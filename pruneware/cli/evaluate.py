@@ -28,7 +28,7 @@ def evaluate(
     data: str = typer.Option(None, help="Local file or folder for jsonl and the public benchmarks."),
     plans: str = typer.Option("none,fastv,adaptinfer,divprune,random,info-horizon,crosslmm",
                               help="Plans or presets, ','-separated (';' if a plan has several stages)."),
-    avg_tokens: str = typer.Option("64,128,192", "--avg-tokens", help="Budgets: average visual tokens per layer."),
+    avg_tokens: str = typer.Option("64,128,192", "--avg-tokens", help="Budgets for presets: average visual tokens per layer (explicit plans run once at their own)."),
     limit: int = typer.Option(None, help="Examples (synthetic default: 200)."),
     seed: int = typer.Option(0, help="Seed: a fresh synthetic split, and random policies."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -41,7 +41,7 @@ def evaluate(
     from pruneware.evals.runner import run_sweep, summarize, variants
 
     plan_list = split_plans(plans)
-    budgets = parse_list(avg_tokens, float)
+    budgets = parse_list(avg_tokens, float, minimum=1, option="--avg-tokens")
     items = _items(bench, data, limit, seed)  # a bad dataset fails before the model loads
     vlm, processor, name = load_model(model, download)
     import pruneware

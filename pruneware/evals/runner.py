@@ -20,6 +20,7 @@ import torch
 import pruneware
 from pruneware.plan import PlanError
 from pruneware.report import lm_flops_per_sample
+from pruneware.resolve import accepts_avg_tokens
 
 NONE = "none"
 
@@ -37,11 +38,12 @@ class Variant:
 
 
 def variants(plans: Sequence[str], avg_tokens: Sequence[float | None]) -> list[Variant]:
-    """Every plan at every budget; `none` once. Plans without avg_tokens run as written."""
+    """Presets (and plans without written budgets) at every budget; `none` and plans with
+    written budgets once, as written."""
     out, budgets = [], list(avg_tokens) or [None]
     for plan in plans:
-        if plan == NONE:
-            out.append(Variant(NONE, None))
+        if plan == NONE or not accepts_avg_tokens(plan):
+            out.append(Variant(plan, None))
         else:
             out.extend(Variant(plan, b) for b in budgets)
     return out
@@ -150,7 +152,8 @@ def run_sweep(
                     if (variant.key, str(item.id)) in done:
                         continue
                     row = {
-                        "variant": variant.key, "plan": variant.plan, "avg_tokens": variant.avg_tokens,
+                        "variant": variant.key, "requested": variant.plan, "avg_tokens": variant.avg_tokens,
+                        "plan": NONE if report is None else report.sample_plans[b],  # what ran on this sample
                         "id": str(item.id), "task": item.task, "prediction": answers[b],
                         "score": item_score(bench, answers[b], item),
                         "answer_agrees": answers[b] == ref_answers[b],
@@ -227,6 +230,7 @@ def summarize(rows: Sequence[dict], plan_variants: Sequence[Variant], items: Seq
             main = score(bench, [r["prediction"] for r in group], [by_id[r["id"]] for r in group])
         out.append({
             "plan": v.plan, "avg_tokens": v.avg_tokens, "n": len(group),
+            "plans_run": sorted({r.get("plan", v.plan) for r in group}),  # per-sample budgets may differ
             "accuracy": round(accuracy, 4),
             "relative_accuracy": round(accuracy / base_acc, 4) if base_acc else None,
             "avg_visual_tokens": round(mean("visual_tokens"), 2),
