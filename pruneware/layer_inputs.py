@@ -19,13 +19,14 @@ from pruneware.levels import Level
 
 def level_kwargs(
     level: Level, kwargs: dict[str, Any], *, kind: masks.MaskKind, compact: bool, rotary: nn.Module,
-    decoding: bool, level0_length: int, past0: int, q_length: int,
+    decoding: bool, level0_length: int, past0: int, q_length: int, static_len: int | None = None,
 ) -> dict[str, Any]:
     """The kwargs to replace at a layer of `level`.
 
     kwargs: the layer's own (level-0 sized) kwargs: `position_embeddings` (cos, sin) [B|1, Q, d],
     `attention_mask` (see masks.py), `position_ids`. At decode, past0 is the level-0 cache length
-    before the step and q_length the step's new tokens.
+    before the step and q_length the step's new tokens. static_len: a static cache's
+    `max_cache_len` (every layer then attends over that many key slots), None for a dynamic one.
     """
     cos, sin = kwargs["position_embeddings"]
     out: dict[str, Any] = {}
@@ -33,7 +34,7 @@ def level_kwargs(
     if decoding:
         kv = past0 + q_length
         out["attention_mask"] = masks.slice_decode_mask(
-            kwargs.get("attention_mask"), index0, valid, level0_length, kv, q_length, kind, cos.dtype
+            kwargs.get("attention_mask"), index0, valid, level0_length, kv, q_length, kind, cos.dtype, width=static_len
         )
         if compact:
             start = level.length + past0 - level0_length
@@ -41,7 +42,12 @@ def level_kwargs(
             out["position_embeddings"] = rotary(cos, new_pos)
             out["position_ids"] = new_pos
         return out
-    out["attention_mask"] = masks.slice_prefill_mask(kwargs.get("attention_mask"), index0, valid, kind, cos.dtype)
+    if static_len is None:
+        out["attention_mask"] = masks.slice_prefill_mask(kwargs.get("attention_mask"), index0, valid, kind, cos.dtype)
+    else:
+        out["attention_mask"] = masks.slice_static_prefill_mask(
+            kwargs.get("attention_mask"), index0, valid, level0_length, static_len, kind, cos.dtype
+        )
     if compact:
         new_pos = torch.arange(level.length, device=cos.device).expand(index0.shape[0], -1)
         out["position_embeddings"] = rotary(cos, new_pos)

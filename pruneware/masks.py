@@ -36,18 +36,20 @@ def _gather_last(m: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 
 def _fix_invalid(m: torch.Tensor, valid_cols: torch.Tensor, invalid_rows: torch.Tensor | None) -> torch.Tensor:
-    """Mask invalid columns; let each invalid row attend to its own slot only."""
+    """Mask invalid columns; let each invalid row attend to its own slot only.
+
+    m: [B, 1, Ls, K] with K >= Ls (a static cache has more key slots than rows)."""
+    diag = None
+    if invalid_rows is not None:
+        diag = torch.diag_embed(invalid_rows)[:, None]  # [B, 1, Ls, Ls]
+        if m.shape[-1] > diag.shape[-1]:
+            diag = torch.nn.functional.pad(diag, (0, m.shape[-1] - diag.shape[-1]))
     if m.dtype == torch.bool:
         m = m & valid_cols[:, None, None, :]
-        if invalid_rows is not None:
-            diag = torch.diag_embed(invalid_rows)[:, None]  # [B, 1, Ls, Ls]
-            m = m | diag
-        return m
+        return m if diag is None else m | diag
     low = torch.finfo(m.dtype).min
     m = m.masked_fill(~valid_cols[:, None, None, :], low)
-    if invalid_rows is not None:
-        m = m.masked_fill(torch.diag_embed(invalid_rows)[:, None], 0.0)
-    return m
+    return m if diag is None else m.masked_fill(diag, 0.0)
 
 
 def slice_prefill_mask(
@@ -73,30 +75,72 @@ def slice_prefill_mask(
         return mask
     if mask.dim() == 2:
         return _gather_last(mask, index0) * valid.to(mask.dtype)
-    rows = index0.view(index0.shape[0], 1, -1, 1)
-    if mask.shape[0] == 1 and index0.shape[0] > 1:
-        mask = mask.expand(index0.shape[0], *mask.shape[1:])
-    mask = mask.gather(2, rows.expand(mask.shape[0], mask.shape[1], index0.shape[1], mask.shape[3]))
-    mask = _gather_last(mask, index0)
+    mask = _gather_last(_rows(mask, index0), index0)
     return _fix_invalid(mask, valid, ~valid if has_invalid else None) if has_invalid else mask
 
 
-def decode_columns(index0: torch.Tensor, level0_length: int, kv_length: int) -> torch.Tensor:
-    """Level-0 cache columns a level's cache holds: its kept prefix, then every decoded token."""
-    b = index0.shape[0]
-    tail = torch.arange(level0_length, kv_length, device=index0.device).expand(b, -1)
-    return torch.cat([index0, tail], dim=1)
+def level_columns(
+    index0: torch.Tensor, valid: torch.Tensor, level0_length: int, width: int, kv_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A level's key slots as level-0 mask columns: [B, width] columns and [B, width] validity.
+
+    index0, valid: [B, Ls], the level's kept prefix. Slot Ls + s holds level-0 column
+    level0_length + s (the s-th decoded token), a real key only while that column is
+    < kv_length (a static cache has `width` slots, more than are filled).
+    """
+    b, ls = index0.shape
+    tail = torch.arange(level0_length, level0_length + width - ls, device=index0.device).expand(b, -1)
+    return torch.cat([index0, tail], dim=1), torch.cat([valid, tail < kv_length], dim=1)
+
+
+def _rows(mask: torch.Tensor, index0: torch.Tensor) -> torch.Tensor:
+    """mask [B|1, 1, Q, K] -> [B, 1, Ls, K], the rows of index0 [B, Ls]."""
+    if mask.shape[0] == 1 and index0.shape[0] > 1:
+        mask = mask.expand(index0.shape[0], *mask.shape[1:])
+    rows = index0.view(index0.shape[0], 1, -1, 1)
+    return mask.gather(2, rows.expand(mask.shape[0], mask.shape[1], index0.shape[1], mask.shape[3]))
+
+
+def slice_static_prefill_mask(
+    mask: torch.Tensor | None, index0: torch.Tensor, valid: torch.Tensor, level0_length: int, width: int,
+    kind: MaskKind, dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """A level's prefill mask under a static cache, whose layers return keys for all `width` slots.
+
+    mask: [B|1, 1, L0, width], [B, width] or None. Returns [B, 1, Ls, width], [B, width], or
+    None when the top-left causal mask sdpa applies for a None mask still fits.
+    """
+    cols, valid_cols = level_columns(index0, valid, level0_length, width, level0_length)
+    invalid_rows = None if bool(valid.all()) else ~valid
+    if mask is None:
+        if invalid_rows is None:
+            return None
+        if kind == "2d":
+            return valid_cols.long()
+        ls = index0.shape[1]
+        mask = torch.ones(ls, width, dtype=torch.bool, device=index0.device).tril().expand(index0.shape[0], 1, ls, width)
+        mask = _fix_invalid(mask, valid_cols, invalid_rows)
+        if kind == "float":
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+    cols = cols.clamp(max=mask.shape[-1] - 1)
+    if mask.dim() == 2:
+        return _gather_last(mask, cols) * valid_cols.to(mask.dtype)
+    return _fix_invalid(_gather_last(_rows(mask, index0), cols), valid_cols, invalid_rows)
 
 
 def slice_decode_mask(
     mask: torch.Tensor | None, index0: torch.Tensor, valid: torch.Tensor, level0_length: int,
-    kv_length: int, q_length: int, kind: MaskKind, dtype: torch.dtype,
+    kv_length: int, q_length: int, kind: MaskKind, dtype: torch.dtype, width: int | None = None,
 ) -> torch.Tensor | None:
-    """The level's decode-step mask. mask: [B|1, 1, q, kv0], [B, kv0] or None (kv0 = kv_length)."""
-    has_invalid = not bool(valid.all())
-    cols = decode_columns(index0, level0_length, kv_length)
-    tail = torch.ones(valid.shape[0], kv_length - level0_length, dtype=torch.bool, device=valid.device)
-    valid_cols = torch.cat([valid, tail], dim=1)
+    """The level's decode-step mask. mask: [B|1, 1, q, kv0], [B, kv0] or None.
+
+    kv_length: level-0 keys after this step; width: the level's key slots (a static cache's
+    `max_cache_len`; by default the level's kept prefix plus every decoded token).
+    """
+    width = index0.shape[1] + kv_length - level0_length if width is None else width
+    cols, valid_cols = level_columns(index0, valid, level0_length, width, kv_length)
+    has_invalid = not bool(valid_cols.all())
     if mask is None:
         if not has_invalid:
             return None
@@ -106,6 +150,7 @@ def slice_decode_mask(
         if kind == "bool":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    cols = cols.clamp(max=mask.shape[-1] - 1)
     if mask.dim() == 2:
         return _gather_last(mask, cols) * valid_cols.to(mask.dtype)
     mask = _gather_last(mask, cols)

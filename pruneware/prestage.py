@@ -78,13 +78,16 @@ def remap_decode(
 ) -> dict:
     """Kwargs to replace at a decode step after a `pre` stage.
 
-    mask: the full-length 2-D mask [B, input_length + steps]; past0: the pruned cache length
+    mask: the full-length 2-D mask [B, input_length + steps] (or, under a static cache, a 4-D
+    [B, 1, q, max_cache_len] mask already over the pruned slots); past0: the pruned cache length
     before this step; last_position: [..., B] position of the last prefill token.
     """
     out: dict = {}
     batch = level0.index_prev.shape[0]
     device = level0.index_prev.device
-    if mask is not None:
+    if mask is not None and mask.dim() == 4:  # a static cache's mask, already over the pruned slots
+        out["attention_mask"] = mask
+    elif mask is not None:
         head = mask[:, :input_length].gather(1, level0.index_prev) * level0.valid.to(mask.dtype)
         out["attention_mask"] = torch.cat([head, mask[:, input_length:]], dim=1)
     elif not bool(level0.valid.all()):

@@ -51,6 +51,7 @@ class RequestState:
             the step's new tokens).
         rewritten: a `pre` stage rewrote positions, so decode recomputes them.
         injections: model-added per-layer visual features (prefill only).
+        static_len: a static cache's `max_cache_len`, None for a dynamic cache.
     """
 
     layout: VisualLayout
@@ -71,6 +72,7 @@ class RequestState:
     rewritten: bool = False
     q_length: int = 0
     injections: VisualInjections | None = None
+    static_len: int | None = None  # a static cache's max_cache_len (see caches.py)
 
     def level_for(self, layer: int) -> tuple[int, Level]:
         i = max(j for j, start in enumerate(self.starts) if start <= layer)

@@ -27,6 +27,7 @@ from torch import nn
 
 from pruneware import masks
 from pruneware.adapters import Adapter, adapter_for
+from pruneware.caches import padding_of, static_length, unwrap_mask
 from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
 from pruneware.layer_inputs import level_kwargs
@@ -131,7 +132,7 @@ class Session:
         self._requests.enter()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0
         if past:
             state = self._requests.resume(cache)
             if state is None:
@@ -142,6 +143,7 @@ class Session:
             return
         if input_ids is None:
             raise ValueError("pruneware locates visual tokens from input_ids: pass input_ids, not inputs_embeds")
+        static_len = static_length(cache)  # refuses a cache the engine cannot drive
         layout = self.adapter.layout(input_ids, {**kwargs, "seen_vision": self._requests.take_vision()})
         n_visual = layout.visual.sum(dim=1).tolist()
         sample_plans = self.source.sample_plans(n_visual)  # raises before any layer runs
@@ -149,7 +151,7 @@ class Session:
         report = Report(n_layers=self.adapter.n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans])
         state = RequestState(
             layout, plan, sample_plans, n_visual, report, input_ids=input_ids,
-            model_inputs={k: kwargs.get(k) for k in _PRESTAGE_INPUTS},
+            model_inputs={k: kwargs.get(k) for k in _PRESTAGE_INPUTS}, static_len=static_len,
         )
         self._requests.start(state, cache)
 
@@ -162,14 +164,17 @@ class Session:
             return None
         embeds = kwargs["inputs_embeds"]
         positions = kwargs.get("position_ids")
-        mask = kwargs.get("attention_mask")
+        mask = kwargs["attention_mask"] = unwrap_mask(kwargs.get("attention_mask"))
         if state.decoding:
             return args, self._decode_language_model(state, kwargs, embeds, positions, mask)
         state.input_length = state.q_length = embeds.shape[1]
         state.injections = self.adapter.take_injections(kwargs)
         root = root_level(state.layout.image_ids.to(embeds.device))
         pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
-        if mask is not None and mask.dim() != 2:
+        full = None  # a 4-D mask generate() prebuilt for a static cache
+        if mask is not None and mask.dim() == 4 and state.static_len is not None:
+            full, mask = mask, padding_of(mask, embeds.shape[0], embeds.shape[1])
+        elif mask is not None and mask.dim() != 2:
             raise ValueError("pruneware needs a 2-D attention_mask [batch, length] (or none) at the language model")
         if pre is None:
             state.levels, state.starts = [root], [0]
@@ -185,7 +190,10 @@ class Session:
         state.padding0 = pruned.mask.bool()
         state.last_position = pruned.positions[..., -1]
         state.rewritten = pruned.rewritten
-        kwargs.update(inputs_embeds=pruned.embeds, attention_mask=pruned.mask, position_ids=pruned.positions)
+        new_mask = pruned.mask if full is None else masks.slice_static_prefill_mask(
+            full, level.index_prev, level.valid, embeds.shape[1], state.static_len, masks.mask_kind(self._attn), embeds.dtype
+        )
+        kwargs.update(inputs_embeds=pruned.embeds, attention_mask=new_mask, position_ids=pruned.positions)
         return args, kwargs
 
     def _decode_language_model(self, state: RequestState, kwargs, embeds, positions, mask) -> dict[str, Any]:
@@ -193,6 +201,14 @@ class Session:
         pre = state.plan.stages[0]
         if pre.where != "pre":
             return kwargs
+        if mask is not None and mask.dim() == 4:
+            # generate() built this static-cache mask from input-length padding but pruned cache
+            # positions; rebuild it from the pruned padding instead.
+            level0 = state.levels[0]
+            mask = masks.slice_decode_mask(
+                None, level0.index0, state.padding0, level0.length, state.past0 + state.q_length, state.q_length,
+                masks.mask_kind(self._attn), mask.dtype if mask.is_floating_point() else embeds.dtype, width=mask.shape[-1],
+            )
         kwargs.update(remap_decode(
             state.levels[0], state.input_length, state.past0, state.q_length, mask, positions,
             state.last_position, state.rewritten, pre.positions == "compact",
@@ -262,6 +278,7 @@ class Session:
                 level, kwargs, kind=masks.mask_kind(self._attn), compact=llm_stages[level_index - 1].positions == "compact",
                 rotary=self.adapter.language_model.rotary_emb, decoding=state.decoding,
                 level0_length=state.levels[0].length, past0=state.past0, q_length=state.q_length,
+                static_len=state.static_len,
             )
         return level.cache["kwargs"]  # type: ignore[return-value]
 
@@ -292,6 +309,7 @@ class Session:
             return
         _, level = state.level_for(module.layer_idx)
         real = self._real_tokens(state, level)
+        key = key[:, :, : level.length]  # a static cache returns all its slots; the prefill fills the first Ls
         state.captured[module.layer_idx + 1] = attention_policy_scores(
             policy, level.visual, real, query, key, getattr(module, "scaling", None)
         )
