@@ -18,6 +18,11 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 SUPPORTED = "DynamicCache (the default) and StaticCache (cache_implementation='static')"
 
 
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The cache in a forward's kwargs: transformers 5.24 calls it `cache`, 5.4-5.23 `past_key_values`."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 def static_length(cache: Any) -> int | None:
     """None for a dynamic cache (or none), `max_cache_len` for a static one.
 

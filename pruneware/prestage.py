@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pruneware import masks
 from pruneware.adapters import Adapter
 from pruneware.kernels.gather import gather_rows
 from pruneware.levels import Level
 from pruneware.plan import Stage
+from pruneware.request import RequestState
 from pruneware.selection import Selection
 
 
@@ -99,3 +101,30 @@ def remap_decode(
     elif positions is None or rewritten:
         out["position_ids"] = last_position[..., None] + 1 + steps
     return out
+
+
+def decode_inputs(
+    state: RequestState, kwargs: dict, embeds: torch.Tensor, positions: torch.Tensor | None,
+    mask: torch.Tensor | None, kind: masks.MaskKind,
+) -> dict:
+    """The language model's kwargs at a decode step of a sequence whose prefill ran a `pre` stage.
+
+    embeds: [B, q, D] the step's new tokens; mask: as generate() passes it (see `remap_decode`).
+    """
+    state.q_length = embeds.shape[1]
+    pre = state.plan.stages[0]
+    if pre.where != "pre":
+        return kwargs
+    if mask is not None and mask.dim() == 4:
+        # generate() built this static-cache mask from input-length padding but pruned cache
+        # positions; rebuild it from the pruned padding instead.
+        level0 = state.levels[0]
+        mask = masks.slice_decode_mask(
+            None, level0.index0, state.padding0, level0.length, state.past0 + state.q_length, state.q_length,
+            kind, mask.dtype if mask.is_floating_point() else embeds.dtype, width=mask.shape[-1],
+        )
+    kwargs.update(remap_decode(
+        state.levels[0], state.input_length, state.past0, state.q_length, mask, positions,
+        state.last_position, state.rewritten, pre.positions == "compact",
+    ))
+    return kwargs

@@ -78,6 +78,12 @@ class RequestState:
         i = max(j for j, start in enumerate(self.starts) if start <= layer)
         return i, self.levels[i]
 
+    def real_tokens(self, level: Level) -> torch.Tensor:
+        """[B, Ls] bool: the level's slots holding a real (not padding) token."""
+        if self.padding0 is None:
+            return level.valid
+        return level.valid & self.padding0.gather(1, level.index0)
+
     def sample_stages(self, index: int) -> list[Stage]:
         """Stage `index` as each sample runs it (its own budget)."""
         return [plan.stages[index] for plan in self.sample_plans]

@@ -11,9 +11,7 @@ Hooks (all removed on exit, errors included):
     cos/sin tables, position ids and mask rows/columns that the model loop passes full-size
     (once per level per forward, memoised), and at decode remaps the mask columns;
   - while a stage needs attention rows, a registered attention function (see capture.py).
-
-The session holds no run-time state: each call's lives in a `RequestState` (see request.py),
-so one attached model serves concurrent calls from several threads.
+The session holds no run-time state: each call's lives in a `RequestState` (see request.py).
 """
 
 from __future__ import annotations
@@ -27,14 +25,14 @@ from torch import nn
 
 from pruneware import masks
 from pruneware.adapters import Adapter, adapter_for
-from pruneware.caches import padding_of, static_length, unwrap_mask
+from pruneware.caches import cache_of, padding_of, static_length, unwrap_mask
 from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
 from pruneware.layer_inputs import level_kwargs
 from pruneware.levels import Level, as_root, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
-from pruneware.prestage import prune_inputs, remap_decode
+from pruneware.prestage import decode_inputs, prune_inputs
 from pruneware.report import Report, finish_report
 from pruneware.request import RequestState, RequestTracker
 from pruneware.resolve import PlanSource
@@ -42,10 +40,6 @@ from pruneware.selection import Selection, attention_policy_scores, run_stage
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 _PRESTAGE_INPUTS = ("mm_token_type_ids", "second_per_grid_ts")  # base-model inputs a `pre` stage may need
-
-
-def _cache_of(kwargs: dict[str, Any]) -> Any:
-    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 class Session:
@@ -131,7 +125,7 @@ class Session:
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._requests.enter()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         past = int(cache.get_seq_length()) if cache is not None else 0
         if past:
             state = self._requests.resume(cache)
@@ -166,7 +160,7 @@ class Session:
         positions = kwargs.get("position_ids")
         mask = kwargs["attention_mask"] = unwrap_mask(kwargs.get("attention_mask"))
         if state.decoding:
-            return args, self._decode_language_model(state, kwargs, embeds, positions, mask)
+            return args, decode_inputs(state, kwargs, embeds, positions, mask, masks.mask_kind(self._attn))
         state.input_length = state.q_length = embeds.shape[1]
         state.injections = self.adapter.take_injections(kwargs)
         root = root_level(state.layout.image_ids.to(embeds.device))
@@ -196,25 +190,6 @@ class Session:
         kwargs.update(inputs_embeds=pruned.embeds, attention_mask=new_mask, position_ids=pruned.positions)
         return args, kwargs
 
-    def _decode_language_model(self, state: RequestState, kwargs, embeds, positions, mask) -> dict[str, Any]:
-        state.q_length = embeds.shape[1]
-        pre = state.plan.stages[0]
-        if pre.where != "pre":
-            return kwargs
-        if mask is not None and mask.dim() == 4:
-            # generate() built this static-cache mask from input-length padding but pruned cache
-            # positions; rebuild it from the pruned padding instead.
-            level0 = state.levels[0]
-            mask = masks.slice_decode_mask(
-                None, level0.index0, state.padding0, level0.length, state.past0 + state.q_length, state.q_length,
-                masks.mask_kind(self._attn), mask.dtype if mask.is_floating_point() else embeds.dtype, width=mask.shape[-1],
-            )
-        kwargs.update(remap_decode(
-            state.levels[0], state.input_length, state.past0, state.q_length, mask, positions,
-            state.last_position, state.rewritten, pre.positions == "compact",
-        ))
-        return kwargs
-
     def _on_language_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         state = self._requests.current
         if state is None or state.decoding:
@@ -222,7 +197,7 @@ class Session:
         state.injections = None
         state.input_ids = None
         self._requests.bind(getattr(output, "past_key_values", None), state)  # a cache the model made itself
-        real = [self._real_tokens(state, level) for level in state.levels]
+        real = [state.real_tokens(level) for level in state.levels]
         # [levels, 2, B]: tokens and visual tokens per sample
         counts = torch.stack([torch.stack([r.sum(1), (r & lvl.visual).sum(1)]) for r, lvl in zip(real, state.levels, strict=True)])
         per_layer = [state.level_for(i)[0] for i in range(self.adapter.n_layers)]
@@ -230,13 +205,6 @@ class Session:
         self._requests.completed(state.report)
         if self.on_report is not None:
             self.on_report(state.report)
-
-    @staticmethod
-    def _real_tokens(state: RequestState, level: Level) -> torch.Tensor:
-        """[B, Ls] bool: slots holding a real (not padding) token."""
-        if state.padding0 is None:
-            return level.valid
-        return level.valid & state.padding0.gather(1, level.index0)
 
     def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -308,7 +276,7 @@ class Session:
         if not isinstance(policy, AttentionPolicy):
             return
         _, level = state.level_for(module.layer_idx)
-        real = self._real_tokens(state, level)
+        real = state.real_tokens(level)
         key = key[:, :, : level.length]  # a static cache returns all its slots; the prefill fills the first Ls
         state.captured[module.layer_idx + 1] = attention_policy_scores(
             policy, level.visual, real, query, key, getattr(module, "scaling", None)
@@ -320,10 +288,8 @@ class Session:
         attention = None
         if isinstance(policy, AttentionPolicy):
             if stage.layer not in state.captured:
-                raise PlanError(
-                    f"stage {stage}: no attention rows were captured at layer {stage.layer - 1}; "
-                    "the layer's attention did not run through the pruneware capture"
-                )
+                raise PlanError(f"stage {stage}: no attention rows were captured at layer {stage.layer - 1}; "
+                                "its attention did not run through the pruneware capture")
             attention = state.captured.pop(stage.layer)
         selection = run_stage(
             policy, stage, level, hidden, state.n_visual, self.seed * 1_000_003 + stage_index,

@@ -71,3 +71,21 @@ def test_unsupported_cache_is_refused_before_any_layer_runs():
     with pytest.raises(ValueError, match="offloaded DynamicCache; supported caches"):
         static_length(offloaded)
     assert static_length(DynamicCache()) is None and static_length(None) is None
+
+
+def test_compiled_static_decoding_equals_eager():
+    """generate() compiles the decode steps of a static cache on a GPU; pruneware's hooks then
+    run as graph breaks (dynamo's eager backend here, so the CPU needs no compiler)."""
+    from transformers import CompileConfig
+
+    model, inputs = _batch("llava", "sdpa")
+    config = CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True  # what a GPU gets by default
+    kw = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True, cache_implementation="static")
+    torch._dynamo.reset()
+    with pruneware.prune(model, "random@3:0.25", seed=1):
+        eager = model.generate(**inputs, **kw)
+        compiled = model.generate(**inputs, compile_config=config, **kw)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits, 1), torch.stack(eager.logits, 1), atol=1e-5, rtol=1e-5)
