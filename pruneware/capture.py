@@ -24,8 +24,8 @@ _ids = count()
 
 
 def _original_function(name: str, module: nn.Module) -> Callable:
-    if name != "eager" and name in AttentionInterface._global_mapping:
-        return AttentionInterface._global_mapping[name]
+    if name != "eager":
+        return AttentionInterface._global_mapping[name]  # checked in AttentionCapture.__init__
     # Eager attention lives in each modeling file, next to the attention module.
     return sys.modules[type(module).__module__].eager_attention_forward
 
@@ -41,6 +41,11 @@ class AttentionCapture:
             raise ValueError(
                 "pruneware cannot read attention rows under flex_attention; "
                 "use sdpa, flash_attention_2 or eager for policies that need attention (e.g. fastv)"
+            )
+        if self.original != "eager" and self.original not in AttentionInterface._global_mapping:
+            raise ValueError(
+                f"pruneware cannot wrap the attention backend {self.original!r}: it is not registered in "
+                f"transformers' AttentionInterface (registered: eager, {', '.join(sorted(AttentionInterface._global_mapping))})"
             )
         # Keep the backend's name inside ours: transformers checks e.g. "flash" in the name.
         self.name = f"pruneware{next(_ids)}_{self.original}"

@@ -19,6 +19,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pruneware.errors import PlanError
+from pruneware.policies import get_policy
+
+__all__ = ["Plan", "PlanError", "Stage", "writes_budgets"]
+
 Where = Literal["pre"] | int
 PositionsMode = Literal["keep", "compact"]
 POSITIONS_MODES = ("keep", "compact")
@@ -27,10 +32,6 @@ _STAGE_RE = re.compile(
     r"^(?P<policy>[A-Za-z][\w\-]*)(?:\[(?P<params>[^\]]*)\])?"
     r"@(?P<where>pre|\d+)(?::(?P<budget>[^:]+))?(?::(?P<mode>[a-z]+))?$"
 )
-
-
-class PlanError(ValueError):
-    """A plan that cannot run: bad syntax, unknown policy, or out-of-range values."""
 
 
 def writes_budgets(text: str) -> bool:
@@ -144,8 +145,6 @@ class Plan:
     stages: tuple[Stage, ...]
 
     def __post_init__(self) -> None:
-        from pruneware.policies import get_policy
-
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise PlanError("a plan needs at least one stage")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from pruneware.adapters import Adapter
 from pruneware.plan import Plan, PlanError, writes_budgets
-from pruneware.policies import Policy, get_policy
+from pruneware.policies import Policy, build_policy
 from pruneware.presets import Preset, StageTemplate, available_presets
 
 NOMINAL_VISUAL_TOKENS = 576  # used only to validate a lazily solved plan before the first input
@@ -111,11 +111,7 @@ class PlanSource:
         stage = plan.stages[index]
         key = (str(stage), index)
         if key not in self._policies:
-            cls = get_policy(stage.policy)
-            try:
-                self._policies[key] = cls(**dict(stage.params))
-            except TypeError as err:
-                raise PlanError(f"bad parameters for policy {stage.policy!r} in {stage}: {err}") from None
+            self._policies[key] = build_policy(stage)
         return self._policies[key]
 
     def _any_plan(self) -> Plan:

@@ -100,3 +100,16 @@ def test_beam_search_equals_samples_alone(family):
         for b, sample in enumerate(samples[:2]):
             alone = model.generate(**sample, max_new_tokens=4, num_beams=3, do_sample=False)
             assert torch.equal(beams[b, -4:], alone[0, -4:])
+
+
+def test_an_unregistered_backend_is_named_not_replaced_by_eager():
+    model, inputs, _ = make("llava")
+    text = model.config.get_text_config()
+    text._attn_implementation = "my_backend"  # what a backend the user forgot to register looks like
+    try:
+        hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
+        with pytest.raises(ValueError, match=r"cannot wrap the attention backend 'my_backend'.*registered: eager, .*sdpa"):
+            pruneware.prune(model, "fastv@2:0.5").attach()
+        assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    finally:
+        text._attn_implementation = "sdpa"

@@ -136,6 +136,8 @@ def snap():
 before = snap()
 import pruneware, pruneware.session, pruneware.capture, pruneware.policies, pruneware.adapters
 assert snap() == before, "importing pruneware changed global state"
+import sys
+assert "matplotlib" not in sys.modules, "the core engine imported plotting"
 print("clean")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

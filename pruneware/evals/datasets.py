@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 from pruneware.evals.items import SYNTHETIC_N, Benchmark, DatasetError, Item, MissingExtraError, _open_file, _subsample
-from pruneware.evals.public_formats import _load_gqa, _load_mme, _load_pope, _load_textvqa
+from pruneware.evals.public_formats import PUBLIC_BENCHMARKS
 
 __all__ = ["BENCHMARKS", "Benchmark", "DatasetError", "Item", "MissingExtraError", "load_benchmark", "load_jsonl"]
 
@@ -94,10 +94,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     for b in (
         Benchmark("synthetic", _load_synthetic, None, None, "seeded synthetic VQA, eval split (no files)"),
         Benchmark("jsonl", _load_jsonl, None, None, "local JSON lines: image, question, answer(s)"),
-        Benchmark("textvqa", _load_textvqa, "validation", "lmms-lab/textvqa", "TextVQA, VQA accuracy"),
-        Benchmark("pope", _load_pope, "test", "lmms-lab/POPE", "POPE yes/no hallucination, F1"),
-        Benchmark("gqa", _load_gqa, "testdev", "lmms-lab/GQA", "GQA testdev balanced, exact match"),
-        Benchmark("mme", _load_mme, "test", "lmms-lab/MME", "MME yes/no pairs, perception + cognition"),
+        *PUBLIC_BENCHMARKS.values(),
     )
 }
 

@@ -20,9 +20,7 @@ from pruneware.evals.items import (
 
 
 def _benchmark(name: str) -> Benchmark:
-    from pruneware.evals.datasets import BENCHMARKS
-
-    return BENCHMARKS[name]
+    return PUBLIC_BENCHMARKS[name]
 
 
 def _datasets_lib():
@@ -154,3 +152,14 @@ def _load_gqa(path, split, limit, seed, allow_download) -> list[Item]:
         task = types.get("structural") or "gqa"  # verify, query, choose, logical, compare
         items.append(Item(loader, r["question"], [r["answer"]], task, str(r["id"]), str(r["imageId"])))
     return items
+
+
+PUBLIC_BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark("textvqa", _load_textvqa, "validation", "lmms-lab/textvqa", "TextVQA, VQA accuracy"),
+        Benchmark("pope", _load_pope, "test", "lmms-lab/POPE", "POPE yes/no hallucination, F1"),
+        Benchmark("gqa", _load_gqa, "testdev", "lmms-lab/GQA", "GQA testdev balanced, exact match"),
+        Benchmark("mme", _load_mme, "test", "lmms-lab/MME", "MME yes/no pairs, perception + cognition"),
+    )
+}

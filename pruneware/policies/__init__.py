@@ -2,6 +2,11 @@
 
 from pruneware.policies import adaptinfer, crosslmm, divprune, fastv, random, vision_score  # noqa: F401  (registration)
 from pruneware.policies.attention import AttentionPolicy
-from pruneware.policies.base import MergeResult, Policy, StageInput, available, get_policy, register_policy, split_budget
+from pruneware.policies.base import (
+    MergeResult, Policy, StageInput, available, build_policy, get_policy, register_policy, split_budget,
+)
 
-__all__ = ["AttentionPolicy", "MergeResult", "Policy", "StageInput", "available", "get_policy", "register_policy", "split_budget"]
+__all__ = [
+    "AttentionPolicy", "MergeResult", "Policy", "StageInput", "available", "build_policy", "get_policy", "register_policy",
+    "split_budget",
+]

@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import torch
 
+from pruneware.errors import PlanError
+
 
 @dataclass
 class StageInput:
@@ -148,12 +150,19 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 
 def get_policy(name: str) -> type[Policy]:
-    from pruneware.plan import PlanError
-
     try:
         return _POLICIES[name]
     except KeyError:
         raise PlanError(f"unknown policy {name!r}; valid policies: {', '.join(sorted(_POLICIES))}") from None
+
+
+def build_policy(stage) -> Policy:
+    """The policy a `Stage` names, built from the stage's parameters (the one place policies are made)."""
+    cls = get_policy(stage.policy)
+    try:
+        return cls(**dict(stage.params))
+    except TypeError as err:
+        raise PlanError(f"bad parameters for policy {stage.policy!r} in {stage}: {err}") from None
 
 
 def available() -> dict[str, type[Policy]]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pruneware.integrations.vllm import ENV_PLAN
 from pruneware.plan import Plan, PlanError, Stage
-from pruneware.policies import Policy, get_policy
+from pruneware.policies import Policy, build_policy, get_policy
 from pruneware.policies.pooling import pooled_shape
 
 CONFIG_KEY = "pruneware"  # hf_overrides={"pruneware": {"plan": ..., "seed": ...}}
@@ -60,11 +60,7 @@ class PruneSpec:
 
     def __post_init__(self) -> None:
         check_stage(self.stage)
-        cls = get_policy(self.stage.policy)
-        try:
-            object.__setattr__(self, "policy", cls(**dict(self.stage.params)))
-        except TypeError as err:
-            raise PlanError(f"bad parameters for policy {self.stage.policy!r} in {self.stage}: {err}") from None
+        object.__setattr__(self, "policy", build_policy(self.stage))
 
     @property
     def stage_seed(self) -> int:

@@ -1,0 +1,8 @@
+"""Errors shared by the plan grammar and the registries (a module of its own, so that plan.py
+can use the policy registry and the registry can raise PlanError without an import cycle)."""
+
+from __future__ import annotations
+
+
+class PlanError(ValueError):
+    """A plan that cannot run: bad syntax, unknown policy, or out-of-range values."""
