@@ -29,11 +29,11 @@ import pruneware
 IMAGE_TOKEN = 250
 
 
-def build_model() -> LlavaForConditionalGeneration:
+def build_model(layers: int = 8) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                               image_size=336, patch_size=14)
-    text = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+    text = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
                        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
     config._attn_implementation = "sdpa"

@@ -34,7 +34,8 @@ def level_kwargs(
     if decoding:
         kv = past0 + q_length
         out["attention_mask"] = masks.slice_decode_mask(
-            kwargs.get("attention_mask"), index0, valid, level0_length, kv, q_length, kind, cos.dtype, width=static_len
+            kwargs.get("attention_mask"), index0, valid, level0_length, kv, q_length, kind, cos.dtype, width=static_len,
+            all_valid=level.all_valid,
         )
         if compact:
             start = level.length + past0 - level0_length
@@ -43,10 +44,12 @@ def level_kwargs(
             out["position_ids"] = new_pos
         return out
     if static_len is None:
-        out["attention_mask"] = masks.slice_prefill_mask(kwargs.get("attention_mask"), index0, valid, kind, cos.dtype)
+        out["attention_mask"] = masks.slice_prefill_mask(
+            kwargs.get("attention_mask"), index0, valid, kind, cos.dtype, all_valid=level.all_valid
+        )
     else:
         out["attention_mask"] = masks.slice_static_prefill_mask(
-            kwargs.get("attention_mask"), index0, valid, level0_length, static_len, kind, cos.dtype
+            kwargs.get("attention_mask"), index0, valid, level0_length, static_len, kind, cos.dtype, all_valid=level.all_valid
         )
     if compact:
         new_pos = torch.arange(level.length, device=cos.device).expand(index0.shape[0], -1)

@@ -29,6 +29,8 @@ class Level:
         same_as_prev: True when nothing was dropped from the previous level (the hidden-state
             gather is skipped).
         cache: per-forward memo of sliced masks and positions, keyed by kind.
+        n_slots, n_visual: per sample, its valid slots and its visual slots, kept on the host
+            so that no stage needs a device sync to read them.
     """
 
     index_prev: torch.Tensor
@@ -39,10 +41,17 @@ class Level:
     identity: bool = False
     same_as_prev: bool = False
     cache: dict[str, object] = field(default_factory=dict)
+    n_slots: list[int] = field(default_factory=list)
+    n_visual: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:
         return self.index_prev.shape[1]
+
+    @property
+    def all_valid(self) -> bool:
+        """No padding slots (read from the host-side counts, no device sync)."""
+        return all(n == self.length for n in self.n_slots)
 
     @property
     def visual(self) -> torch.Tensor:
@@ -53,25 +62,35 @@ class Level:
         return [row[ok] for row, ok in zip(self.orig, self.visual, strict=True)]
 
     def visual_counts(self) -> list[int]:
-        return self.visual.sum(dim=1).tolist()
+        return list(self.n_visual)
 
 
-def root_level(image_ids: torch.Tensor) -> Level:
-    """The unpruned sequence: image_ids [B, L] as given by the adapter."""
+def root_level(image_ids: torch.Tensor, n_visual: list[int]) -> Level:
+    """The unpruned sequence: image_ids [B, L] as given by the adapter, n_visual its visual tokens per sample."""
     b, length = image_ids.shape
     arange = torch.arange(length, device=image_ids.device).expand(b, length)
     ones = torch.ones_like(image_ids, dtype=torch.bool)
-    return Level(arange, arange, arange, ones, image_ids, identity=True, same_as_prev=True)
+    return Level(arange, arange, arange, ones, image_ids, identity=True, same_as_prev=True,
+                 n_slots=[length] * b, n_visual=list(n_visual))
 
 
 def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
     """The level that keeps every valid non-visual slot of `parent` plus the chosen visual ones.
 
-    keep_visual[b] holds sorted indices into sample b's visual slots (in slot order). Built with
-    batched tensor ops and a single host sync (the new length).
+    keep_visual[b] holds sorted, distinct indices into sample b's visual slots (in slot order).
+    Built with batched tensor ops; the new length comes from the host-side counts, so no sync.
     """
     batch, length = parent.index_prev.shape
     device = parent.index_prev.device
+    kept = [k.numel() for k in keep_visual] if keep_visual else [0] * batch
+    n_slots = [n - v + k for n, v, k in zip(parent.n_slots, parent.n_visual, kept, strict=True)]
+    new_length = max(n_slots, default=0)
+    if n_slots == [length] * batch:  # nothing dropped
+        return Level(
+            torch.arange(length, device=device).expand(batch, length),
+            parent.index0, parent.orig, parent.valid, parent.image_ids,
+            identity=parent.identity, same_as_prev=True, n_slots=n_slots, n_visual=kept,
+        )
     # Visual slots of each row, in slot order, first: order[b, j] is the j-th visual slot.
     order = torch.sort((~parent.visual).to(torch.int8), dim=1, stable=True).indices
     chosen = torch.nn.utils.rnn.pad_sequence(
@@ -84,20 +103,13 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
         hits = torch.zeros(batch, length, dtype=torch.int32, device=device).scatter_add_(1, slots, (chosen >= 0).int())
         keep = keep | (hits > 0)
     counts = keep.sum(dim=1)
-    new_length = int(counts.max()) if batch else 0
-    if new_length == length and bool((counts == length).all()):  # nothing dropped
-        return Level(
-            torch.arange(length, device=device).expand(batch, length),
-            parent.index0, parent.orig, parent.valid, parent.image_ids,
-            identity=parent.identity, same_as_prev=True,
-        )
     # Kept slots last, in slot order: the rows come out left-padded with dropped slots.
     index = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, length - new_length:]
     valid = torch.arange(new_length, device=device)[None] >= (new_length - counts)[:, None]
     image_ids = parent.image_ids.gather(1, index).masked_fill(~valid, -1)
     return Level(
         index, parent.index0.gather(1, index), parent.orig.gather(1, index),
-        valid & parent.valid.gather(1, index), image_ids,
+        valid & parent.valid.gather(1, index), image_ids, n_slots=n_slots, n_visual=kept,
     )
 
 
@@ -105,4 +117,5 @@ def as_root(level: Level) -> Level:
     """Make a `pre`-stage level the new level 0: later masks and positions are its size."""
     b, length = level.index_prev.shape
     arange = torch.arange(length, device=level.index_prev.device).expand(b, length)
-    return Level(level.index_prev, arange, level.orig, level.valid, level.image_ids, True, level.same_as_prev)
+    return Level(level.index_prev, arange, level.orig, level.valid, level.image_ids, True, level.same_as_prev,
+                 n_slots=level.n_slots, n_visual=level.n_visual)

@@ -53,14 +53,15 @@ def _fix_invalid(m: torch.Tensor, valid_cols: torch.Tensor, invalid_rows: torch.
 
 
 def slice_prefill_mask(
-    mask: torch.Tensor | None, index0: torch.Tensor, valid: torch.Tensor, kind: MaskKind, dtype: torch.dtype
+    mask: torch.Tensor | None, index0: torch.Tensor, valid: torch.Tensor, kind: MaskKind, dtype: torch.dtype,
+    all_valid: bool | None = None,
 ) -> torch.Tensor | None:
     """The level's prefill mask from the level-0 mask.
 
     mask: [B|1, 1, L0, L0], [B, L0] or None; index0, valid: [B, Ls]. Returns the same format,
     [B, 1, Ls, Ls] or [B, Ls], or None when a plain causal mask still fits.
     """
-    has_invalid = not bool(valid.all())
+    has_invalid = not (bool(valid.all()) if all_valid is None else all_valid)
     if mask is None:
         if not has_invalid:
             return None
@@ -103,7 +104,7 @@ def _rows(mask: torch.Tensor, index0: torch.Tensor) -> torch.Tensor:
 
 def slice_static_prefill_mask(
     mask: torch.Tensor | None, index0: torch.Tensor, valid: torch.Tensor, level0_length: int, width: int,
-    kind: MaskKind, dtype: torch.dtype,
+    kind: MaskKind, dtype: torch.dtype, all_valid: bool | None = None,
 ) -> torch.Tensor | None:
     """A level's prefill mask under a static cache, whose layers return keys for all `width` slots.
 
@@ -111,7 +112,7 @@ def slice_static_prefill_mask(
     None when the top-left causal mask sdpa applies for a None mask still fits.
     """
     cols, valid_cols = level_columns(index0, valid, level0_length, width, level0_length)
-    invalid_rows = None if bool(valid.all()) else ~valid
+    invalid_rows = None if (bool(valid.all()) if all_valid is None else all_valid) else ~valid
     if mask is None:
         if invalid_rows is None:
             return None
@@ -132,15 +133,18 @@ def slice_static_prefill_mask(
 def slice_decode_mask(
     mask: torch.Tensor | None, index0: torch.Tensor, valid: torch.Tensor, level0_length: int,
     kv_length: int, q_length: int, kind: MaskKind, dtype: torch.dtype, width: int | None = None,
+    all_valid: bool | None = None,
 ) -> torch.Tensor | None:
     """The level's decode-step mask. mask: [B|1, 1, q, kv0], [B, kv0] or None.
 
     kv_length: level-0 keys after this step; width: the level's key slots (a static cache's
-    `max_cache_len`; by default the level's kept prefix plus every decoded token).
+    `max_cache_len`; by default the level's kept prefix plus every decoded token). all_valid:
+    whether every slot of `valid` is True, when the caller knows it (saves a device sync).
     """
-    width = index0.shape[1] + kv_length - level0_length if width is None else width
+    dynamic_width = index0.shape[1] + kv_length - level0_length
+    width = dynamic_width if width is None else width
     cols, valid_cols = level_columns(index0, valid, level0_length, width, kv_length)
-    has_invalid = not bool(valid_cols.all())
+    has_invalid = not bool(valid_cols.all()) if all_valid is None else (not all_valid or width > dynamic_width)
     if mask is None:
         if not has_invalid:
             return None

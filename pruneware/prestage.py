@@ -92,7 +92,7 @@ def remap_decode(
     elif mask is not None:
         head = mask[:, :input_length].gather(1, level0.index_prev) * level0.valid.to(mask.dtype)
         out["attention_mask"] = torch.cat([head, mask[:, input_length:]], dim=1)
-    elif not bool(level0.valid.all()):
+    elif not level0.all_valid:
         ones = torch.ones(batch, past0 - level0.length + q, dtype=torch.long, device=device)
         out["attention_mask"] = torch.cat([level0.valid.long(), ones], dim=1)
     steps = torch.arange(q, device=device) + (past0 - level0.length)

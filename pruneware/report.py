@@ -132,9 +132,10 @@ def finish_report(
     pre: level 0 is the output of a `pre` stage (it already lost that stage's tokens).
     """
     kept = [k for stage in report.stages for k in stage.kept]
-    flat = torch.cat([counts.flatten().long(), *(k.flatten().long().to(counts.device) for k in kept)]).cpu()
-    head = flat[: counts.numel()].view(counts.shape).tolist()
-    pieces = iter(flat[counts.numel():].split([k.numel() for k in kept]))
+    values = torch.cat([counts.flatten().long(), *(k.flatten().long().to(counts.device) for k in kept)]).tolist()
+    n_levels, _, batch = counts.shape
+    head = [[values[(lv * 2 + i) * batch : (lv * 2 + i + 1) * batch] for i in range(2)] for lv in range(n_levels)]
+    pieces = iter(torch.tensor(values[counts.numel():], dtype=torch.long).split([k.numel() for k in kept]))
     for stage in report.stages:
         stage.kept = [next(pieces) for _ in stage.kept]
     per_layer = [head[i] for i in level_of_layer]

@@ -37,11 +37,12 @@ def run_stage(
     """
     visual = level.visual
     counts_now = visual.sum(dim=1)
-    n = int(counts_now.max()) if visual.numel() else 0
+    host_counts = level.n_visual or counts_now.tolist()  # host-side when the level knows them (no sync)
+    n = max(host_counts, default=0)
     order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]  # visual slots first
     token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
     per_sample = sample_stages or [stage] * len(n_visual)
-    budgets = [min(s.keep_count(nv), now) for s, nv, now in zip(per_sample, n_visual, counts_now.tolist(), strict=True)]
+    budgets = [min(s.keep_count(nv), now) for s, nv, now in zip(per_sample, n_visual, host_counts, strict=True)]
     inputs = StageInput(
         hidden=gather_rows(order, hidden)[0] * token_valid[..., None].to(hidden.dtype),
         valid=token_valid,
@@ -60,7 +61,7 @@ def run_stage(
             keep = policy.select(inputs, budgets)
     originals = level.orig.gather(1, order)
     kept = [originals[b, k.to(originals.device)] for b, k in enumerate(keep)]
-    report = StageReport(stage.where, stage.policy, kept, counts_now.tolist(), [k.numel() for k in keep])
+    report = StageReport(stage.where, stage.policy, kept, list(host_counts), [k.numel() for k in keep])
     return Selection(keep, merged, report)
 
 

@@ -139,7 +139,7 @@ class Session:
             raise ValueError("pruneware locates visual tokens from input_ids: pass input_ids, not inputs_embeds")
         static_len = static_length(cache)  # refuses a cache the engine cannot drive
         layout = self.adapter.layout(input_ids, {**kwargs, "seen_vision": self._requests.take_vision()})
-        n_visual = layout.visual.sum(dim=1).tolist()
+        n_visual = layout.counts
         sample_plans = self.source.sample_plans(n_visual)  # raises before any layer runs
         plan = next((p for p, n in zip(sample_plans, n_visual, strict=True) if n), sample_plans[0])
         report = Report(n_layers=self.adapter.n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans])
@@ -163,7 +163,7 @@ class Session:
             return args, decode_inputs(state, kwargs, embeds, positions, mask, masks.mask_kind(self._attn))
         state.input_length = state.q_length = embeds.shape[1]
         state.injections = self.adapter.take_injections(kwargs)
-        root = root_level(state.layout.image_ids.to(embeds.device))
+        root = root_level(state.layout.image_ids.to(embeds.device), state.n_visual)
         pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
         full = None  # a 4-D mask generate() prebuilt for a static cache
         if mask is not None and mask.dim() == 4 and state.static_len is not None:

@@ -22,10 +22,12 @@ class VisualLayout:
             unit it belongs to (an image, a video frame, an anyres tile grid; see `VisualItem`),
             or -1 for text, padding and structural tokens kept like text.
         grids: per sample, the (height, width) token grid of each unit, in order.
+        counts: per sample, its visual tokens (known on the host: no device sync to read).
     """
 
     image_ids: torch.Tensor
     grids: list[list[tuple[int, int]]]
+    counts: list[int]
 
     @property
     def visual(self) -> torch.Tensor:
@@ -182,12 +184,14 @@ def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem]) -> VisualL
         return VisualLayout(
             layout.image_ids.repeat_interleave(repeat, dim=0),
             [grids for grids in layout.grids for _ in range(repeat)],
+            [n for n in layout.counts for _ in range(repeat)],
         )
     image_ids = torch.full_like(input_ids, -1)
     queues: dict[int, list[VisualItem]] = {}
     for item in items:
         queues.setdefault(item.token_id, []).append(item)
     per_sample: list[list[tuple[int, int]]] = []
+    counts: list[int] = []
     for b in range(input_ids.shape[0]):
         placed: list[tuple[int, VisualItem, torch.Tensor]] = []
         for token, queue in queues.items():
@@ -214,10 +218,11 @@ def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem]) -> VisualL
             image_ids[b, span] = torch.where(units >= 0, units + len(grids), units)
             grids.extend(item.grids)
         per_sample.append(grids)
+        counts.append(sum(sum(item.sizes) for _, item, _ in placed))
     left = [t for t, q in queues.items() if q]
     if left:
         raise ValueError(f"{sum(len(queues[t]) for t in left)} images or videos have no placeholder tokens left")
-    return VisualLayout(image_ids, per_sample)
+    return VisualLayout(image_ids, per_sample, counts)
 
 
 def _expansion(input_ids: torch.Tensor, items: list[VisualItem]) -> int:

@@ -1,0 +1,111 @@
+"""Launch and host-sync budget of each plan: what a pruned prefill adds to the model's own work.
+
+At batch 1 on a GPU, HF prefill is bound by kernel launches and the host, so every op and
+every host sync a stage adds shows up in time to first token. This counts, per forward of a
+random-weight LLaVA (576 image tokens, the model of cpu_overhead.py), on the CPU:
+  - ops: top-level `aten::` ops seen by the torch profiler (an aten op not inside another);
+  - syncs: calls that bring a tensor's value to the host: `.item()`, `.tolist()`, `.cpu()`,
+    `int()`, `float()` and `bool()` of a tensor (each is a device sync on a GPU).
+It reports each plan's extra ops and syncs over the unpruned forward, in total and per stage.
+The counts are deterministic (they do not depend on timing), so they hold on any machine.
+
+    python benchmarks/launch_budget.py [--layers 8] [--batch 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+
+import torch
+import transformers
+from cpu_overhead import build_model, make_inputs
+from torch.profiler import ProfilerActivity, profile
+
+import pruneware
+
+PLANS = [
+    "random@pre:0.25", "random@3:0.25", "fastv@3:0.25", "adaptinfer@1:0.5,adaptinfer@3:0.25,adaptinfer@6:0.1",
+    "divprune@pre:0.25",
+]
+_SYNC_METHODS = ("item", "tolist", "cpu", "__int__", "__float__", "__bool__", "__index__")
+
+
+@contextmanager
+def count_syncs():
+    """Count calls of the tensor methods that bring a value to the host, while inside."""
+    counter = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+
+    def wrap(fn):
+        def counted(self, *args, **kwargs):
+            counter["n"] += 1
+            return fn(self, *args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(fn))
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def count_forward(model, inputs: dict) -> dict:
+    """Top-level aten ops and host syncs of one `model(**inputs)`."""
+    with torch.no_grad(), count_syncs() as syncs, profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs)
+    ops = 0
+    for event in prof.events():
+        parent = event.cpu_parent
+        if event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
+            ops += 1
+    return {"ops": ops, "syncs": syncs["n"]}
+
+
+def measure(model, inputs: dict, plan: str | None) -> dict:
+    with torch.no_grad():
+        model(**inputs)  # warm-up: transformers installs its own hooks on a first forward
+    if plan is None:
+        return count_forward(model, inputs)
+    with pruneware.prune(model, plan, seed=0):
+        with torch.no_grad():
+            model(**inputs)
+        return count_forward(model, inputs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--plans", nargs="+", default=PLANS)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = build_model(layers=args.layers)
+    inputs = make_inputs(args.batch)
+    base = measure(model, inputs, None)
+    rows = []
+    for plan in args.plans:
+        got = measure(model, inputs, plan)
+        stages = len(pruneware.Plan.parse(plan).stages)
+        extra_ops, extra_syncs = got["ops"] - base["ops"], got["syncs"] - base["syncs"]
+        rows.append({"plan": plan, "stages": stages, "extra_ops": extra_ops, "extra_syncs": extra_syncs,
+                     "ops_per_stage": round(extra_ops / stages, 1), "syncs_per_stage": round(extra_syncs / stages, 1)})
+    meta = {"date": time.strftime("%Y-%m-%d"), "layers": args.layers, "batch": args.batch, "torch": torch.__version__,
+            "transformers": transformers.__version__, "unpruned": base}
+    print(f"unpruned ({args.layers} layers, batch {args.batch}): {base['ops']} ops, {base['syncs']} syncs")
+    print(f"{'plan':56} {'+ops':>6} {'+syncs':>6} {'ops/stage':>9} {'syncs/stage':>11}")
+    for r in rows:
+        print(f"{r['plan']:56} {r['extra_ops']:>6} {r['extra_syncs']:>6} {r['ops_per_stage']:>9} {r['syncs_per_stage']:>11}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
