@@ -9,6 +9,7 @@ so the batch stays rectangular.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -53,8 +54,9 @@ class Level:
         """No padding slots (read from the host-side counts, no device sync)."""
         return all(n == self.length for n in self.n_slots)
 
-    @property
+    @cached_property
     def visual(self) -> torch.Tensor:
+        """[B, Ls] bool: the visual slots (computed once per level)."""
         return self.image_ids >= 0
 
     def kept_visual(self) -> list[torch.Tensor]:
