@@ -7,10 +7,10 @@ sequence; every layer of a pruned level needs the rows and columns of its kept s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from pruneware import masks
 from pruneware.kernels.gather import gather_rows
@@ -18,14 +18,15 @@ from pruneware.levels import Level
 
 
 def level_kwargs(
-    level: Level, kwargs: dict[str, Any], *, kind: masks.MaskKind, compact: bool, rotary: nn.Module,
+    level: Level, kwargs: dict[str, Any], *, kind: masks.MaskKind, compact: bool, rotary: Callable,
     decoding: bool, level0_length: int, past0: int, q_length: int, static_len: int | None = None,
 ) -> dict[str, Any]:
     """The kwargs to replace at a layer of `level`.
 
     kwargs: the layer's own (level-0 sized) kwargs: `position_embeddings` (cos, sin) [B|1, Q, d],
     `attention_mask` (see masks.py), `position_ids`. At decode, past0 is the level-0 cache length
-    before the step and q_length the step's new tokens. static_len: a static cache's
+    before the step and q_length the step's new tokens. rotary(like, positions) -> (cos, sin):
+    the adapter's RoPE tables (`Adapter.rope_tables`), for `compact` positions. static_len: a static cache's
     `max_cache_len` (every layer then attends over that many key slots), None for a dynamic one.
     """
     cos, sin = kwargs["position_embeddings"]

@@ -13,6 +13,8 @@ from functools import cached_property
 
 import torch
 
+from pruneware.plan import Stage
+
 
 @dataclass(eq=False)
 class Level:
@@ -32,6 +34,7 @@ class Level:
         cache: per-forward memo of sliced masks and positions, keyed by kind.
         n_slots, n_visual: per sample, its valid slots and its visual slots, kept on the host
             so that no stage needs a device sync to read them.
+        stage: the stage that made this level (None for level 0).
     """
 
     index_prev: torch.Tensor
@@ -44,6 +47,7 @@ class Level:
     cache: dict[str, object] = field(default_factory=dict)
     n_slots: list[int] = field(default_factory=list)
     n_visual: list[int] = field(default_factory=list)
+    stage: Stage | None = None
 
     @property
     def length(self) -> int:

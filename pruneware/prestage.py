@@ -36,10 +36,10 @@ class PrePruned:
 
 def prune_inputs(
     adapter: Adapter, stage: Stage, level: Level, selection: Selection, embeds: torch.Tensor,
-    mask: torch.Tensor | None, positions: torch.Tensor | None, input_ids: torch.Tensor,
-    mm_token_type_ids: torch.Tensor | None, second_per_grid_ts: torch.Tensor | None = None,
+    mask: torch.Tensor | None, positions: torch.Tensor | None, position_inputs: dict,
 ) -> PrePruned:
-    """Apply a `pre` stage. level: the pruned level (index_prev into the input sequence)."""
+    """Apply a `pre` stage. level: the pruned level (index_prev into the input sequence);
+    position_inputs: what the adapter keeps for `merged_positions` (see `Adapter.position_inputs`)."""
     batch, length = embeds.shape[:2]
     device = embeds.device
     index = level.index_prev
@@ -59,9 +59,7 @@ def prune_inputs(
     if stage.positions == "compact":
         new_positions = torch.arange(level.length, device=device).expand(*positions.shape[:-1], -1)
     elif selection.merged is not None and adapter.rope == "mrope":
-        types = mm_token_type_ids if mm_token_type_ids is not None else adapter.token_types(input_ids)
-        types = types.to(device).gather(1, index) * level.valid
-        grid = adapter.pooled_positions(types, selection.merged.grids, new_mask, second_per_grid_ts)  # [3, B, L0]
+        grid = adapter.merged_positions(position_inputs, index, level.valid, selection.merged.grids, new_mask)  # [3, B, L0]
         new_positions = grid if positions.shape[0] == 3 else torch.cat([_text_positions(new_mask)[None], grid])
     else:
         new_positions = kept_positions

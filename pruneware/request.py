@@ -59,8 +59,7 @@ class RequestState:
     sample_plans: list[Plan]
     n_visual: list[int]
     report: Report
-    input_ids: torch.Tensor | None = None
-    model_inputs: dict[str, Any] = field(default_factory=dict)  # extra base-model inputs prestage needs
+    position_inputs: dict[str, Any] = field(default_factory=dict)  # the adapter's, for a merging `pre` stage
     levels: list[Level] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     padding0: torch.Tensor | None = None

@@ -39,7 +39,6 @@ from pruneware.resolve import PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
-_PRESTAGE_INPUTS = ("mm_token_type_ids", "second_per_grid_ts")  # base-model inputs a `pre` stage may need
 
 
 class Session:
@@ -120,7 +119,7 @@ class Session:
 
     # hooks -----------------------------------------------------------------------------
     def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        self._requests.saw_vision(output, kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
+        self._requests.saw_vision(output, self.adapter.vision_grid(args, kwargs))
 
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._requests.enter()
@@ -144,8 +143,8 @@ class Session:
         plan = next((p for p, n in zip(sample_plans, n_visual, strict=True) if n), sample_plans[0])
         report = Report(n_layers=self.adapter.n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans])
         state = RequestState(
-            layout, plan, sample_plans, n_visual, report, input_ids=input_ids,
-            model_inputs={k: kwargs.get(k) for k in _PRESTAGE_INPUTS}, static_len=static_len,
+            layout, plan, sample_plans, n_visual, report,
+            position_inputs=self.adapter.position_inputs(input_ids, kwargs), static_len=static_len,
         )
         self._requests.start(state, cache)
 
@@ -177,8 +176,7 @@ class Session:
         selection = self._run(state, 0, pre, root, embeds)
         level = next_level(root, selection.keep)
         pruned = prune_inputs(
-            self.adapter, pre, level, selection, embeds, mask, positions, state.input_ids,
-            state.model_inputs["mm_token_type_ids"], state.model_inputs["second_per_grid_ts"],
+            self.adapter, pre, level, selection, embeds, mask, positions, state.position_inputs,
         )
         state.levels, state.starts = [as_root(level)], [0]
         state.padding0 = pruned.mask.bool()
@@ -195,7 +193,7 @@ class Session:
         if state is None or state.decoding:
             return
         state.injections = None
-        state.input_ids = None
+        state.position_inputs = {}
         self._requests.bind(getattr(output, "past_key_values", None), state)  # a cache the model made itself
         real = [state.real_tokens(level) for level in state.levels]
         # [levels, 2, B]: tokens and visual tokens per sample
@@ -215,10 +213,10 @@ class Session:
                 stage_index = self.source.stage_index_at(state.plan, layer)
                 if stage_index is not None:
                     args = self._run_llm_stage(state, stage_index, layer, args, kwargs)
-            level_index, level = state.level_for(layer)
+            level = state.level_for(layer)[1]
             if level.identity:
                 return args, kwargs
-            kwargs.update(self._sliced_kwargs(state, level_index, kwargs))
+            kwargs.update(self._sliced_kwargs(state, level, layer, kwargs))
             return args, kwargs
 
         return hook
@@ -228,6 +226,7 @@ class Session:
         hidden = args[0] if args else kwargs["hidden_states"]
         parent = state.levels[-1]
         level = next_level(parent, self._run(state, stage_index, stage, parent, hidden).keep)
+        level.stage = stage
         state.levels.append(level)
         state.starts.append(layer)
         if level.same_as_prev:
@@ -238,17 +237,16 @@ class Session:
         kwargs["hidden_states"] = hidden
         return args
 
-    def _sliced_kwargs(self, state: RequestState, level_index: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-        level = state.levels[level_index]
-        if "kwargs" not in level.cache:
-            llm_stages = [s for s in state.plan.stages if s.where != "pre"]
-            level.cache["kwargs"] = level_kwargs(
-                level, kwargs, kind=masks.mask_kind(self._attn), compact=llm_stages[level_index - 1].positions == "compact",
-                rotary=self.adapter.language_model.rotary_emb, decoding=state.decoding,
+    def _sliced_kwargs(self, state: RequestState, level: Level, layer: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        key = ("kwargs", self.adapter.layer_group(layer))  # layers of a group share mask and RoPE
+        if key not in level.cache:
+            level.cache[key] = level_kwargs(
+                level, kwargs, kind=masks.mask_kind(self._attn), compact=level.stage.positions == "compact",
+                rotary=self.adapter.rope_tables, decoding=state.decoding,
                 level0_length=state.levels[0].length, past0=state.past0, q_length=state.q_length,
                 static_len=state.static_len,
             )
-        return level.cache["kwargs"]  # type: ignore[return-value]
+        return level.cache[key]  # type: ignore[return-value]
 
     def _inject_hook(self, layer: int):
         """After an early layer: add the model's per-layer visual features to the kept tokens."""

@@ -105,6 +105,35 @@ class Adapter:
         """M-RoPE models: positions of merged tokens on pooled grids. 1-D RoPE models never call this."""
         raise NotImplementedError(f"{type(self).__name__} has no M-RoPE positions")
 
+    def position_inputs(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What `merged_positions` will need from the base model's forward (kept per request)."""
+        return {}
+
+    def merged_positions(
+        self, inputs: dict[str, Any], index: torch.Tensor, valid: torch.Tensor, grids: list[list[tuple[int, int]]],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Positions of a `pre` stage's output when a merging policy pooled grids (M-RoPE models).
+
+        inputs: from `position_inputs`; index, valid: [B, L0] kept input positions and slot
+        validity; grids: per sample, each unit's pooled grid; mask: [B, L0] the new 2-D mask.
+        1-D RoPE models keep positions and never call this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no M-RoPE positions")
+
+    def vision_grid(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The grid argument of one vision-tower call (see `vision_tower`)."""
+        return kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+    def rope_tables(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for `positions` [B, L] (or [3, B, L]), in `like`'s dtype and device."""
+        return self.language_model.rotary_emb(like, positions)
+
+    def layer_group(self, layer: int) -> object:
+        """Layers of one group share a pruned level's mask and RoPE tables; a family with
+        per-layer attention types (e.g. sliding and full layers) returns each layer's type."""
+        return 0
+
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] int: 0 for text, nonzero (the modality) at visual placeholder tokens."""
         return torch.isin(input_ids, torch.tensor(self.visual_token_ids(), device=input_ids.device)).int()
