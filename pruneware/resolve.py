@@ -96,16 +96,18 @@ class PlanSource:
             return self.fixed
         assert self.template is not None and self.avg_tokens is not None
         key = max(n_visual, 1)
-        if key not in self._solved:
-            if len(self._solved) >= _MAX_SOLVED:  # dynamic resolution: bound the memo
-                self._solved.clear()
+        plan = self._solved.get(key)  # shared by concurrent requests: read once, never re-read
+        if plan is None:
             try:
-                self._solved[key] = self.template.build(self.adapter.n_layers, self.avg_tokens, key)
+                plan = self.template.build(self.adapter.n_layers, self.avg_tokens, key)
             except PlanError:
                 if strict:
                     raise
                 return self.template.build(self.adapter.n_layers)
-        return self._solved[key]
+            if len(self._solved) >= _MAX_SOLVED:  # dynamic resolution: bound the memo
+                self._solved.clear()
+            self._solved[key] = plan
+        return plan
 
     def policy(self, plan: Plan, index: int) -> Policy:
         stage = plan.stages[index]
