@@ -111,7 +111,7 @@ class PlanSource:
 
     def policy(self, plan: Plan, index: int) -> Policy:
         stage = plan.stages[index]
-        key = (str(stage), index)
+        key = (stage.policy, stage.params, index)  # not the budget: solved budgets vary per input
         if key not in self._policies:
             self._policies[key] = build_policy(stage)
         return self._policies[key]
