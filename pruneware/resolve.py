@@ -23,7 +23,7 @@ class PlanSource:
     fixed: Plan | None
     template: Preset | None
     avg_tokens: float | None
-    _policies: dict[tuple[str, int], Policy] = field(default_factory=dict)
+    _policies: dict[tuple, Policy] = field(default_factory=dict)
     _solved: dict[int, Plan] = field(default_factory=dict)
 
     @classmethod
