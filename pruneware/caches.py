@@ -23,6 +23,12 @@ def cache_of(kwargs: dict[str, Any]) -> Any:
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
+def output_cache(output: Any) -> Any:
+    """The cache a forward returned (`cache` in 5.24, `past_key_values` before), or None."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else getattr(output, "past_key_values", None)
+
+
 def static_length(cache: Any) -> int | None:
     """None for a dynamic cache (or none), `max_cache_len` for a static one.
 

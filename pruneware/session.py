@@ -25,7 +25,7 @@ from torch import nn
 
 from pruneware import masks
 from pruneware.adapters import Adapter, adapter_for
-from pruneware.caches import cache_of, padding_of, static_length, unwrap_mask
+from pruneware.caches import cache_of, output_cache, padding_of, static_length, unwrap_mask
 from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
 from pruneware.layer_inputs import level_kwargs
@@ -194,7 +194,7 @@ class Session:
             return
         state.injections = None
         state.position_inputs = {}
-        self._requests.bind(getattr(output, "past_key_values", None), state)  # a cache the model made itself
+        self._requests.bind(output_cache(output), state)  # a cache the model made itself
         real = [state.real_tokens(level) for level in state.levels]
         # [levels, 2, B]: tokens and visual tokens per sample
         counts = torch.stack([torch.stack([r.sum(1), (r & lvl.visual).sum(1)]) for r, lvl in zip(real, state.levels, strict=True)])

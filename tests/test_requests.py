@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import pruneware
+from pruneware.caches import output_cache
 from tests.tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
 
 THREADS = 4
@@ -144,3 +145,17 @@ def test_reports_stay_bounded_and_kept_indices_are_on_the_cpu():
         assert all(k.device.type == "cpu" for s in session.report.stages for k in s.kept)
     finally:
         pruneware.detach(model)
+
+
+def test_a_manual_decode_loop_finds_its_state_on_the_returned_cache():
+    model, requests = _requests("llava")
+    inputs = requests[1]
+    with pruneware.prune(model, "random@3:0.5", seed=1), torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+        out = model(**inputs)  # the model makes its own cache
+        mask, tokens = inputs["attention_mask"], [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(2):
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
+            out = model(input_ids=tokens[-1], attention_mask=mask, past_key_values=output_cache(out))
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(torch.cat(tokens, 1), expected)

@@ -69,15 +69,16 @@ class QwenVLAdapter(Adapter):
         )
 
     def position_inputs(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> dict[str, Any]:
-        types = model_kwargs.get("mm_token_type_ids")
-        return {"mm_token_type_ids": self.token_types(input_ids) if types is None else types,
+        return {"input_ids": input_ids, "mm_token_type_ids": model_kwargs.get("mm_token_type_ids"),
                 "second_per_grid_ts": model_kwargs.get("second_per_grid_ts")}
 
     def merged_positions(
         self, inputs: dict[str, Any], index: torch.Tensor, valid: torch.Tensor, grids: list[list[tuple[int, int]]],
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        types = inputs["mm_token_type_ids"].to(index.device).gather(1, index) * valid
+        types = inputs["mm_token_type_ids"]
+        types = self.token_types(inputs["input_ids"]) if types is None else types
+        types = types.to(index.device).gather(1, index) * valid
         return self.pooled_positions(types, grids, mask, inputs["second_per_grid_ts"])
 
     def video_time_interval(self, video: int, second_per_grid_ts: torch.Tensor | None) -> float:
