@@ -14,7 +14,7 @@ from tests.tiny import llava_inputs, qwen_media_inputs, tiny_llava
 
 
 @pytest.mark.parametrize(("family", "media"), [("qwen2_5_vl", "image"), ("qwen2_5_vl", "video"), ("llava_next", "image")])
-@pytest.mark.parametrize("preset", ["info-horizon", "adaptinfer", "fastv"])
+@pytest.mark.parametrize("preset", ["info-horizon", "adaptinfer", "fastv", "crosslmm"])
 def test_padded_batch_equals_samples_alone_under_avg_tokens(family, media, preset):
     model, _, samples = make(family, media)
     batch = pad_batch(samples)
@@ -33,7 +33,8 @@ def test_padded_batch_equals_samples_alone_under_avg_tokens(family, media, prese
             torch.testing.assert_close(batched[b, -n:], alone[0], atol=2e-5, rtol=1e-4)
             alone_gen = model.generate(**sample, max_new_tokens=3, do_sample=False)
             assert torch.equal(batched_gen[b, -3:], alone_gen[0, -3:])
-    assert len(set(report.sample_plans)) > 1, report.sample_plans  # the samples differ
+    if preset != "crosslmm":  # a single `pre` stage keeps avg_tokens whatever the sample
+        assert len(set(report.sample_plans)) > 1, report.sample_plans  # the samples differ
 
 
 def test_unreachable_budget_is_refused_before_any_layer_runs():
