@@ -70,14 +70,7 @@ def query_rows(policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor
 
     visual, real: [B, Ls] bool (visual slots; slots holding a real, unpadded token).
     """
-    if policy.query == "last":
-        rows = torch.full((real.shape[0], 1), real.shape[1] - 1, device=real.device)
-        return rows, real[:, -1:]
-    text = real & ~visual
-    counts = text.sum(dim=1)
-    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
-    row_valid = torch.arange(order.shape[1], device=real.device)[None] < counts[:, None]
-    return order, row_valid
+    return policy.query_rows(visual, real)  # the contract lives on the policy
 
 
 @torch.no_grad()

@@ -27,6 +27,21 @@ class AttentionPolicy(Policy):
     query: ClassVar[Literal["last", "text"]] = "last"
     needs_query_block: ClassVar[bool] = False
 
+    def query_rows(self, visual: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] slot indices of the query rows this policy reads (left-aligned) and their validity.
+
+        visual, real: [B, Ls] bool (visual slots; slots holding a real, unpadded token). `query`
+        says which rows: "last" (the last slot) or "text" (every real text slot).
+        """
+        if self.query == "last":
+            rows = torch.full((real.shape[0], 1), real.shape[1] - 1, device=real.device)
+            return rows, real[:, -1:]
+        text = real & ~visual
+        counts = text.sum(dim=1)
+        order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
+        row_valid = torch.arange(order.shape[1], device=real.device)[None] < counts[:, None]
+        return order, row_valid
+
     def row_weights(self, query_block: torch.Tensor | None, row_valid: torch.Tensor) -> torch.Tensor:
         """[B, T] weight of each query row.
 
