@@ -41,7 +41,9 @@ def _generate(model, session, inputs):
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 @pytest.mark.parametrize(
-    "plan", ["random@3:0.25", "divprune@pre:0.25", "fastv@2:0.5", "adaptinfer@1:0.5,adaptinfer@3:0.25"]
+    "plan",
+    ["random@3:0.25", "divprune@pre:0.25", "fastv@2:0.5", "adaptinfer@1:0.5,adaptinfer@3:0.25", "crosslmm@pre:0.25",
+     "vision-score@pre:0.3,random@4:0.5"],
 )
 def test_concurrent_generate_equals_sequential(family, plan):
     model, requests = _requests(family)
