@@ -8,6 +8,7 @@ random, a divprune and attention-scored plans (whose captured rows must reach th
 from __future__ import annotations
 
 import gc
+import inspect
 import threading
 import weakref
 
@@ -158,6 +159,7 @@ def test_a_manual_decode_loop_finds_its_state_on_the_returned_cache():
         mask, tokens = inputs["attention_mask"], [out.logits[:, -1].argmax(-1, keepdim=True)]
         for _ in range(2):
             mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
-            out = model(input_ids=tokens[-1], attention_mask=mask, past_key_values=output_cache(out))
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 / older
+            out = model(input_ids=tokens[-1], attention_mask=mask, **{name: output_cache(out)})
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, 1), expected)
