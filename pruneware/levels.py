@@ -59,6 +59,11 @@ class Level:
         return all(n == self.length for n in self.n_slots)
 
     @cached_property
+    def visual_first(self) -> torch.Tensor:
+        """[B, Ls] long: slot indices with the visual slots first, in slot order (computed once)."""
+        return torch.sort((~self.visual).to(torch.int8), dim=1, stable=True).indices
+
+    @cached_property
     def visual(self) -> torch.Tensor:
         """[B, Ls] bool: the visual slots (computed once per level)."""
         return self.image_ids >= 0
@@ -98,9 +103,9 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
             identity=parent.identity, same_as_prev=True, n_slots=n_slots, n_visual=kept,
         )
     # Visual slots of each row, in slot order, first: order[b, j] is the j-th visual slot.
-    order = torch.sort((~parent.visual).to(torch.int8), dim=1, stable=True).indices
+    order = parent.visual_first
     chosen = torch.nn.utils.rnn.pad_sequence(
-        [k.to(device) for k in keep_visual], batch_first=True, padding_value=-1
+        [k if k.device == device else k.to(device) for k in keep_visual], batch_first=True, padding_value=-1
     ) if keep_visual else torch.zeros(batch, 0, dtype=torch.long, device=device)
     keep = parent.valid & ~parent.visual
     if chosen.numel():

@@ -123,23 +123,23 @@ def fill_report(report: Report, tokens: list[list[int]], visual: list[list[int]]
 
 
 def finish_report(
-    report: Report, counts: torch.Tensor, level_of_layer: list[int], n_visual: list[int], pre: bool, text_config
+    report: Report, padding: torch.Tensor | None, slots: list[list[int]], visual: list[list[int]],
+    level_of_layer: list[int], input_length: int, text_config,
 ) -> None:
     """Complete a prefill's report in one host sync, which also moves the kept indices to the CPU.
 
-    counts: [levels, 2, B] tokens and visual tokens per sample at each level; level_of_layer:
-    the level each decoder layer runs; n_visual: each sample's visual tokens before pruning;
-    pre: level 0 is the output of a `pre` stage (it already lost that stage's tokens).
+    padding: [B] padding tokens of each sample's input (None: no padding); slots, visual:
+    [levels][B] each level's slots and visual tokens per sample, host-side (padding tokens are
+    slots a stage never drops); level_of_layer: the level each decoder layer runs;
+    input_length: L, the language model's input length before any stage.
     """
     kept = [k for stage in report.stages for k in stage.kept]
-    values = torch.cat([counts.flatten().long(), *(k.flatten().long().to(counts.device) for k in kept)]).tolist()
-    n_levels, _, batch = counts.shape
-    head = [[values[(lv * 2 + i) * batch : (lv * 2 + i + 1) * batch] for i in range(2)] for lv in range(n_levels)]
-    pieces = iter(torch.tensor(values[counts.numel():], dtype=torch.long).split([k.numel() for k in kept]))
+    parts = ([] if padding is None else [padding]) + kept  # 1-D integer tensors, on one device
+    values = torch.cat(parts).tolist() if parts else []
+    batch = len(slots[0])
+    pads, rest = (values[:batch], values[batch:]) if padding is not None else ([0] * batch, values)
+    pieces = iter(torch.tensor(rest, dtype=torch.long).split([k.numel() for k in kept]))
     for stage in report.stages:
         stage.kept = [next(pieces) for _ in stage.kept]
-    per_layer = [head[i] for i in level_of_layer]
-    unpruned = head[0][0]
-    if pre:
-        unpruned = [t + n - v for t, n, v in zip(unpruned, n_visual, head[0][1], strict=True)]
-    fill_report(report, [c[0] for c in per_layer], [c[1] for c in per_layer], unpruned, text_config)
+    tokens = [[n - p for n, p in zip(slots[i], pads, strict=True)] for i in level_of_layer]
+    fill_report(report, tokens, [visual[i] for i in level_of_layer], [input_length - p for p in pads], text_config)

@@ -63,6 +63,7 @@ class RequestState:
     levels: list[Level] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     padding0: torch.Tensor | None = None
+    input_padding: torch.Tensor | None = None  # [B] padding tokens of each sample's input
     input_length: int = 0
     last_position: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -81,6 +82,8 @@ class RequestState:
         """[B, Ls] bool: the level's slots holding a real (not padding) token."""
         if self.padding0 is None:
             return level.valid
+        if level.identity:  # level 0: its slots are padding0's, whose padding covers the invalid ones
+            return self.padding0
         return level.valid & self.padding0.gather(1, level.index0)
 
     def sample_stages(self, index: int) -> list[Stage]:

@@ -39,7 +39,7 @@ def run_stage(
     counts_now = visual.sum(dim=1)
     host_counts = level.n_visual or counts_now.tolist()  # host-side when the level knows them (no sync)
     n = max(host_counts, default=0)
-    order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]  # visual slots first
+    order = level.visual_first[:, :n]  # visual slots first
     token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
     per_sample = sample_stages or [stage] * len(n_visual)
     budgets = [min(s.keep_count(nv), now) for s, nv, now in zip(per_sample, n_visual, host_counts, strict=True)]

@@ -169,6 +169,7 @@ class Session:
             full, mask = mask, padding_of(mask, embeds.shape[0], embeds.shape[1])
         elif mask is not None and mask.dim() != 2:
             raise ValueError("pruneware needs a 2-D attention_mask [batch, length] (or none) at the language model")
+        state.input_padding = None if mask is None else (mask == 0).sum(dim=1)  # [B], for the report
         if pre is None:
             state.levels, state.starts = [root], [0]
             state.padding0 = None if mask is None else mask.bool()
@@ -195,11 +196,11 @@ class Session:
         state.injections = None
         state.position_inputs = {}
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
-        real = [state.real_tokens(level) for level in state.levels]
-        # [levels, 2, B]: tokens and visual tokens per sample
-        counts = torch.stack([torch.stack([r.sum(1), (r & lvl.visual).sum(1)]) for r, lvl in zip(real, state.levels, strict=True)])
         per_layer = [state.level_for(i)[0] for i in range(self.adapter.n_layers)]
-        finish_report(state.report, counts, per_layer, state.n_visual, state.plan.stages[0].where == "pre", self.adapter.text_config)
+        finish_report(
+            state.report, state.input_padding, [lvl.n_slots for lvl in state.levels], [lvl.n_visual for lvl in state.levels],
+            per_layer, state.input_length, self.adapter.text_config,
+        )
         self._requests.completed(state.report)
         if self.on_report is not None:
             self.on_report(state.report)
@@ -275,7 +276,8 @@ class Session:
             return
         _, level = state.level_for(module.layer_idx)
         real = state.real_tokens(level)
-        key = key[:, :, : level.length]  # a static cache returns all its slots; the prefill fills the first Ls
+        if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
+            key = key[:, :, : level.length]
         state.captured[module.layer_idx + 1] = attention_policy_scores(
             policy, level.visual, real, query, key, getattr(module, "scaling", None)
         )

@@ -87,11 +87,13 @@ def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     B, k = index.shape
     target = list(x.shape)
     target[dim - 1] = B
-    x = x.expand(target)
+    if x.shape[dim - 1] != B:  # a batch-1 table, broadcast
+        x = x.expand(target)
     shape = [1] * x.dim()
     shape[dim - 1], shape[dim] = B, k
     target[dim] = k
-    return torch.gather(x, dim, index.long().view(shape).expand(target)).contiguous()
+    index = index if index.dtype == torch.int64 else index.long()
+    return torch.gather(x, dim, index.view(shape).expand(target))  # a new contiguous tensor
 
 
 def gather_rows(
