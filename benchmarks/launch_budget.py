@@ -42,10 +42,10 @@ _METADATA = ("__get__", "shape", "dtype", "device", "is_cuda", "numel", "dim", "
              "is_floating_point")
 _POLICY = ("pruneware/policies/", "pruneware/kernels/scores/")
 _SCORING = ("attention_policy_scores",)  # selection.py: a policy's attention scores from the captured q, k
-SLOPES = {  # a kind of stage: plans of 1 and 3 such stages
-    "random, in-LLM": ("random@2:0.5", "random@2:0.5,random@4:0.5,random@6:0.5"),
-    "fastv, in-LLM": ("fastv@2:0.5", "fastv@2:0.5,fastv@4:0.5,fastv@6:0.5"),
-    "random, pre": ("random@4:0.5", "random@pre:0.5,random@4:0.5"),
+SLOPES = {  # a kind of stage: plans of 1 and 3 such stages (each stage drops tokens: budgets are of the original)
+    "random, in-LLM": ("random@2:0.5", "random@2:0.5,random@4:0.25,random@6:0.125"),
+    "fastv, in-LLM": ("fastv@2:0.5", "fastv@2:0.5,fastv@4:0.25,fastv@6:0.125"),
+    "random, pre": ("random@4:0.25", "random@pre:0.5,random@4:0.25"),
 }
 
 

@@ -104,23 +104,26 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
         )
     # Visual slots of each row, in slot order, first: order[b, j] is the j-th visual slot.
     order = parent.visual_first
-    chosen = torch.nn.utils.rnn.pad_sequence(
-        [k if k.device == device else k.to(device) for k in keep_visual], batch_first=True, padding_value=-1
-    ) if keep_visual else torch.zeros(batch, 0, dtype=torch.long, device=device)
     keep = parent.valid & ~parent.visual
-    if chosen.numel():
+    if max(kept, default=0) and min(kept) == max(kept):  # as many per sample (batch 1): no padding
+        chosen = keep_visual[0][None] if batch == 1 else torch.stack(list(keep_visual))
+        keep = keep.scatter(1, order.gather(1, chosen.to(device)), True)
+    elif max(kept, default=0):
+        chosen = torch.nn.utils.rnn.pad_sequence(
+            [k if k.device == device else k.to(device) for k in keep_visual], batch_first=True, padding_value=-1
+        )
         slots = order.gather(1, chosen.clamp(min=0))
         # scatter_add, not scatter: padding entries (-1) alias a real slot and must not unset it.
         hits = torch.zeros(batch, length, dtype=torch.int32, device=device).scatter_add_(1, slots, (chosen >= 0).int())
         keep = keep | (hits > 0)
-    counts = keep.sum(dim=1)
     # Kept slots last, in slot order: the rows come out left-padded with dropped slots.
     index = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, length - new_length:]
-    valid = torch.arange(new_length, device=device)[None] >= (new_length - counts)[:, None]
-    image_ids = parent.image_ids.gather(1, index).masked_fill(~valid, -1)
+    # A slot is valid iff it holds a kept slot (kept slots were valid in the parent).
+    valid = keep.gather(1, index)
+    image_ids = torch.where(valid, parent.image_ids.gather(1, index), -1)
     return Level(
-        index, parent.index0.gather(1, index), parent.orig.gather(1, index),
-        valid & parent.valid.gather(1, index), image_ids, n_slots=n_slots, n_visual=kept,
+        index, parent.index0.gather(1, index), parent.orig.gather(1, index), valid, image_ids,
+        n_slots=n_slots, n_visual=kept,
     )
 
 
