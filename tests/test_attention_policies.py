@@ -30,10 +30,11 @@ def by_hand(attn: torch.Tensor, input_ids: torch.Tensor, k: int, policy: str) ->
     text = (input_ids != IMAGE_TOKEN).nonzero().squeeze(1)
     if policy == "fastv":
         score = attn[:, -1, visual].sum(0)
-    else:
-        t = attn[:, text][:, :, text].sum(0)  # [T, T], heads summed
-        prior = (t + t.T - torch.diag(torch.diag(t))).sum(0)
-        score = (prior[None, :, None] * attn[:, text][:, :, visual]).sum((0, 1))
+    else:  # official AdaptInfer: post-image text rows, a prior per head
+        after = text[text > visual.max()]
+        t = attn[:, after][:, :, after]  # [H, T, T]
+        prior = (t + t.transpose(1, 2) - torch.diag_embed(torch.diagonal(t, dim1=1, dim2=2))).sum(1)  # [H, T]
+        score = (prior[:, :, None] * attn[:, after][:, :, visual]).sum((0, 1))
     return visual[score.topk(k).indices].sort().values
 
 
