@@ -60,6 +60,8 @@ class PlanSource:
                     f"stage {stage}: {type(self.adapter).__name__} cannot run merging policies ({stage.policy!r}); "
                     "use a selection policy: random, divprune, fastv, adaptinfer, vision-score"
                 )
+            if policy.merges and stage.budget == 0:
+                raise PlanError(f"stage {stage}: a merging policy needs a budget >= 1 (it pools into that many tokens)")
             if stage.where != "pre" and policy.merges:
                 raise PlanError(
                     f"stage {stage}: {stage.policy!r} merges tokens into new embeddings and runs only at 'pre'"

@@ -38,7 +38,7 @@ def run_stage(
     n = int(counts_now.max()) if visual.numel() else 0
     order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]  # visual slots first
     token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
-    budgets = [min(stage.keep_count(nv), now) for nv, now in zip(n_visual, counts_now.tolist(), strict=True)]
+    budgets = [min(stage.keep_count(nv, now), now) for nv, now in zip(n_visual, counts_now.tolist(), strict=True)]
     inputs = StageInput(
         hidden=gather_rows(order, hidden)[0] * token_valid[..., None].to(hidden.dtype),
         valid=token_valid,
