@@ -74,9 +74,10 @@ def test_presets_scale_with_depth():
     assert fastv.layers(32) == [2] and fastv.layers(16) == [1]
     horizon = get_preset("info-horizon")
     assert horizon.layers(32) == [None, 20] and horizon.layers(8) == [None, 5]
-    assert str(horizon.build(32)) == "divprune@pre:0.5,random@20:0.25"
+    assert str(horizon.build(32)) == "divprune@pre:0.1667:compact,random@20:0.0174:compact"
+    assert str(horizon.build(28, rope="mrope")) == "divprune@pre:0.1667,random@18:0.0174"  # M-RoPE keeps positions
     assert set(available_presets()) >= {"fastv", "random", "divprune", "info-horizon"}
-    with pytest.raises(PlanError, match="unknown preset 'nope'; valid presets: adaptinfer, crosslmm, divprune, fastv"):
+    with pytest.raises(PlanError, match="unknown preset .nope.; valid presets: adaptinfer, adaptinfer-llava-128, adaptinfer-llava-32"):
         get_preset("nope")
 
 
