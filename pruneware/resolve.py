@@ -125,7 +125,7 @@ def _template_of(plan: Plan, n_layers: int) -> Preset:
         )
         for i, s in enumerate(plan.stages)
     )
-    return _FixedLayers(str(plan), stages, "user plan", tuple(s.where for s in plan.stages))
+    return _FixedLayers(str(plan), stages, "user plan", wheres=tuple(s.where for s in plan.stages))
 
 
 @dataclass(frozen=True)
