@@ -103,3 +103,10 @@ def test_relative_budgets_follow_the_current_count_like_the_official_code():
     assert Stage.parse("random@3:*0.7").keep_count(100, 90) == 63
     # A count of 0 drops every visual token, and later stages keep 0.
     assert Plan.parse("random@3:40,random@5:0,random@6:*0.5").keep_counts(576) == [40, 0, 0]
+
+
+def test_zero_budgets_are_refused_where_they_cannot_run():
+    from pruneware.integrations.vllm.spec import check_stage
+
+    with pytest.raises(PlanError, match="vLLM needs at least one placeholder token per item"):
+        check_stage(Stage.parse("random@pre:0"))
