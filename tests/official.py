@@ -92,3 +92,18 @@ def official_kept(
         positions = torch.arange(hidden.shape[1])[None] if compact else positions[..., keep]
         kept.append(origin[visual0[origin]])
     return kept
+
+
+def official_divprune(visual_feature_vectors: torch.Tensor, threshold_ratio: float) -> torch.Tensor:
+    """vbdi/divprune `LLaVA/llava/model/llava_arch.py` `DivPrune`: [N, D] features -> picked indices."""
+    threshold_terms = int(round(threshold_ratio * visual_feature_vectors.shape[0]))
+    norm_matrix = visual_feature_vectors / visual_feature_vectors.norm(dim=1, keepdim=True)
+    cosine_matrix = 1.0 - torch.mm(norm_matrix, norm_matrix.t())
+    s = torch.empty(threshold_terms, dtype=torch.long)
+    for i in range(threshold_terms):
+        if i == 0:
+            scores = torch.topk(cosine_matrix, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = torch.min(torch.index_select(cosine_matrix, 0, s[:i]), dim=0).values
+        s[i] = torch.argmax(scores)
+    return s

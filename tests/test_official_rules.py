@@ -123,3 +123,19 @@ def test_a_last_stage_of_zero_generates():
     assert [k.numel() for k in run.report.stages[-1].kept] == [0, 0]
     # 64 tokens before layer 2, 20 until 4, 6 until 6, then none: the true average over 8 layers.
     assert run.report.avg_visual_tokens == pytest.approx((64 * 2 + 20 * 2 + 6 * 2) / 8)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.1])
+def test_divprune_matches_the_official_code(ratio):
+    """DivPrune's official `DivPrune` on the projected visual tokens of each sample alone."""
+    from tests.official import official_divprune
+    from tests.reference import record_lm_inputs
+
+    model, samples = llava_case()
+    official = []
+    for sample in samples:
+        visual = (sample["input_ids"][0] == IMAGE_TOKEN).nonzero().squeeze(1)
+        embeds = record_lm_inputs(model, sample)["embeds"][0, visual]
+        official.append([visual[official_divprune(embeds, ratio)]])
+    ours = run_batch(model, samples, f"divprune@pre:{ratio}:compact", "sdpa")
+    assert_same_kept(ours, official)
