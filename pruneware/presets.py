@@ -186,13 +186,20 @@ register_preset(Preset("divprune", (StageTemplate("divprune", None, 0.25),), "Di
 register_preset(
     Preset(
         "adaptinfer",
-        (StageTemplate("adaptinfer", 2, 0.231, 1.0, "compact"), StageTemplate("adaptinfer", 11, 0.046875, 2.1, "compact"),
-         StageTemplate("adaptinfer", 21, 0.0052, 3.6, "compact")),
-        "AdaptInfer: per-head text-prior attention; stages before layers 2, 11, 21 of 32 (Qwen2-VL: 1, 10, 20 of 28).",
+        (
+            StageTemplate("adaptinfer", 2, 0.231, 1.0, "compact"),
+            StageTemplate("adaptinfer", 11, 0.046875, 2.1, "compact"),
+            StageTemplate("adaptinfer", 21, 0.0052, 3.6, "compact"),
+        ),
+        "AdaptInfer: per-head text-prior attention; stages before layers 2, 11, 21 of 32 "
+        "(Qwen2-VL: 1, 10, 20 of 28).",
         mrope=Preset(
             "adaptinfer",
-            (StageTemplate("adaptinfer", 1, 0.17, 1.0, relative=True), StageTemplate("adaptinfer", 10, 0.6, 1.29, relative=True),
-             StageTemplate("adaptinfer", 20, 0.3, 1.97, relative=True)),
+            (
+                StageTemplate("adaptinfer", 1, 0.17, 1.0, relative=True),
+                StageTemplate("adaptinfer", 10, 0.6, 1.29, relative=True),
+                StageTemplate("adaptinfer", 20, 0.3, 1.97, relative=True),
+            ),
             "AdaptInfer on Qwen2-VL", depth=28,
         ),
     )
@@ -202,7 +209,8 @@ register_preset(
 register_preset(
     Preset(
         "info-horizon",
-        (StageTemplate("divprune", None, 0.1667, 1.0, "compact"), StageTemplate("random", 20, 0.0174, 2.26, "compact")),
+        (StageTemplate("divprune", None, 0.1667, 1.0, "compact"),
+         StageTemplate("random", 20, 0.0174, 2.26, "compact")),
         "Information Horizon: DivPrune before the LLM, then random before layer 20/32, positions re-indexed.",
     )
 )

@@ -42,7 +42,9 @@ class Schedule:
 
 def _adaptinfer_llava(label: str, counts: tuple[int, int, int]) -> Schedule:
     plan = ",".join(f"adaptinfer@{layer}:{c}:compact" for layer, c in zip((2, 11, 21), counts, strict=True))
-    return Schedule(f"adaptinfer-llava-{label}", plan, "AdaptInfer", f'"{label}"', "LLaVA-1.5-7B", 32, 576, "adaptinfer")
+    return Schedule(
+        f"adaptinfer-llava-{label}", plan, "AdaptInfer", f'"{label}"', "LLaVA-1.5-7B", 32, 576, "adaptinfer"
+    )
 
 
 def _adaptinfer_qwen(label: str, ratios: tuple[float, float, float]) -> Schedule:
@@ -55,7 +57,9 @@ def _adaptinfer_qwen(label: str, ratios: tuple[float, float, float]) -> Schedule
 
 def _horizon(label: str, counts: tuple[int, int]) -> Schedule:
     plan = f"divprune@pre:{counts[0]}:compact,random@20:{counts[1]}:compact"
-    return Schedule(f"info-horizon-{label}", plan, "Information Horizon", f'"{label}"', "LLaVA-1.5-7B", 32, 576, "info-horizon")
+    return Schedule(
+        f"info-horizon-{label}", plan, "Information Horizon", f'"{label}"', "LLaVA-1.5-7B", 32, 576, "info-horizon"
+    )
 
 
 SCHEDULES: tuple[Schedule, ...] = (
