@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pruneware.adapters import Adapter
 from pruneware.plan import Plan, PlanError
 from pruneware.policies import Policy, get_policy
-from pruneware.presets import Preset, StageTemplate, available_presets
+from pruneware.presets import ExactPreset, Preset, StageTemplate, available_presets
 
 NOMINAL_VISUAL_TOKENS = 576  # used only to validate a lazily solved plan before the first input
 
@@ -35,7 +35,9 @@ class PlanSource:
             presets = available_presets()
             if plan.strip() in presets:
                 preset = presets[plan.strip()]
-                fixed = preset.build(n_layers) if avg_tokens is None else None
+                if avg_tokens is not None and isinstance(preset, ExactPreset):
+                    preset.build(n_layers, avg_tokens)  # raises: an exact schedule has no avg_tokens
+                fixed = preset.build(n_layers, rope=adapter.rope) if avg_tokens is None else None
                 source = cls(adapter, fixed, preset if avg_tokens is not None else None, avg_tokens)
             elif avg_tokens is None:
                 source = cls(adapter, Plan.parse(plan), None, None)
@@ -60,6 +62,8 @@ class PlanSource:
                     f"stage {stage}: {type(self.adapter).__name__} cannot run merging policies ({stage.policy!r}); "
                     "use a selection policy: random, divprune, fastv, adaptinfer, vision-score"
                 )
+            if policy.merges and stage.budget == 0:
+                raise PlanError(f"stage {stage}: a merging policy needs a budget >= 1 (it pools into that many tokens)")
             if stage.where != "pre" and policy.merges:
                 raise PlanError(
                     f"stage {stage}: {stage.policy!r} merges tokens into new embeddings and runs only at 'pre'"
@@ -75,11 +79,11 @@ class PlanSource:
         key = max(n_visual, 1)
         if key not in self._solved:
             try:
-                self._solved[key] = self.template.build(self.adapter.n_layers, self.avg_tokens, key)
+                self._solved[key] = self.template.build(self.adapter.n_layers, self.avg_tokens, key, self.adapter.rope)
             except PlanError:
                 if strict:
                     raise
-                return self.template.build(self.adapter.n_layers)
+                return self.template.build(self.adapter.n_layers, rope=self.adapter.rope)
         return self._solved[key]
 
     def policy(self, plan: Plan, index: int) -> Policy:
@@ -116,10 +120,12 @@ def _template_of(plan: Plan, n_layers: int) -> Preset:
     """A plan's stages as a template whose counts decay geometrically with stage order."""
     plan.validate_for(n_layers, "1d")
     stages = tuple(
-        StageTemplate(s.policy, None if s.where == "pre" else round(s.layer * 32 / n_layers) or 1, 0.5, float(i + 1))
+        StageTemplate(
+            s.policy, None if s.where == "pre" else round(s.layer * 32 / n_layers) or 1, 0.5, float(i + 1), s.positions
+        )
         for i, s in enumerate(plan.stages)
     )
-    return _FixedLayers(str(plan), stages, "user plan", tuple(s.where for s in plan.stages))
+    return _FixedLayers(str(plan), stages, "user plan", wheres=tuple(s.where for s in plan.stages))
 
 
 @dataclass(frozen=True)
@@ -128,5 +134,5 @@ class _FixedLayers(Preset):
 
     wheres: tuple = ()
 
-    def layers(self, n_layers: int) -> list[int | None]:
+    def layers(self, n_layers: int, rope: str = "1d") -> list[int | None]:
         return [None if w == "pre" else w for w in self.wheres]

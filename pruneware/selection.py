@@ -38,7 +38,7 @@ def run_stage(
     n = int(counts_now.max()) if visual.numel() else 0
     order = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]  # visual slots first
     token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
-    budgets = [min(stage.keep_count(nv), now) for nv, now in zip(n_visual, counts_now.tolist(), strict=True)]
+    budgets = [min(stage.keep_count(nv, now), now) for nv, now in zip(n_visual, counts_now.tolist(), strict=True)]
     inputs = StageInput(
         hidden=gather_rows(order, hidden)[0] * token_valid[..., None].to(hidden.dtype),
         valid=token_valid,
@@ -70,6 +70,10 @@ def query_rows(policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor
         rows = torch.full((real.shape[0], 1), real.shape[1] - 1, device=real.device)
         return rows, real[:, -1:]
     text = real & ~visual
+    if policy.query == "post-image":
+        slot = torch.arange(real.shape[1], device=real.device)
+        last_visual = torch.where(visual, slot, -1).max(dim=1).values  # [B], -1 without visual slots
+        text &= slot[None] > last_visual[:, None]
     counts = text.sum(dim=1)
     order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
     row_valid = torch.arange(order.shape[1], device=real.device)[None] < counts[:, None]
@@ -91,7 +95,8 @@ def attention_policy_scores(
     block = None
     if policy.needs_query_block:
         _, block = attention_scores(
-            q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True
+            q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True,
+            per_head_block=policy.per_head,
         )
     weights = policy.row_weights(block, row_valid)
     scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)
