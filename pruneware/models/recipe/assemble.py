@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from pruneware.evals.synthetic import evaluate, make_split, render
-from pruneware.models.build import build_tiny
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, save_checkpoint
 from .language import POINT, Stage2, collate, point_loss, train_batch
 from .packing import N_CELLS
-from .vision import VISION_SPEC, build_tower, features
+from .vision import build_tower, features
 
 
 def assemble(vision: Path, language: Path, seed: int = 0):
@@ -69,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--select-n", type=int, default=200, help="questions in the selection split")
     ap.add_argument("--save-minutes", type=float, default=4.0)
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
 
     handles = [model.model.language_model.layers[layer].self_attn.register_forward_pre_hook(hook(k, h), with_kwargs=True)
                for k, (layer, h) in POINT.items()]  # fmt: skip
-    select = make_split("eval", 200, SELECT_SEED)
+    select = make_split("eval", args.select_n, SELECT_SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     curve = (args.out / "curve.jsonl").open("a")
     gen = torch.Generator().manual_seed(args.seed + start)
