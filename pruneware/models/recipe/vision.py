@@ -44,33 +44,14 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([rows, cols], -1).reshape(grid * grid, -1)
 
 
-def mimetic_init(tower, tau: float = 1.0) -> None:
-    """Start every attention head as a similarity kernel: ``W_q = W_k`` = a random orthonormal
-    projection per head (Trockman & Kolter, "Mimetic initialization of self-attention layers",
-    ICML 2023). With the 2-D position code in the residual stream, each cell then attends to
-    nearby cells that look like it (the rest of its object) from the first step."""
-    gen = torch.Generator().manual_seed(0)
-    for layer in tower.encoder.layers:
-        attn = layer.self_attn
-        d, dh = attn.embed_dim, attn.head_dim
-        with torch.no_grad():
-            for h in range(attn.num_heads):
-                m = torch.linalg.qr(torch.randn(d, dh, generator=gen))[0]  # [d, dh] orthonormal
-                attn.q_proj.weight[h * dh : (h + 1) * dh] = tau**0.5 * m.T
-                attn.k_proj.weight[h * dh : (h + 1) * dh] = tau**0.5 * m.T
-            attn.q_proj.bias.zero_()
-            attn.k_proj.bias.zero_()
-
-
 def build_tower(seed: int):
     """A tiny LLaVA (stage 1 trains its vision tower) and its processor, with a 2-D sin/cos
-    position code and mimetic attention in the tower."""
+    position code in the tower."""
     model, processor = build_tiny("llava", seed=seed, vision=VISION_SPEC)
     tower = model.model.vision_tower
     emb = tower.embeddings.position_embedding.weight  # [577, H]
     with torch.no_grad():
         emb[1:] = 0.5 * sincos_2d(GRID, emb.shape[1]) + 0.1 * emb[1:]
-    mimetic_init(tower)
     return model, processor
 
 
