@@ -6,7 +6,8 @@ import torch
 
 from pruneware.models.build import build_tiny, build_tokenizer
 from pruneware.models.recipe.common import load_checkpoint, save_checkpoint
-from pruneware.models.recipe.language import Stage2, collate, train_batch
+from pruneware.models.recipe.language import Stage2, train_batch
+from pruneware.models.recipe.packing import collate
 from pruneware.models.recipe.packing import N_CELLS, pack
 from pruneware.models.recipe.vision import VISION_SPEC
 

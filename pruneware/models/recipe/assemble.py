@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from pruneware.evals.synthetic import evaluate, make_split, render
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, save_checkpoint
-from .language import POINT, Stage2, collate, point_loss, train_batch
+from .language import POINT, Stage2, train_batch
+from .losses import point_loss
+from .packing import collate
 from .packing import N_CELLS
 from .vision import build_tower, features
 

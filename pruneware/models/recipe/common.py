@@ -64,7 +64,11 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], opt: torc
     tensors = load_file(str(folder / "state.safetensors"))
     for name, m in modules.items():
         prefix = f"{name}."
-        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if state or not list(m.state_dict()):
+            m.load_state_dict(state)
+        else:
+            print(f"checkpoint {folder} has no {name!r}: it starts fresh", flush=True)
     if opt is not None:
         sd = opt.state_dict()
         state: dict[int, dict] = {}

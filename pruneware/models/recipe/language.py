@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -34,11 +33,13 @@ from pruneware.models.grounding import HEADS
 from pruneware.models.recipe.vision import VISION_SPEC
 
 from .common import SELECT_SEED, load_checkpoint, lr_at, sample, save_checkpoint, train_seed
-from .packing import GRID, N_CELLS, Packed, pack, questions
+from .losses import point_loss, where_loss
+from .packing import GRID, N_CELLS, Packed, bg_keep, collate, pack, questions
 
 SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 3.0, "spatial": 1.0, "glyph": 1.0}
 QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 1.5, "glyph": 1.0}
 POINT = {"noun": (2, 0), "answer": (5, 0), "second": (5, 1)}  # target -> (layer, head)
+WHERE_LAYER = 5  # the whereabouts loss reads this layer's output at the answering row
 
 
 class CellEmbedding(torch.nn.Module):
@@ -62,97 +63,6 @@ class CellEmbedding(torch.nn.Module):
         """``cells`` [..., 5] labels, ``index`` [...] cell index in [0, 576): [..., D]."""
         out = self.row(index // GRID) + self.col(index % GRID)
         return out + sum(e(cells[..., k]) for k, e in enumerate(self.labels))
-
-
-def noisy(cells: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
-    """Replace each object cell's colour / shape / glyph label by a random one with prob ``rate``."""
-    out = cells.clone()
-    obj = cells[:, 4] > 0
-    for k, n in enumerate(list(HEADS.values())[:3]):
-        flip = obj & (torch.rand(len(cells), generator=gen) < rate)
-        out[flip, k] = torch.randint(1, n, (int(flip.sum()),), generator=gen)
-    return out
-
-
-def bg_keep(step: int, steps: int) -> float:
-    """Fraction of background cells kept: 5% for the first 15% of steps, all from 40% on
-    (counting is learned on the full set: it needs the background as a reference)."""
-    f = step / max(steps, 1)
-    return 0.05 if f < 0.15 else min(1.0, 0.05 + 0.95 * (f - 0.15) / 0.25)
-
-
-def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_noise: float):
-    """Right-padded batch with background cells dropped: ids, cell labels, positions, mask,
-    answer rows and pointing targets (rows [B, R], cells-as-sequence-columns [B, R, L])."""
-    rows_kept = []
-    for s in samples:
-        image = (s.ids == s.ids[2]).nonzero().flatten()  # [576] image cell columns
-        bg = s.cells[:, 4] == 0
-        drop = bg & (torch.rand(N_CELLS, generator=gen) >= keep_bg)
-        keep = torch.ones(len(s.ids), dtype=torch.bool)
-        keep[image[drop]] = False
-        rows_kept.append(keep.nonzero().flatten())
-    n = max(len(k) for k in rows_kept)
-    b = len(samples)
-    ids = torch.zeros(b, n, dtype=torch.long)
-    pos = torch.zeros(b, n, dtype=torch.long)
-    seg = torch.full((b, n), -1, dtype=torch.long)
-    cells = torch.zeros(b, n, 5, dtype=torch.long)
-    is_cell = torch.zeros(b, n, dtype=torch.bool)
-    index = torch.zeros(b, n, dtype=torch.long)
-    where = torch.full((b, max(len(s.ids) for s in samples)), -1, dtype=torch.long)  # old -> new column
-    for i, (s, k) in enumerate(zip(samples, rows_kept, strict=True)):
-        ids[i, : len(k)], pos[i, : len(k)], seg[i, : len(k)] = s.ids[k], s.positions[k], s.segment[k]
-        where[i, k] = torch.arange(len(k))
-        first = int((s.ids == s.ids[2]).nonzero()[0])
-        cell_of = k - first
-        on = (cell_of >= 0) & (cell_of < N_CELLS)
-        is_cell[i, : len(k)] = on
-        index[i, : len(k)][on] = cell_of[on]
-        labels = noisy(s.cells, label_noise, gen) if label_noise > 0 else s.cells
-        cells[i, : len(k)][on] = labels[cell_of[on]]
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
-    mask = (causal & (same | (seg[:, None, :] == -2))) | torch.eye(n, dtype=torch.bool)
-    answers, targets = [], {k: [] for k in POINT}
-    for i, s in enumerate(samples):
-        first = int((s.ids == s.ids[2]).nonzero()[0])
-        turn_start = [int((s.segment == k).nonzero()[0]) for k in range(len(s.tasks))]
-        answers.append(where[i, s.answer_at])
-        for j, point in enumerate(s.point):
-            for name, cols in point.items():
-                kind, _, word = name.partition("@")
-                row = int(where[i, s.answer_at[j] - 1]) if not word else int(where[i, turn_start[j] + int(word)])
-                new = where[i, torch.tensor(cols, dtype=torch.long) + first] if cols else torch.empty(0, dtype=torch.long)
-                targets[kind].append((i, row, new[new >= 0]))
-    return ids, cells, index, is_cell, pos, mask[:, None], answers, targets
-
-
-def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int) -> torch.Tensor:
-    """-log of ``head``'s attention mass on the target columns, averaged over ``items``
-    (``(sample, row, columns)``); recomputes that head's post-RoPE q and k only."""
-    h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, D]
-    cos, sin = kwargs["position_embeddings"]
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    mask = kwargs["attention_mask"]  # [B, 1, L, L] bool
-    b, n, _ = h.shape
-    d = attn.head_dim
-    q = attn.q_proj(h).view(b, n, -1, d)[:, :, head : head + 1].transpose(1, 2)
-    kv = head // n_kv_groups
-    k = attn.k_proj(h).view(b, n, -1, d)[:, :, kv : kv + 1].transpose(1, 2)
-    q, k = rope(q, k, cos, sin)
-    items = [(i, r, c) for i, r, c in items if len(c)]
-    if not items:
-        return h.sum() * 0
-    bi = torch.tensor([i for i, _, _ in items])
-    ri = torch.tensor([r for _, r, _ in items])
-    logits = (q[bi, 0, ri, :, None] * k[bi, 0].transpose(1, 2)).sum(1) * attn.scaling  # [R, L]
-    logits = logits.masked_fill(~mask[bi, 0, ri], float("-inf"))
-    logp = logits.log_softmax(-1)
-    look = torch.zeros_like(logp, dtype=torch.bool)
-    for j, (_, _, c) in enumerate(items):
-        look[j, c] = True
-    return -torch.logsumexp(logp.masked_fill(~look, float("-inf")), -1).mean()
 
 
 class Stage2(torch.nn.Module):
@@ -215,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--point", type=float, default=0.5, help="weight of the pointing loss")
     ap.add_argument("--label-noise", type=float, default=0.05)
+    ap.add_argument("--where", type=float, default=0.0, help="weight of the spatial whereabouts loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=150)
@@ -228,10 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     net = Stage2(model).train()
     cfg = model.config.text_config
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    where_head = torch.nn.Linear(cfg.hidden_size, 4)  # dropped after training
+    opt = torch.optim.AdamW([*net.parameters(), *where_head.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, elapsed, best = 0, 0.0, -1.0
     if args.resume and (args.out / "last" / "meta.json").is_file():
-        meta = load_checkpoint(args.out / "last", {"net": net}, opt)
+        meta = load_checkpoint(args.out / "last", {"net": net, "where": where_head}, opt)
         start, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
         print(f"resumed at step {start}", flush=True)
     batch_targets: dict = {}
@@ -245,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
 
     for kind, (layer, head) in POINT.items():
         net.lm.layers[layer].self_attn.register_forward_pre_hook(hook(kind, head), with_kwargs=True)
+
+    def keep_output(_module, _args, output):
+        batch_targets["layer_out"] = output[0] if isinstance(output, tuple) else output
+
+    net.lm.layers[WHERE_LAYER].register_forward_hook(keep_output)
     select = make_split("eval", 250, SELECT_SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     curve = (args.out / "curve.jsonl").open("a")
@@ -255,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         ids, cells, index, is_cell, pos, mask, answers, targets = collate(packs, bg_keep(step, args.steps), gen, args.label_noise)
         batch_targets.update(targets, mask=mask)
         hidden = net(ids, cells, index, is_cell, pos, mask)
+        where = where_loss(batch_targets["layer_out"], targets["where"], where_head)
         batch_targets.clear()
         bi = torch.cat([torch.full_like(a, i) for i, a in enumerate(answers)])
         ai = torch.cat(answers)
@@ -263,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         loss_qa = F.cross_entropy(logits, ids[bi.repeat(2), rows + 1])
         point = sum(terms) / max(len(terms), 1)
         terms.clear()
-        loss = loss_qa + args.point * point
+        loss = loss_qa + args.point * point + args.where * where
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         opt.zero_grad(set_to_none=True)
@@ -272,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         last = step == args.steps - 1
         if step % 25 == 0 or last:
-            row = {"step": step, "qa": round(loss_qa.item(), 4), "point": round(float(point), 4),
+            row = {"step": step, "qa": round(loss_qa.item(), 4), "point": round(float(point), 4), "where": round(where.item(), 4),
                    "bg": round(bg_keep(step, args.steps), 3), "len": ids.shape[1], "elapsed_s": round(time.time() - t0)}  # fmt: skip
             if (step % args.eval_every == 0 and step > 0) or last:
                 net.eval()
@@ -280,12 +198,12 @@ def main(argv: list[str] | None = None) -> None:
                 net.train()
                 if row["select"]["acc"] > best:
                     best = row["select"]["acc"]
-                    save_checkpoint(args.out / "best", {"net": net}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
+                    save_checkpoint(args.out / "best", {"net": net, "where": where_head}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
             curve.write(json.dumps(row) + "\n")
             curve.flush()
             print(json.dumps(row), flush=True)
         if time.time() - saved > args.save_minutes * 60 or last:
-            save_checkpoint(args.out / "last", {"net": net}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
+            save_checkpoint(args.out / "last", {"net": net, "where": where_head}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
             saved = time.time()
 
 
