@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from loguru import logger
@@ -111,19 +110,24 @@ class _Pruneware(lmms):
                     additional_metrics=part.throughput_metrics())  # fmt: skip
 
     def _run_batched(self, requests: list[Instance], unpack: Callable[[tuple], tuple[Prompt, dict]]) -> list:
-        """generate_until: group by generation settings, batch, restore lmms-eval's order."""
-        args = [r.args for r in requests]
-        gen_of = lambda a: Generation.from_task(a[self.GEN_KWARGS], self._pad_id())  # noqa: E731
-        collator = utils.Collator(args, lambda a: (0, 0), group_fn=lambda a: gen_of(a).key, grouping=True)
-        results, start, began = [], len(self.cost.requests), time.perf_counter()
+        """generate_until: group by generation settings, batch in request order, answer in that order."""
+        groups: dict[str, list[int]] = {}
+        gens = [Generation.from_task(r.args[self.GEN_KWARGS], self._pad_id()) for r in requests]
+        for i, gen in enumerate(gens):
+            groups.setdefault(gen.key, []).append(i)
+        results: list = [None] * len(requests)
+        start, began = len(self.cost.requests), time.perf_counter()
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="pruneware")
-        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-            prompts, keys = zip(*[(p, k) for p, k in map(unpack, chunk)], strict=True)
-            results += self._generate(prompts, gen_of(chunk[0]), list(keys))
-            bar.update(len(chunk))
+        for indices in groups.values():
+            for b in range(0, len(indices), self.batch_size):
+                batch = indices[b : b + self.batch_size]
+                prompts, keys = zip(*[unpack(requests[i].args) for i in batch], strict=True)
+                for i, result in zip(batch, self._generate(prompts, gens[batch[0]], list(keys)), strict=True):
+                    results[i] = result
+                bar.update(len(batch))
         bar.close()
         self._finish(start, time.perf_counter() - began, results)
-        return collator.get_original(results)
+        return results
 
     def _pad_id(self) -> int | None:
         tok = self.tokenizer
