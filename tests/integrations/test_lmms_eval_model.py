@@ -30,8 +30,8 @@ def _chat_requests(n: int, gen: dict | None = None) -> list[Instance]:
             for i in range(n)]  # fmt: skip
 
 
-def _model(cls, docs, **kwargs):
-    model = cls(pretrained="tiny-llava", plan=PLAN, device="cpu", **kwargs)
+def _model(cls, docs, pretrained_override: str = "tiny-llava", **kwargs):
+    model = cls(pretrained=pretrained_override, plan=PLAN, device="cpu", **kwargs)
     model.task_dict = {"t": {"test": docs}}
     return model
 
@@ -101,3 +101,23 @@ def test_loglikelihood_scores_the_greedy_answer_highest(chat, docs):
     (lp_answer, greedy_answer), (lp_other, greedy_other) = chat.loglikelihood(requests)
     assert greedy_answer and not greedy_other
     assert lp_other < lp_answer <= 0
+
+
+def test_qwen_family_is_picked_by_model_type(docs):
+    """tiny-qwen2.5-vl (M-RoPE, dynamic resolution) through the same class: batched answers equal
+    one-by-one answers, and the pre stage keeps a quarter of each image's tokens."""
+    batched = _model(PrunewareChat, docs, batch_size=3, pretrained_override="tiny-qwen2.5-vl")
+    alone = _model(PrunewareChat, docs, batch_size=1, pretrained_override="tiny-qwen2.5-vl")
+    assert batched.model.config.model_type == "qwen2_5_vl"
+    assert [r.text for r in batched.generate_until(_chat_requests(4))] == [r.text for r in alone.generate_until(_chat_requests(4))]
+    assert all(r["stages"][0]["kept"] == round(r["stages"][0]["of"] * 0.25) for r in batched.cost.requests)
+
+
+def test_unsupported_model_is_refused(tmp_path):
+    from transformers import AutoConfig
+
+    from pruneware.integrations.lmms_eval.args import ModelArgs, ModelArgsError, load_model
+
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ModelArgsError, match=r"model_type 'gpt2'; pruneware supports .*llava"):
+        load_model(ModelArgs.parse(pretrained=str(tmp_path)))

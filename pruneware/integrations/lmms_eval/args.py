@@ -79,10 +79,10 @@ class ModelArgs:
 def _number(name: str, value: object, cast: type) -> float | int:
     try:
         number = cast(value)
+        if cast is int and float(value) != number:  # 2.5 is not a batch size
+            raise ValueError
     except (TypeError, ValueError):
-        raise ModelArgsError(f"{name} must be a number, got {value!r}") from None
-    if cast is int and number != value and str(number) != str(value):
-        raise ModelArgsError(f"{name} must be an integer, got {value!r}")  # e.g. batch_size=auto or 2.5
+        raise ModelArgsError(f"{name} must be {'an integer' if cast is int else 'a number'}, got {value!r}") from None
     return number
 
 
@@ -94,10 +94,10 @@ def load_model(args: ModelArgs):
     pruneware has no adapter for is refused before any request runs.
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from pruneware import models
-    from pruneware.adapters.registry import adapter_for
+    from pruneware.adapters.registry import adapter_for, supported_model_types
 
     if args.pretrained in models.MODELS:
         source, local = str(models.path(args.pretrained)), True
@@ -109,8 +109,12 @@ def load_model(args: ModelArgs):
         kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.attn_implementation is not None:
         kwargs["attn_implementation"] = args.attn_implementation
+    model_type = AutoConfig.from_pretrained(source, **({"local_files_only": True} if local else {})).model_type
+    if model_type not in supported_model_types():
+        raise ModelArgsError(f"pretrained={args.pretrained} has model_type {model_type!r}; pruneware supports "
+                             f"{', '.join(supported_model_types())}")  # fmt: skip
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).to(device).eval()
     processor = AutoProcessor.from_pretrained(source, **({"local_files_only": True} if local else {}))
-    adapter_for(model)  # TypeError naming the supported model types
+    adapter_for(model)  # a supported model_type whose class lacks the expected layout: TypeError
     return model, processor
