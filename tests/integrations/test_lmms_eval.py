@@ -115,17 +115,22 @@ def test_lmms_eval_end_to_end_equals_pruneware_eval(plugin_path, tmp_path):
     by_doc = {r["doc_id"]: r for r in map(json.loads, Path(samples[0]).read_text().splitlines())}
     assert sorted(by_doc) == list(range(N))
 
-    import pruneware
-    from pruneware.evals.datasets import load_benchmark
-    from pruneware.evals.runner import run_sweep, variants
+    from typer.testing import CliRunner
 
-    items = load_benchmark("synthetic", limit=N, seed=0)
-    model, processor = pruneware.load("tiny-llava")
-    rows = run_sweep(model, processor, items, variants([PLAN], []), tmp_path / "rows.jsonl", batch_size=8)
+    from pruneware.cli import app
+    from pruneware.evals.datasets import load_benchmark
+
+    evaluated = CliRunner().invoke(app, ["eval", "--plans", PLAN, "--avg-tokens", "", "--limit", str(N), "--seed", "0",
+                                         "--batch-size", "8", "--out", str(tmp_path / "eval"), "--json"])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    rows = [r for r in map(json.loads, (tmp_path / "eval" / "rows.jsonl").read_text().splitlines()) if r["plan"] == PLAN]
+    assert len(rows) == N
+    items = load_benchmark("synthetic", limit=N, seed=0)  # doc i of the export is item i
     expected = {r["id"]: r["prediction"] for r in rows}
     got = {items[d].id: r["filtered_resps"] for d, r in by_doc.items()}
     assert got == expected
-    assert [r["exact_match"] for _, r in sorted(by_doc.items())] == [float(r["score"]) for r in rows]
+    scores = {r["id"]: float(r["score"]) for r in rows}
+    assert {items[d].id: r["exact_match"] for d, r in by_doc.items()} == scores
 
     results = json.loads(Path(glob.glob(str(folder / "*_results.json"))[0]).read_text())
     assert 0 < results["throughput"]["avg_pruneware_flops_ratio"] < 1
