@@ -50,3 +50,13 @@ def test_process_results_scores_the_first_word():
 def test_export_bench_refuses_bad_input(tmp_path):
     result = CliRunner().invoke(app, ["export-bench", "--out", str(tmp_path), "--n", "0"])
     assert result.exit_code == 2 and "n must be >= 1" in result.output
+
+
+def test_cost_file_sits_beside_lmms_eval_results():
+    pytest.importorskip("lmms_eval")
+    from pruneware.integrations.lmms_eval.cost import default_cost_path
+
+    argv = ["--model", "pruneware", "--model_args", "plan=fastv,pretrained=org/My-Model", "--output_path", "runs/x"]
+    path = default_cost_path(argv)
+    assert path.parent.as_posix() == "runs/x/org__My-Model" and path.name.startswith("pruneware_cost_")
+    assert default_cost_path(["--model", "pruneware"]) is None

@@ -7,7 +7,8 @@ without pruning (estimates, see `pruneware.report`).
 Where it goes:
 - `<output_path>/<model>/pruneware_cost_<time>.json`, the folder where lmms-eval writes
   `<date>_results.json` (`--output_path`; `<model>` is lmms-eval's sanitised `pretrained`), or
-  the path given as `cost_file=` in `--model_args`. It holds `summary` and `requests`.
+  the path given as `cost_file=` in `--model_args`. It holds `summary` and `requests`. Run
+  without `--output_path` (or from Python), no file is written unless `cost_file=` is given.
 - The summary's means also go through lmms-eval's throughput log, so lmms-eval's own results
   JSON carries them under `throughput`: `avg_pruneware_visual_tokens`,
   `avg_pruneware_flops_ratio`, `avg_pruneware_requests`.
@@ -91,18 +92,22 @@ class CostLog:
         return path
 
 
-def default_cost_path(pretrained: str, argv: list[str] | None = None) -> Path | None:
-    """`<--output_path>/<sanitised pretrained>/pruneware_cost_<time>.json`, the folder where
-    lmms-eval writes its results, when this process runs lmms-eval's CLI with `--output_path`."""
+def default_cost_path(argv: list[str] | None = None) -> Path | None:
+    """`<--output_path>/<model>/pruneware_cost_<time>.json` when this process runs lmms-eval's CLI
+    with `--output_path`: the folder where lmms-eval writes `<date>_results.json`, `<model>`
+    named by lmms-eval's own rule (from `--model_args`). None without `--output_path`."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--output_path")
+    parser.add_argument("--model_args", default="")
     known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if not known.output_path:
         return None
+    folder = Path(known.output_path)
     try:
+        from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
         from lmms_eval.utils import sanitize_model_name
-    except ImportError:  # the folder naming moved: keep the file at the output root
-        folder = Path(known.output_path)
+    except ImportError:  # lmms-eval moved them: keep the file at the output root
+        pass
     else:
-        folder = Path(known.output_path) / sanitize_model_name(pretrained)
+        folder = folder / sanitize_model_name(GeneralConfigTracker._get_model_name(known.model_args))
     return folder / f"pruneware_cost_{time.strftime('%Y%m%dT%H%M%S')}.json"

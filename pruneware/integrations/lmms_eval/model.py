@@ -39,7 +39,7 @@ class _Pruneware(lmms):
         if self.args.pruned:  # a malformed plan or unknown preset fails here, before any request
             pruneware.prune(self._model, self.args.plan, seed=self.args.seed, avg_tokens=self.args.avg_tokens)
         self.cost = CostLog(self.args.plan, self.args.pretrained)
-        self.cost_path = Path(self.args.cost_file) if self.args.cost_file else default_cost_path(self.args.pretrained)
+        self.cost_path = Path(self.args.cost_file) if self.args.cost_file else default_cost_path()
 
     @property
     def model(self):
