@@ -35,12 +35,13 @@ def prune(
         plan: a plan string ("random@20:0.25"), a Plan, or a preset name ("fastv").
         seed: seeds random policies; the same inputs give the same kept tokens.
         avg_tokens: solve each sample's stage budgets so its average visual tokens per decoder
-            layer is this (a preset, or a plan string without budgets).
+            layer is this (a scaled preset such as "adaptinfer", or a plan string without
+            budgets; a paper's exact schedule such as "adaptinfer-llava-64" takes none).
         on_report: called with each call's Report when its prefill completes (on that thread);
             `session.report` is the last call completed on the current thread.
     Raises:
         PlanError: a malformed or out-of-range plan, an unknown policy or preset, or a plan
-            that sets budgets together with avg_tokens.
+            (or exact-schedule preset) that sets budgets together with avg_tokens.
         TypeError: an unsupported model.
     """
     return Session(model, plan, seed=seed, avg_tokens=avg_tokens, on_report=on_report)

@@ -9,14 +9,18 @@ Plans parse from and format to one string, and the two round-trip::
     crosslmm[factor=3]@pre:1.0              # policy parameters in brackets
 
 Budgets: a float (written with a dot) is a ratio in (0, 1] of the sample's *original*
-number of visual tokens; an integer is a count >= 1. A stage never keeps more tokens than
-the previous stage left, and each image in a sample keeps at least one token.
+number of visual tokens; an integer is a count >= 0; `*0.6` is a ratio of the visual tokens
+the stage *receives* (what the previous stage left), rounded down, as the official AdaptInfer
+Qwen2-VL code computes its stage budgets. A stage never keeps more tokens than the previous
+stage left. Each image in a sample keeps at least one token unless the stage's budget is 0: a
+budget of 0 drops every visual token (the official AdaptInfer "32" schedule ends with 0).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+import struct
 from typing import Literal
 
 from pruneware.errors import PlanError
@@ -37,6 +41,10 @@ _STAGE_RE = re.compile(
 def writes_budgets(text: str) -> bool:
     """True when a plan string gives any stage an explicit budget ("random@4:0.25", not "random@4")."""
     return any((m := _STAGE_RE.match(part.strip())) is not None and m["budget"] is not None for part in text.split(","))
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _format_number(value: float | int) -> str:
@@ -65,10 +73,12 @@ class Stage:
         policy: a registered policy name (see `pruneware.policies.available()`).
         where: "pre" (on the projected visual embeddings, before the LLM) or a layer index K:
             the stage runs before decoder layer K, using what layer K-1 saw.
-        budget: a ratio in (0, 1] of the original visual tokens, or a count >= 1.
+        budget: a ratio in (0, 1] of the original visual tokens, or a count >= 0; with
+            `relative`, a ratio in (0, 1] of the visual tokens the stage receives.
         positions: "keep" keeps each token's original position; "compact" re-indexes the
             kept sequence (1-D RoPE models only).
         params: extra policy parameters, e.g. {"factor": 3}.
+        relative: the ratio applies to the current count, rounded down (written `*0.6`).
     """
 
     policy: str
@@ -76,6 +86,7 @@ class Stage:
     budget: float | int = 0.5
     positions: PositionsMode = "keep"
     params: tuple[tuple[str, str | int | float | bool], ...] = field(default=())
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
@@ -86,11 +97,13 @@ class Stage:
             raise PlanError(f"layer index must be >= 0, got {self.where}")
         budget = self.budget
         if isinstance(budget, bool) or not isinstance(budget, int | float):
-            raise PlanError(f"budget must be a ratio in (0, 1] or a count >= 1, got {budget!r}")
+            raise PlanError(f"budget must be a ratio in (0, 1] or a count >= 0, got {budget!r}")
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:
             raise PlanError(f"budget ratio must be in (0, 1], got {budget}")
-        if isinstance(budget, int) and budget < 1:
-            raise PlanError(f"budget count must be >= 1, got {budget}")
+        if isinstance(budget, int) and budget < 0:
+            raise PlanError(f"budget count must be >= 0, got {budget}")
+        if self.relative and not isinstance(budget, float):
+            raise PlanError(f"a relative budget ('*r') is a ratio in (0, 1], got {budget!r}")
         if self.positions not in POSITIONS_MODES:
             raise PlanError(f"positions must be one of {POSITIONS_MODES}, got {self.positions!r}")
         if isinstance(self.params, dict):
@@ -101,10 +114,15 @@ class Stage:
         """The first decoder layer that sees the pruned sequence (0 for `pre`)."""
         return 0 if self.where == "pre" else int(self.where)
 
-    def keep_count(self, n_visual: int) -> int:
-        """Tokens this stage keeps out of a sample's original `n_visual` visual tokens."""
+    def keep_count(self, n_visual: int, current: int | None = None) -> int:
+        """Tokens this stage keeps of a sample's original `n_visual` visual tokens, when it
+        receives `current` of them (default: all)."""
         if n_visual == 0:
             return 0
+        if self.relative:
+            current = n_visual if current is None else current
+            # The official code multiplies an int64 tensor by a Python float: float32, truncated.
+            return min(current, int(_float32(_float32(current) * _float32(self.budget))))
         if isinstance(self.budget, float):
             return max(1, min(n_visual, round(self.budget * n_visual)))
         return min(n_visual, self.budget)
@@ -112,7 +130,7 @@ class Stage:
     def __str__(self) -> str:
         params = ";".join(f"{k}={v}" for k, v in self.params)
         text = self.policy + (f"[{params}]" if params else "")
-        text += f"@{self.where}:{_format_number(self.budget)}"
+        text += f"@{self.where}:{'*' if self.relative else ''}{_format_number(self.budget)}"
         return text + (":compact" if self.positions == "compact" else "")
 
     @classmethod
@@ -125,17 +143,22 @@ class Stage:
             )
         where: Where = "pre" if match["where"] == "pre" else int(match["where"])
         budget_text = match["budget"] or "0.5"
+        relative = budget_text.startswith("*")
+        budget_text = budget_text.removeprefix("*")
         try:
             budget: float | int = float(budget_text) if "." in budget_text else int(budget_text)
         except ValueError:
-            raise PlanError(f"malformed budget {budget_text!r} in {text!r}: use a ratio like 0.25 or a count like 64") from None
+            raise PlanError(
+                f"malformed budget {budget_text!r} in {text!r}: use a ratio like 0.25, a count like 64, "
+                "or a ratio of the current count like *0.6"
+            ) from None
         params = {}
         for item in filter(None, (match["params"] or "").split(";")):
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
                 raise PlanError(f"malformed parameter {item!r} in {text!r}: expected key=value")
             params[key.strip()] = _parse_param(value.strip())
-        return cls(match["policy"], where, budget, match["mode"] or "keep", tuple(sorted(params.items())))
+        return cls(match["policy"], where, budget, match["mode"] or "keep", tuple(sorted(params.items())), relative)
 
 
 @dataclass(frozen=True)
@@ -183,7 +206,7 @@ class Plan:
         """Visual tokens left after each stage, for a sample with `n_visual` visual tokens."""
         counts, current = [], n_visual
         for stage in self.stages:
-            current = min(current, stage.keep_count(n_visual))
+            current = min(current, stage.keep_count(n_visual, current))
             counts.append(current)
         return counts
 

@@ -1,33 +1,43 @@
-"""Named plans whose layers scale with model depth, and the `avg_tokens` budget solver.
+"""Named plans: presets whose layers scale with model depth, the papers' exact schedules, and
+the `avg_tokens` budget solver.
 
-A preset is a list of stage templates. Each template's layer is given for a 32-layer model
-(the depth of LLaVA-1.5-7B, where the papers report their schedules) and is scaled to the
-model's depth. With `avg_tokens=N`, the per-stage counts are solved so that the average number
-of visual tokens over all decoder layers is N (the way the papers report budgets, e.g.
-AdaptInfer keeps [133, 27, 3] at layers [1, 10, 20] for an average of 64 on LLaVA-1.5-7B).
+A preset is a list of stage templates whose layers are given for a reference depth (32, the
+depth of LLaVA-1.5-7B) and scaled to the model's depth; a preset may carry a variant for
+M-RoPE (Qwen) models with its own reference depth, where the paper ran one. Stage positions
+follow the paper's code on 1-D RoPE models (`compact` where it re-indexes) and are always
+`keep` on M-RoPE models. With `avg_tokens=N`, the per-stage counts are solved so that the
+average number of visual tokens over all decoder layers truly is N. The papers' own schedules
+(`pruneware.schedules`) are presets too, exact and unscaled: `adaptinfer-llava-64` is the
+AdaptInfer paper's "64", which computes 82.9 visual tokens per layer on LLaVA-1.5-7B.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from pruneware.plan import Plan, PlanError, Stage
+from pruneware.plan import Plan, PlanError, PositionsMode, Stage
+from pruneware.schedules import SCHEDULES, Schedule
 
 REFERENCE_DEPTH = 32
 
 
 @dataclass(frozen=True)
 class StageTemplate:
-    """A stage of a preset. `layer32` is the layer for a 32-deep model (None = pre-LLM).
+    """A stage of a preset. `layer32` is the layer at the preset's reference depth (None = pre-LLM).
 
-    `ratio` is the default budget; `decay` is the exponent used by the avg_tokens solver:
-    the stage keeps `n_visual * s**decay` tokens for one shared scale s in (0, 1].
+    `ratio` is the default budget (a ratio of the original tokens, or with `relative` of the
+    tokens the stage receives); `decay` is the exponent used by the avg_tokens solver: the
+    stage keeps `n_visual * s**decay` tokens for one shared scale s in (0, 1]. `positions`
+    applies on 1-D RoPE models.
     """
 
     policy: str
     layer32: int | None
     ratio: float
     decay: float = 1.0
+    positions: PositionsMode = "keep"
+    relative: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,14 +45,20 @@ class Preset:
     name: str
     stages: tuple[StageTemplate, ...]
     description: str
+    depth: int = REFERENCE_DEPTH  # the depth `layer32` is given for
+    mrope: Preset | None = None  # the variant for M-RoPE models, when the paper ran one
 
-    def layers(self, n_layers: int) -> list[int | None]:
+    def variant(self, rope: Literal["1d", "mrope"]) -> Preset:
+        return self.mrope if rope == "mrope" and self.mrope is not None else self
+
+    def layers(self, n_layers: int, rope: Literal["1d", "mrope"] = "1d") -> list[int | None]:
+        preset = self.variant(rope)
         out: list[int | None] = []
-        for t in self.stages:
+        for t in preset.stages:
             if t.layer32 is None:
                 out.append(None)
                 continue
-            layer = max(1, min(n_layers - 1, round(t.layer32 * n_layers / REFERENCE_DEPTH)))
+            layer = max(1, min(n_layers - 1, round(t.layer32 * n_layers / preset.depth)))
             if out and out[-1] is not None and layer <= out[-1]:
                 layer = out[-1] + 1
             if layer >= n_layers:
@@ -50,19 +66,55 @@ class Preset:
             out.append(layer)
         return out
 
-    def build(self, n_layers: int, avg_tokens: float | None = None, n_visual: int | None = None) -> Plan:
+    def build(
+        self, n_layers: int, avg_tokens: float | None = None, n_visual: int | None = None,
+        rope: Literal["1d", "mrope"] = "1d",
+    ) -> Plan:
         """The plan for a model of `n_layers` layers; with `avg_tokens`, `n_visual` is required."""
-        layers = self.layers(n_layers)
+        preset = self.variant(rope)
+        layers = self.layers(n_layers, rope)
         wheres = ["pre" if layer is None else layer for layer in layers]
+        modes = [t.positions if rope == "1d" else "keep" for t in preset.stages]
         if avg_tokens is None:
-            return Plan(tuple(Stage(t.policy, w, t.ratio) for t, w in zip(self.stages, wheres, strict=True)))
+            return Plan(tuple(
+                Stage(t.policy, w, t.ratio, m, relative=t.relative)
+                for t, w, m in zip(preset.stages, wheres, modes, strict=True)
+            ))
         if n_visual is None or n_visual < 1:
             raise PlanError("avg_tokens needs the number of visual tokens per sample (n_visual >= 1)")
         counts = solve_counts(
             [0 if layer is None else layer for layer in layers],
-            [t.decay for t in self.stages], n_visual, n_layers, avg_tokens, self.name,
+            [t.decay for t in preset.stages], n_visual, n_layers, avg_tokens, self.name,
         )
-        return Plan(tuple(Stage(t.policy, w, c) for t, w, c in zip(self.stages, wheres, counts, strict=True)))
+        return Plan(tuple(
+            Stage(t.policy, w, c, m) for t, w, c, m in zip(preset.stages, wheres, counts, modes, strict=True)
+        ))
+
+
+@dataclass(frozen=True)
+class ExactPreset(Preset):
+    """A paper's exact schedule: the same plan on every model (layers are not scaled)."""
+
+    schedule: Schedule | None = None
+
+    @property
+    def plan(self) -> Plan:
+        assert self.schedule is not None
+        return Plan.parse(self.schedule.plan)
+
+    def layers(self, n_layers: int, rope: Literal["1d", "mrope"] = "1d") -> list[int | None]:
+        return [None if s.where == "pre" else int(s.where) for s in self.plan.stages]
+
+    def build(
+        self, n_layers: int, avg_tokens: float | None = None, n_visual: int | None = None,
+        rope: Literal["1d", "mrope"] = "1d",
+    ) -> Plan:
+        if avg_tokens is not None:
+            raise PlanError(
+                f"preset {self.name!r} is a paper's exact schedule; it takes no avg_tokens "
+                f"(use the scaled preset {self.schedule.scaled if self.schedule else self.name!r} with avg_tokens)"
+            )
+        return self.plan
 
 
 def _average(layers: list[int], counts: list[int], n_visual: int, n_layers: int) -> float:
@@ -127,18 +179,43 @@ register_preset(Preset("fastv", (StageTemplate("fastv", 2, 0.5),), "FastV: last-
 register_preset(Preset("random", (StageTemplate("random", 20, 0.5),), "Uniform random pruning past the information horizon (layer 20/32)."))
 register_preset(Preset("crosslmm", (StageTemplate("crosslmm", None, 0.25),), "CrossLMM: grid pooling + V2V cross-attention before the LLM."))
 register_preset(Preset("divprune", (StageTemplate("divprune", None, 0.25),), "DivPrune: max-min diversity before the LLM."))
+# AdaptInfer: the official code reads attention inside layers 1, 10, 20 (LLaVA-1.5, 32 layers)
+# and prunes their outputs, i.e. stages before 2, 11, 21; defaults are the paper's "64" counts
+# on 576 tokens (133, 27, 3), positions re-indexed. Qwen2-VL (28 layers): before 1, 10, 20,
+# budgets relative to the tokens left (`retained_tokens=10`), M-RoPE positions kept.
 register_preset(
     Preset(
         "adaptinfer",
-        (StageTemplate("adaptinfer", 1, 0.5, 1.0), StageTemplate("adaptinfer", 10, 0.125, 2.1),
-         StageTemplate("adaptinfer", 20, 0.03125, 3.6)),
-        "AdaptInfer: text-prior-weighted attention, pruning at layers 1, 10, 20 of 32.",
+        (
+            StageTemplate("adaptinfer", 2, 0.231, 1.0, "compact"),
+            StageTemplate("adaptinfer", 11, 0.046875, 2.1, "compact"),
+            StageTemplate("adaptinfer", 21, 0.0052, 3.6, "compact"),
+        ),
+        "AdaptInfer: per-head text-prior attention; stages before layers 2, 11, 21 of 32 "
+        "(Qwen2-VL: 1, 10, 20 of 28).",
+        mrope=Preset(
+            "adaptinfer",
+            (
+                StageTemplate("adaptinfer", 1, 0.17, 1.0, relative=True),
+                StageTemplate("adaptinfer", 10, 0.6, 1.29, relative=True),
+                StageTemplate("adaptinfer", 20, 0.3, 1.97, relative=True),
+            ),
+            "AdaptInfer on Qwen2-VL", depth=28,
+        ),
     )
 )
+# Information Horizon: DivPrune before the LLM, random before layer 20 of 32, positions
+# re-indexed; defaults are the paper's "64" counts on 576 tokens (96, 10).
 register_preset(
     Preset(
         "info-horizon",
-        (StageTemplate("divprune", None, 0.5, 1.0), StageTemplate("random", 20, 0.25, 2.0)),
-        "Information Horizon: DivPrune before the LLM, then random past layer 20/32.",
+        (StageTemplate("divprune", None, 0.1667, 1.0, "compact"),
+         StageTemplate("random", 20, 0.0174, 2.26, "compact")),
+        "Information Horizon: DivPrune before the LLM, then random before layer 20/32, positions re-indexed.",
     )
 )
+for _schedule in SCHEDULES:
+    register_preset(ExactPreset(
+        _schedule.name, (), f"{_schedule.paper} {_schedule.label} on {_schedule.model}, exact: {_schedule.plan}",
+        schedule=_schedule,
+    ))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pruneware.adapters import Adapter
 from pruneware.plan import Plan, PlanError, writes_budgets
 from pruneware.policies import Policy, build_policy
-from pruneware.presets import Preset, StageTemplate, available_presets
+from pruneware.presets import ExactPreset, Preset, StageTemplate, available_presets
 
 NOMINAL_VISUAL_TOKENS = 576  # used only to validate a lazily solved plan before the first input
 _MAX_SOLVED = 512
@@ -32,7 +32,9 @@ class PlanSource:
         n_layers = adapter.n_layers
         preset = available_presets().get(plan.strip()) if isinstance(plan, str) else None
         if preset is not None:
-            fixed = preset.build(n_layers) if avg_tokens is None else None
+            if avg_tokens is not None and isinstance(preset, ExactPreset):
+                preset.build(n_layers, avg_tokens)  # raises: an exact schedule has no avg_tokens
+            fixed = preset.build(n_layers, rope=adapter.rope) if avg_tokens is None else None
             source = cls(adapter, fixed, preset if avg_tokens is not None else None, avg_tokens)
         elif isinstance(plan, Plan | str):
             parsed = plan if isinstance(plan, Plan) else Plan.parse(plan)
@@ -65,6 +67,8 @@ class PlanSource:
                     f"stage {stage}: {type(self.adapter).__name__} cannot run merging policies ({stage.policy!r}); "
                     "use a selection policy: random, divprune, fastv, adaptinfer, vision-score"
                 )
+            if policy.merges and stage.budget == 0:
+                raise PlanError(f"stage {stage}: a merging policy needs a budget >= 1 (it pools into that many tokens)")
             if stage.where != "pre" and policy.merges:
                 raise PlanError(
                     f"stage {stage}: {stage.policy!r} merges tokens into new embeddings and runs only at 'pre'"
@@ -99,11 +103,11 @@ class PlanSource:
         plan = self._solved.get(key)  # shared by concurrent requests: read once, never re-read
         if plan is None:
             try:
-                plan = self.template.build(self.adapter.n_layers, self.avg_tokens, key)
+                plan = self.template.build(self.adapter.n_layers, self.avg_tokens, key, self.adapter.rope)
             except PlanError:
                 if strict:
                     raise
-                return self.template.build(self.adapter.n_layers)
+                return self.template.build(self.adapter.n_layers, rope=self.adapter.rope)
             if len(self._solved) >= _MAX_SOLVED:  # dynamic resolution: bound the memo
                 self._solved.clear()
             self._solved[key] = plan
@@ -136,18 +140,24 @@ class PlanSource:
 
 
 def accepts_avg_tokens(plan: str) -> bool:
-    """True for a preset name or a plan string without written budgets: `avg_tokens` solves it."""
-    return plan.strip() in available_presets() or not writes_budgets(plan)
+    """True for a scaled preset's name or a plan string without written budgets: `avg_tokens`
+    solves it. A paper's exact schedule (an `ExactPreset`) writes its own budgets: False."""
+    preset = available_presets().get(plan.strip())
+    if preset is not None:
+        return not isinstance(preset, ExactPreset)
+    return not writes_budgets(plan)
 
 
 def _template_of(plan: Plan, n_layers: int) -> Preset:
     """A plan's stages as a template whose counts decay geometrically with stage order."""
     plan.validate_for(n_layers, "1d")
     stages = tuple(
-        StageTemplate(s.policy, None if s.where == "pre" else round(s.layer * 32 / n_layers) or 1, 0.5, float(i + 1))
+        StageTemplate(
+            s.policy, None if s.where == "pre" else round(s.layer * 32 / n_layers) or 1, 0.5, float(i + 1), s.positions
+        )
         for i, s in enumerate(plan.stages)
     )
-    return _FixedLayers(str(plan), stages, "user plan", tuple(s.where for s in plan.stages))
+    return _FixedLayers(str(plan), stages, "user plan", wheres=tuple(s.where for s in plan.stages))
 
 
 @dataclass(frozen=True)
@@ -156,5 +166,5 @@ class _FixedLayers(Preset):
 
     wheres: tuple = ()
 
-    def layers(self, n_layers: int) -> list[int | None]:
+    def layers(self, n_layers: int, rope: str = "1d") -> list[int | None]:
         return [None if w == "pre" else w for w in self.wheres]

@@ -42,7 +42,7 @@ def run_stage(
     order = level.visual_first[:, :n]  # visual slots first
     token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
     per_sample = sample_stages or [stage] * len(n_visual)
-    budgets = [min(s.keep_count(nv), now) for s, nv, now in zip(per_sample, n_visual, host_counts, strict=True)]
+    budgets = [min(s.keep_count(nv, now), now) for s, nv, now in zip(per_sample, n_visual, host_counts, strict=True)]
     inputs = StageInput(
         hidden=gather_rows(order, hidden)[0] * token_valid[..., None].to(hidden.dtype),
         valid=token_valid,
@@ -88,7 +88,8 @@ def attention_policy_scores(
     block = None
     if policy.needs_query_block:
         _, block = attention_scores(
-            q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True
+            q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True,
+            per_head_block=policy.per_head,
         )
     weights = policy.row_weights(block, row_valid)
     scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)

@@ -30,10 +30,11 @@ def by_hand(attn: torch.Tensor, input_ids: torch.Tensor, k: int, policy: str) ->
     text = (input_ids != IMAGE_TOKEN).nonzero().squeeze(1)
     if policy == "fastv":
         score = attn[:, -1, visual].sum(0)
-    else:
-        t = attn[:, text][:, :, text].sum(0)  # [T, T], heads summed
-        prior = (t + t.T - torch.diag(torch.diag(t))).sum(0)
-        score = (prior[None, :, None] * attn[:, text][:, :, visual]).sum((0, 1))
+    else:  # official AdaptInfer: post-image text rows, a prior per head
+        after = text[text > visual.max()]
+        t = attn[:, after][:, :, after]  # [H, T, T]
+        prior = (t + t.transpose(1, 2) - torch.diag_embed(torch.diagonal(t, dim1=1, dim2=2))).sum(1)  # [H, T]
+        score = (prior[:, :, None] * attn[:, after][:, :, visual]).sum((0, 1))
     return visual[score.topk(k).indices].sort().values
 
 
@@ -68,13 +69,19 @@ def test_bad_policy_parameter_names_the_options():
         pruneware.prune(tiny_llava(), "adaptinfer[prior=first]@2:0.5")
 
 
-def test_adaptinfer_preset_reproduces_the_paper_schedule():
-    plan = get_preset("adaptinfer").build(32, avg_tokens=64, n_visual=576)
-    assert [s.where for s in plan.stages] == [1, 10, 20]
-    counts = [s.budget for s in plan.stages]
-    assert abs(plan.avg_visual_tokens(576, 32) - 64) < 1
-    # The paper keeps [133, 27, 3]; the solver's shared decay lands within 10%.
-    assert all(abs(c - p) <= max(1, 0.1 * p) for c, p in zip(counts, [133, 27, 3], strict=True))
+def test_adaptinfer_preset_follows_the_official_layers_counts_and_positions():
+    # LLaVA-1.5 (32 layers): attention read in layers 1, 10, 20, their outputs pruned.
+    plan = get_preset("adaptinfer").build(32)
+    assert [s.where for s in plan.stages] == [2, 11, 21]
+    assert plan.keep_counts(576) == [133, 27, 3] and {s.positions for s in plan.stages} == {"compact"}
+    assert plan.avg_visual_tokens(576, 32) == 82.875  # the paper's "64"
+    # avg_tokens means the true average.
+    solved = get_preset("adaptinfer").build(32, avg_tokens=64, n_visual=576)
+    assert [s.where for s in solved.stages] == [2, 11, 21]
+    assert abs(solved.avg_visual_tokens(576, 32) - 64) < 1
+    # Qwen2-VL (28 layers): layers 0, 9, 19 -> stages before 1, 10, 20, ratios of the tokens left.
+    qwen = get_preset("adaptinfer").build(28, rope="mrope")
+    assert str(qwen) == "adaptinfer@1:*0.17,adaptinfer@10:*0.6,adaptinfer@20:*0.3"
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
@@ -85,5 +92,6 @@ def test_adaptinfer_preset_with_avg_tokens_runs_and_hits_the_average(family):
         with torch.no_grad():
             model(**inputs)
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert [s.where for s in run.report.stages] == get_preset("adaptinfer").layers(6)
+    rope = "1d" if family == "llava" else "mrope"
+    assert [s.where for s in run.report.stages] == get_preset("adaptinfer").layers(6, rope)
     assert abs(run.report.avg_visual_tokens - n_visual / 4) <= 1

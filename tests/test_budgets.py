@@ -68,3 +68,39 @@ def test_written_budgets_conflict_with_avg_tokens():
         logits(model, inputs)
     assert abs(run.report.avg_visual_tokens - 6) <= 1
     assert [s.where for s in run.report.stages] == ["pre", 3]
+
+
+@pytest.mark.parametrize("plan", ["adaptinfer@1:*0.5,adaptinfer@3:*0.6,random@5:0", "divprune@pre:*0.7,fastv@2:*0.5"])
+def test_relative_and_zero_budgets_follow_each_samples_own_counts_in_a_padded_batch(plan):
+    """`*r` budgets are ratios of the tokens each sample has left (float32, truncated, as the
+    official code computes them), and a 0-token stage drops every visual token, per sample."""
+    from pruneware.plan import Plan
+
+    model, _, samples = make("qwen2_5_vl", "image")
+    batch = pad_batch(samples)
+    with pruneware.prune(model, plan, seed=1) as run:
+        batched = logits(model, batch)
+        report = run.report
+        own = [int((s["input_ids"] == model.config.image_token_id).sum()) for s in samples]
+        assert [n for n in report.stages[0].n_before] == own
+        for b, sample in enumerate(samples):
+            assert [s.n_after[b] for s in report.stages] == Plan.parse(plan).keep_counts(own[b])
+            alone = logits(model, sample)
+            assert [s.n_after[0] for s in run.report.stages] == [s.n_after[b] for s in report.stages]
+            torch.testing.assert_close(batched[b, -alone.shape[1]:], alone[0], atol=2e-5, rtol=1e-4)
+
+
+def test_exact_schedules_refuse_avg_tokens_and_run_once_in_sweeps():
+    from pruneware.evals.runner import Variant, variants
+    from pruneware.resolve import accepts_avg_tokens
+
+    model = tiny_llava()
+    for name in ("adaptinfer-llava-64", "adaptinfer-qwen2vl-10", "info-horizon-64"):
+        assert not accepts_avg_tokens(name)
+        with pytest.raises(pruneware.PlanError, match="exact schedule; it takes no avg_tokens"):
+            pruneware.prune(model, name, avg_tokens=64)
+    assert accepts_avg_tokens("adaptinfer") and accepts_avg_tokens("divprune@pre,random@3")
+    assert not accepts_avg_tokens("adaptinfer@1:*0.5") and not accepts_avg_tokens("random@3:0")
+    assert variants(["adaptinfer", "adaptinfer-llava-64"], [64, 128]) == [
+        Variant("adaptinfer", 64), Variant("adaptinfer", 128), Variant("adaptinfer-llava-64", None),
+    ]

@@ -16,6 +16,8 @@ from pruneware.presets import available_presets, get_preset, solve_counts
         "random@3:64:compact",
         "fastv@2:1.0",
         "divprune[alpha=2;mode=fast]@pre:12",
+        "adaptinfer@1:*0.17,adaptinfer@10:*0.6,adaptinfer@20:*0.3",
+        "adaptinfer@2:40:compact,adaptinfer@11:12:compact,adaptinfer@21:0:compact",
     ],
 )
 def test_plan_string_round_trips(text):
@@ -36,7 +38,9 @@ def test_stage_fields():
     [
         ("random@3:0.0", r"ratio must be in \(0, 1\]"),
         ("random@3:1.5", r"ratio must be in \(0, 1\]"),
-        ("random@3:0", "count must be >= 1"),
+        ("random@3:-1", "count must be >= 0"),
+        ("random@3:*64", r"relative budget \('\*r'\) is a ratio in \(0, 1\], got 64"),
+        ("random@3:*1.5", r"ratio must be in \(0, 1\]"),
         ("nosuch@3:0.5", "unknown policy 'nosuch'; valid policies: adaptinfer, crosslmm, divprune, fastv, random, vision-score"),
         ("random3:0.5", "malformed stage"),
         ("random@x:0.5", "malformed stage"),
@@ -70,9 +74,10 @@ def test_presets_scale_with_depth():
     assert fastv.layers(32) == [2] and fastv.layers(16) == [1]
     horizon = get_preset("info-horizon")
     assert horizon.layers(32) == [None, 20] and horizon.layers(8) == [None, 5]
-    assert str(horizon.build(32)) == "divprune@pre:0.5,random@20:0.25"
+    assert str(horizon.build(32)) == "divprune@pre:0.1667:compact,random@20:0.0174:compact"
+    assert str(horizon.build(28, rope="mrope")) == "divprune@pre:0.1667,random@18:0.0174"  # M-RoPE keeps positions
     assert set(available_presets()) >= {"fastv", "random", "divprune", "info-horizon"}
-    with pytest.raises(PlanError, match="unknown preset 'nope'; valid presets: adaptinfer, crosslmm, divprune, fastv"):
+    with pytest.raises(PlanError, match="unknown preset .nope.; valid presets: adaptinfer, adaptinfer-llava-128, adaptinfer-llava-32"):
         get_preset("nope")
 
 
@@ -88,3 +93,20 @@ def test_avg_tokens_solver_hits_the_target(target):
 def test_avg_tokens_out_of_reach_names_the_range():
     with pytest.raises(PlanError, match=r"choose a value in \[36.9, 576\]"):
         get_preset("fastv").build(32, avg_tokens=5, n_visual=576)
+
+
+def test_relative_budgets_follow_the_current_count_like_the_official_code():
+    # AdaptInfer's Qwen2-VL code: k = int(ratio * v_token_num), v_token_num the count the stage receives.
+    plan = Plan.parse("adaptinfer@1:*0.17,adaptinfer@10:*0.6,adaptinfer@20:*0.3")
+    assert plan.keep_counts(576) == [97, 58, 17]
+    # ...computed in float32 (an int64 tensor times a Python float): 0.7 * 90 is 63 there, 62.99... in float64.
+    assert Stage.parse("random@3:*0.7").keep_count(100, 90) == 63
+    # A count of 0 drops every visual token, and later stages keep 0.
+    assert Plan.parse("random@3:40,random@5:0,random@6:*0.5").keep_counts(576) == [40, 0, 0]
+
+
+def test_zero_budgets_are_refused_where_they_cannot_run():
+    from pruneware.integrations.vllm.spec import check_stage
+
+    with pytest.raises(PlanError, match="vLLM needs at least one placeholder token per item"):
+        check_stage(Stage.parse("random@pre:0"))

@@ -6,6 +6,7 @@ import typer
 
 from pruneware.cli.bench import bench
 from pruneware.cli.evaluate import evaluate
+from pruneware.cli.export_bench import export_bench
 from pruneware.cli.listing import models, plans
 from pruneware.cli.run import run
 from pruneware.cli.train import PASS_THROUGH, train_adapter, train_tiny
@@ -20,6 +21,7 @@ app.command("run")(run)
 app.command("eval")(evaluate)
 app.command("bench")(bench)
 app.command("viz")(viz)
+app.command("export-bench")(export_bench)
 app.command("plans")(plans)
 app.command("models")(models)
 app.command("train-tiny", context_settings=PASS_THROUGH)(train_tiny)

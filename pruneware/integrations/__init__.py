@@ -1,3 +1,4 @@
-"""Integrations with serving engines. Each one lives in its own subpackage and is imported only
-by that engine (for vLLM, through its plugin entry point): importing pruneware imports none of them.
+"""Integrations with serving engines and evaluation harnesses. Each one lives in its own
+subpackage and is imported only by that tool, through its plugin entry point (`vllm`:
+`vllm.general_plugins`; `lmms_eval`: `lmms_eval.models`): importing pruneware imports none of them.
 """

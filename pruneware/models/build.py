@@ -107,8 +107,9 @@ def build_processor(arch: Arch):
     return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
 
 
-def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, **llm):
-    """Model config sized by ``LLM`` (entries overridable by ``llm``) and ``VISION``.
+def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, vision: dict | None = None, **llm):
+    """Model config sized by ``LLM`` (entries overridable by ``llm``) and ``VISION`` (entries
+    overridable by ``vision``).
 
     A large ``rope_theta`` leaves more rotary frequencies slow enough that a question word can
     match image tokens by content wherever they are in the 576-token image.
@@ -118,6 +119,10 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, **llm):
     if unknown:
         raise ValueError(f"unknown LLM settings {sorted(unknown)}; valid: {sorted(LLM)}")
     spec = {**LLM, **llm}
+    bad = set(vision or {}) - set(VISION)
+    if bad:
+        raise ValueError(f"unknown vision settings {sorted(bad)}; valid: {sorted(VISION)}")
+    vis = {**VISION, **(vision or {})}
     tok = tok or build_tokenizer(arch)
     ids = tok.convert_tokens_to_ids
     text = dict(
@@ -128,8 +133,8 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, **llm):
     )  # fmt: skip
     if arch == "llava":
         vision = CLIPVisionConfig(
-            hidden_size=VISION["hidden"], intermediate_size=VISION["mlp"],
-            num_hidden_layers=VISION["layers"], num_attention_heads=VISION["heads"],
+            hidden_size=vis["hidden"], intermediate_size=vis["mlp"],
+            num_hidden_layers=vis["layers"], num_attention_heads=vis["heads"],
             image_size=336, patch_size=14,
         )  # fmt: skip
         return LlavaConfig(
@@ -145,10 +150,10 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, **llm):
     third = head_dim // 2 // 3
     mrope = [head_dim // 2 - 2 * third, third, third]  # temporal, height, width; sums to head_dim/2
     vision = dict(
-        depth=VISION["layers"], hidden_size=VISION["hidden"], intermediate_size=VISION["mlp"],
-        num_heads=VISION["heads"], out_hidden_size=spec["hidden"], patch_size=14,
+        depth=vis["layers"], hidden_size=vis["hidden"], intermediate_size=vis["mlp"],
+        num_heads=vis["heads"], out_hidden_size=spec["hidden"], patch_size=14,
         spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-        fullatt_block_indexes=[VISION["layers"] - 1],
+        fullatt_block_indexes=[vis["layers"] - 1],
     )  # fmt: skip
     text["bos_token_id"] = None
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": spec["rope_theta"], "mrope_section": mrope}
@@ -160,14 +165,14 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, **llm):
     )  # fmt: skip
 
 
-def build_tiny(arch: Arch, seed: int = 0, **llm):
+def build_tiny(arch: Arch, seed: int = 0, vision: dict | None = None, **llm):
     """A randomly initialised tiny model and its processor: ``(model, processor)``.
 
     Deterministic in ``seed``; ``llm`` overrides entries of ``LLM``. Useful for tests that need
     a real architecture without weights.
     """
     processor = build_processor(arch)
-    config = build_config(arch, processor.tokenizer, **llm)
+    config = build_config(arch, processor.tokenizer, vision=vision, **llm)
     torch.manual_seed(seed)
     cls = LlavaForConditionalGeneration if arch == "llava" else Qwen2_5_VLForConditionalGeneration
     model = cls(config).eval()

@@ -1,10 +1,16 @@
-"""`adaptinfer`: text-guided dynamic scoring (AdaptInfer).
+"""`adaptinfer`: text-guided dynamic scoring, as the official AdaptInfer code computes it.
 
-At the layer before each stage, take T, the attention among the text tokens (heads summed).
-The prior of text token j is the column sum of T + T^T - diag(T): the attention j receives
-from the other text tokens plus the attention it pays them. A visual token's score is the
-prior-weighted attention the text tokens pay it. With `prior=last` the weight is 1 on the last
-token, which is exactly FastV (a test checks this).
+Official code: github.com/weiczh02/AdaptInfer-base, `llava/model/language_model/score.py`
+(`attn_postprocess_topk_with_t2t_weighting`) and `qwen2_vl/SparseQwen/score.py`.
+
+At the layer before each stage, per head h, take T_h: the attention among the text tokens
+*after the image* (the question and the assistant prefix; the official `text_token_start` is
+the end of the visual block), read from the softmax over all keys. The prior of text token j
+in head h is the column sum of T_h + T_h^T - diag(T_h): the attention j receives from those
+tokens plus the attention it pays them. A visual token's score is
+    sum_h sum_i prior_h[i] * A_h[i, visual],
+the per-head prior times the per-head text-to-visual attention, summed over heads. With
+`prior=last` the weight is 1 on the last token, which is exactly FastV (a test checks this).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ PRIORS = ("text", "last")
 @dataclass(frozen=True)
 class AdaptInferPolicy(AttentionPolicy):
     name = "adaptinfer"
-    query: ClassVar[Literal["last", "text"]] = "text"
+    query: ClassVar[Literal["last", "text", "post-image"]] = "post-image"
     needs_query_block: ClassVar[bool] = True
-    description = "AdaptInfer: text-prior-weighted text-to-visual attention, multi-stage."
+    per_head: ClassVar[bool] = True
+    description = "AdaptInfer: per-head text-prior-weighted attention of the post-image text, multi-stage."
     prior: str = "text"
 
     def __post_init__(self) -> None:
@@ -34,13 +41,15 @@ class AdaptInferPolicy(AttentionPolicy):
             raise TypeError(f"prior must be one of {PRIORS}, got {self.prior!r}")
 
     def row_weights(self, query_block: torch.Tensor | None, row_valid: torch.Tensor) -> torch.Tensor:
+        """[B, H, T] per-head prior (or [B, T] for `prior=last`); query_block: [B, H, T, T]."""
         valid = row_valid.float()
         if self.prior == "last":
             # Rows are left-aligned per sample: the last valid row is the last text token.
             last = valid.sum(dim=1).long().clamp(min=1) - 1
             return torch.nn.functional.one_hot(last, valid.shape[1]).float() * valid
         assert query_block is not None
-        block = query_block * valid[:, :, None] * valid[:, None, :]  # [B, T, T]
-        diag = torch.diagonal(block, dim1=1, dim2=2)
-        prior = block.sum(dim=1) + block.sum(dim=2) - diag  # column sums of T + T^T - diag(T)
-        return prior * valid
+        block = query_block * valid[:, None, :, None] * valid[:, None, None, :]  # [B, H, T, T]
+        diag = torch.diagonal(block, dim1=2, dim2=3)  # [B, H, T]
+        # Official: (t2t + t2t^T - diag_embed(diag)).sum(dim=2), the column sums.
+        prior = block.sum(dim=2) + block.sum(dim=3) - diag
+        return prior * valid[:, None, :]

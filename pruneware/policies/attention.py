@@ -1,9 +1,10 @@
 """The shared scoring path of attention-guided policies (FastV, AdaptInfer).
 
-At the layer before a stage, the session takes the policy's query rows (the last token, or
-every text token), asks `row_weights` how much each row counts, and scores every visual token
-by the weighted attention those rows pay it, summed over heads:
-    s[b, l] = sum_t w[b, t] * sum_h softmax(q_t . k / sqrt(d))[l]
+At the layer before a stage, the session takes the policy's query rows (the last token, every
+text token, or the text after the last visual token), asks `row_weights` how much each row
+counts (one weight per row, or one per head and row), and scores every visual token by the
+weighted attention those rows pay it, summed over heads:
+    s[b, l] = sum_h sum_t w[b, (h,) t] * softmax(q_ht . k_h / sqrt(d))[l]
 computed by `pruneware.kernels.scores` without materialising the attention matrix.
 FastV is the special case w = 1 on the last token.
 """
@@ -24,29 +25,37 @@ class AttentionPolicy(Policy):
 
     needs_attention: ClassVar[bool] = True
     pre_llm: ClassVar[bool] = False
-    query: ClassVar[Literal["last", "text"]] = "last"
+    # "last": the last token; "text": every real text token; "post-image": the real text
+    # tokens after the sample's last visual token (the question and the assistant prefix).
+    query: ClassVar[Literal["last", "text", "post-image"]] = "last"
     needs_query_block: ClassVar[bool] = False
+    per_head: ClassVar[bool] = False  # the query block comes per head, [B, H, T, T]
 
     def query_rows(self, visual: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] slot indices of the query rows this policy reads (left-aligned) and their validity.
 
         visual, real: [B, Ls] bool (visual slots; slots holding a real, unpadded token). `query`
-        says which rows: "last" (the last slot) or "text" (every real text slot).
+        says which rows: "last" (the last slot), "text" (every real text slot) or "post-image"
+        (the real text slots after the sample's last visual slot).
         """
         if self.query == "last":
             rows = torch.full((real.shape[0], 1), real.shape[1] - 1, device=real.device)
             return rows, real[:, -1:]
         text = real & ~visual
+        if self.query == "post-image":
+            slot = torch.arange(real.shape[1], device=real.device)
+            last_visual = torch.where(visual, slot, -1).max(dim=1).values  # [B], -1 without visual slots
+            text &= slot[None] > last_visual[:, None]
         counts = text.sum(dim=1)
         order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
         row_valid = torch.arange(order.shape[1], device=real.device)[None] < counts[:, None]
         return order, row_valid
 
     def row_weights(self, query_block: torch.Tensor | None, row_valid: torch.Tensor) -> torch.Tensor:
-        """[B, T] weight of each query row.
+        """[B, T] weight of each query row, or [B, H, T] one per head and row.
 
-        query_block: [B, T, T] attention among the query rows (heads summed), when
-        `needs_query_block`; row_valid: [B, T] bool.
+        query_block: attention among the query rows when `needs_query_block`: [B, T, T]
+        summed over heads, or [B, H, T, T] when `per_head`; row_valid: [B, T] bool.
         """
         return row_valid.float()
 

@@ -50,8 +50,11 @@ class StageInput:
 
 
 def split_budget(sizes: list[int], count: int) -> list[int]:
-    """Split `count` kept tokens over images of `sizes` tokens, in proportion, >= 1 each."""
+    """Split `count` kept tokens over images of `sizes` tokens, in proportion, >= 1 each
+    (none at all when `count` is 0)."""
     total = sum(sizes)
+    if count <= 0:
+        return [0] * len(sizes)
     if count >= total:
         return list(sizes)
     count = max(count, len(sizes))

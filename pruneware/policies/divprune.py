@@ -52,6 +52,8 @@ class DivPrunePolicy(Policy):
                 members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
                 groups.setdefault((len(members), k), []).append((b, members))
         for (_, k), items in groups.items():
+            if k == 0:
+                continue
             feats = torch.stack([inputs.hidden[b, members] for b, members in items])
             picked = max_min_diverse(feats, k)
             for (b, members), row in zip(items, picked, strict=True):

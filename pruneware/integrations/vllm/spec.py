@@ -96,6 +96,8 @@ def check_stage(stage: Stage) -> None:
             f"stage {stage}: policy {stage.policy!r} needs attention rows from inside the LLM, which "
             "vLLM does not expose; pre-LLM policies: divprune, random, crosslmm, vision-score"
         )
+    if stage.budget == 0:
+        raise PlanError(f"stage {stage}: vLLM needs at least one placeholder token per item; use a budget >= 1")
 
 
 def parse_stage(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> Stage:

@@ -25,26 +25,30 @@ def attention_scores(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_query_block: bool = False,
+    per_head_block: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score every key by the weighted attention that chosen query rows pay it.
 
-    ``s[b, l] = sum_h sum_t weights[b, t] * softmax_l(q[b, h, t] . k[b, h // g, l] * scale)[l]``
+    ``s[b, l] = sum_h sum_t weights[b, (h,) t] * softmax_l(q[b, h, t] . k[b, h // g, l] * scale)[l]``
 
     Args:
         q: ``[B, H, T, d]`` chosen query rows, after RoPE, any float dtype.
         k: ``[B, Hkv, L, d]`` all keys, after RoPE, not repeated for GQA
             (``H % Hkv == 0``; head ``h`` reads key head ``h // (H // Hkv)``).
-        weights: ``[B, T]`` float weight per query row; 0 ignores the row.
+        weights: ``[B, T]`` float weight per query row (0 ignores the row), or
+            ``[B, H, T]``, one weight per query head and row (AdaptInfer's
+            per-head text prior).
         query_positions: ``[B, T]`` integer key index of each query row; when
             given, row ``t`` sees only keys ``l <= query_positions[b, t]``.
         key_mask: ``[B, L]`` bool, True for real keys, False for padding.
         scale: logit scale, ``d ** -0.5`` by default.
         return_query_block: also return ``qq`` ``[B, T, T]``, the attention
             among the query rows summed over heads (needs query_positions).
+        per_head_block: return that block per head instead, ``[B, H, T, T]``.
 
     Returns:
         ``(s, qq)``: ``s`` ``[B, L]`` float32, 0 on masked keys; ``qq``
-        ``[B, T, T]`` float32 or None. A row with no allowed key contributes 0.
+        ``[B, T, T]`` (``[B, H, T, T]`` per head) float32 or None. A row with no allowed key contributes 0.
     """
     if choose_backend(q, k, weights, query_positions, key_mask) == "triton":
         from .triton import attention_scores as impl
@@ -58,4 +62,5 @@ def attention_scores(
         key_mask=key_mask,
         scale=scale,
         return_query_block=return_query_block,
+        per_head_block=per_head_block,
     )

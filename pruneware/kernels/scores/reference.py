@@ -3,9 +3,10 @@
 FastV and AdaptInfer score visual tokens by how much a few chosen query rows
 attend to them. For each sample ``b`` and key ``l``::
 
-    s[b, l] = sum_h sum_t weights[b, t] * softmax_l(q[b, h, t] . k[b, h // g, l] * scale)[l]
+    s[b, l] = sum_h sum_t weights[b, (h,) t] * softmax_l(q[b, h, t] . k[b, h // g, l] * scale)[l]
 
-with keys masked out by padding (``key_mask``) and by causality
+The weights are one per query row ``[B, T]`` (FastV) or one per head and row
+``[B, H, T]`` (AdaptInfer's per-head text prior), with keys masked out by padding (``key_mask``) and by causality
 (``l <= query_positions[b, t]``). Masked keys get probability 0, and a row
 whose allowed key set is empty contributes 0 instead of NaN.
 
@@ -32,6 +33,7 @@ def validate_inputs(
     key_mask: torch.Tensor | None,
     scale: float | None,
     return_query_block: bool,
+    per_head_block: bool = False,
 ) -> float:
     """Check shapes, dtypes, devices and position values; return the resolved scale.
 
@@ -56,9 +58,9 @@ def validate_inputs(
         raise ValueError(
             f"{_NAME}: q and k must share one floating dtype, got q {q.dtype} and k {k.dtype}"
         )
-    if weights.shape != (B, T) or not weights.is_floating_point():
+    if weights.shape not in ((B, T), (B, H, T)) or not weights.is_floating_point():
         raise ValueError(
-            f"{_NAME}: weights must be a float tensor [B, T] = [{B}, {T}], "
+            f"{_NAME}: weights must be a float tensor [B, T] = [{B}, {T}] or [B, H, T] = [{B}, {H}, {T}], "
             f"got {weights.dtype} of shape {_shape(weights)}"
         )
     others = {"k": k, "weights": weights, "query_positions": query_positions, "key_mask": key_mask}
@@ -84,6 +86,8 @@ def validate_inputs(
                     f"{_NAME}: query_positions must index the L={L} keys, i.e. lie in "
                     f"[0, {L - 1}], got values in [{lo}, {hi}]"
                 )
+    if per_head_block and not return_query_block:
+        raise ValueError(f"{_NAME}: per_head_block=True only shapes the block of return_query_block=True")
     if return_query_block and query_positions is None:
         raise ValueError(
             f"{_NAME}: return_query_block=True needs query_positions, the key index of "
@@ -124,6 +128,7 @@ def attention_scores(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_query_block: bool = False,
+    per_head_block: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weighted softmax attention of chosen query rows, reduced to one score per key.
 
@@ -131,22 +136,25 @@ def attention_scores(
         q: ``[B, H, T, d]`` chosen query rows, after RoPE, any float dtype.
         k: ``[B, Hkv, L, d]`` all keys, after RoPE, same dtype; query head ``h``
             reads key head ``h // (H // Hkv)`` (grouped-query attention).
-        weights: ``[B, T]`` float weight of each query row (0 ignores the row).
+        weights: ``[B, T]`` float weight of each query row (0 ignores the row),
+            or ``[B, H, T]``, a weight per query head and row.
         query_positions: ``[B, T]`` integer key index of each query row, or None.
             When given, row ``t`` may attend key ``l`` only if
             ``l <= query_positions[b, t]`` (causal).
         key_mask: ``[B, L]`` bool, True for real keys, False for padding.
         scale: logit scale, ``d ** -0.5`` by default.
         return_query_block: also return the attention among the query rows.
+        per_head_block: return that block per query head, ``[B, H, T, T]``.
 
     Returns:
         ``s``: ``[B, L]`` float32 weighted scores, 0 on masked keys.
         ``qq``: ``[B, T, T]`` float32 with ``qq[b, t, u]`` the probability that
         row ``t`` gives to key ``query_positions[b, u]``, summed over heads
-        (unweighted), or None unless ``return_query_block``.
+        (unweighted), or ``[B, H, T, T]`` per head with ``per_head_block``, or
+        None unless ``return_query_block``.
     """
     scale = validate_inputs(
-        q, k, weights, query_positions, key_mask, scale, return_query_block
+        q, k, weights, query_positions, key_mask, scale, return_query_block, per_head_block
     )
     B, H, T, d = q.shape
     Hkv, L = k.shape[1], k.shape[2]
@@ -161,9 +169,15 @@ def attention_scores(
     probs = torch.softmax(logits, dim=-1)
     del logits
     probs.mul_(row_live[:, None, None])
-    s = torch.einsum("bkgtl,bt->bl", probs, weights.float())
+    if weights.dim() == 2:
+        s = torch.einsum("bkgtl,bt->bl", probs, weights.float())
+    else:
+        s = torch.einsum("bkgtl,bkgt->bl", probs, weights.float().reshape(B, Hkv, group, T))
     if not return_query_block:
         return s, None
+    columns = query_positions.long()  # type: ignore[union-attr]
+    if per_head_block:
+        per_head = probs.reshape(B, H, T, L)
+        return s, per_head.gather(-1, columns[:, None, None, :].expand(B, H, T, T))
     per_row = probs.sum(dim=(1, 2))  # [B, T, L]
-    columns = query_positions.long()[:, None, :].expand(B, T, T)  # type: ignore[union-attr]
-    return s, per_row.gather(-1, columns)
+    return s, per_row.gather(-1, columns[:, None, :].expand(B, T, T))

@@ -6,15 +6,17 @@ query rows, so each key tile is loaded once per group (GQA without repeating
 ``k``). It sweeps the keys twice:
 
 1. online softmax: the running row max and denominator over all key tiles;
-2. the probabilities again, times ``weights[b, t]``, summed over the tile's
-   rows into one partial score row ``[L]``.
+2. the probabilities again, times ``weights[b, h, t]`` (a ``[B, T]`` weight
+   is read through a head stride of 0), summed over the tile's rows into one
+   partial score row ``[L]``.
 
 Partial rows land in a small ``[B, R, L]`` buffer (``R`` = key heads x head
 chunks x row blocks) that torch then sums: deterministic, unlike float
 atomics, so top-k picks do not change from run to run. No ``B x H x T x L``
 tensor ever exists. ``return_query_block`` keeps the per-row softmax
 statistics (``[B, H, T]``) and a second kernel gathers the keys at
-``query_positions`` to rebuild the ``[B, T, T]`` block among the query rows.
+``query_positions`` to rebuild the ``[B, T, T]`` block among the query rows,
+or its ``[B, H, T, T]`` per-head form (``T x T`` per head: small, unlike ``T x L``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _scores_kernel(
     q_ptr, k_ptr, w_ptr, pos_ptr, mask_ptr, part_ptr, m_ptr, inv_ptr,
     Hkv, G, T, L, N_CHUNKS, N_TBLOCKS,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sk_d,
-    sw_b, sw_t, sp_b, sp_t, sm_b, sm_l, spart_b, spart_r, sst_b, sst_h,
+    sw_b, sw_h, sw_t, sp_b, sp_t, sm_b, sm_l, spart_b, spart_r, sst_b, sst_h,
     scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_L: tl.constexpr, HAS_POS: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -86,7 +88,7 @@ def _scores_kernel(
     )  # [R, BLOCK_D]
     if DOT_FP32:
         q = q.to(tl.float32)
-    w = tl.load(w_ptr + b * sw_b + t * sw_t, mask=row_ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + b * sw_b + h * sw_h + t * sw_t, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_POS:
         pos = tl.load(pos_ptr + b * sp_b + t * sp_t, mask=row_ok, other=-1)
     else:
@@ -128,10 +130,10 @@ def _query_block_kernel(
     q_ptr, k_ptr, pos_ptr, mask_ptr, m_ptr, inv_ptr, qq_ptr,
     H, G, T,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_l, sk_d,
-    sp_b, sp_t, sm_b, sm_l, sst_b, sst_h, sqq_b, sqq_t,
+    sp_b, sp_t, sm_b, sm_l, sst_b, sst_h, sqq_b, sqq_h, sqq_t,
     scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_MASK: tl.constexpr, PER_HEAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # query rows
@@ -163,8 +165,14 @@ def _query_block_kernel(
         st = b * sst_b + h * sst_h + t
         m = tl.load(m_ptr + st, mask=t_ok, other=0.0)
         inv = tl.load(inv_ptr + st, mask=t_ok, other=0.0)
-        acc += tl.exp2(tl.where(ok, x - m[:, None], float("-inf"))) * inv[:, None]
-    tl.store(qq_ptr + b * sqq_b + t[:, None] * sqq_t + u[None, :], acc, mask=t_ok[:, None] & u_ok[None, :])
+        p = tl.exp2(tl.where(ok, x - m[:, None], float("-inf"))) * inv[:, None]
+        if PER_HEAD:
+            tl.store(qq_ptr + b * sqq_b + h * sqq_h + t[:, None] * sqq_t + u[None, :], p,
+                     mask=t_ok[:, None] & u_ok[None, :])
+        else:
+            acc += p
+    if not PER_HEAD:
+        tl.store(qq_ptr + b * sqq_b + t[:, None] * sqq_t + u[None, :], acc, mask=t_ok[:, None] & u_ok[None, :])
 
 
 # Triton 3.8 chooses interpreter or compiler once, when triton.language and
@@ -196,15 +204,17 @@ def attention_scores(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_query_block: bool = False,
+    per_head_block: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused Triton version of :func:`pruneware.kernels.scores.reference.attention_scores`.
 
-    Shapes: q ``[B, H, T, d]``, k ``[B, Hkv, L, d]``, weights ``[B, T]``,
-    query_positions ``[B, T]``, key_mask ``[B, L]``; returns s ``[B, L]`` and
-    qq ``[B, T, T]`` (or None), both float32. Needs CUDA tensors, or CPU
+    Shapes: q ``[B, H, T, d]``, k ``[B, Hkv, L, d]``, weights ``[B, T]`` or
+    ``[B, H, T]``, query_positions ``[B, T]``, key_mask ``[B, L]``; returns s
+    ``[B, L]`` and qq ``[B, T, T]`` (``[B, H, T, T]`` with ``per_head_block``;
+    or None), both float32. Needs CUDA tensors, or CPU
     tensors under ``TRITON_INTERPRET=1``; d up to 256; fp16, bf16 or fp32.
     """
-    scale = validate_inputs(q, k, weights, query_positions, key_mask, scale, return_query_block)
+    scale = validate_inputs(q, k, weights, query_positions, key_mask, scale, return_query_block, per_head_block)
     if not q.is_cuda and not _INTERPRETED:
         raise ValueError(
             f"attention_scores: the Triton backend needs CUDA tensors, got {q.device}; "
@@ -225,10 +235,12 @@ def attention_scores(
         )
     if B * T * L == 0:
         s = torch.zeros(B, L, dtype=torch.float32, device=q.device)
-        qq = torch.zeros(B, T, T, dtype=torch.float32, device=q.device)
+        qq = torch.zeros(B, *((H,) if per_head_block else ()), T, T, dtype=torch.float32, device=q.device)
         return s, (qq if return_query_block else None)
 
     G = H // Hkv
+    if weights.dim() == 2:
+        weights = weights[:, None, :].expand(B, H, T)  # head stride 0: one weight per row
     block_d, block_g, block_t, block_l = _tiles(G, T, D)
     n_chunks, n_tblocks = triton.cdiv(G, block_g), triton.cdiv(T, block_t)
     # The 3.8 interpreter multiplies bfloat16 as raw uint16 bits in tl.dot, so
@@ -266,16 +278,17 @@ def attention_scores(
     if not return_query_block:
         return s, None
 
-    qq = torch.empty(B, T, T, dtype=torch.float32, device=q.device)
+    qq = torch.empty(B, *((H,) if per_head_block else ()), T, T, dtype=torch.float32, device=q.device)
+    qq_strides = (qq.stride(0), qq.stride(1), qq.stride(2)) if per_head_block else (qq.stride(0), 0, qq.stride(1))
     widest = 64 if block_d * q.element_size() <= 512 else 32  # shared memory again
     block_u = max(16, min(widest, triton.next_power_of_2(T)))
     _query_block_kernel[(B, triton.cdiv(T, block_u), triton.cdiv(T, block_u))](
         q, k, pos, mask, row_max, row_inv, qq,
         H, G, T,
-        *q.stride(), *k.stride(), *pos_strides, *mask_strides, *stat_strides, *qq.stride()[:2],
+        *q.stride(), *k.stride(), *pos_strides, *mask_strides, *stat_strides, *qq_strides,
         scale_log2,
         D=D, BLOCK_D=block_d, BLOCK_T=block_u, BLOCK_U=block_u,
-        HAS_MASK=key_mask is not None, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
+        HAS_MASK=key_mask is not None, PER_HEAD=per_head_block, DOT_PRECISION=precision, DOT_FP32=dot_fp32,
         num_warps=4, num_stages=stages,
     )
     return s, qq

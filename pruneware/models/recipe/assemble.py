@@ -1,0 +1,172 @@
+"""Stage 3: join stage 1's vision tower and stage 2's language model into one tiny LLaVA.
+
+    python -m pruneware.models.recipe.assemble --vision training/tiny-llava/vision/last \\
+        --language training/tiny-llava/language/best --out training/tiny-llava/joint
+
+Phase ``project`` trains the tower and the projector to reproduce, cell by cell, the visual
+tokens stage 2's language model was trained on (mean squared error, object cells
+up-weighted; the language model is frozen). Phase ``joint`` fine-tunes the whole model end to
+end on packed questions about rendered images (answer loss plus stage 2's pointing loss).
+Both phases keep the best model on the selection split (``OUT/best``, a plain HF folder with
+its processor) and a resumable checkpoint (``OUT/last-<phase>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pruneware.evals.synthetic import evaluate, make_split, render
+
+from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, save_checkpoint
+from .language import POINT, Stage2, train_batch
+from .losses import point_loss
+from .packing import collate
+from .packing import N_CELLS
+from .vision import build_tower, features
+
+
+def assemble(vision: Path, language: Path, seed: int = 0):
+    """``(model, processor, stage2)``: a tiny LLaVA holding both stages' weights; ``stage2``
+    shares the model's language model and carries the cell embedding (the regression target)."""
+    model, processor = build_tower(seed)
+    tensors = load_checkpoint_tensors(vision)
+    model.model.vision_tower.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("tower.")})
+    net = Stage2(model)
+    load_checkpoint(language, {"net": net}, None)
+    return model, processor, net
+
+
+def load_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "state.safetensors"))
+
+
+def scenes_batch(seed: int, step: int, size: int, per_image: int, vocab):
+    """Packed train samples and their rendered pixels [B, 3, 336, 336]."""
+    packs, scenes = train_batch("joint", seed, step, size, per_image, vocab)
+    return packs, torch.stack([clip_pixels(render(s)) for s in scenes])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vision", type=Path, required=True)
+    ap.add_argument("--language", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--phase", choices=["project", "joint"], required=True)
+    ap.add_argument("--init", type=Path, help="start from this HF folder (e.g. OUT/best of phase project)")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--questions", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--point", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--select-n", type=int, default=200, help="questions in the selection split")
+    ap.add_argument("--save-minutes", type=float, default=4.0)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, processor, net = assemble(args.vision, args.language, args.seed)
+    if args.init is not None:
+        model.load_state_dict(type(model).from_pretrained(args.init).state_dict())
+    vocab = processor.tokenizer.get_vocab()
+    cfg = model.config.text_config
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    if args.phase == "project":
+        params = list(tower.parameters()) + list(projector.parameters())
+    else:
+        params = [p for n, p in model.named_parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    net.cell.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    last_dir = args.out / f"last-{args.phase}"
+    start, elapsed, best = 0, 0.0, -1.0
+    if args.resume and (last_dir / "meta.json").is_file():
+        meta = load_checkpoint(last_dir, {"model": model}, opt)
+        start, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
+    targets: dict = {}
+    terms: list[torch.Tensor] = []
+
+    def hook(kind: str, head: int):
+        def fn(attn, a, kw):
+            if targets.get(kind):
+                terms.append(point_loss(attn, a, {**kw, "attention_mask": targets["mask"]}, head, targets[kind], groups))
+        return fn
+
+    handles = [model.model.language_model.layers[layer].self_attn.register_forward_pre_hook(hook(k, h), with_kwargs=True)
+               for k, (layer, h) in POINT.items()]  # fmt: skip
+    select = make_split("eval", args.select_n, SELECT_SEED)
+    args.out.mkdir(parents=True, exist_ok=True)
+    curve = (args.out / "curve.jsonl").open("a")
+    gen = torch.Generator().manual_seed(args.seed + start)
+    index = torch.arange(N_CELLS)
+    t0, saved = time.time() - elapsed, time.time()
+    model.train()
+    for step in range(start, args.steps):
+        packs, pixels = scenes_batch(args.seed, step, args.batch, args.questions, vocab)
+        row = {"step": step}
+        if args.phase == "project":
+            cells = torch.stack([p.cells for p in packs])  # [B, 576, 5]
+            with torch.no_grad():
+                want = net.cell(cells, index)  # [B, 576, D]
+            got = projector(features(tower, pixels))
+            w = 0.2 + (cells[..., 4] > 0).float()
+            loss = (((got - want) ** 2).mean(-1) * w).sum() / w.sum()
+            row["mse"] = round(loss.item(), 4)
+        else:
+            ids, _, _, _, pos, mask, answers, point = collate(packs, 1.0, gen, 0.0)
+            targets.update(point, mask=mask)
+            hidden = model.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).last_hidden_state
+            targets.clear()
+            bi = torch.cat([torch.full_like(a, i) for i, a in enumerate(answers)])
+            rows = torch.cat([torch.cat(answers) - 1, torch.cat(answers)])
+            qa = F.cross_entropy(model.lm_head(hidden[bi.repeat(2), rows]), ids[bi.repeat(2), rows + 1])
+            pl = sum(terms) / max(len(terms), 1)
+            terms.clear()
+            loss = qa + args.point * pl
+            row.update(qa=round(qa.item(), 4), point=round(float(pl), 4))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        last = step == args.steps - 1
+        row["elapsed_s"] = round(time.time() - t0)
+        if (step % args.eval_every == 0 and step > 0) or last:
+            model.eval()
+            for h in handles:
+                h.remove()
+            res = evaluate(model, processor, select, batch_size=25)
+            handles = [model.model.language_model.layers[layer].self_attn.register_forward_pre_hook(hook(k, h), with_kwargs=True)
+                       for k, (layer, h) in POINT.items()]  # fmt: skip
+            model.train()
+            row["select"] = {"acc": round(res["accuracy"], 4), "per_task": {t: round(v, 3) for t, v in res["per_task"].items()}}
+            if res["accuracy"] > best:
+                best = res["accuracy"]
+                model.save_pretrained(args.out / "best")
+                processor.save_pretrained(args.out / "best")
+        if step % 10 == 0 or "select" in row:
+            curve.write(json.dumps(row) + "\n")
+            curve.flush()
+            print(json.dumps(row), flush=True)
+        if time.time() - saved > args.save_minutes * 60 or last:
+            save_checkpoint(last_dir, {"model": model}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
+            saved = time.time()
+
+
+if __name__ == "__main__":
+    main()

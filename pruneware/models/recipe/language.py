@@ -1,0 +1,211 @@
+"""Stage 2: the language model alone, answering questions over ground-truth visual tokens.
+
+    python -m pruneware.models.recipe.language --out training/tiny-llava/language --steps 3000
+
+Each of the 576 image cells enters the LLM as a learned embedding of its labels (colour,
+shape, glyph and centre of the object under it, from ``cell_targets``) plus a learned row and
+column embedding: the tokens a perfect vision tower and projector would produce. Stage 3 then
+teaches the real tower's projector to produce them. What makes this learn on a CPU:
+
+* background dropping: early on only object cells and 5% of the background enter (original
+  positions kept), so each question word's attention starts on the objects; the background
+  comes back on a ramp that ends well before the end, so counting is learned on all cells;
+* task-specific pointing targets: head 0 of layer 2 attends from the last word of each noun
+  phrase to its objects; head 0 of layer 5 from the answering token to the glyph cells (glyph
+  questions), the object centres (counting), the first object (spatial) or the referents;
+  head 1 of layer 5 to the second object of a spatial question;
+* label noise on the cell labels, so the LLM tolerates the vision tower's mistakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pruneware.evals.synthetic import TASKS, make_split
+from pruneware.models.grounding import HEADS
+from pruneware.models.recipe.vision import VISION_SPEC
+
+from .common import SELECT_SEED, load_checkpoint, lr_at, sample, save_checkpoint, train_seed
+from .losses import point_loss, where_loss
+from .packing import GRID, N_CELLS, Packed, bg_keep, collate, pack, questions
+
+SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 3.0, "spatial": 1.0, "glyph": 1.0}
+QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 1.5, "glyph": 1.0}
+POINT = {"noun": (2, 0), "answer": (5, 0), "second": (5, 1)}  # target -> (layer, head)
+WHERE_LAYER = 5  # the whereabouts loss reads this layer's output at the answering row
+
+
+class CellEmbedding(torch.nn.Module):
+    """Visual tokens [B, 576, D] from cell labels [B, 576, 5]: a sum of learned embeddings."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        sizes = list(HEADS.values())  # colour, shape, glyph, centre (0 = background / none)
+        self.labels = torch.nn.ModuleList(torch.nn.Embedding(n, dim) for n in sizes)
+        self.row = torch.nn.Embedding(GRID, dim)
+        self.col = torch.nn.Embedding(GRID, dim)
+        for e in [*self.labels, self.row, self.col]:
+            torch.nn.init.normal_(e.weight, std=0.5)
+        with torch.no_grad():  # an ordinal direction per axis: "left of" is a comparison along it
+            ramp = torch.linspace(-3.0, 3.0, GRID)[:, None]  # [24, 1]
+            for e in (self.row, self.col):
+                u = torch.randn(dim)
+                e.weight += ramp * u / u.norm()
+
+    def forward(self, cells: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``cells`` [..., 5] labels, ``index`` [...] cell index in [0, 576): [..., D]."""
+        out = self.row(index // GRID) + self.col(index % GRID)
+        return out + sum(e(cells[..., k]) for k, e in enumerate(self.labels))
+
+
+class Stage2(torch.nn.Module):
+    """The LLM of a tiny LLaVA fed by :class:`CellEmbedding` instead of a vision tower."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm, self.head = model.model.language_model, model.lm_head
+        self.cell = CellEmbedding(model.config.text_config.hidden_size)
+
+    def forward(self, ids, cells, index, is_cell, pos, mask) -> torch.Tensor:
+        """Final hidden states [B, L, D] (apply ``self.head`` to the rows you need)."""
+        x = torch.where(is_cell[..., None], self.cell(cells, index), self.lm.embed_tokens(ids))
+        return self.lm(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
+
+
+def train_batch(tag: str, seed: int, step: int, size: int, per_image: int, vocab: dict[str, int]):
+    """``(packs, scenes)``: ``size`` packed train samples of stage ``tag`` and their scenes."""
+    names, p = list(SCENE_MIX), np.array(list(SCENE_MIX.values()))
+    out, scenes = [], []
+    for i in range(size):
+        s = train_seed(tag, seed, step, i)
+        task = str(np.random.default_rng(s + 1).choice(names, p=p / p.sum()))
+        scene, rng = sample(s, task, 6)
+        qas = questions(scene, rng, per_image, QUESTION_MIX)
+        if qas:
+            out.append(pack(scene, qas, vocab))
+            scenes.append(scene)
+    return out, scenes
+
+
+@torch.no_grad()
+def select_accuracy(net: Stage2, examples, vocab: dict[str, int], batch: int = 25) -> dict:
+    """Greedy first-answer-token accuracy on one-question prompts with all 576 cells."""
+    inv = {v: k for k, v in vocab.items()}
+    hits: dict[str, list[bool]] = {t: [] for t in TASKS}
+    gen = torch.Generator().manual_seed(0)
+    for i in range(0, len(examples), batch):
+        chunk = examples[i : i + batch]
+        packs = [pack(e.scene, [(e.question, e.answer, e.task)], vocab) for e in chunk]
+        ids, cells, index, is_cell, pos, mask, answers, _ = collate(packs, 1.0, gen, 0.0)
+        hidden = net(ids, cells, index, is_cell, pos, mask)
+        rows = torch.stack([a[0] - 1 for a in answers])
+        pred = net.head(hidden[torch.arange(len(chunk)), rows]).argmax(-1)
+        for e, p in zip(chunk, pred.tolist(), strict=True):
+            hits[e.task].append(inv[p] == e.answer)
+    per = {t: round(sum(v) / len(v), 3) for t, v in hits.items() if v}
+    return {"acc": round(sum(sum(v) for v in hits.values()) / len(examples), 4), "per_task": per}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pruneware.models.build import build_tiny
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--questions", type=int, default=12, help="questions packed per image")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--point", type=float, default=0.5, help="weight of the pointing loss")
+    ap.add_argument("--label-noise", type=float, default=0.05)
+    ap.add_argument("--where", type=float, default=0.0, help="weight of the spatial whereabouts loss")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--save-minutes", type=float, default=4.0)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, processor = build_tiny("llava", seed=args.seed, vision=VISION_SPEC)
+    vocab = processor.tokenizer.get_vocab()
+    torch.manual_seed(args.seed)
+    net = Stage2(model).train()
+    cfg = model.config.text_config
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    where_head = torch.nn.Linear(cfg.hidden_size, 4)  # dropped after training
+    opt = torch.optim.AdamW([*net.parameters(), *where_head.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, elapsed, best = 0, 0.0, -1.0
+    if args.resume and (args.out / "last" / "meta.json").is_file():
+        meta = load_checkpoint(args.out / "last", {"net": net, "where": where_head}, opt)
+        start, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
+        print(f"resumed at step {start}", flush=True)
+    batch_targets: dict = {}
+    terms: list[torch.Tensor] = []
+
+    def hook(kind: str, head: int):
+        def fn(attn, a, kw):
+            if batch_targets.get(kind):
+                terms.append(point_loss(attn, a, {**kw, "attention_mask": batch_targets["mask"]}, head, batch_targets[kind], groups))
+        return fn
+
+    for kind, (layer, head) in POINT.items():
+        net.lm.layers[layer].self_attn.register_forward_pre_hook(hook(kind, head), with_kwargs=True)
+
+    def keep_output(_module, _args, output):
+        batch_targets["layer_out"] = output[0] if isinstance(output, tuple) else output
+
+    net.lm.layers[WHERE_LAYER].register_forward_hook(keep_output)
+    select = make_split("eval", 250, SELECT_SEED)
+    args.out.mkdir(parents=True, exist_ok=True)
+    curve = (args.out / "curve.jsonl").open("a")
+    gen = torch.Generator().manual_seed(args.seed * 1000 + start)
+    t0, saved = time.time() - elapsed, time.time()
+    for step in range(start, args.steps):
+        packs, _ = train_batch("language", args.seed, step, args.batch, args.questions, vocab)
+        ids, cells, index, is_cell, pos, mask, answers, targets = collate(packs, bg_keep(step, args.steps), gen, args.label_noise)
+        batch_targets.update(targets, mask=mask)
+        hidden = net(ids, cells, index, is_cell, pos, mask)
+        where = where_loss(batch_targets["layer_out"], targets["where"], where_head)
+        batch_targets.clear()
+        bi = torch.cat([torch.full_like(a, i) for i, a in enumerate(answers)])
+        ai = torch.cat(answers)
+        rows = torch.cat([ai - 1, ai])  # predict the answer, then the end of turn
+        logits = net.head(hidden[bi.repeat(2), rows])
+        loss_qa = F.cross_entropy(logits, ids[bi.repeat(2), rows + 1])
+        point = sum(terms) / max(len(terms), 1)
+        terms.clear()
+        loss = loss_qa + args.point * point + args.where * where
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        last = step == args.steps - 1
+        if step % 25 == 0 or last:
+            row = {"step": step, "qa": round(loss_qa.item(), 4), "point": round(float(point), 4), "where": round(where.item(), 4),
+                   "bg": round(bg_keep(step, args.steps), 3), "len": ids.shape[1], "elapsed_s": round(time.time() - t0)}  # fmt: skip
+            if (step % args.eval_every == 0 and step > 0) or last:
+                net.eval()
+                row["select"] = select_accuracy(net, select, vocab)
+                net.train()
+                if row["select"]["acc"] > best:
+                    best = row["select"]["acc"]
+                    save_checkpoint(args.out / "best", {"net": net, "where": where_head}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
+            curve.write(json.dumps(row) + "\n")
+            curve.flush()
+            print(json.dumps(row), flush=True)
+        if time.time() - saved > args.save_minutes * 60 or last:
+            save_checkpoint(args.out / "last", {"net": net, "where": where_head}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
+            saved = time.time()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Stage 2's auxiliary losses: attention pointing and object whereabouts."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int) -> torch.Tensor:
+    """-log of ``head``'s attention mass on the target columns, averaged over ``items``
+    (``(sample, row, columns)``); recomputes that head's post-RoPE q and k only."""
+    h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, D]
+    cos, sin = kwargs["position_embeddings"]
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    mask = kwargs["attention_mask"]  # [B, 1, L, L] bool
+    b, n, _ = h.shape
+    d = attn.head_dim
+    q = attn.q_proj(h).view(b, n, -1, d)[:, :, head : head + 1].transpose(1, 2)
+    kv = head // n_kv_groups
+    k = attn.k_proj(h).view(b, n, -1, d)[:, :, kv : kv + 1].transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    items = [(i, r, c) for i, r, c in items if len(c)]
+    if not items:
+        return h.sum() * 0
+    bi = torch.tensor([i for i, _, _ in items])
+    ri = torch.tensor([r for _, r, _ in items])
+    logits = (q[bi, 0, ri, :, None] * k[bi, 0].transpose(1, 2)).sum(1) * attn.scaling  # [R, L]
+    logits = logits.masked_fill(~mask[bi, 0, ri], float("-inf"))
+    logp = logits.log_softmax(-1)
+    look = torch.zeros_like(logp, dtype=torch.bool)
+    for j, (_, _, c) in enumerate(items):
+        look[j, c] = True
+    return -torch.logsumexp(logp.masked_fill(~look, float("-inf")), -1).mean()
+
+
+def where_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tensor:
+    """Mean squared error of ``head`` (D -> 4) predicting, from the answering row's hidden state
+    ([B, L, D] at one layer), the row/column centroids of both objects of a spatial question."""
+    if not items:
+        return hidden.sum() * 0
+    rows = hidden[torch.tensor([i for i, _, _ in items]), torch.tensor([r for _, r, _ in items])]  # [R, D]
+    return ((head(rows) - torch.stack([w for _, _, w in items])) ** 2).mean()

@@ -1,0 +1,190 @@
+"""Stage 2's training sequences and batches: several questions about one scene, packed behind a block mask.
+
+A packed sequence is ``USER : <image> x 576`` then, per turn, ``question ASSISTANT : answer
+</s>``. Every turn sees the image prefix and itself only, and its positions are shifted so that
+it starts where a one-question prompt's question starts: each packed turn is computed exactly
+as the one-question prompt the model answers at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pruneware.evals.synthetic.questions import GENERATORS, NUMBERS, PLURALS, QA
+from pruneware.evals.synthetic.scene import Scene
+from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
+
+# Acceptance rates that bring the packed counting answers close to uniform over one..four
+# (measured over 2000 train scenes of the stage-2 task mix).
+COUNT_ACCEPT = {"one": 0.1, "two": 0.2, "three": 0.6}
+POINT_KINDS = ("noun", "answer", "second")
+GRID = 24
+N_CELLS = GRID * GRID
+
+
+def counting_balanced(scene: Scene, rng: np.random.Generator) -> QA | None:
+    """A counting question whose answer is drawn uniformly from the counts the scene offers
+    (the plain generator asks mostly about singletons: 65% of answers would be "one")."""
+    by: dict[int, list[str]] = {}
+    for kind in ("shape", "color"):
+        values = [getattr(o, kind) for o in scene.objects]
+        for v in set(values):
+            q = f"how many {PLURALS[v]} are there?" if kind == "shape" else f"how many {v} objects are there?"
+            by.setdefault(values.count(v), []).append(q)
+    if not by:
+        return None
+    n = sorted(by)[rng.integers(len(by))]
+    return by[n][rng.integers(len(by[n]))], NUMBERS[n]
+
+
+def questions(scene: Scene, rng: np.random.Generator, n: int, weights: dict[str, float]) -> list[tuple[str, str, str]]:
+    """Up to ``n`` distinct ``(question, answer, task)`` about ``scene``, tasks drawn by ``weights``."""
+    names = [t for t, w in weights.items() if w > 0]
+    p = np.array([weights[t] for t in names]) / sum(weights[t] for t in names)
+    out, seen = [], set()
+    for _ in range(4 * n):
+        task = str(rng.choice(names, p=p))
+        qa = (counting_balanced if task == "counting" else GENERATORS[task])(scene, rng)
+        if qa is not None and task == "counting" and (qa[1] in seen or rng.random() > COUNT_ACCEPT.get(qa[1], 1.0)):
+            continue  # one question per count and scene, and fewer singletons
+        if qa is not None and qa[0] not in seen:
+            seen.add(qa[1]) if task == "counting" else None
+            seen.add(qa[0])
+            out.append((qa[0], qa[1], task))
+        if len(out) == n:
+            break
+    return out
+
+
+@dataclass
+class Packed:
+    """One packed sample, unpadded. ``L`` is its length before background cells are dropped."""
+
+    ids: torch.Tensor  # [L] token ids; image cells hold the image token id
+    positions: torch.Tensor  # [L] shifted positions
+    segment: torch.Tensor  # [L] -2 image prefix, k >= 0 turn k
+    answer_at: torch.Tensor  # [Q] index of the first answer token of each turn
+    cells: torch.Tensor  # [576, 5] cell labels (colour, shape, glyph, centre, object + 1)
+    point: list[dict[str, list[int]]]  # per turn: pointing targets {"noun@i": cells, "answer": cells, "second": cells}
+    tasks: list[str]
+
+
+def _cells_of(cells: torch.Tensor, objects: list[int], kind: str) -> list[int]:
+    on = torch.isin(cells[:, 4], torch.tensor(objects, dtype=torch.long) + 1)
+    if kind == "glyph":
+        on &= cells[:, 2] > 0
+    elif kind == "center":
+        on &= cells[:, 3] > 0
+    return on.nonzero().flatten().tolist()
+
+
+def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dict[str, list[int]]:
+    """Task-specific pointing targets (cell indices) of one question.
+
+    ``noun@i``: the objects of the noun phrase ending at word ``i``; ``answer``: what the
+    answering token should look at (glyph cells for glyph questions, object centres for
+    counting, the first object for spatial, the referents otherwise); ``second``: the second
+    object of a spatial question.
+    """
+    out = {f"noun@{i}": _cells_of(cells, objs, "object") for i, objs in phrases(scene, question)}
+    if task == "spatial":
+        (_, first), (_, second) = phrases(scene, question)[:2]
+        out["answer"] = _cells_of(cells, first, "object")
+        out["second"] = _cells_of(cells, second, "object")
+    else:
+        kind = {"glyph": "glyph", "counting": "center"}.get(task, "object")
+        out["answer"] = _cells_of(cells, referents(scene, question), kind)
+    return out
+
+
+def pack(scene: Scene, qas: list[tuple[str, str, str]], vocab: dict[str, int]) -> Packed:
+    """Token ids, positions and segments of ``qas`` about ``scene`` (LLaVA prompt layout)."""
+    prefix = [vocab["USER"], vocab[":"]] + [vocab["<image>"]] * N_CELLS
+    ids, positions, segment, answer_at = list(prefix), list(range(len(prefix))), [-2] * len(prefix), []
+    cells = cell_targets(scene, GRID)
+    point = []
+    for k, (q, a, task) in enumerate(qas):
+        words = q.replace("?", " ?").split() + ["ASSISTANT", ":", a, "</s>"]
+        answer_at.append(len(ids) + len(words) - 2)
+        ids += [vocab[w] for w in words]
+        positions += range(len(prefix), len(prefix) + len(words))
+        segment += [k] * len(words)
+        point.append(pointing(scene, cells, q, task))
+    return Packed(
+        torch.tensor(ids), torch.tensor(positions), torch.tensor(segment), torch.tensor(answer_at),
+        cells, point, [t for _, _, t in qas],
+    )  # fmt: skip
+
+
+def noisy(cells: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """Replace each object cell's colour / shape / glyph label by a random one with prob ``rate``."""
+    out = cells.clone()
+    obj = cells[:, 4] > 0
+    for k, n in enumerate(list(HEADS.values())[:3]):
+        flip = obj & (torch.rand(len(cells), generator=gen) < rate)
+        out[flip, k] = torch.randint(1, n, (int(flip.sum()),), generator=gen)
+    return out
+
+
+def bg_keep(step: int, steps: int) -> float:
+    """Fraction of background cells kept: 5% for the first 15% of steps, all from 40% on
+    (counting is learned on the full set: it needs the background as a reference)."""
+    f = step / max(steps, 1)
+    return 0.05 if f < 0.15 else min(1.0, 0.05 + 0.95 * (f - 0.15) / 0.25)
+
+
+def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_noise: float):
+    """Right-padded batch with background cells dropped: ids [B, L], cell labels [B, L, 5], cell
+    indices [B, L], is-cell [B, L], positions [B, L], mask [B, 1, L, L], answer columns per
+    sample, and targets: per pointing kind ``(sample, row, columns)``; ``where``: ``(sample, row,
+    [4])`` the row/column centroids of both objects of a spatial question, scaled to [0, 1]."""
+    rows_kept = []
+    for s in samples:
+        image = (s.ids == s.ids[2]).nonzero().flatten()  # [576] image cell columns
+        bg = s.cells[:, 4] == 0
+        drop = bg & (torch.rand(N_CELLS, generator=gen) >= keep_bg)
+        keep = torch.ones(len(s.ids), dtype=torch.bool)
+        keep[image[drop]] = False
+        rows_kept.append(keep.nonzero().flatten())
+    n = max(len(k) for k in rows_kept)
+    b = len(samples)
+    ids = torch.zeros(b, n, dtype=torch.long)
+    pos = torch.zeros(b, n, dtype=torch.long)
+    seg = torch.full((b, n), -1, dtype=torch.long)
+    cells = torch.zeros(b, n, 5, dtype=torch.long)
+    is_cell = torch.zeros(b, n, dtype=torch.bool)
+    index = torch.zeros(b, n, dtype=torch.long)
+    where = torch.full((b, max(len(s.ids) for s in samples)), -1, dtype=torch.long)  # old -> new column
+    for i, (s, k) in enumerate(zip(samples, rows_kept, strict=True)):
+        ids[i, : len(k)], pos[i, : len(k)], seg[i, : len(k)] = s.ids[k], s.positions[k], s.segment[k]
+        where[i, k] = torch.arange(len(k))
+        first = int((s.ids == s.ids[2]).nonzero()[0])
+        cell_of = k - first
+        on = (cell_of >= 0) & (cell_of < N_CELLS)
+        is_cell[i, : len(k)] = on
+        index[i, : len(k)][on] = cell_of[on]
+        labels = noisy(s.cells, label_noise, gen) if label_noise > 0 else s.cells
+        cells[i, : len(k)][on] = labels[cell_of[on]]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+    mask = (causal & (same | (seg[:, None, :] == -2))) | torch.eye(n, dtype=torch.bool)
+    answers, targets = [], {k: [] for k in POINT_KINDS}
+    targets["where"] = []
+    for i, s in enumerate(samples):
+        first = int((s.ids == s.ids[2]).nonzero()[0])
+        turn_start = [int((s.segment == k).nonzero()[0]) for k in range(len(s.tasks))]
+        answers.append(where[i, s.answer_at])
+        for j, point in enumerate(s.point):
+            if point.get("second"):  # spatial: where both objects are, for the answering row
+                rc = [torch.tensor(point[k]) for k in ("answer", "second")]
+                where_ = torch.stack([torch.stack([(c // GRID).float().mean(), (c % GRID).float().mean()]) for c in rc]).flatten() / (GRID - 1)
+                targets["where"].append((i, int(where[i, s.answer_at[j] - 1]), where_))
+            for name, cols in point.items():
+                kind, _, word = name.partition("@")
+                row = int(where[i, s.answer_at[j] - 1]) if not word else int(where[i, turn_start[j] + int(word)])
+                new = where[i, torch.tensor(cols, dtype=torch.long) + first] if cols else torch.empty(0, dtype=torch.long)
+                targets[kind].append((i, row, new[new >= 0]))
+    return ids, cells, index, is_cell, pos, mask[:, None], answers, targets

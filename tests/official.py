@@ -1,0 +1,109 @@
+"""The official AdaptInfer selection, rebuilt from eager attention probabilities, without pruneware.
+
+This transcribes github.com/weiczh02/AdaptInfer-base as closely as a test can:
+- `llava/model/language_model/score.py` and `qwen2_vl/SparseQwen/score.py`,
+  `attn_postprocess_topk_with_t2t_weighting`: the scoring rule and k, line by line;
+- `modelling_sparse_llama.py` (LLaVA) and `qwen2_vl/SparseQwen/builder.py` (Qwen2-VL): the layer
+  loop. At each layer in `pruning_loc`, the layer runs, its attention probabilities [1, H, L, L]
+  are read (here: transformers' eager attention weights, from a hook on `self_attn`), and the
+  layer's *output* keeps the text plus the top-k visual tokens. LLaVA then re-indexes positions
+  (`position_ids[:, :kept]`); Qwen2-VL keeps each token's M-RoPE position.
+The official code runs one sample at a time; so does this reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from tests.reference import record_lm_inputs
+from tests.tiny import IMAGE_TOKEN, VIDEO_TOKEN
+
+
+def official_scores(attn: torch.Tensor, v_start: int, v_num: int, text_start: int) -> torch.Tensor:
+    """score.py, lb = 1: attn [B, H, L, L] probabilities -> visual scores [B, V]."""
+    t2t = attn[:, :, text_start:, text_start:]  # [B, H, T, T]
+    t2t_transpose = t2t.transpose(-1, -2)
+    diag = torch.diagonal(t2t, dim1=-2, dim2=-1)  # [B, H, T]
+    t2t_2 = t2t + t2t_transpose - torch.diag_embed(diag)
+    text_importance = t2t_2.sum(dim=2)  # [B, H, T]
+    t2v = attn[:, :, text_start:, v_start:v_start + v_num]  # [B, H, T, V]
+    visual_scores = text_importance.unsqueeze(-2) @ t2v  # [B, H, 1, V]
+    return visual_scores.squeeze(-2).sum(dim=1)  # [B, V]
+
+
+def llava_k(counts: list[int]) -> Callable[[int, int], int]:
+    """score.py (LLaVA): k = min(sparse_list[stage], v_token_num - 1)."""
+    return lambda stage, v_num: min(counts[stage], v_num - 1)
+
+
+def qwen_k(ratios: list[float]) -> Callable[[int, int], int]:
+    """SparseQwen/score.py: k = min(int(ratio * v_token_num), v_token_num - 1); v_token_num is an
+    int64 tensor, so the product is float32."""
+    return lambda stage, v_num: min(int(ratios[stage] * torch.tensor(v_num)), v_num - 1)
+
+
+@torch.no_grad()
+def official_kept(
+    model, inputs: dict, pruning_loc: list[int], k_of: Callable[[int, int], int], compact: bool
+) -> list[torch.Tensor]:
+    """Original positions of the visual tokens kept after each layer of `pruning_loc`, for a
+    single unpadded sample. `model` must use eager attention (its layers return probabilities)."""
+    assert inputs["input_ids"].shape[0] == 1
+    seen = record_lm_inputs(model, inputs)
+    lm = model.model.language_model
+    hidden = seen["embeds"]
+    length = hidden.shape[1]
+    positions = seen["positions"] if seen["positions"] is not None else torch.arange(length)[None]
+    if positions.dim() == 3 and positions.shape[0] == 4:
+        positions = positions[1:]
+    ids = inputs["input_ids"][0]
+    visual0 = (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+    origin = torch.arange(length)
+    captured: dict[str, torch.Tensor] = {}
+    kept = []
+    for i, layer in enumerate(lm.layers):
+        cos_sin = lm.rotary_emb(hidden, positions)
+        mask = create_causal_mask(
+            config=lm.config, inputs_embeds=hidden, attention_mask=torch.ones(1, hidden.shape[1], dtype=torch.long),
+            cache=None,
+        )
+        handle = layer.self_attn.register_forward_hook(lambda m, a, out: captured.update(attn=out[1]))
+        try:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None)
+        finally:
+            handle.remove()
+        if i not in pruning_loc:
+            continue
+        attn = captured["attn"].float()
+        visual = visual0[origin]
+        v_num = int(visual.sum())
+        v_start = int(visual.nonzero()[0]) if v_num else 0
+        text_start = v_start + v_num  # the official code: vision tokens are one contiguous block
+        keep = torch.ones(hidden.shape[1], dtype=torch.bool)
+        keep[v_start:text_start] = False
+        k = k_of(pruning_loc.index(i), v_num) if v_num else 0
+        if k > 0:
+            scores = official_scores(attn, v_start, v_num, text_start)
+            keep[v_start + torch.topk(scores, k=k, dim=1).indices[0]] = True
+        hidden, origin = hidden[:, keep], origin[keep]
+        positions = torch.arange(hidden.shape[1])[None] if compact else positions[..., keep]
+        kept.append(origin[visual0[origin]])
+    return kept
+
+
+def official_divprune(visual_feature_vectors: torch.Tensor, threshold_ratio: float) -> torch.Tensor:
+    """vbdi/divprune `LLaVA/llava/model/llava_arch.py` `DivPrune`: [N, D] features -> picked indices."""
+    threshold_terms = int(round(threshold_ratio * visual_feature_vectors.shape[0]))
+    norm_matrix = visual_feature_vectors / visual_feature_vectors.norm(dim=1, keepdim=True)
+    cosine_matrix = 1.0 - torch.mm(norm_matrix, norm_matrix.t())
+    s = torch.empty(threshold_terms, dtype=torch.long)
+    for i in range(threshold_terms):
+        if i == 0:
+            scores = torch.topk(cosine_matrix, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = torch.min(torch.index_select(cosine_matrix, 0, s[:i]), dim=0).values
+        s[i] = torch.argmax(scores)
+    return s

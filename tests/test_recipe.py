@@ -1,0 +1,77 @@
+"""The staged tiny-model recipe (pruneware/models/recipe): packing, pointing targets, checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from pruneware.models.build import build_tiny, build_tokenizer
+from pruneware.models.recipe.common import load_checkpoint, save_checkpoint
+from pruneware.models.recipe.language import Stage2, train_batch
+from pruneware.models.recipe.packing import collate
+from pruneware.models.recipe.packing import N_CELLS, pack
+from pruneware.models.recipe.vision import VISION_SPEC
+
+VOCAB = build_tokenizer("llava").get_vocab()
+
+
+def _net():
+    model, _ = build_tiny("llava", seed=0, vision=VISION_SPEC)
+    torch.manual_seed(0)
+    return Stage2(model).eval()
+
+
+def _answer_logits(net, packs):
+    ids, cells, index, is_cell, pos, mask, answers, _ = collate(packs, 1.0, torch.Generator(), 0.0)
+    with torch.no_grad():
+        hidden = net(ids, cells, index, is_cell, pos, mask)
+    return [net.head(hidden[i, a - 1]) for i, a in enumerate(answers)]  # [Q, V] per sample
+
+
+def test_packed_turns_equal_one_question_prompts():
+    net = _net()
+    packs, scenes = train_batch("test", 0, 3, 2, 4, VOCAB)
+    packed = _answer_logits(net, packs)
+    for i, (p, scene) in enumerate(zip(packs, scenes, strict=True)):
+        qas = [(_question_of(p, k), None, p.tasks[k]) for k in range(len(p.tasks))]
+        for k, (q, _, task) in enumerate(qas):
+            answer = [w for w, t in VOCAB.items() if t == int(p.ids[p.answer_at[k]])][0]
+            single = _answer_logits(net, [pack(scene, [(q, answer, task)], VOCAB)])[0][0]
+            torch.testing.assert_close(packed[i][k], single, atol=1e-5, rtol=1e-4)
+
+
+def _question_of(p, k: int) -> str:
+    """The question text of turn ``k`` of packed sample ``p``, rebuilt from its token ids."""
+    inv = {v: w for w, v in VOCAB.items()}
+    words = [inv[int(t)] for t in p.ids[p.segment == k]][:-4]  # drop "ASSISTANT : answer </s>"
+    return " ".join(words).replace(" ?", "?")
+
+
+def test_pointing_targets_are_object_cells_and_the_right_rows():
+    packs, _ = train_batch("test", 0, 5, 3, 6, VOCAB)
+    ids, cells, _, is_cell, _, _, answers, targets = collate(packs, 0.05, torch.Generator().manual_seed(0), 0.0)
+    inv = {v: w for w, v in VOCAB.items()}
+    assert targets["answer"] and targets["noun"]
+    for i, row, cols in targets["answer"] + targets["second"]:
+        assert inv[int(ids[i, row])] == ":" and inv[int(ids[i, row - 1])] == "ASSISTANT"
+        assert is_cell[i, cols].all() and (cells[i, cols, 4] > 0).all()
+    for i, row, cols in targets["noun"]:
+        assert inv[int(ids[i, row])] in {"circle", "square", "triangle", "star", "cross", "circles", "squares",
+                                          "triangles", "stars", "crosses", "object", "objects"}  # fmt: skip
+    # background dropping keeps every object cell and few background cells
+    for i, p in enumerate(packs):
+        kept_cells = int(is_cell[i].sum())
+        assert int((p.cells[:, 4] > 0).sum()) <= kept_cells < N_CELLS
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, {"net": net}, opt, {"step": 7})
+    again = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(again.parameters())
+    assert load_checkpoint(tmp_path, {"net": again}, opt2) == {"step": 7}
+    torch.testing.assert_close(again.weight, net.weight, rtol=0, atol=0)
+    a, b = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=0, atol=0)
