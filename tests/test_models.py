@@ -15,10 +15,14 @@ BAR_OVERALL, BAR_TASK = 0.90, 0.80
 # A shipped model below the bar is marked here with its measured accuracy (on
 # `make_split("eval", 200, seed=2024)`) instead of lowering the bar.
 BELOW_BAR: dict[str, str] = {
-    "tiny-llava": "shipped checkpoint measures 0.335 overall (attribute 0.175, counting 0.275, "
-    "existence 0.60, glyph 0.10, spatial 0.525): below the 0.90 / 0.80 bar",
+    "tiny-llava": "shipped checkpoint measures 0.725 overall (attribute 0.75, counting 0.45, "
+    "existence 0.95, glyph 0.95, spatial 0.525): below the 0.90 / 0.80 bar",
     "tiny-qwen2.5-vl": "shipped checkpoint measures 0.36 overall (attribute 0.30, counting 0.275, "
     "existence 0.475, glyph 0.225, spatial 0.525): below the 0.90 / 0.80 bar",
+}
+# Models that miss more than one of the eight hand-made questions (tiny-llava misses one).
+FIXED_BELOW_BAR: dict[str, str] = {
+    "tiny-qwen2.5-vl": "shipped checkpoint answers mostly from priors: below the 0.90 / 0.80 bar",
 }
 
 
@@ -105,10 +109,10 @@ def _fixed_examples() -> list[Example]:
     return [Example(render(s), q, a, t, f"fixed-{i}", s) for i, (s, q, a, t) in enumerate(qa)]
 
 
-def _below_bar(names: list[str]) -> list:
-    """``names`` as params, a strict xfail on those listed in ``BELOW_BAR``."""
+def _below_bar(names: list[str], below: dict[str, str] = BELOW_BAR) -> list:
+    """``names`` as params, a strict xfail on those listed in ``below``."""
     return [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BELOW_BAR[n])) if n in BELOW_BAR else n
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=below[n])) if n in below else n
         for n in names
     ]
 
@@ -124,7 +128,7 @@ def test_shipped_model_loads_offline_and_answers_one_word(name, monkeypatch):
     assert all(p in vocab for p in res["predictions"]), res["predictions"]
 
 
-@pytest.mark.parametrize("name", _below_bar(NAMES))
+@pytest.mark.parametrize("name", _below_bar(NAMES, FIXED_BELOW_BAR))
 def test_shipped_model_answers_fixed_questions(name):
     model, processor = _shipped(name)
     examples = _fixed_examples()
@@ -176,3 +180,23 @@ def test_packed_training_turns_equal_single_prompts(arch):
         with torch.no_grad():
             ref = model(**single).logits[0, -1]
         torch.testing.assert_close(packed[start[0].nonzero()[k, 0] - 1], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_run_answers_the_bundled_sample_with_and_without_pruning():
+    """The main job (`pruneware run`, default model and plan) answers the showcase question."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pruneware.cli import app
+    from pruneware.cli.common import sample
+
+    if "tiny-llava" not in models.available():
+        pytest.skip("tiny-llava has no trained weights in this checkout")
+    result = CliRunner().invoke(app, ["run", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    want = sample()["answer"]
+    assert out["model"] == "tiny-llava" and out["question"] == sample()["question"]
+    assert out["unpruned"]["answer"] == want and out["pruned"]["answer"] == want, out
+    assert out["pruned"]["kept_per_stage"][0] < out["unpruned"]["visual_tokens"]
