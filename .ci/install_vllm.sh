@@ -20,4 +20,5 @@ python -m pip install --no-deps \
     "psutil==7.2.2" "py-cpuinfo==9.0.0" "pybase64==1.5.1" "pycountry==26.2.16" \
     "pydantic-extra-types==2.11.1" "pyzmq==27.3.0" "referencing==0.37.0" "rpds-py==2026.9.1" \
     "sniffio==1.3.1" "starlette==1.10.0" "tiktoken==0.14.0" "uvloop==0.23.0" \
-    "xgrammar==0.2.8" "yarl==1.25.1"
+    "xgrammar==0.2.8" "yarl==1.25.1" "requests==2.34.2" "urllib3==2.8.0" "charset_normalizer==3.5.3" \
+    "certifi==2026.10.19.post1"
