@@ -23,11 +23,10 @@ import torch.nn.functional as F
 
 from pruneware.evals.synthetic import evaluate, make_split, render
 
-from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, save_checkpoint
+from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from .language import POINT, Stage2, train_batch
-from .losses import point_loss
-from .packing import collate
-from .packing import N_CELLS
+from .losses import install_pointing
+from .packing import N_CELLS, collate
 from .vision import build_tower, features
 
 
@@ -100,14 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     targets: dict = {}
     terms: list[torch.Tensor] = []
 
-    def hook(kind: str, head: int):
-        def fn(attn, a, kw):
-            if targets.get(kind):
-                terms.append(point_loss(attn, a, {**kw, "attention_mask": targets["mask"]}, head, targets[kind], groups))
-        return fn
-
-    handles = [model.model.language_model.layers[layer].self_attn.register_forward_pre_hook(hook(k, h), with_kwargs=True)
-               for k, (layer, h) in POINT.items()]  # fmt: skip
+    layers = model.model.language_model.layers
+    handles = install_pointing(layers, POINT, targets, terms, groups)
     select = make_split("eval", args.select_n, SELECT_SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     curve = (args.out / "curve.jsonl").open("a")
@@ -138,12 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             terms.clear()
             loss = qa + args.point * pl
             row.update(qa=round(qa.item(), 4), point=round(float(pl), 4))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, args.steps, args.lr, args.warmup))
         last = step == args.steps - 1
         row["elapsed_s"] = round(time.time() - t0)
         if (step % args.eval_every == 0 and step > 0) or last:
@@ -151,8 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             for h in handles:
                 h.remove()
             res = evaluate(model, processor, select, batch_size=25)
-            handles = [model.model.language_model.layers[layer].self_attn.register_forward_pre_hook(hook(k, h), with_kwargs=True)
-                       for k, (layer, h) in POINT.items()]  # fmt: skip
+            handles = install_pointing(layers, POINT, targets, terms, groups)
             model.train()
             row["select"] = {"acc": round(res["accuracy"], 4), "per_task": {t: round(v, 3) for t, v in res["per_task"].items()}}
             if res["accuracy"] > best:

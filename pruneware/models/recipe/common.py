@@ -79,3 +79,13 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], opt: torc
         sd["state"] = state
         opt.load_state_dict(sd)
     return json.loads((folder / "meta.json").read_text())
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float) -> None:
+    """One AdamW step at ``lr`` with gradients clipped to norm 1."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()

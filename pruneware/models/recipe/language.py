@@ -30,11 +30,11 @@ import torch.nn.functional as F
 
 from pruneware.evals.synthetic import TASKS, make_split
 from pruneware.models.grounding import HEADS
-from pruneware.models.recipe.vision import VISION_SPEC
+from .vision import VISION_SPEC
 
-from .common import SELECT_SEED, load_checkpoint, lr_at, sample, save_checkpoint, train_seed
-from .losses import point_loss, where_loss
-from .packing import GRID, N_CELLS, Packed, bg_keep, collate, pack, questions
+from .common import SELECT_SEED, load_checkpoint, lr_at, optimizer_step, sample, save_checkpoint, train_seed
+from .losses import install_pointing, where_loss
+from .packing import GRID, bg_keep, collate, pack, questions
 
 SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 3.0, "spatial": 1.0, "glyph": 1.0}
 QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 1.5, "glyph": 1.0}
@@ -149,14 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     batch_targets: dict = {}
     terms: list[torch.Tensor] = []
 
-    def hook(kind: str, head: int):
-        def fn(attn, a, kw):
-            if batch_targets.get(kind):
-                terms.append(point_loss(attn, a, {**kw, "attention_mask": batch_targets["mask"]}, head, batch_targets[kind], groups))
-        return fn
-
-    for kind, (layer, head) in POINT.items():
-        net.lm.layers[layer].self_attn.register_forward_pre_hook(hook(kind, head), with_kwargs=True)
+    install_pointing(net.lm.layers, POINT, batch_targets, terms, groups)
 
     def keep_output(_module, _args, output):
         batch_targets["layer_out"] = output[0] if isinstance(output, tuple) else output
@@ -182,12 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         point = sum(terms) / max(len(terms), 1)
         terms.clear()
         loss = loss_qa + args.point * point + args.where * where
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, list(net.parameters()), lr_at(step, args.steps, args.lr, args.warmup))
         last = step == args.steps - 1
         if step % 25 == 0 or last:
             row = {"step": step, "qa": round(loss_qa.item(), 4), "point": round(float(point), 4), "where": round(where.item(), 4),

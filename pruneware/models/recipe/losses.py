@@ -41,3 +41,19 @@ def where_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tens
         return hidden.sum() * 0
     rows = hidden[torch.tensor([i for i, _, _ in items]), torch.tensor([r for _, r, _ in items])]  # [R, D]
     return ((head(rows) - torch.stack([w for _, _, w in items])) ** 2).mean()
+
+
+def install_pointing(layers, points: dict[str, tuple[int, int]], targets: dict, terms: list, n_kv_groups: int) -> list:
+    """Forward pre-hooks that append a :func:`point_loss` term to ``terms`` for every pointing
+    kind in ``points`` (``kind -> (layer, head)``) whose items are in ``targets`` (which also
+    holds the batch's boolean ``mask`` [B, 1, L, L]); returns the hook handles."""
+
+    def hook(kind: str, head: int):
+        def fn(attn, args, kwargs):
+            if targets.get(kind):
+                kw = {**kwargs, "attention_mask": targets["mask"]}
+                terms.append(point_loss(attn, args, kw, head, targets[kind], n_kv_groups))
+
+        return fn
+
+    return [layers[layer].self_attn.register_forward_pre_hook(hook(k, h), with_kwargs=True) for k, (layer, h) in points.items()]

@@ -26,7 +26,7 @@ from pruneware.evals.synthetic import TASKS, render
 from pruneware.models.build import build_tiny
 from pruneware.models.grounding import HEADS, cell_targets
 
-from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, sample, save_checkpoint, train_seed
+from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, sample, save_checkpoint, train_seed
 
 GRID = 24
 VISION_SPEC = {"hidden": 128, "layers": 4, "heads": 4, "mlp": 384}
@@ -161,12 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(start, args.steps):
         pixels, targets = batch("vision", args.seed, step, args.batch)
         loss = cell_loss(head(features(tower, pixels)), targets)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, args.steps, args.lr, args.warmup))
         last = step == args.steps - 1
         if step % 20 == 0 or last:
             row = {"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - t0)}
