@@ -53,7 +53,15 @@ def test_pointing_targets_are_object_cells_and_the_right_rows():
     assert targets["answer"] and targets["noun"]
     for i, row, cols in targets["answer"] + targets["second"]:
         assert inv[int(ids[i, row])] == ":" and inv[int(ids[i, row - 1])] == "ASSISTANT"
-        assert is_cell[i, cols].all() and (cells[i, cols, 4] > 0).all()
+        objects = cols[cols > 0]  # column 0 is the counting sink, the prompt's first token
+        assert is_cell[i, objects].all() and (cells[i, objects, 4] > 0).all()
+        assert (cols[cols == 0].numel() == 0) or inv[int(ids[i, 0])] == "USER"
+    assert targets["relation"] and targets["order"] and targets["count"]
+    for i, row, cols in targets["relation"]:  # spatial: from the answering row to "left of", "above", ...
+        assert inv[int(ids[i, row])] == ":"
+        assert [inv[int(c)] for c in ids[i, cols]] in (["left"], ["right"], ["above"], ["below"])
+    for i, row, value in targets["count"]:
+        assert inv[int(ids[i, row + 1])] == ["one", "two", "three", "four"][int(value + 2.5) - 1]
     for i, row, cols in targets["noun"]:
         assert inv[int(ids[i, row])] in {"circle", "square", "triangle", "star", "cross", "circles", "squares",
                                           "triangles", "stars", "crosses", "object", "objects"}  # fmt: skip

@@ -6,7 +6,8 @@
 Phase ``project`` trains the tower and the projector to reproduce, cell by cell, the visual
 tokens stage 2's language model was trained on (mean squared error, object cells
 up-weighted; the language model is frozen). Phase ``joint`` fine-tunes the whole model end to
-end on packed questions about rendered images (answer loss plus stage 2's pointing loss).
+end on packed questions about rendered images (answer loss plus stage 2's pointing loss and,
+with ``--aux``, its order / count losses).
 Both phases keep the best model on the selection split (``OUT/best``, a plain HF folder with
 its processor) and a resumable checkpoint (``OUT/last-<phase>``).
 """
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from pruneware.evals.synthetic import evaluate, make_split, render
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
-from .language import POINT, Stage2, train_batch
-from .losses import install_pointing
+from .language import AUX_LAYER, POINT, Stage2, train_batch
+from .losses import install_pointing, scalar_loss
 from .packing import N_CELLS, collate
 from .vision import build_tower, features
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--point", type=float, default=0.3)
+    ap.add_argument("--aux", type=float, default=0.0, help="weight of stage 2's order / count losses (joint)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -90,17 +92,21 @@ def main(argv: list[str] | None = None) -> None:
     for p in params:
         p.requires_grad_(True)
     net.cell.requires_grad_(False)
+    aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(cfg.hidden_size, 1) for k in ("order", "count")})  # dropped after
+    if args.phase == "joint" and args.aux > 0:
+        params += list(aux_heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     last_dir = args.out / f"last-{args.phase}"
     start, elapsed, best = 0, 0.0, -1.0
     if args.resume and (last_dir / "meta.json").is_file():
-        meta = load_checkpoint(last_dir, {"model": model}, opt)
+        meta = load_checkpoint(last_dir, {"model": model, "aux": aux_heads}, opt)
         start, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
     targets: dict = {}
     terms: list[torch.Tensor] = []
 
     layers = model.model.language_model.layers
     handles = install_pointing(layers, POINT, targets, terms, groups)
+    layers[AUX_LAYER].register_forward_hook(lambda _m, _a, out: targets.__setitem__("aux_out", out[0] if isinstance(out, tuple) else out))
     select = make_split("eval", args.select_n, SELECT_SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     curve = (args.out / "curve.jsonl").open("a")
@@ -123,14 +129,15 @@ def main(argv: list[str] | None = None) -> None:
             ids, _, _, _, pos, mask, answers, point = collate(packs, 1.0, gen, 0.0)
             targets.update(point, mask=mask)
             hidden = model.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).last_hidden_state
+            aux = sum(scalar_loss(targets["aux_out"], point[k], h) for k, h in aux_heads.items())
             targets.clear()
             bi = torch.cat([torch.full_like(a, i) for i, a in enumerate(answers)])
             rows = torch.cat([torch.cat(answers) - 1, torch.cat(answers)])
             qa = F.cross_entropy(model.lm_head(hidden[bi.repeat(2), rows]), ids[bi.repeat(2), rows + 1])
             pl = sum(terms) / max(len(terms), 1)
             terms.clear()
-            loss = qa + args.point * pl
-            row.update(qa=round(qa.item(), 4), point=round(float(pl), 4))
+            loss = qa + args.point * pl + args.aux * aux
+            row.update(qa=round(qa.item(), 4), point=round(float(pl), 4), aux=round(float(aux), 4))
         optimizer_step(opt, loss, params, lr_at(step, args.steps, args.lr, args.warmup))
         last = step == args.steps - 1
         row["elapsed_s"] = round(time.time() - t0)
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             curve.flush()
             print(json.dumps(row), flush=True)
         if time.time() - saved > args.save_minutes * 60 or last:
-            save_checkpoint(last_dir, {"model": model}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
+            save_checkpoint(last_dir, {"model": model, "aux": aux_heads}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
             saved = time.time()
 
 

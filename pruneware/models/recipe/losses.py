@@ -43,6 +43,15 @@ def where_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tens
     return ((head(rows) - torch.stack([w for _, _, w in items])) ** 2).mean()
 
 
+def scalar_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tensor:
+    """Mean squared error of ``head`` (D -> 1) predicting a scalar target from given rows of
+    ``hidden`` [B, L, D]; ``items`` are ``(sample, row, scalar)``."""
+    if not items:
+        return hidden.sum() * 0
+    rows = hidden[torch.tensor([i for i, _, _ in items]), torch.tensor([r for _, r, _ in items])]  # [R, D]
+    return ((head(rows)[:, 0] - torch.stack([v for _, _, v in items]).float()) ** 2).mean()
+
+
 def install_pointing(layers, points: dict[str, tuple[int, int]], targets: dict, terms: list, n_kv_groups: int) -> list:
     """Forward pre-hooks that append a :func:`point_loss` term to ``terms`` for every pointing
     kind in ``points`` (``kind -> (layer, head)``) whose items are in ``targets`` (which also

@@ -20,7 +20,9 @@ from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 # Acceptance rates that bring the packed counting answers close to uniform over one..four
 # (measured over 2000 train scenes of the stage-2 task mix).
 COUNT_ACCEPT = {"one": 0.1, "two": 0.2, "three": 0.6}
-POINT_KINDS = ("noun", "answer", "second")
+POINT_KINDS = ("noun", "answer", "second", "relation")
+RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
+SINK = -2  # the prompt's first token (``USER``), relative to the first image cell
 GRID = 24
 N_CELLS = GRID * GRID
 
@@ -68,8 +70,9 @@ class Packed:
     segment: torch.Tensor  # [L] -2 image prefix, k >= 0 turn k
     answer_at: torch.Tensor  # [Q] index of the first answer token of each turn
     cells: torch.Tensor  # [576, 5] cell labels (colour, shape, glyph, centre, object + 1)
-    point: list[dict[str, list[int]]]  # per turn: pointing targets {"noun@i": cells, "answer": cells, "second": cells}
+    point: list[dict[str, list[int]]]  # per turn: pointing targets {"noun@i": cells, "answer": cells, ...}
     tasks: list[str]
+    aux: list[dict[str, float]]  # per turn: scalar targets {"order": ...} (spatial) or {"count": ...}
 
 
 def _cells_of(cells: torch.Tensor, objects: list[int], kind: str) -> list[int]:
@@ -87,7 +90,9 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
     ``noun@i``: the objects of the noun phrase ending at word ``i``; ``answer``: what the
     answering token should look at (glyph cells for glyph questions, object centres for
     counting, the first object for spatial, the referents otherwise); ``second``: the second
-    object of a spatial question.
+    object of a spatial question. Counting also accepts the prompt's first token (``SINK``):
+    attention that sits wholly on the object centres averages them and so cannot tell one from
+    four; the share left on a fixed sink token is what carries the count.
     """
     out = {f"noun@{i}": _cells_of(cells, objs, "object") for i, objs in phrases(scene, question)}
     if task == "spatial":
@@ -96,8 +101,25 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
         out["second"] = _cells_of(cells, second, "object")
     else:
         kind = {"glyph": "glyph", "counting": "center"}.get(task, "object")
-        out["answer"] = _cells_of(cells, referents(scene, question), kind)
+        out["answer"] = _cells_of(cells, referents(scene, question), kind) + ([SINK] if task == "counting" else [])
     return out
+
+
+def aux_targets(scene: Scene, question: str, task: str) -> dict[str, float]:
+    """Scalar targets read from the answering row at ``AUX_LAYER`` by a dropped linear head.
+
+    ``order`` (spatial): how far the relation holds, in quarter-image units, e.g. for
+    ``a left of b`` it is ``(b.x - a.x) / 84`` (the answer is "yes" exactly when it is > 0);
+    ``count`` (counting): the number of referents minus 2.5.
+    """
+    if task == "counting":
+        return {"count": len(referents(scene, question)) - 2.5}
+    if task != "spatial":
+        return {}
+    (_, first), (_, second) = phrases(scene, question)[:2]  # one object each: descriptions are unique
+    a, b = scene.objects[first[0]], scene.objects[second[0]]
+    d = {"left": b.x - a.x, "right": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}
+    return {"order": next(v for w, v in d.items() if f" {w} " in f" {question} ") / 84.0}
 
 
 def pack(scene: Scene, qas: list[tuple[str, str, str]], vocab: dict[str, int]) -> Packed:
@@ -105,17 +127,21 @@ def pack(scene: Scene, qas: list[tuple[str, str, str]], vocab: dict[str, int]) -
     prefix = [vocab["USER"], vocab[":"]] + [vocab["<image>"]] * N_CELLS
     ids, positions, segment, answer_at = list(prefix), list(range(len(prefix))), [-2] * len(prefix), []
     cells = cell_targets(scene, GRID)
-    point = []
+    point, aux = [], []
     for k, (q, a, task) in enumerate(qas):
         words = q.replace("?", " ?").split() + ["ASSISTANT", ":", a, "</s>"]
         answer_at.append(len(ids) + len(words) - 2)
+        point.append(pointing(scene, cells, q, task))
+        aux.append(aux_targets(scene, q, task))
+        if task == "spatial":  # the relation word, as a column relative to the first image cell
+            at = next(i for i, w in enumerate(words) if w in RELATION_WORDS)
+            point[-1]["relation"] = [len(ids) + at - 2]
         ids += [vocab[w] for w in words]
         positions += range(len(prefix), len(prefix) + len(words))
         segment += [k] * len(words)
-        point.append(pointing(scene, cells, q, task))
     return Packed(
         torch.tensor(ids), torch.tensor(positions), torch.tensor(segment), torch.tensor(answer_at),
-        cells, point, [t for _, _, t in qas],
+        cells, point, [t for _, _, t in qas], aux,
     )  # fmt: skip
 
 
@@ -140,7 +166,9 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     """Right-padded batch with background cells dropped: ids [B, L], cell labels [B, L, 5], cell
     indices [B, L], is-cell [B, L], positions [B, L], mask [B, 1, L, L], answer columns per
     sample, and targets: per pointing kind ``(sample, row, columns)``; ``where``: ``(sample, row,
-    [4])`` the row/column centroids of both objects of a spatial question, scaled to [0, 1]."""
+    [4])`` the row/column centroids of both objects of a spatial question, scaled to [0, 1];
+    ``order`` / ``count``: ``(sample, row, scalar)`` from :func:`aux_targets`. Pointing columns are
+    relative to the first image cell (negative ones are prompt tokens before the image)."""
     rows_kept = []
     for s in samples:
         image = (s.ids == s.ids[2]).nonzero().flatten()  # [576] image cell columns
@@ -172,12 +200,14 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
     mask = (causal & (same | (seg[:, None, :] == -2))) | torch.eye(n, dtype=torch.bool)
     answers, targets = [], {k: [] for k in POINT_KINDS}
-    targets["where"] = []
+    targets["where"], targets["order"], targets["count"] = [], [], []
     for i, s in enumerate(samples):
         first = int((s.ids == s.ids[2]).nonzero()[0])
         turn_start = [int((s.segment == k).nonzero()[0]) for k in range(len(s.tasks))]
         answers.append(where[i, s.answer_at])
         for j, point in enumerate(s.point):
+            for name, value in s.aux[j].items():
+                targets[name].append((i, int(where[i, s.answer_at[j] - 1]), torch.tensor(value)))
             if point.get("second"):  # spatial: where both objects are, for the answering row
                 rc = [torch.tensor(point[k]) for k in ("answer", "second")]
                 where_ = torch.stack([torch.stack([(c // GRID).float().mean(), (c % GRID).float().mean()]) for c in rc]).flatten() / (GRID - 1)
