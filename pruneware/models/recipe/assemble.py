@@ -7,7 +7,7 @@ Phase ``project`` trains the tower and the projector to reproduce, cell by cell,
 tokens stage 2's language model was trained on (mean squared error, object cells
 up-weighted; the language model is frozen). Phase ``joint`` fine-tunes the whole model end to
 end on packed questions about rendered images (answer loss plus stage 2's pointing loss and,
-with ``--aux``, its order / count losses).
+with ``--aux``, its relation / order / count probes).
 Both phases keep the best model on the selection split (``OUT/best``, a plain HF folder with
 its processor) and a resumable checkpoint (``OUT/last-<phase>``).
 """
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from pruneware.evals.synthetic import evaluate, make_split, render
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
-from .language import AUX_LAYER, POINT, Stage2, train_batch
-from .losses import install_pointing, scalar_loss
+from .language import POINT, PROBES, Stage2, train_batch
+from .losses import Probes, install_pointing
 from .packing import N_CELLS, collate
 from .vision import build_tower, features
 
@@ -92,21 +92,21 @@ def main(argv: list[str] | None = None) -> None:
     for p in params:
         p.requires_grad_(True)
     net.cell.requires_grad_(False)
-    aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(cfg.hidden_size, 1) for k in ("order", "count")})  # dropped after
+    probes = Probes({k: v for k, v in PROBES.items() if k != "where"}, cfg.hidden_size)  # dropped after training
     if args.phase == "joint" and args.aux > 0:
-        params += list(aux_heads.parameters())
+        params += list(probes.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     last_dir = args.out / f"last-{args.phase}"
     start, elapsed, best = 0, 0.0, -1.0
     if args.resume and (last_dir / "meta.json").is_file():
-        meta = load_checkpoint(last_dir, {"model": model, "aux": aux_heads}, opt)
+        meta = load_checkpoint(last_dir, {"model": model, "probes": probes}, opt)
         start, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
     targets: dict = {}
     terms: list[torch.Tensor] = []
 
     layers = model.model.language_model.layers
     handles = install_pointing(layers, POINT, targets, terms, groups)
-    layers[AUX_LAYER].register_forward_hook(lambda _m, _a, out: targets.__setitem__("aux_out", out[0] if isinstance(out, tuple) else out))
+    probes.install(layers)
     select = make_split("eval", args.select_n, SELECT_SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     curve = (args.out / "curve.jsonl").open("a")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             ids, _, _, _, pos, mask, answers, point = collate(packs, 1.0, gen, 0.0)
             targets.update(point, mask=mask)
             hidden = model.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).last_hidden_state
-            aux = sum(scalar_loss(targets["aux_out"], point[k], h) for k, h in aux_heads.items())
+            aux = sum(probes.losses(point).values())
             targets.clear()
             bi = torch.cat([torch.full_like(a, i) for i, a in enumerate(answers)])
             rows = torch.cat([torch.cat(answers) - 1, torch.cat(answers)])
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             curve.flush()
             print(json.dumps(row), flush=True)
         if time.time() - saved > args.save_minutes * 60 or last:
-            save_checkpoint(last_dir, {"model": model, "aux": aux_heads}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
+            save_checkpoint(last_dir, {"model": model, "probes": probes}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
             saved = time.time()
 
 

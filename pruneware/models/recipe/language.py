@@ -16,8 +16,10 @@ teaches the real tower's projector to produce them. What makes this learn on a C
   head 1 of layer 5 to the second object of a spatial question; head 2 of layer 4 to the
   relation words ("left of", "above", ...), which otherwise never reach the answering row
   (a linear probe reads the relation there at chance, 0.25-0.31, after 2,800 steps);
-* auxiliary scalar targets at the answering row of layer 6 (``--aux``): how far a spatial
-  relation holds (its sign is the answer) and the count, each read by a dropped linear head;
+* linear probes on the answering row that spell out the steps of a spatial or counting answer
+  (``PROBES``, dropped after training): which relation the question asks (layer 4), where
+  both objects are (layer 5, ``--where``), how far the relation holds, whose sign is the
+  answer, and the count (layer 6, ``--aux``);
 * label noise on the cell labels, so the LLM tolerates the vision tower's mistakes.
 """
 
@@ -37,14 +39,13 @@ from pruneware.models.grounding import HEADS
 from .vision import VISION_SPEC
 
 from .common import SELECT_SEED, load_checkpoint, lr_at, optimizer_step, sample, save_checkpoint, train_seed
-from .losses import install_pointing, scalar_loss, where_loss
+from .losses import Probes, install_pointing
 from .packing import GRID, bg_keep, collate, pack, questions
 
 SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 3.0, "spatial": 1.0, "glyph": 1.0}
 QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 1.5, "glyph": 1.0}
 POINT = {"noun": (2, 0), "relation": (4, 2), "answer": (5, 0), "second": (5, 1)}  # target -> (layer, head)
-WHERE_LAYER = 5  # the whereabouts loss reads this layer's output at the answering row
-AUX_LAYER = 6  # the order / count losses read this layer's output at the answering row
+PROBES = {"rel": (4, 4), "where": (5, 4), "order": (6, 1), "count": (6, 1)}  # kind -> (layer, width)
 
 
 class CellEmbedding(torch.nn.Module):
@@ -146,10 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     net = Stage2(model).train()
     cfg = model.config.text_config
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    where_head = torch.nn.Linear(cfg.hidden_size, 4)  # dropped after training, as is aux_heads
-    aux_heads = torch.nn.ModuleDict({k: torch.nn.Linear(cfg.hidden_size, 1) for k in ("order", "count")})
-    modules = {"net": net, "where": where_head, "aux": aux_heads}
-    params = [*net.parameters(), *where_head.parameters(), *aux_heads.parameters()]
+    probes = Probes(PROBES, cfg.hidden_size)  # dropped after training
+    modules = {"net": net, "probes": probes}
+    params = [*net.parameters(), *probes.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, elapsed, best = 0, 0.0, -1.0
     if args.init is not None:
@@ -163,14 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     install_pointing(net.lm.layers, POINT, batch_targets, terms, groups)
 
-    def keep_output(_module, _args, output):
-        batch_targets["layer_out"] = output[0] if isinstance(output, tuple) else output
-
-    def keep_aux(_module, _args, output):
-        batch_targets["aux_out"] = output[0] if isinstance(output, tuple) else output
-
-    net.lm.layers[WHERE_LAYER].register_forward_hook(keep_output)
-    net.lm.layers[AUX_LAYER].register_forward_hook(keep_aux)
+    probes.install(net.lm.layers)
     select = make_split("eval", 250, SELECT_SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     curve = (args.out / "curve.jsonl").open("a")
@@ -182,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         ids, cells, index, is_cell, pos, mask, answers, targets = collate(packs, keep, gen, args.label_noise)
         batch_targets.update(targets, mask=mask)
         hidden = net(ids, cells, index, is_cell, pos, mask)
-        where = where_loss(batch_targets["layer_out"], targets["where"], where_head)
-        aux = sum(scalar_loss(batch_targets["aux_out"], targets[k], h) for k, h in aux_heads.items())
+        probe = probes.losses(targets)
+        where, aux = probe["where"], sum(v for k, v in probe.items() if k != "where")
         batch_targets.clear()
         bi = torch.cat([torch.full_like(a, i) for i, a in enumerate(answers)])
         ai = torch.cat(answers)
@@ -196,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer_step(opt, loss, params, lr_at(step, args.steps, args.lr, args.warmup))
         last = step == args.steps - 1
         if step % 25 == 0 or last:
-            row = {"step": step, "qa": round(loss_qa.item(), 4), "point": round(float(point), 4), "where": round(where.item(), 4), "aux": round(float(aux), 4),
+            row = {"step": step, "qa": round(loss_qa.item(), 4), "point": round(float(point), 4), "probes": {k: round(v.item(), 3) for k, v in probe.items()},
                    "bg": round(keep, 3), "len": ids.shape[1], "elapsed_s": round(time.time() - t0)}  # fmt: skip
             if (step % args.eval_every == 0 and step > 0) or last:
                 net.eval()

@@ -34,22 +34,39 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int) -> torch.
     return -torch.logsumexp(logp.masked_fill(~look, float("-inf")), -1).mean()
 
 
-def where_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tensor:
-    """Mean squared error of ``head`` (D -> 4) predicting, from the answering row's hidden state
-    ([B, L, D] at one layer), the row/column centroids of both objects of a spatial question."""
+def probe_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tensor:
+    """Mean squared error of a linear probe ``head`` (D -> k) predicting targets [k] from given
+    rows of one layer's output ``hidden`` [B, L, D]; ``items`` are ``(sample, row, target)``."""
     if not items:
         return hidden.sum() * 0
     rows = hidden[torch.tensor([i for i, _, _ in items]), torch.tensor([r for _, r, _ in items])]  # [R, D]
-    return ((head(rows) - torch.stack([w for _, _, w in items])) ** 2).mean()
+    return ((head(rows) - torch.stack([t for _, _, t in items]).float()) ** 2).mean()
 
 
-def scalar_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tensor:
-    """Mean squared error of ``head`` (D -> 1) predicting a scalar target from given rows of
-    ``hidden`` [B, L, D]; ``items`` are ``(sample, row, scalar)``."""
-    if not items:
-        return hidden.sum() * 0
-    rows = hidden[torch.tensor([i for i, _, _ in items]), torch.tensor([r for _, r, _ in items])]  # [R, D]
-    return ((head(rows)[:, 0] - torch.stack([v for _, _, v in items]).float()) ** 2).mean()
+class Probes(torch.nn.Module):
+    """Linear probes on the answering row, one per target kind (``kind -> (layer, width)``),
+    trained with the model and dropped afterwards. :meth:`install` keeps each probed layer's
+    output; :meth:`losses` gives ``{kind: loss}`` for a batch's targets."""
+
+    def __init__(self, spec: dict[str, tuple[int, int]], dim: int):
+        super().__init__()
+        self.spec = spec
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, w) for k, (_, w) in spec.items()})
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def install(self, layers) -> list:
+        def keep(layer: int):
+            def fn(_module, _args, output):
+                self.outputs[layer] = output[0] if isinstance(output, tuple) else output
+
+            return fn
+
+        return [layers[n].register_forward_hook(keep(n)) for n in sorted({n for n, _ in self.spec.values()})]
+
+    def losses(self, targets: dict) -> dict[str, torch.Tensor]:
+        out = {k: probe_loss(self.outputs[n], targets.get(k, []), self.heads[k]) for k, (n, _) in self.spec.items()}
+        self.outputs.clear()
+        return out
 
 
 def install_pointing(layers, points: dict[str, tuple[int, int]], targets: dict, terms: list, n_kv_groups: int) -> list:

@@ -72,7 +72,7 @@ class Packed:
     cells: torch.Tensor  # [576, 5] cell labels (colour, shape, glyph, centre, object + 1)
     point: list[dict[str, list[int]]]  # per turn: pointing targets {"noun@i": cells, "answer": cells, ...}
     tasks: list[str]
-    aux: list[dict[str, float]]  # per turn: scalar targets {"order": ...} (spatial) or {"count": ...}
+    aux: list[dict[str, list[float]]]  # per turn: probe targets (:func:`aux_targets`)
 
 
 def _cells_of(cells: torch.Tensor, objects: list[int], kind: str) -> list[int]:
@@ -105,21 +105,22 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
     return out
 
 
-def aux_targets(scene: Scene, question: str, task: str) -> dict[str, float]:
-    """Scalar targets read from the answering row at ``AUX_LAYER`` by a dropped linear head.
+def aux_targets(scene: Scene, question: str, task: str) -> dict[str, list[float]]:
+    """Targets that linear probes read from the answering row (see ``language.PROBES``).
 
-    ``order`` (spatial): how far the relation holds, in quarter-image units, e.g. for
-    ``a left of b`` it is ``(b.x - a.x) / 84`` (the answer is "yes" exactly when it is > 0);
-    ``count`` (counting): the number of referents minus 2.5.
+    ``rel`` (spatial): one-hot over ``RELATION_WORDS``; ``order`` (spatial): how far the
+    relation holds, in quarter-image units, e.g. for ``a left of b`` it is ``(b.x - a.x) / 84``
+    (the answer is "yes" exactly when it is > 0); ``count`` (counting): referents minus 2.5.
     """
     if task == "counting":
-        return {"count": len(referents(scene, question)) - 2.5}
+        return {"count": [len(referents(scene, question)) - 2.5]}
     if task != "spatial":
         return {}
     (_, first), (_, second) = phrases(scene, question)[:2]  # one object each: descriptions are unique
     a, b = scene.objects[first[0]], scene.objects[second[0]]
     d = {"left": b.x - a.x, "right": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}
-    return {"order": next(v for w, v in d.items() if f" {w} " in f" {question} ") / 84.0}
+    word = next(w for w in RELATION_WORDS if f" {w} " in f" {question} ")
+    return {"order": [d[word] / 84.0], "rel": [float(w == word) for w in RELATION_WORDS]}
 
 
 def pack(scene: Scene, qas: list[tuple[str, str, str]], vocab: dict[str, int]) -> Packed:
@@ -167,7 +168,7 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     indices [B, L], is-cell [B, L], positions [B, L], mask [B, 1, L, L], answer columns per
     sample, and targets: per pointing kind ``(sample, row, columns)``; ``where``: ``(sample, row,
     [4])`` the row/column centroids of both objects of a spatial question, scaled to [0, 1];
-    ``order`` / ``count``: ``(sample, row, scalar)`` from :func:`aux_targets`. Pointing columns are
+    ``rel`` / ``order`` / ``count``: ``(sample, row, [k])`` from :func:`aux_targets`. Pointing columns are
     relative to the first image cell (negative ones are prompt tokens before the image)."""
     rows_kept = []
     for s in samples:
@@ -200,7 +201,7 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
     mask = (causal & (same | (seg[:, None, :] == -2))) | torch.eye(n, dtype=torch.bool)
     answers, targets = [], {k: [] for k in POINT_KINDS}
-    targets["where"], targets["order"], targets["count"] = [], [], []
+    targets.update(where=[], rel=[], order=[], count=[])
     for i, s in enumerate(samples):
         first = int((s.ids == s.ids[2]).nonzero()[0])
         turn_start = [int((s.segment == k).nonzero()[0]) for k in range(len(s.tasks))]
