@@ -42,7 +42,7 @@ from .common import SELECT_SEED, load_checkpoint, lr_at, optimizer_step, sample,
 from .losses import Probes, install_pointing
 from .packing import GRID, bg_keep, collate, pack, questions
 
-SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 3.0, "spatial": 1.0, "glyph": 1.0}
+SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 5.0, "spatial": 1.0, "glyph": 1.0}
 QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 1.5, "glyph": 1.0}
 POINT = {"noun": (2, 0), "relation": (4, 2), "answer": (5, 0), "second": (5, 1)}  # target -> (layer, head)
 PROBES = {"rel": (4, 4), "where": (5, 4), "order": (6, 1), "count": (6, 1)}  # kind -> (layer, width)
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--where", type=float, default=0.0, help="weight of the spatial whereabouts loss")
     ap.add_argument("--aux", type=float, default=0.0, help="weight of the order / count losses")
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights (fresh optimizer, all cells from step 0)")
+    ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5,spatial=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=150)
@@ -141,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    for item in filter(None, args.mix.split(",")):
+        task, _, weight = item.partition("=")
+        if task not in QUESTION_MIX:
+            raise SystemExit(f"--mix: unknown task {task!r}; valid tasks: {list(QUESTION_MIX)}")
+        QUESTION_MIX[task] = float(weight)
     model, processor = build_tiny("llava", seed=args.seed, vision=VISION_SPEC)
     vocab = processor.tokenizer.get_vocab()
     torch.manual_seed(args.seed)
