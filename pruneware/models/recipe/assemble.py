@@ -7,7 +7,7 @@ Phase ``project`` trains the tower and the projector to reproduce, cell by cell,
 tokens stage 2's language model was trained on (mean squared error, object cells
 up-weighted; the language model is frozen). Phase ``joint`` fine-tunes the whole model end to
 end on packed questions about rendered images (answer loss plus stage 2's pointing loss and,
-with ``--aux``, its relation / order / count probes).
+with ``--aux``, its answer-row probes, loaded from the stage-2 checkpoint).
 Both phases keep the best model on the selection split (``OUT/best``, a plain HF folder with
 its processor) and a resumable checkpoint (``OUT/last-<phase>``).
 """
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--point", type=float, default=0.3)
-    ap.add_argument("--aux", type=float, default=0.0, help="weight of stage 2's order / count losses (joint)")
+    ap.add_argument("--aux", type=float, default=0.0, help="weight of stage 2's answer-row probes, loaded with its checkpoint (joint)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     for p in params:
         p.requires_grad_(True)
     net.cell.requires_grad_(False)
-    probes = Probes({k: v for k, v in PROBES.items() if k != "where"}, cfg.hidden_size)  # dropped after training
+    probes = Probes(PROBES, cfg.hidden_size)  # stage 2's probes, kept consistent with its LLM; dropped after
     if args.phase == "joint" and args.aux > 0:
+        load_checkpoint(args.language, {"probes": probes}, None)
         params += list(probes.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     last_dir = args.out / f"last-{args.phase}"
