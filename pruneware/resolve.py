@@ -73,6 +73,8 @@ class PlanSource:
                 raise PlanError(
                     f"stage {stage}: {stage.policy!r} merges tokens into new embeddings and runs only at 'pre'"
                 )
+            if stage.where != "pre" and policy.vision:
+                raise PlanError(f"stage {stage}: {stage.policy!r} reads the vision tower and runs only at 'pre'")
             if stage.where == 0 and policy.needs_attention:
                 raise PlanError(f"stage {stage}: {stage.policy!r} needs layer K-1's attention; use K >= 1")
 
