@@ -30,6 +30,7 @@ from torch import nn
 from pruneware.adapters import Adapter
 from pruneware.adapters.vision import resized_grid
 from pruneware.capture import AttentionCapture, _original_function
+from pruneware.errors import PlanError
 from pruneware.request import RequestTracker
 
 _ids = count()
@@ -80,7 +81,7 @@ class VisionSide:
         self.tracker = tracker
         self.encoder = adapter.vision_encoder()
         if self.encoder is None:
-            raise NotImplementedError(f"{type(adapter).__name__} does not expose its vision encoder to pruneware")
+            raise PlanError(f"{type(adapter).__name__} does not expose its vision encoder to pruneware")
         self.target = adapter.vision_score_attention() if read_attention else None
         self.resize_budget = resize_budget
         self._call: ContextVar[dict | None] = ContextVar(f"pruneware_vision_call_{next(_ids)}", default=None)

@@ -126,5 +126,7 @@ def test_fastervlm_refuses_an_in_llm_stage_and_unsupported_towers():
     with pytest.raises(pruneware.PlanError, match="cannot run at 'pre'|runs only at 'pre'"):
         pruneware.prune(model, "fastervlm@2:0.5")
     model.config.vision_feature_select_strategy = "full"
-    with pytest.raises(NotImplementedError, match="vision_feature_select_strategy='default'"):
-        pruneware.prune(model, "fastervlm@pre:0.5")
+    with pytest.raises(pruneware.PlanError, match="vision_feature_select_strategy='default'"):
+        with pruneware.prune(model, "fastervlm@pre:0.5"):
+            pass
+    assert not model.model._forward_pre_hooks and not model.model.vision_tower._forward_hooks  # nothing left behind

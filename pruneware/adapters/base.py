@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from pruneware.errors import PlanError
+
 
 @dataclass(frozen=True)
 class VisualLayout:
@@ -158,7 +160,7 @@ class Adapter:
 
     def vision_score_attention(self) -> nn.Module:
         """The vision attention module whose rows vision-side policies read."""
-        raise NotImplementedError(
+        raise PlanError(
             f"{type(self).__name__} cannot read its vision tower's attention; vision-side policies "
             "(fastervlm, visionzip) support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
         )

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from pruneware.adapters.base import Adapter, VisualLayout
-from pruneware.adapters.vision import cls_attention
 from pruneware.adapters.registry import register_adapter
+from pruneware.adapters.vision import cls_attention
+from pruneware.errors import PlanError
 
 
 @register_adapter
@@ -44,7 +45,7 @@ class LlavaAdapter(Adapter):
         hidden_states[v] is the output of encoder layer v - 1, so -2 means layer n - 2)."""
         layer = self.config.vision_feature_layer
         if self.config.vision_feature_select_strategy != "default" or not isinstance(layer, int):
-            raise NotImplementedError(
+            raise PlanError(
                 "vision-side policies need a [CLS] token outside the visual tokens and one feature layer: "
                 f"vision_feature_select_strategy='default' (got {self.config.vision_feature_select_strategy!r}) "
                 f"and an integer vision_feature_layer (got {layer!r})"
@@ -53,7 +54,7 @@ class LlavaAdapter(Adapter):
         layers = getattr(tower, "vision_model", tower).encoder.layers
         index = len(layers) + layer if layer < 0 else layer - 1
         if not 0 <= index < len(layers):
-            raise NotImplementedError(f"vision_feature_layer={layer} reads the embeddings, not an attention layer")
+            raise PlanError(f"vision_feature_layer={layer} reads the embeddings, not an attention layer")
         return layers[index].self_attn
 
     def vision_call_scores(self, query, key, scale, kwargs):
