@@ -11,7 +11,7 @@ from transformers.vision_utils import get_vision_window_index
 
 import pruneware
 from pruneware.policies import split_budget
-from tests.reference import uncached_greedy
+from tests.reference import record_lm_inputs, uncached_greedy
 from tests.tiny import IMAGE_TOKEN, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
 
 LLAVA_SAMPLES = [(5, 1, 9), (3, 2, 4), (2, 1, 12)]
@@ -27,9 +27,9 @@ def make(family: str, attn: str = "eager", feature_layer: int = -1):
     return model, qwen_inputs(model, QWEN_SAMPLES)
 
 
-def record_eager_weights(model, monkeypatch, family: str) -> tuple[list[torch.Tensor], torch.nn.Module]:
-    """Run the vision tower in eager mode and keep the attention probabilities that
-    transformers' own eager function returns at the layer the policies read."""
+def record_eager_weights(model, monkeypatch, family: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.nn.Module]:
+    """Patch the vision tower's eager attention to keep the probabilities transformers' own
+    eager function returns, and the keys it is given, at the layer the policies read."""
     if family == "llava":
         layer = model.config.vision_feature_layer
         layers = model.model.vision_tower.encoder.layers
@@ -42,35 +42,38 @@ def record_eager_weights(model, monkeypatch, family: str) -> tuple[list[torch.Te
     seen: list[torch.Tensor] = []
     original = module.eager_attention_forward
 
-    def recording(mod, *args, **kwargs):
-        out, weights = original(mod, *args, **kwargs)
+    def recording(mod, query, key, *args, **kwargs):
+        out, weights = original(mod, query, key, *args, **kwargs)
         if mod is target:
-            seen.append(weights.detach())
+            seen.append((weights.detach(), key.detach()))
         return out, weights
 
     monkeypatch.setattr(module, "eager_attention_forward", recording)
     return seen, target
 
 
-def image_scores_by_hand(model, inputs, monkeypatch, family: str) -> list[torch.Tensor]:
-    """Per image (in batch order), the score of each of its visual tokens."""
+def image_scores_by_hand(model, inputs, monkeypatch, family: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per image (in batch order), the score [n] and head-averaged key [n, d] of each of its visual tokens."""
     model.set_attn_implementation({"vision_config": "eager"})
     seen, _ = record_eager_weights(model, monkeypatch, family)
     with torch.no_grad():
         if family == "llava":
             model.model.vision_tower(inputs["pixel_values"])
-            (weights,) = seen  # [n_images, H, 1 + n, 1 + n]
-            return list(weights[:, :, 0, 1:].mean(dim=1))  # [CLS] row, mean over heads
+            ((weights, keys),) = seen  # [n_images, H, 1 + n, 1 + n], [n_images, H, 1 + n, d]
+            return list(weights[:, :, 0, 1:].mean(dim=1)), list(keys[:, :, 1:].mean(dim=1))  # [CLS] row
         visual = model.model.visual
         grid = inputs["image_grid_thw"]
         visual(inputs["pixel_values"], grid_thw=grid)
     # One chunk per image: [1, H, n, n]; mean over heads and query rows = attention received.
-    received = torch.cat([w[0].mean(dim=0).mean(dim=0) for w in seen])  # patches, in window order
-    groups = received.view(-1, visual.spatial_merge_size**2).mean(dim=1)
+    received = torch.cat([w[0].mean(dim=0).mean(dim=0) for w, _ in seen])  # patches, in window order
+    keys = torch.cat([k[0].mean(dim=0) for _, k in seen])  # [patches, d]
+    unit = visual.spatial_merge_size**2
+    groups, group_keys = received.view(-1, unit).mean(dim=1), keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
     window = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
-    ordered = torch.empty_like(groups)
-    ordered[window] = groups
-    return list(ordered.split((grid.prod(-1) // visual.spatial_merge_size**2).tolist()))
+    ordered, ordered_keys = torch.empty_like(groups), torch.empty_like(group_keys)
+    ordered[window], ordered_keys[window] = groups, group_keys
+    sizes = (grid.prod(-1) // unit).tolist()
+    return list(ordered.split(sizes)), list(ordered_keys.split(sizes))
 
 
 def top_by_hand(inputs, per_image: list[torch.Tensor], count: int) -> list[torch.Tensor]:
@@ -95,7 +98,7 @@ def top_by_hand(inputs, per_image: list[torch.Tensor], count: int) -> list[torch
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_fastervlm_matches_hand_computation(family, feature_layer, backend, monkeypatch):
     model, inputs = make(family, "eager", feature_layer)
-    expected = top_by_hand(inputs, image_scores_by_hand(model, inputs, monkeypatch, family), 7)
+    expected = top_by_hand(inputs, image_scores_by_hand(model, inputs, monkeypatch, family)[0], 7)
     monkeypatch.undo()
     model.set_attn_implementation(backend)
     with pruneware.prune(model, "fastervlm@pre:7") as run:
@@ -130,3 +133,92 @@ def test_fastervlm_refuses_an_in_llm_stage_and_unsupported_towers():
         with pruneware.prune(model, "fastervlm@pre:0.5"):
             pass
     assert not model.model._forward_pre_hooks and not model.model.vision_tower._forward_hooks  # nothing left behind
+
+
+def visionzip_by_hand(hidden, scores, keys, dominant_num: int, contextual_num: int):
+    """The official VisionZip merge for one image, written as its code does it (masks, one-hot,
+    bmm): hidden [n, D], scores [n], keys [n, d] -> (kept slots, their states in slot order)."""
+    n = hidden.shape[0]
+    mask = torch.ones(n, dtype=torch.bool).scatter_(0, scores.topk(dominant_num).indices, False)
+    slots, states = [(~mask).nonzero().squeeze(1)], [hidden[~mask]]
+    if contextual_num:
+        metric = keys[mask] / keys[mask].norm(dim=-1, keepdim=True)
+        filtered = hidden[mask]
+        step = max(1, metric.shape[0] // contextual_num)
+        target_indices = torch.arange(0, metric.shape[0], step)[:contextual_num]
+        to_merge = ~torch.isin(torch.arange(metric.shape[0]), target_indices)
+        similarity = metric[to_merge] @ metric[target_indices].T
+        one_hot = torch.zeros(int(to_merge.sum()), contextual_num).scatter_(1, similarity.argmax(dim=1)[:, None], 1)
+        counts = one_hot.sum(dim=0).clamp(min=1)[:, None]
+        slots.append(mask.nonzero().squeeze(1)[target_indices])
+        states.append(filtered[target_indices] + one_hot.T @ filtered[to_merge] / counts)
+    slots, order = torch.cat(slots).sort()
+    return slots, torch.cat(states)[order]
+
+
+@pytest.mark.parametrize("family,feature_layer", [("llava", -1), ("llava", -2), ("qwen", -1)])
+@pytest.mark.parametrize("backend,dominant", [("eager", None), ("sdpa", None), ("sdpa", 0.5)])
+def test_visionzip_matches_hand_computation(family, feature_layer, backend, dominant, monkeypatch):
+    model, inputs = make(family, "eager", feature_layer)
+    scores, keys = image_scores_by_hand(model, inputs, monkeypatch, family)
+    monkeypatch.undo()
+    model.set_attn_implementation(backend)
+    embeds = record_lm_inputs(model, inputs)["embeds"]  # [B, L, D] the unpruned LLM input
+    budget, share = 12, 54 / 64 if dominant is None else dominant
+    expected_kept, expected_states, image = [], [], 0
+    for b, ids in enumerate(inputs["input_ids"]):
+        positions = (ids == IMAGE_TOKEN).nonzero().squeeze(1)
+        sizes = []
+        while sum(sizes) < len(positions):
+            sizes.append(len(scores[image + len(sizes)]))
+        kept, states, start = [], [], 0
+        for size, k in zip(sizes, split_budget(sizes, budget), strict=True):
+            rows = positions[start : start + size]
+            n_dominant = max(1, min(k, round(k * share)))
+            slots, merged = visionzip_by_hand(embeds[b, rows], scores[image], keys[image], n_dominant, k - n_dominant)
+            kept.append(rows[slots])
+            states.append(merged)
+            start += size
+            image += 1
+        expected_kept.append(torch.cat(kept))
+        expected_states.append(torch.cat(states))
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+
+    plan = "visionzip@pre:12" if dominant is None else f"visionzip[dominant={dominant}]@pre:12"
+    with pruneware.prune(model, plan) as run, torch.no_grad():
+        handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+    for b, kept in enumerate(run.report.stages[0].kept):
+        assert torch.equal(kept, expected_kept[b])
+        ids = inputs["input_ids"][b]
+        rows = torch.cat([(ids != IMAGE_TOKEN).nonzero().squeeze(1), kept]).sort().values  # the pruned row, left-padded
+        got = seen["embeds"][b, -len(rows) :][torch.isin(rows, kept)]
+        torch.testing.assert_close(got, expected_states[b], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_visionzip_generate_with_cache_equals_uncached(family):
+    model, inputs = make(family, "sdpa")
+    with pruneware.prune(model, "visionzip@pre:0.5"):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ids, uncached = uncached_greedy(model, inputs, 4)
+    assert torch.equal(out.sequences, ids)
+    torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
+
+
+def test_visionzip_bad_parameter_names_the_range():
+    with pytest.raises(pruneware.PlanError, match=r"dominant must be a share of the budget in \(0, 1\]"):
+        pruneware.prune(tiny_llava(), "visionzip[dominant=2]@pre:0.5")
+
+
+def test_visionzip_split_follows_the_official_defaults():
+    from pruneware.policies.visionzip import VisionZipPolicy
+
+    share = VisionZipPolicy().dominant
+    assert [(round(k * share), k - round(k * share)) for k in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]

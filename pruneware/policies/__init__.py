@@ -1,7 +1,7 @@
 """Pruning policies. A new policy is one file here with a `@register_policy` dataclass."""
 
 from pruneware.policies import (  # noqa: F401  (registration)
-    adaptinfer, crosslmm, divprune, fastervlm, fastv, random, resize, vision_score,
+    adaptinfer, crosslmm, divprune, fastervlm, fastv, random, resize, vision_score, visionzip,
 )
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import (

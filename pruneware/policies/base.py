@@ -85,12 +85,13 @@ class MergeResult:
         keep: sorted indices (into the sample's visual tokens) of the slot each merged token
             takes; it inherits that token's mask entry and, on 1-D RoPE models, its position.
         embeds: [k, D] the merged tokens' embeddings, in the order of `keep`.
-        grids: the pooled (h, w) grid of each image, for M-RoPE positions.
+        grids: the pooled (h, w) grid of each image, for M-RoPE positions; None when the
+            merged tokens form no grid and keep their slots' positions on M-RoPE models too.
     """
 
     keep: list[torch.Tensor]
     embeds: list[torch.Tensor]
-    grids: list[list[tuple[int, int]]]
+    grids: list[list[tuple[int, int]]] | None
 
 
 @dataclass(frozen=True)
