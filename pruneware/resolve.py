@@ -65,7 +65,7 @@ class PlanSource:
             if policy.merges and not self.adapter.supports_merging:
                 raise PlanError(
                     f"stage {stage}: {type(self.adapter).__name__} cannot run merging policies ({stage.policy!r}); "
-                    "use a selection policy: random, divprune, fastv, adaptinfer, vision-score"
+                    "use a selection policy: random, divprune, fastv, adaptinfer, vision-score, fastervlm"
                 )
             if policy.merges and stage.budget == 0:
                 raise PlanError(f"stage {stage}: a merging policy needs a budget >= 1 (it pools into that many tokens)")

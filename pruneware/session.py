@@ -63,6 +63,7 @@ class Session:
         self._vision: VisionSide | None = None
         self._requests = RequestTracker()
         self._attn = self.adapter.text_config._attn_implementation or "eager"
+        self._vision_reads = self._check_vision()  # (read attention, resize pixels); raises before any hook
 
     @property
     def report(self) -> Report:
@@ -123,14 +124,27 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def _install_vision(self) -> None:
-        """Hooks on the vision tower when the `pre` policy reads it (see vision_side.py)."""
+    def _check_vision(self) -> tuple[bool, bool]:
+        """What the `pre` policy reads from the vision tower: (attention rows, resized pixels).
+        Raises PlanError when this model cannot give it."""
         plan = self.source.plan_for(576, strict=False)
         if plan.stages[0].where != "pre":
-            return
+            return False, False
         needs = self.source.policy(plan, 0).vision
         read = "attention" in needs or "keys" in needs
         resize = "resize" in needs and self.adapter.resizes_pixels
+        if (read or resize) and self.adapter.vision_encoder() is None:
+            raise PlanError(
+                f"{plan.stages[0].policy!r} reads the vision tower, which {type(self.adapter).__name__} does not "
+                "expose: vision-side policies (fastervlm, visionzip) support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
+            )
+        if read:
+            self.adapter.vision_score_attention()
+        return read, resize
+
+    def _install_vision(self) -> None:
+        """Hooks on the vision tower when the `pre` policy reads it (see vision_side.py)."""
+        read, resize = self._vision_reads
         if not (read or resize):
             return
         self._vision = VisionSide(

@@ -130,8 +130,7 @@ def test_fastervlm_refuses_an_in_llm_stage_and_unsupported_towers():
         pruneware.prune(model, "fastervlm@2:0.5")
     model.config.vision_feature_select_strategy = "full"
     with pytest.raises(pruneware.PlanError, match="vision_feature_select_strategy='default'"):
-        with pruneware.prune(model, "fastervlm@pre:0.5"):
-            pass
+        pruneware.prune(model, "fastervlm@pre:0.5")
     assert not model.model._forward_pre_hooks and not model.model.vision_tower._forward_hooks  # nothing left behind
 
 
@@ -222,3 +221,25 @@ def test_visionzip_split_follows_the_official_defaults():
 
     share = VisionZipPolicy().dominant
     assert [(round(k * share), k - round(k * share)) for k in (64, 128, 192)] == [(54, 10), (108, 20), (162, 30)]
+
+
+def test_vision_side_policies_name_the_supported_models():
+    from tests.tiny import tiny_llava_next
+
+    with pytest.raises(pruneware.PlanError, match="support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"):
+        pruneware.prune(tiny_llava_next("sdpa"), "fastervlm@pre:0.5")
+
+
+def test_flash_packed_call_scores_each_image_alone():
+    """Under flash attention the Qwen ViT packs every image into one call with cu_seq_lens_q."""
+    model = tiny_qwen("sdpa")
+    adapter = pruneware.adapters.adapter_for(model)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 2, 40, 16, generator=g)
+    bounds = torch.tensor([0, 16, 40], dtype=torch.int32)
+    packed, packed_keys = adapter.vision_call_scores(q, k, 0.25, {"cu_seq_lens_q": bounds})
+    alone = [adapter.vision_call_scores(q[:, :, a:b], k[:, :, a:b], 0.25, {}) for a, b in ((0, 16), (16, 40))]
+    torch.testing.assert_close(packed, torch.cat([s for s, _ in alone]))
+    torch.testing.assert_close(packed_keys, torch.cat([kk for _, kk in alone]))
+    by_hand = torch.softmax(q[0, :, :16] @ k[0, :, :16].transpose(1, 2) * 0.25, dim=-1).mean(dim=(0, 1))
+    torch.testing.assert_close(packed[:16], by_hand)
