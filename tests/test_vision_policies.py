@@ -243,3 +243,28 @@ def test_flash_packed_call_scores_each_image_alone():
     torch.testing.assert_close(packed_keys, torch.cat([kk for _, kk in alone]))
     by_hand = torch.softmax(q[0, :, :16] @ k[0, :, :16].transpose(1, 2) * 0.25, dim=-1).mean(dim=(0, 1))
     torch.testing.assert_close(packed[:16], by_hand)
+
+
+@pytest.mark.parametrize("policy", ["fastervlm", "visionzip", "resize"])
+def test_the_vllm_plugin_refuses_vision_side_policies(policy):
+    from pruneware.integrations.vllm.spec import check_stage
+    from pruneware.plan import Stage
+
+    with pytest.raises(pruneware.PlanError, match="does not hook; pre-LLM policies: divprune, random, crosslmm"):
+        check_stage(Stage(policy, "pre", 0.5))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("plan", ["fastervlm@pre:0.5", "visionzip@pre:0.5", "resize@pre:0.5"])
+def test_vision_side_sessions_restore_the_model_exactly(family, plan):
+    from tests.test_lifecycle import fingerprint
+
+    model, inputs = make(family, "sdpa")
+    expected = model(**inputs).logits  # the first forward installs transformers' own capture hooks
+    before = fingerprint(model)
+    with pytest.raises(KeyError, match="boom"):
+        with pruneware.prune(model, plan):
+            model(**inputs)
+            raise KeyError("boom")
+    assert fingerprint(model) == before
+    assert torch.equal(model(**inputs).logits, expected)
