@@ -37,7 +37,7 @@ from pruneware.report import Report, finish_report
 from pruneware.request import RequestState, RequestTracker
 from pruneware.resolve import PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
-from pruneware.vision_side import VisionSide, reads_to_positions
+from pruneware.vision_side import VisionSide, reads_to_positions, resize_budget, vision_needs
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
@@ -63,7 +63,7 @@ class Session:
         self._vision: VisionSide | None = None
         self._requests = RequestTracker()
         self._attn = self.adapter.text_config._attn_implementation or "eager"
-        self._vision_reads = self._check_vision()  # (read attention, resize pixels); raises before any hook
+        self._vision_reads = vision_needs(self.source, self.adapter)  # raises before any hook
 
     @property
     def report(self) -> Report:
@@ -124,38 +124,13 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def _check_vision(self) -> tuple[bool, bool]:
-        """What the `pre` policy reads from the vision tower: (attention rows, resized pixels).
-        Raises PlanError when this model cannot give it."""
-        plan = self.source.plan_for(576, strict=False)
-        if plan.stages[0].where != "pre":
-            return False, False
-        needs = self.source.policy(plan, 0).vision
-        read = "attention" in needs or "keys" in needs
-        resize = "resize" in needs and self.adapter.resizes_pixels
-        if (read or resize) and self.adapter.vision_encoder() is None:
-            raise PlanError(
-                f"{plan.stages[0].policy!r} reads the vision tower, which {type(self.adapter).__name__} does not "
-                "expose: vision-side policies (fastervlm, visionzip) support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
-            )
-        if read:
-            self.adapter.vision_score_attention()
-        return read, resize
-
     def _install_vision(self) -> None:
         """Hooks on the vision tower when the `pre` policy reads it (see vision_side.py)."""
         read, resize = self._vision_reads
-        if not (read or resize):
-            return
-        self._vision = VisionSide(
-            self.model, self.adapter, self._requests, read, self._resize_budget if resize else None,
-        )
-        self._handles.extend(self._vision.install())
-
-    def _resize_budget(self, n_tokens: int) -> int | None:
-        """The `pre` stage's budget for an image of n_tokens, when that stage resizes."""
-        stage = self.source.plan_for(n_tokens).stages[0]
-        return stage.keep_count(n_tokens) if stage.where == "pre" and stage.policy == "resize" else None
+        if read or resize:
+            budget = resize_budget(self.source) if resize else None
+            self._vision = VisionSide(self.model, self.adapter, self._requests, read, budget)
+            self._handles.extend(self._vision.install())
 
     # hooks -----------------------------------------------------------------------------
     def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:

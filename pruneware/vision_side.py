@@ -32,6 +32,7 @@ from pruneware.adapters.vision import resized_grid
 from pruneware.capture import AttentionCapture, _original_function
 from pruneware.errors import PlanError
 from pruneware.request import RequestTracker
+from pruneware.resolve import PlanSource
 
 _ids = count()
 
@@ -63,6 +64,37 @@ class VisionAttentionCapture(AttentionCapture):
     def _attention(self, module: nn.Module, query, key, value, attention_mask, **kwargs):
         self.on_attention(module, query, key, kwargs)
         return _original_function(self.original, module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def vision_needs(source: PlanSource, adapter: Adapter) -> tuple[bool, bool]:
+    """What a plan's `pre` policy reads from the vision tower: (attention rows, resized pixels).
+    Raises PlanError when the model cannot give it."""
+    plan = source.plan_for(576, strict=False)
+    if plan.stages[0].where != "pre":
+        return False, False
+    needs = source.policy(plan, 0).vision
+    read = "attention" in needs or "keys" in needs
+    resize = "resize" in needs and adapter.resizes_pixels
+    if (read or resize) and adapter.vision_encoder() is None:
+        raise PlanError(
+            f"{plan.stages[0].policy!r} reads the vision tower, which {type(adapter).__name__} does not "
+            "expose: vision-side policies (fastervlm, visionzip) support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
+        )
+    if read:
+        adapter.vision_score_attention()  # raises for a tower it cannot read
+    return read, resize
+
+
+def resize_budget(source: PlanSource) -> Callable[[int], int | None]:
+    """n_tokens -> the `pre` stage's budget for an image of n_tokens when that stage resizes."""
+
+    def budget(n_tokens: int) -> int | None:
+        plan = source.plan_for(n_tokens)
+        stage = plan.stages[0]
+        resizes = stage.where == "pre" and "resize" in source.policy(plan, 0).vision
+        return stage.keep_count(n_tokens) if resizes else None
+
+    return budget
 
 
 class VisionSide:
@@ -154,30 +186,36 @@ def reads_to_positions(
     appear in, sample after sample. Returns scores [B, L] (0 off the images), keys [B, L, d]
     and, per sample, each image's tower grid (None when nothing was resized).
     """
-    scores = [s for r in reads if r.scores is not None for s in r.scores]
-    keys = [k for r in reads if r.keys is not None for k in r.keys]
-    resized = [g for r in reads for g in (r.grids or [None] * r.n_images)]
     units = [(b, u) for b, sample in enumerate(grids) for u in range(len(sample))]
+    reads = list(reads)
     n_images = sum(r.n_images for r in reads)
+    while reads and n_images > len(units):  # images encoded earlier in this context, for another call
+        n_images -= reads.pop(0).n_images
     if n_images != len(units):
         raise ValueError(
             f"the vision tower encoded {n_images} images for this call but its input holds {len(units)}: "
             "vision-side policies (fastervlm, visionzip, resize) need the pixels encoded inside the pruneware "
             "session, one image per unit (images, not video)"
         )
-    device = image_ids.device
+    scores = [s for r in reads if r.scores is not None for s in r.scores]
+    keys = [k for r in reads if r.keys is not None for k in r.keys]
+    resized = [g for r in reads for g in (r.grids or [None] * r.n_images)]
+    tokens = sum(h * w for sample in grids for h, w in sample)
+    if scores and sum(len(x) for x in scores) != tokens:
+        raise ValueError(
+            f"the vision tower scored {sum(len(x) for x in scores)} visual tokens but the input holds {tokens}"
+        )
+    # Units are numbered by appearance, so the visual positions in row-major order run through
+    # the images in call order.
+    visual = image_ids >= 0
     score_map = key_map = None
     if scores:
-        score_map = torch.zeros(image_ids.shape, dtype=torch.float32, device=device)
+        score_map = torch.zeros(image_ids.shape, dtype=torch.float32, device=image_ids.device)
+        score_map[visual] = torch.cat(scores).to(image_ids.device)
     if want_keys and keys:
-        key_map = torch.zeros(*image_ids.shape, keys[0].shape[-1], dtype=torch.float32, device=device)
+        key_map = torch.zeros(*image_ids.shape, keys[0].shape[-1], dtype=torch.float32, device=image_ids.device)
+        key_map[visual] = torch.cat(keys).to(image_ids.device)
     out_grids: list[list[tuple[int, int]]] = [[] for _ in grids]
     for i, (b, u) in enumerate(units):
-        where = (image_ids[b] == u).nonzero().squeeze(1)
-        if score_map is not None:
-            score_map[b, where] = scores[i].to(device)
-        if key_map is not None:
-            key_map[b, where] = keys[i].to(device)
         out_grids[b].append(resized[i] if resized[i] is not None else grids[b][u])
-    any_resized = any(g is not None for g in resized)
-    return score_map, key_map, out_grids if any_resized else None
+    return score_map, key_map, out_grids if any(g is not None for g in resized) else None
