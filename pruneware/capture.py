@@ -38,7 +38,8 @@ class AttentionCapture:
     def __init__(self, model: nn.Module, on_attention: OnAttention):
         self.model = model
         self.on_attention = on_attention
-        config = model.config.get_text_config() if self.sub_config == "text_config" else getattr(model.config, self.sub_config)
+        text = self.sub_config == "text_config"
+        config = model.config.get_text_config() if text else getattr(model.config, self.sub_config)
         self.original = config._attn_implementation or "eager"
         if self.original.startswith("flex"):
             raise ValueError(

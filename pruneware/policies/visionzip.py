@@ -89,13 +89,18 @@ class VisionZipPolicy(Policy):
                 rest = rest.nonzero().squeeze(1)
                 slots, states = dominant, tokens[dominant]
                 if budget > n_dominant:
-                    targets, merged = contextual_merge(tokens[rest], inputs.vision_keys[b, members[rest]], budget - n_dominant)
+                    keys = inputs.vision_keys[b, members[rest]]
+                    targets, merged = contextual_merge(tokens[rest], keys, budget - n_dominant)
                     slots, order = torch.cat([dominant, rest[targets]]).sort()
                     states = torch.cat([states, merged])[order]
                 sample_keep.append(members[slots])
                 sample_embeds.append(states)
-            keep.append(torch.cat(sample_keep) if sample_keep else torch.zeros(0, dtype=torch.long, device=device))
-            embeds.append(torch.cat(sample_embeds) if sample_embeds else inputs.hidden.new_zeros(0, inputs.hidden.shape[-1]))
+            if sample_keep:
+                keep.append(torch.cat(sample_keep))
+                embeds.append(torch.cat(sample_embeds))
+            else:  # a text-only sample
+                keep.append(torch.zeros(0, dtype=torch.long, device=device))
+                embeds.append(inputs.hidden.new_zeros(0, inputs.hidden.shape[-1]))
         return MergeResult(keep, embeds, None)
 
     def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
