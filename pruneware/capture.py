@@ -33,10 +33,14 @@ def _original_function(name: str, module: nn.Module) -> Callable:
 class AttentionCapture:
     """Installs a wrapping attention implementation on a model's text config, and removes it."""
 
+    sub_config = "text_config"  # the sub-model whose attention is wrapped
+
     def __init__(self, model: nn.Module, on_attention: OnAttention):
         self.model = model
         self.on_attention = on_attention
-        self.original = model.config.get_text_config()._attn_implementation or "eager"
+        text = self.sub_config == "text_config"
+        config = model.config.get_text_config() if text else getattr(model.config, self.sub_config)
+        self.original = config._attn_implementation or "eager"
         if self.original.startswith("flex"):
             raise ValueError(
                 "pruneware cannot read attention rows under flex_attention; "
@@ -63,7 +67,7 @@ class AttentionCapture:
         AttentionInterface.register(self.name, self._attention)
         AttentionMaskInterface.register(self.name, mask_fn)
         try:
-            self.model.set_attn_implementation({"text_config": self.name})
+            self.model.set_attn_implementation({self.sub_config: self.name})
         except Exception:
             self._unregister()
             raise
@@ -75,6 +79,6 @@ class AttentionCapture:
 
     def remove(self) -> None:
         if self._installed:
-            self.model.set_attn_implementation({"text_config": self.original})
+            self.model.set_attn_implementation({self.sub_config: self.original})
             self._installed = False
         self._unregister()

@@ -58,7 +58,7 @@ def prune_inputs(
     rewritten = True
     if stage.positions == "compact":
         new_positions = torch.arange(level.length, device=device).expand(*positions.shape[:-1], -1)
-    elif selection.merged is not None and adapter.rope == "mrope":
+    elif selection.merged is not None and selection.merged.grids is not None and adapter.rope == "mrope":
         grid = adapter.merged_positions(position_inputs, index, level.valid, selection.merged.grids, new_mask)  # [3, B, L0]
         new_positions = grid if positions.shape[0] == 3 else torch.cat([_text_positions(new_mask)[None], grid])
     else:

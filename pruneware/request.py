@@ -99,6 +99,7 @@ class RequestTracker:
         self._current: ContextVar[RequestState | None] = ContextVar(f"pruneware_request_{n}", default=None)
         self._depth: ContextVar[int] = ContextVar(f"pruneware_depth_{n}", default=0)
         self._vision: ContextVar[tuple] = ContextVar(f"pruneware_vision_{n}", default=())
+        self._vision_reads: ContextVar[tuple] = ContextVar(f"pruneware_vision_reads_{n}", default=())
         self._by_cache: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -121,6 +122,7 @@ class RequestTracker:
         if depth <= 0:
             self._current.set(None)
             self._vision.set(())
+            self._vision_reads.set(())
 
     @property
     def current(self) -> RequestState | None:
@@ -151,6 +153,15 @@ class RequestTracker:
         seen = list(self._vision.get())
         self._vision.set(())
         return seen
+
+    def saw_vision_read(self, read: Any) -> None:
+        """What a vision-side hook read from one encoder call (see `pruneware.vision_side`)."""
+        self._vision_reads.set((*self._vision_reads.get(), read))
+
+    def take_vision_reads(self) -> list[Any]:
+        reads = list(self._vision_reads.get())
+        self._vision_reads.set(())
+        return reads
 
     # reports -------------------------------------------------------------------------------
     @property

@@ -65,7 +65,7 @@ class PlanSource:
             if policy.merges and not self.adapter.supports_merging:
                 raise PlanError(
                     f"stage {stage}: {type(self.adapter).__name__} cannot run merging policies ({stage.policy!r}); "
-                    "use a selection policy: random, divprune, fastv, adaptinfer, vision-score"
+                    "use a selection policy: random, divprune, fastv, adaptinfer, vision-score, fastervlm"
                 )
             if policy.merges and stage.budget == 0:
                 raise PlanError(f"stage {stage}: a merging policy needs a budget >= 1 (it pools into that many tokens)")
@@ -73,6 +73,8 @@ class PlanSource:
                 raise PlanError(
                     f"stage {stage}: {stage.policy!r} merges tokens into new embeddings and runs only at 'pre'"
                 )
+            if stage.where != "pre" and policy.vision:
+                raise PlanError(f"stage {stage}: {stage.policy!r} reads the vision tower and runs only at 'pre'")
             if stage.where == 0 and policy.needs_attention:
                 raise PlanError(f"stage {stage}: {stage.policy!r} needs layer K-1's attention; use K >= 1")
 

@@ -27,13 +27,15 @@ class Selection:
 def run_stage(
     policy: Policy, stage: Stage, level: Level, hidden: torch.Tensor, n_visual: list[int], seed: int,
     grids: list[list[tuple[int, int]]], attention: torch.Tensor | None = None,
-    sample_stages: list[Stage] | None = None,
+    sample_stages: list[Stage] | None = None, vision: tuple | None = None,
 ) -> Selection:
     """Apply `policy` to the visual slots of `level`.
 
     hidden: [B, Ls, D] the level's states; n_visual: each sample's original visual-token count
     (ratios apply to it); attention: [B, Ls] captured scores for attention policies;
-    sample_stages: per sample, the stage with that sample's own budget (default: `stage`).
+    sample_stages: per sample, the stage with that sample's own budget (default: `stage`);
+    vision: (scores [B, Ls] or None, keys [B, Ls, d] or None, per-sample tower grids or None)
+    for policies that read the vision tower.
     """
     visual = level.visual
     counts_now = visual.sum(dim=1)
@@ -52,6 +54,12 @@ def run_stage(
         layer=stage.layer,
         grids=grids,
     )
+    if vision is not None:
+        scores, keys, inputs.vision_grids = vision
+        if scores is not None:
+            inputs.vision_scores = scores.gather(1, order).masked_fill(~token_valid, 0.0)
+        if keys is not None:
+            inputs.vision_keys = gather_rows(order, keys)[0] * token_valid[..., None]
     merged = None
     if policy.merges:
         merged = policy.merge(inputs, budgets)

@@ -37,6 +37,7 @@ from pruneware.report import Report, finish_report
 from pruneware.request import RequestState, RequestTracker
 from pruneware.resolve import PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
+from pruneware.vision_side import VisionSide, reads_to_positions, resize_budget, vision_needs
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
@@ -59,8 +60,10 @@ class Session:
         self.on_report = on_report
         self._handles: list[Any] = []
         self._capture: AttentionCapture | None = None
+        self._vision: VisionSide | None = None
         self._requests = RequestTracker()
         self._attn = self.adapter.text_config._attn_implementation or "eager"
+        self._vision_reads = vision_needs(self.source, self.adapter)  # raises before any hook
 
     @property
     def report(self) -> Report:
@@ -91,6 +94,7 @@ class Session:
             if self.source.needs_attention():
                 self._capture = AttentionCapture(self.model, self._on_attention)
                 self._capture.install()
+            self._install_vision()
         except BaseException:
             self._remove()
             raise
@@ -104,6 +108,9 @@ class Session:
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        if self._vision is not None:
+            self._vision.remove()
+            self._vision = None
         self._requests.clear()
 
     def detach(self) -> None:
@@ -116,6 +123,14 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+    def _install_vision(self) -> None:
+        """Hooks on the vision tower when the `pre` policy reads it (see vision_side.py)."""
+        read, resize = self._vision_reads
+        if read or resize:
+            budget = resize_budget(self.source) if resize else None
+            self._vision = VisionSide(self.model, self.adapter, self._requests, read, budget)
+            self._handles.extend(self._vision.install())
 
     # hooks -----------------------------------------------------------------------------
     def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -291,9 +306,15 @@ class Session:
                 raise PlanError(f"stage {stage}: no attention rows were captured at layer {stage.layer - 1}; "
                                 "its attention did not run through the pruneware capture")
             attention = state.captured.pop(stage.layer)
+        vision = None
+        if stage.where == "pre" and self._vision is not None:
+            vision = reads_to_positions(
+                self._requests.take_vision_reads(), state.layout.image_ids.to(hidden.device), state.layout.grids,
+                "keys" in policy.vision,
+            )
         selection = run_stage(
             policy, stage, level, hidden, state.n_visual, self.seed * 1_000_003 + stage_index,
-            state.layout.grids, attention, sample_stages=state.sample_stages(stage_index),
+            state.layout.grids, attention, sample_stages=state.sample_stages(stage_index), vision=vision,
         )
         state.report.stages.append(selection.report)
         return selection

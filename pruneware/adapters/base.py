@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from pruneware.errors import PlanError
+
 
 @dataclass(frozen=True)
 class VisualLayout:
@@ -69,6 +71,7 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     rope: ClassVar[Literal["1d", "mrope"]] = "1d"
     supports_merging: ClassVar[bool] = True  # merging policies (crosslmm) can run at `pre`
+    resizes_pixels: ClassVar[bool] = False  # `resize` can lower the vision tower's input resolution
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -148,6 +151,32 @@ class Adapter:
 
         model_kwargs: the multimodal base model's forward kwargs, plus `seen_vision`.
         """
+        raise NotImplementedError
+
+    # the vision tower, for pre-LLM policies that read it (fastervlm, visionzip, resize) ----
+    def vision_encoder(self) -> nn.Module | None:
+        """The module one call of which encodes a batch of images (None: not supported)."""
+        return None
+
+    def vision_score_attention(self) -> nn.Module:
+        """The vision attention module whose rows vision-side policies read."""
+        raise PlanError(
+            f"{type(self).__name__} cannot read its vision tower's attention; vision-side policies "
+            "(fastervlm, visionzip) support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
+        )
+
+    def vision_call_scores(
+        self, query: torch.Tensor, key: torch.Tensor, scale: float | None, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of `vision_score_attention`: (per-patch scores, per-patch keys averaged
+        over heads) in the tower's own layout; `vision_image_scores` puts them in image order."""
+        raise NotImplementedError
+
+    def vision_image_scores(
+        self, parts: list[tuple[torch.Tensor, torch.Tensor]], grid: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parts one encoder call produced -> per image, in call order, its visual tokens'
+        scores [n] and keys [n, d] (row-major over the token grid)."""
         raise NotImplementedError
 
     def injection_layers(self) -> int:

@@ -8,6 +8,8 @@ import torch
 
 from pruneware.adapters.base import Adapter, VisualLayout
 from pruneware.adapters.registry import register_adapter
+from pruneware.adapters.vision import cls_attention
+from pruneware.errors import PlanError
 
 
 @register_adapter
@@ -34,3 +36,32 @@ class LlavaAdapter(Adapter):
         per = self.tokens_per_image()
         count = -(-n // per)
         return self._runs_to_layout(input_ids, [per] * count, [self.grid()] * count)
+
+    def vision_encoder(self) -> torch.nn.Module:
+        return self.base_model.vision_tower
+
+    def vision_score_attention(self) -> torch.nn.Module:
+        """The attention of the CLIP layer whose output the projector reads (`vision_feature_layer`:
+        hidden_states[v] is the output of encoder layer v - 1, so -2 means layer n - 2)."""
+        layer = self.config.vision_feature_layer
+        if self.config.vision_feature_select_strategy != "default" or not isinstance(layer, int):
+            raise PlanError(
+                "vision-side policies need a [CLS] token outside the visual tokens and one feature layer: "
+                f"vision_feature_select_strategy='default' (got {self.config.vision_feature_select_strategy!r}) "
+                f"and an integer vision_feature_layer (got {layer!r})"
+            )
+        tower = self.vision_encoder()
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        index = len(layers) + layer if layer < 0 else layer - 1
+        if not 0 <= index < len(layers):
+            raise PlanError(f"vision_feature_layer={layer} reads the embeddings, not an attention layer")
+        return layers[index].self_attn
+
+    def vision_call_scores(self, query, key, scale, kwargs):
+        # query, key: [n_images, H, 1 + h*w, d]; token 0 is [CLS].
+        return cls_attention(query, key, scale), key[:, :, 1:].float().mean(dim=1)
+
+    def vision_image_scores(self, parts, grid):
+        scores = torch.cat([p[0] for p in parts])
+        keys = torch.cat([p[1] for p in parts])
+        return list(scores), list(keys)

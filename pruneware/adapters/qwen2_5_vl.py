@@ -20,3 +20,9 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
         """tokens_per_second x seconds per grid step, as in the model's `get_rope_index`."""
         seconds = 1.0 if second_per_grid_ts is None else float(second_per_grid_ts[video])
         return self.config.vision_config.tokens_per_second * seconds
+
+    def window_index(self, grid: torch.Tensor) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.base_model.visual
+        return get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]

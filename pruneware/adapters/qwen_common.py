@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from pruneware.adapters.base import Adapter, VisualItem, VisualLayout, items_to_layout
+from pruneware.adapters.vision import bin_firsts, mean_attention_received
 
 MODALITIES = ("image", "video")
 
@@ -24,6 +25,7 @@ class QwenVLAdapter(Adapter):
     """Shared base of the Qwen2-VL, Qwen2.5-VL and Qwen3-VL adapters (not registered itself)."""
 
     rope: ClassVar = "mrope"
+    resizes_pixels: ClassVar = True
 
     def visual_token_ids(self) -> list[int]:
         return [self.config.image_token_id, self.config.video_token_id]
@@ -34,6 +36,98 @@ class QwenVLAdapter(Adapter):
 
     def vision_tower(self) -> torch.nn.Module:
         return self.base_model.visual
+
+    def vision_encoder(self) -> torch.nn.Module:
+        return self.base_model.visual
+
+    def vision_score_attention(self) -> torch.nn.Module:
+        """The attention of the last full-attention ViT block (Qwen2.5-VL's others are windowed)."""
+        visual = self.base_model.visual
+        full = getattr(visual, "fullatt_block_indexes", None)
+        return visual.blocks[full[-1] if full else len(visual.blocks) - 1].attn
+
+    def vision_call_scores(self, query, key, scale, kwargs):
+        # query, key: [1, H, n, d], the patches of one attention call: one image or frame
+        # (sdpa, eager), or every image packed with cu_seq_lens_q (flash attention).
+        bounds = kwargs.get("cu_seq_lens_q")
+        lengths = [query.shape[2]] if bounds is None else (bounds[1:] - bounds[:-1]).tolist()
+        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        scores = [
+            mean_attention_received(query[:, :, a:b], key[:, :, a:b], scale)[0]
+            for a, b in zip(starts[:-1], starts[1:], strict=True)
+        ]
+        return torch.cat(scores), key[0].float().mean(dim=0)
+
+    def window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """The order in which the ViT holds the merged patch groups (None: row-major)."""
+        return None
+
+    def vision_image_scores(self, parts, grid):
+        """Mean over each merged group of patches (a visual token), back in row-major order."""
+        unit = self.config.vision_config.spatial_merge_size ** 2
+        scores = torch.cat([p[0] for p in parts]).view(-1, unit).mean(dim=1)
+        keys = torch.cat([p[1] for p in parts])
+        keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
+        order = self.window_index(grid)
+        if order is not None:
+            order = order.to(scores.device)
+            scores = torch.empty_like(scores).index_copy_(0, order, scores)
+            keys = torch.empty_like(keys).index_copy_(0, order, keys)
+        sizes = (grid.prod(-1) // unit).tolist()
+        return list(scores.split(sizes)), list(keys.split(sizes))
+
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        """The visual-token grid of an image of (h, w) patches."""
+        merge = self.config.vision_config.spatial_merge_size
+        return h // merge, w // merge
+
+    def resize_pixels(
+        self, pixels: torch.Tensor, grid: torch.Tensor, targets: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resample each image's patches to a (ph, pw)-token grid, as if the processor had made it.
+
+        pixels: [sum t*h*w, C*tp*P*P] in the processor's patch order; grid: [n, 3] (t, h, w);
+        targets: the token grid of each image. Returns the new pixels and grid_thw.
+        """
+        vc = self.config.vision_config
+        m, p, tp = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
+        out, new_grid, start = [], [], 0
+        for (t, h, w), (ph, pw) in zip(grid.tolist(), targets, strict=True):
+            x = pixels[start : start + t * h * w]
+            start += t * h * w
+            if (ph * m, pw * m) == (h, w):
+                out.append(x)
+                new_grid.append([t, h, w])
+                continue
+            if t != 1:
+                raise ValueError("resize resamples images, not video: give video inputs another plan")
+            c = x.shape[1] // (tp * p * p)
+            # [h/m, w/m, m, m, C, tp, P, P] -> one temporal copy -> [C, h*P, w*P]
+            image = x.view(h // m, w // m, m, m, c, tp, p, p)[:, :, :, :, :, 0]
+            image = image.permute(4, 0, 2, 5, 1, 3, 6).reshape(c, h * p, w * p)
+            small = torch.nn.functional.interpolate(
+                image[None].float(), size=(ph * m * p, pw * m * p), mode="bicubic", align_corners=False, antialias=True,
+            )[0].to(x.dtype)
+            patches = small.view(c, ph, m, p, pw, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # [ph, pw, m, m, C, P, P]
+            patches = patches.unsqueeze(5).expand(-1, -1, -1, -1, -1, tp, -1, -1)
+            out.append(patches.reshape(ph * m * pw * m, c * tp * p * p))
+            new_grid.append([t, ph * m, pw * m])
+        return torch.cat(out), torch.tensor(new_grid, dtype=grid.dtype, device=grid.device)
+
+    def spread_tokens(
+        self, features: torch.Tensor, grid: torch.Tensor, targets: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """[sum ph*pw, D] tokens of resized images -> [sum h*w/m^2, D] over the input's grids,
+        each at its bin's first slot, zeros elsewhere (the `pre` stage keeps only those slots)."""
+        out, start = [], 0
+        for (t, h, w), (ph, pw) in zip(grid.tolist(), targets, strict=True):
+            hh, ww = self.token_grid(h, w)
+            rows = features[start : start + ph * pw]
+            start += ph * pw
+            full = features.new_zeros(t * hh * ww, features.shape[-1])
+            full[bin_firsts(hh, ww, ph, pw).to(features.device)] = rows
+            out.append(full)
+        return torch.cat(out)
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
         merge = self.config.vision_config.spatial_merge_size

@@ -30,6 +30,8 @@ class StageInput:
         seed: derived from the session's seed and the stage index; random policies seed a
             torch.Generator with it per sample, so a sample's draw does not depend on the batch.
         layer: the decoder layer the stage runs before (0 for `pre`).
+        vision_scores, vision_keys, vision_grids: what the vision tower gave a `pre` stage
+            whose policy asks for it in `vision` (see `pruneware.vision_side`).
     """
 
     hidden: torch.Tensor
@@ -39,6 +41,9 @@ class StageInput:
     seed: int
     layer: int
     grids: list[list[tuple[int, int]]] = field(default_factory=list)  # per sample, (h, w) per image
+    vision_scores: torch.Tensor | None = None  # [B, N] the vision tower's score per token (policies with `vision`)
+    vision_keys: torch.Tensor | None = None  # [B, N, d] its keys at that layer, averaged over heads
+    vision_grids: list[list[tuple[int, int]]] | None = None  # per sample, the grid the tower produced per image
 
     def image_sizes(self) -> list[list[int]]:
         """Tokens per image, per sample."""
@@ -80,12 +85,13 @@ class MergeResult:
         keep: sorted indices (into the sample's visual tokens) of the slot each merged token
             takes; it inherits that token's mask entry and, on 1-D RoPE models, its position.
         embeds: [k, D] the merged tokens' embeddings, in the order of `keep`.
-        grids: the pooled (h, w) grid of each image, for M-RoPE positions.
+        grids: the pooled (h, w) grid of each image, for M-RoPE positions; None when the
+            merged tokens form no grid and keep their slots' positions on M-RoPE models too.
     """
 
     keep: list[torch.Tensor]
     embeds: list[torch.Tensor]
-    grids: list[list[tuple[int, int]]]
+    grids: list[list[tuple[int, int]]] | None
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,9 @@ class Policy:
     needs_attention: ClassVar[bool] = False  # needs attention rows from layer K-1
     pre_llm: ClassVar[bool] = True  # may run at `pre`
     merges: ClassVar[bool] = False  # implements merge(): new embeddings, `pre` only
+    # What a `pre` policy reads from the vision tower: "attention" (per-token scores), "keys"
+    # (head-averaged keys at that layer), "resize" (the tower runs on resized pixels).
+    vision: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:

@@ -96,6 +96,12 @@ def check_stage(stage: Stage) -> None:
             f"stage {stage}: policy {stage.policy!r} needs attention rows from inside the LLM, which "
             "vLLM does not expose; pre-LLM policies: divprune, random, crosslmm, vision-score"
         )
+    if cls.vision:
+        raise PlanError(
+            f"stage {stage}: policy {stage.policy!r} reads the vision tower's attention or resolution, which the "
+            "vLLM plugin does not hook; pre-LLM policies: divprune, random, crosslmm, vision-score "
+            "(vision-score is the plugin's stand-in for [CLS] attention)"
+        )
     if stage.budget == 0:
         raise PlanError(f"stage {stage}: vLLM needs at least one placeholder token per item; use a budget >= 1")
 

@@ -1,0 +1,86 @@
+"""`resize`: the matched-token baseline, a lower resolution instead of a smarter selection.
+
+Plain downsampling to the same token count beats many compression methods on Qwen2-VL
+(VTC-Bench, arXiv 2510.07143), so every policy should beat this one to earn its complexity.
+
+  - Dynamic-resolution models (Qwen2-VL, Qwen2.5-VL): each image goes through the vision
+    tower at the resolution whose token count fits its budget, the processor's `smart_resize`
+    rule with `max_pixels` = budget x (patch x merge)^2, so the tower does less work too. The
+    session resamples the processed patches inside the tower's call (see
+    `pruneware.vision_side`), which works under `run`, `eval`, `bench` and any caller's own
+    processor; this `pre` stage then keeps the tower's tokens, which get the M-RoPE positions
+    of their smaller grid, exactly as if the image had been given at that size.
+  - Fixed-resolution towers (LLaVA-1.5 at 336 px): the 24x24 grid of projected tokens is
+    average-pooled to the largest grid of the image's aspect within the budget (this is
+    `crosslmm[gate=0]`); each pooled token stands at its bin's first token.
+
+Differences from processing the original image at the lower `max_pixels`: the resampling
+(bicubic, antialiased, in torch) starts from the processed image rather than the original
+file, and on normalised values rather than 8-bit pixels. The token count is the largest grid
+within the budget, so it can fall a little short of it (e.g. 121 = 11 x 11 for 128 on a
+square image). On Qwen each image's budget is fixed when its pixels are encoded, before the
+engine knows which sample they belong to: a ratio budget (e.g. `resize@pre:0.25`) applies per
+image; a count budget is exact for one image per sample and is refused for several.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy, split_budget
+from pruneware.policies.pooling import bin_starts, pool_grid, pooled_shape
+
+
+@register_policy
+@dataclass(frozen=True)
+class ResizePolicy(Policy):
+    name = "resize"
+    merges: ClassVar[bool] = True
+    vision: ClassVar[tuple[str, ...]] = ("resize",)
+    description = "Matched-token baseline: Qwen re-encodes each image at the budget's resolution; LLaVA average-pools its grid."
+
+    def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
+        keep, embeds, grids = [], [], []
+        device = inputs.hidden.device
+        for b, image_sizes in enumerate(inputs.image_sizes()):
+            sample_keep, sample_embeds, sample_grids = [], [], []
+            budgets = split_budget(image_sizes, counts[b]) if image_sizes else []
+            for image, budget in enumerate(budgets):
+                h, w = inputs.grids[b][image]
+                members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
+                if h * w != len(members):
+                    raise ValueError(f"image {image} of sample {b}: grid {h}x{w} but {len(members)} tokens")
+                if inputs.vision_grids is not None:  # the tower already ran at the lower resolution
+                    ph, pw = inputs.vision_grids[b][image]
+                    rows = torch.tensor(bin_starts(h, ph), device=device)
+                    cols = torch.tensor(bin_starts(w, pw), device=device)
+                    slots = members[(rows[:, None] * w + cols[None, :]).reshape(-1)]
+                    sample_embeds.append(inputs.hidden[b, slots])
+                else:
+                    ph, pw = pooled_shape(h, w, budget)
+                    pooled, first = pool_grid(inputs.hidden[b, members], h, w, ph, pw)
+                    slots = members[first]
+                    sample_embeds.append(pooled)
+                sample_keep.append(slots)
+                sample_grids.append((ph, pw))
+            total = sum(p * q for p, q in sample_grids)
+            if len(budgets) > 1 and total > counts[b] + len(budgets):
+                raise ValueError(
+                    f"sample {b}: its {len(budgets)} images were re-encoded at {total} tokens in all, over its budget "
+                    f"of {counts[b]}: each image's resolution is fixed before the sample is known, so give resize a "
+                    "ratio budget (e.g. resize@pre:0.25) for several images per sample"
+                )
+            if sample_keep:
+                keep.append(torch.cat(sample_keep))
+                embeds.append(torch.cat(sample_embeds))
+            else:
+                keep.append(torch.zeros(0, dtype=torch.long, device=device))
+                embeds.append(inputs.hidden.new_zeros(0, inputs.hidden.shape[-1]))
+            grids.append(sample_grids)
+        return MergeResult(keep, embeds, grids)
+
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
+        return self.merge(inputs, counts).keep
