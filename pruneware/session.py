@@ -39,6 +39,11 @@ from pruneware.resolve import PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+_NOT_FOR_PREVIEW = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions", "hidden_states")
+
+
+class _PreviewDone(Exception):
+    """Raised by the capture once a preview has its q and k: the preview needs no attention output."""
 
 
 class Session:
@@ -226,6 +231,9 @@ class Session:
         stage = state.plan.stages[stage_index]
         hidden = args[0] if args else kwargs["hidden_states"]
         parent = state.levels[-1]
+        policy = self.source.policy(state.plan, stage_index)
+        if isinstance(policy, AttentionPolicy) and policy.attention_layer == "own":
+            self._preview_attention(state, layer, parent, hidden, kwargs)
         level = next_level(parent, self._run(state, stage_index, stage, parent, hidden).keep)
         level.stage = stage
         state.levels.append(level)
@@ -237,6 +245,21 @@ class Session:
             return (hidden, *args[1:])
         kwargs["hidden_states"] = hidden
         return args
+
+    def _preview_attention(self, state: RequestState, layer: int, parent: Level, hidden: torch.Tensor, kwargs) -> None:
+        """Run layer `layer`'s attention projections on its unpruned input, without the cache,
+        so that the capture scores its rows; stopped before the attention itself runs."""
+        if not parent.identity:
+            kwargs = {**kwargs, **self._sliced_kwargs(state, parent, layer, kwargs)}
+        module = self.adapter.layers[layer]
+        attn_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_PREVIEW}
+        state.preview = layer
+        try:
+            module.self_attn(hidden_states=module.input_layernorm(hidden), **attn_kwargs)
+        except _PreviewDone:
+            pass
+        finally:
+            state.preview = None
 
     def _sliced_kwargs(self, state: RequestState, level: Level, layer: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         key = ("kwargs", self.adapter.layer_group(layer))  # layers of a group share mask and RoPE
@@ -264,23 +287,30 @@ class Session:
         return hook
 
     def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any) -> None:
-        """Score visual tokens for the stage at layer_idx + 1. query: [B, H, Ls, d]; key: [B, Hkv, Ls, d]."""
+        """Score visual tokens for the stage at layer_idx + 1 (or at layer_idx, in a preview).
+
+        query: [B, H, Ls, d]; key: [B, Hkv, Ls, d].
+        """
         state = self._requests.current
         if state is None or state.decoding:
             return
-        stage_index = self.source.stage_index_at(state.plan, module.layer_idx + 1)
+        preview = state.preview == module.layer_idx
+        target = module.layer_idx if preview else module.layer_idx + 1
+        stage_index = self.source.stage_index_at(state.plan, target)
         if stage_index is None:
             return
         policy = self.source.policy(state.plan, stage_index)
-        if not isinstance(policy, AttentionPolicy):
+        if not isinstance(policy, AttentionPolicy) or (policy.attention_layer == "own") != preview:
             return
         _, level = state.level_for(module.layer_idx)
         real = state.real_tokens(level)
         if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
             key = key[:, :, : level.length]
-        state.captured[module.layer_idx + 1] = attention_policy_scores(
+        state.captured[target] = attention_policy_scores(
             policy, level.visual, real, query, key, getattr(module, "scaling", None)
         )
+        if preview:
+            raise _PreviewDone
 
     # selection ---------------------------------------------------------------------------
     def _run(self, state: RequestState, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
@@ -288,7 +318,8 @@ class Session:
         attention = None
         if isinstance(policy, AttentionPolicy):
             if stage.layer not in state.captured:
-                raise PlanError(f"stage {stage}: no attention rows were captured at layer {stage.layer - 1}; "
+                source = stage.layer if policy.attention_layer == "own" else stage.layer - 1
+                raise PlanError(f"stage {stage}: no attention rows were captured at layer {source}; "
                                 "its attention did not run through the pruneware capture")
             attention = state.captured.pop(stage.layer)
         selection = run_stage(

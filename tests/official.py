@@ -107,3 +107,56 @@ def official_divprune(visual_feature_vectors: torch.Tensor, threshold_ratio: flo
             scores = torch.min(torch.index_select(cosine_matrix, 0, s[:i]), dim=0).values
         s[i] = torch.argmax(scores)
     return s
+
+
+@torch.no_grad()
+def official_pdrop_kept(model, inputs: dict, layer_list: list[int], ratios: list[float]) -> list[torch.Tensor]:
+    """Cooperx521/PyramidDrop `modeling_llama_pdrop.py` (`pdrop_forward`, `pdrop_rank_drop`), at
+    inference, for one unpadded sample with one image: original positions of the image tokens
+    kept at each rank layer.
+
+    After layer `rank_layer - 1`, layer `rank_layer`'s input_layernorm, q/k projections and RoPE
+    run on the unpruned hidden states; the last prompt token's softmax row, averaged over heads,
+    ranks the image tokens; the top `int(n_image * ratio)` stay, and positions are re-numbered
+    0..n-1 (`position_ids[i, :cur_len] = arange(cur_len)`). Here the row is read from
+    transformers' eager attention weights of that layer, run on the same input.
+    """
+    assert inputs["input_ids"].shape[0] == 1
+    seen = record_lm_inputs(model, inputs)
+    lm = model.model.language_model
+    hidden = seen["embeds"]
+    positions = torch.arange(hidden.shape[1])[None]
+    ids = inputs["input_ids"][0]
+    image0 = ids == IMAGE_TOKEN
+    n_image = int(image0.sum())
+    ratio_list = [1.0, *ratios]  # model_vqa_loader.py: image_token_ratio_list.insert(0, 1.0)
+    origin = torch.arange(hidden.shape[1])
+    kept = []
+
+    def layer_inputs(hidden, positions):
+        cos_sin = lm.rotary_emb(hidden, positions)
+        mask = create_causal_mask(
+            config=lm.config, inputs_embeds=hidden, attention_mask=torch.ones(1, hidden.shape[1], dtype=torch.long),
+            cache=None,
+        )
+        return cos_sin, mask
+
+    for i, layer in enumerate(lm.layers):
+        if i in layer_list:
+            stage = layer_list.index(i)
+            image_tokens = int(n_image * ratio_list[stage])
+            keep_length = int(n_image * ratio_list[stage + 1])
+            cos_sin, mask = layer_inputs(hidden, positions)
+            _, attn = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=cos_sin, attention_mask=mask)
+            image = image0[origin]
+            image_index = int(image.nonzero()[0])
+            row = attn[0, :, -1, :].float().mean(dim=0)  # the last prompt token, averaged over heads
+            top = row[image_index:image_index + image_tokens].topk(keep_length).indices + image_index
+            keep = ~image
+            keep[top] = True
+            hidden, origin = hidden[:, keep], origin[keep]
+            positions = torch.arange(hidden.shape[1])[None]
+            kept.append(origin[image0[origin]])
+        cos_sin, mask = layer_inputs(hidden, positions)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None)
+    return kept
