@@ -22,13 +22,18 @@ def validate_inputs(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"k={k} is outside [0, N={n}]")
 
 
-def cosine_distance(x: torch.Tensor) -> torch.Tensor:
-    """``1 - cos`` between every pair of rows, in float32. x: [G, N, D] -> [G, N, N].
+def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity between every pair of rows, in float32. x: [G, N, D] -> [G, N, N].
 
-    Every backend selects on this same matrix, so their selections agree exactly.
+    Every backend selects on ``1 - `` this same matrix, so their selections agree exactly.
     """
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
-    return 1.0 - unit @ unit.transpose(1, 2)
+    return unit @ unit.transpose(1, 2)
+
+
+def cosine_distance(x: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` between every pair of rows, in float32. x: [G, N, D] -> [G, N, N]."""
+    return 1.0 - cosine_similarity(x)
 
 
 def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
