@@ -220,6 +220,12 @@ register_preset(
         "keeping 1/2, 1/4, 1/8.",
     )
 )
+# DART: the official scripts prune before layer 2 of 32 (`--pruned_layer 2`) with
+# `--reduction_ratio 0.778`, keeping 22.2% of the image tokens; positions kept.
+register_preset(
+    Preset("dart", (StageTemplate("dart", 2, 0.222),),
+           "DART: key-norm pivots at layer K-1, keep the tokens least similar to them; before layer 2/32.")
+)
 # Information Horizon: DivPrune before the LLM, random before layer 20 of 32, positions
 # re-indexed; defaults are the paper's "64" counts on 576 tokens (96, 10).
 register_preset(

@@ -322,9 +322,14 @@ class Session:
                 raise PlanError(f"stage {stage}: no attention rows were captured at layer {source}; "
                                 "its attention did not run through the pruneware capture")
             attention = state.captured.pop(stage.layer)
+        real = None
+        if isinstance(policy, AttentionPolicy):
+            real = state.real_tokens(level)
+            if policy.final_norm:
+                hidden = self.adapter.language_model.norm(hidden)
         selection = run_stage(
             policy, stage, level, hidden, state.n_visual, self.seed * 1_000_003 + stage_index,
-            state.layout.grids, attention, sample_stages=state.sample_stages(stage_index),
+            state.layout.grids, attention, sample_stages=state.sample_stages(stage_index), real=real,
         )
         state.report.stages.append(selection.report)
         return selection

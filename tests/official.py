@@ -160,3 +160,47 @@ def official_pdrop_kept(model, inputs: dict, layer_list: list[int], ratios: list
         cos_sin, mask = layer_inputs(hidden, positions)
         hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None)
     return kept
+
+
+def official_dart_core(
+    last_layer_state: torch.Tensor, k_states: torch.Tensor, image: list[int], query: list[int],
+    pivot_image_token: int, pivot_text_token: int, token_topk: int,
+) -> list[int]:
+    """ZichenWen1/DART `get_retained_image_token` (LLaVA), line by line, for one sample:
+    last_layer_state [L, D] normed states entering layer K; k_states [L, Hkv*d] layer K-1's keys
+    (post-RoPE, heads flattened); image, query: absolute positions of the image block and of the
+    text after it. Returns the kept image positions.
+
+    One line differs: the official `for item in list(tmp_set)` walks a Python set in hash-table
+    order; this walks it in position order, as pruneware does (see pruneware/policies/dart.py).
+    """
+    image_t, query_t = torch.tensor(image), torch.tensor(query)
+    k_states_image_token_L1_norm = torch.norm(k_states[image_t], p=1, dim=-1)
+    k_states_query_token_L1_norm = torch.norm(k_states[query_t], p=1, dim=-1)
+    image_indices = image_t[k_states_image_token_L1_norm.topk(pivot_image_token).indices].tolist()
+    query_indices = query_t[k_states_query_token_L1_norm.topk(pivot_text_token).indices].tolist()
+    indices_set = set(image_indices + query_indices)
+    tmp_set = indices_set.copy()
+    valid_indices = set(image)
+    valid_indices.difference_update(image_indices)
+    for item in sorted(tmp_set):
+        valid_indices_list = sorted(valid_indices)
+        valid_vectors = last_layer_state[valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(token_topk).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices.tolist()]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+    indices_set.difference_update(query_indices)
+    return sorted(indices_set)
+
+
+@torch.no_grad()
+def dart_inputs(model, inputs: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From an unpruned forward of one sample: the states entering `layer` through the final norm
+    [L, D], and layer `layer - 1`'s cached keys with heads flattened [L, Hkv*d]."""
+    out = model(**inputs, output_hidden_states=True, use_cache=True)
+    lm = model.model.language_model
+    states = lm.norm(out.hidden_states[layer][0])
+    keys = out.past_key_values.layers[layer - 1].keys[0]  # [Hkv, L, d], post-RoPE
+    return states, keys.permute(1, 0, 2).reshape(keys.shape[1], -1)

@@ -1,6 +1,8 @@
 """Pruning policies. A new policy is one file here with a `@register_policy` dataclass."""
 
-from pruneware.policies import adaptinfer, crosslmm, divprune, fastv, pdrop, random, vision_score  # noqa: F401  (registration)
+from pruneware.policies import (  # noqa: F401  (registration)
+    adaptinfer, crosslmm, dart, divprune, fastv, pdrop, random, vision_score,
+)
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import (
     MergeResult, Policy, StageInput, available, build_policy, get_policy, register_policy, split_budget,
