@@ -20,7 +20,7 @@ status() { echo "$1" | tee -a "$OUT/status.txt"; }
 status "python: $PY"
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gather.py tests/kernels/test_scores.py \
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gather.py tests/kernels/test_scores.py tests/kernels/test_divprune.py \
     >"$OUT/kernel_tests.txt" 2>&1
   rc=$?
   status "kernel tests rc=$rc (tail of $OUT/kernel_tests.txt: $(tail -n 1 "$OUT/kernel_tests.txt"))"
