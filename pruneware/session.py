@@ -10,7 +10,8 @@ Hooks (all removed on exit, errors included):
     selects and slices the hidden states; at every layer of a pruned level it slices the
     cos/sin tables, position ids and mask rows/columns that the model loop passes full-size
     (once per level per forward, memoised), and at decode remaps the mask columns;
-  - while a stage needs attention rows, a registered attention function (see capture.py).
+  - while a stage needs attention rows, a registered attention function (see capture.py); a
+    stage ranked by its own layer's attention previews that layer first (see preview.py).
 The session holds no run-time state: each call's lives in a `RequestState` (see request.py).
 """
 
@@ -33,17 +34,13 @@ from pruneware.levels import Level, as_root, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import decode_inputs, prune_inputs
+from pruneware.preview import PreviewDone, run_preview
 from pruneware.report import Report, finish_report
 from pruneware.request import RequestState, RequestTracker
 from pruneware.resolve import PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
-_NOT_FOR_PREVIEW = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions", "hidden_states")
-
-
-class _PreviewDone(Exception):
-    """Raised by the capture once a preview has its q and k: the preview needs no attention output."""
 
 
 class Session:
@@ -247,17 +244,12 @@ class Session:
         return args
 
     def _preview_attention(self, state: RequestState, layer: int, parent: Level, hidden: torch.Tensor, kwargs) -> None:
-        """Run layer `layer`'s attention projections on its unpruned input, without the cache,
-        so that the capture scores its rows; stopped before the attention itself runs."""
+        """Score layer `layer`'s own attention rows on its unpruned input (see preview.py)."""
         if not parent.identity:
             kwargs = {**kwargs, **self._sliced_kwargs(state, parent, layer, kwargs)}
-        module = self.adapter.layers[layer]
-        attn_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_PREVIEW}
         state.preview = layer
         try:
-            module.self_attn(hidden_states=module.input_layernorm(hidden), **attn_kwargs)
-        except _PreviewDone:
-            pass
+            run_preview(self.adapter.layers[layer], hidden, kwargs)
         finally:
             state.preview = None
 
@@ -310,7 +302,7 @@ class Session:
             policy, level.visual, real, query, key, getattr(module, "scaling", None)
         )
         if preview:
-            raise _PreviewDone
+            raise PreviewDone
 
     # selection ---------------------------------------------------------------------------
     def _run(self, state: RequestState, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
@@ -326,7 +318,8 @@ class Session:
         if isinstance(policy, AttentionPolicy):
             real = state.real_tokens(level)
             if policy.final_norm:
-                hidden = self.adapter.language_model.norm(hidden)
+                with torch.no_grad():
+                    hidden = self.adapter.language_model.norm(hidden)
         selection = run_stage(
             policy, stage, level, hidden, state.n_visual, self.seed * 1_000_003 + stage_index,
             state.layout.grids, attention, sample_stages=state.sample_stages(stage_index), real=real,
