@@ -28,6 +28,10 @@ else
   status "kernel tests not run: pytest is not installed"
 fi
 
+timeout 60 "$PY" benchmarks/divprune_select.py --groups 1 8 --dim 4096 --rounds 10 >"$OUT/divprune_select.txt" 2>&1
+rc=$?
+status "divprune selection rc=$rc ($(tail -n 1 "$OUT/divprune_select.txt"))"
+
 timeout 380 "$PY" benchmarks/gpu_suite.py --json "$OUT/gpu_suite.json" --max-seconds 290 >"$OUT/gpu_suite.txt" 2>&1
 rc=$?
 status "gpu suite rc=$rc"
