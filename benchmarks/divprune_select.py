@@ -4,7 +4,9 @@ On CPU the fast path is the numpy loop (pruneware/kernels/divprune/cpu.py); on C
 one-launch Triton kernel. Both run side by side, interleaved round by round, on random features
 of LLaVA-1.5's shape (576 tokens per image), and must select the same tokens.
 
-    python benchmarks/divprune_select.py [--rounds 20] [--groups 1 4] [--dim 256] [--device cpu]
+`--clock cpu` times the thread's CPU time (CPU tensors, `--threads 1`), for shared machines.
+
+    python benchmarks/divprune_select.py [--rounds 20] [--groups 1 4] [--dim 256] [--device cpu] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import torch
 from pruneware.kernels.divprune import max_min_diverse, reference
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+    return (CLOCK() - start) * 1e3
 
 
 def main() -> None:
@@ -37,10 +42,17 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        if args.device != "cpu":
+            parser.error("--clock cpu times CPU tensors only; use --device cpu")
+        CLOCK = time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device {args.device}, N={args.tokens}, k={args.keep}, D={args.dim}, threads {torch.get_num_threads()}")
+    print(f"device {args.device}, N={args.tokens}, k={args.keep}, D={args.dim}, threads {torch.get_num_threads()}, "
+          f"clock {args.clock}")
     print(f"{'G':>3} {'reference ms':>13} {'fast ms':>8} {'speedup':>8}")
     for g in args.groups:
         x = torch.randn(g, args.tokens, args.dim, generator=torch.Generator().manual_seed(g)).to(args.device)
