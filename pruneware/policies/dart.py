@@ -24,7 +24,9 @@ Deliberate differences from the official code:
   - with several images each image gets its share of the budget and its own image pivots; the
     text pivots are shared (the official code handles one image, sample 0 of a batch);
   - a budget below `pivot_image` keeps the top key-norm image tokens only; too few text tokens
-    give fewer text pivots (the official code would fail in topk).
+    give fewer text pivots (the official code would fail in topk);
+  - key norms are summed in float32 (official: the model's dtype), so 16-bit near-ties can
+    pick other pivots.
 """
 
 from __future__ import annotations
