@@ -40,7 +40,7 @@ def setup(request):
 @pytest.mark.parametrize(
     ("plan", "error", "match"),
     [
-        ("nosuch@2:0.5", pruneware.PlanError, r"valid policies: adaptinfer, crosslmm, divprune, .*fastv, .*random, vision-score"),
+        ("nosuch@2:0.5", pruneware.PlanError, r"valid policies: adaptinfer, .*divprune, .*fastv, .*random, vision-score"),
         ("random@6:0.5", pruneware.PlanError, r"model has 6 decoder layers: use 'pre' or a layer in 0..5"),
         ("random@2:0.0", pruneware.PlanError, r"ratio must be in \(0, 1\]"),
         ("random@2:1.01", pruneware.PlanError, r"ratio must be in \(0, 1\]"),
