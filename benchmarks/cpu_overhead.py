@@ -121,7 +121,8 @@ def main() -> None:
     model = build_model()
     rows = [measure(model, plan, batch, args.rounds) for batch in args.batch for plan in args.plans]
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "clock": args.clock, "stat": args.stat, "torch": torch.__version__, "transformers": transformers.__version__}
+            "threads": torch.get_num_threads(), "clock": args.clock, "stat": args.stat,
+            "torch": torch.__version__, "transformers": transformers.__version__}
     print(f"{'plan':22} {'B':>2} {'kept':>5} {'unpruned':>9} {'pruned':>8} {'direct':>8} {'overhead':>8}")
     for r in rows:
         print(f"{r['plan']:22} {r['batch']:>2} {r['kept_visual']:>5} {r['unpruned_ms']:>9} {r['pruned_ms']:>8} "

@@ -69,7 +69,8 @@ def run_stage(
 
 
 def text_rows(
-    policy: AttentionPolicy, level: Level, hidden: torch.Tensor, attention: torch.Tensor | None, real: torch.Tensor | None
+    policy: AttentionPolicy, level: Level, hidden: torch.Tensor, attention: torch.Tensor | None,
+    real: torch.Tensor | None,
 ) -> TextRows:
     """The states and captured values of the policy's query rows. hidden: [B, Ls, D]; attention, real: [B, Ls]."""
     if attention is None or real is None:

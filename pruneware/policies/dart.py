@@ -106,5 +106,6 @@ class DARTPolicy(AttentionPolicy):
                         inputs.hidden[b, members], inputs.attention[b, members], text_pivots, k, self.pivot_image
                     )
                     parts.append(members[picked])
-            out.append(torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long, device=norms.device))
+            empty = torch.zeros(0, dtype=torch.long, device=norms.device)
+            out.append(torch.cat(parts).sort().values if parts else empty)
         return out
