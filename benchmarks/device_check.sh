@@ -20,13 +20,17 @@ status() { echo "$1" | tee -a "$OUT/status.txt"; }
 status "python: $PY"
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gather.py tests/kernels/test_scores.py \
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gather.py tests/kernels/test_scores.py tests/kernels/test_divprune.py \
     >"$OUT/kernel_tests.txt" 2>&1
   rc=$?
   status "kernel tests rc=$rc (tail of $OUT/kernel_tests.txt: $(tail -n 1 "$OUT/kernel_tests.txt"))"
 else
   status "kernel tests not run: pytest is not installed"
 fi
+
+timeout 60 "$PY" benchmarks/divprune_select.py --groups 1 8 --dim 4096 --rounds 10 >"$OUT/divprune_select.txt" 2>&1
+rc=$?
+status "divprune selection rc=$rc ($(tail -n 1 "$OUT/divprune_select.txt"))"
 
 timeout 380 "$PY" benchmarks/gpu_suite.py --json "$OUT/gpu_suite.json" --max-seconds 290 >"$OUT/gpu_suite.txt" 2>&1
 rc=$?

@@ -207,6 +207,28 @@ register_preset(
         ),
     )
 )
+# PyramidDrop: the official code ranks after layers 8, 16, 24 of 32 with the attention layer K
+# computes on its unpruned input (stages before 8, 16, 24), keeping 1/2, 1/4, 1/8 of the image
+# tokens (`layer_list [8,16,24]`, `image_token_ratio_list [0.5,0.25,0.125]` in the eval
+# scripts), positions re-indexed.
+register_preset(
+    Preset(
+        "pdrop",
+        (
+            StageTemplate("pdrop", 8, 0.5, 1.0, "compact"),
+            StageTemplate("pdrop", 16, 0.25, 2.0, "compact"),
+            StageTemplate("pdrop", 24, 0.125, 3.0, "compact"),
+        ),
+        "PyramidDrop: last-instruction-token attention of layer K; stages before layers 8, 16, 24 of 32 "
+        "keeping 1/2, 1/4, 1/8.",
+    )
+)
+# DART: the official scripts prune before layer 2 of 32 (`--pruned_layer 2`) with
+# `--reduction_ratio 0.778`, keeping 22.2% of the image tokens; positions kept.
+register_preset(
+    Preset("dart", (StageTemplate("dart", 2, 0.222),),
+           "DART: key-norm pivots at layer K-1, keep the tokens least similar to them; before layer 2/32.")
+)
 # Information Horizon: DivPrune before the LLM, random before layer 20 of 32, positions
 # re-indexed; defaults are the paper's "64" counts on 576 tokens (96, 10).
 register_preset(

@@ -46,7 +46,7 @@ class RequestState:
         padding0: [B, L0] bool key padding at level 0.
         input_length: L, the language model's input length before a `pre` stage.
         last_position: [..., B] position of the last prefill token (after a `pre` stage).
-        captured: stage layer K -> [B, Ls] attention scores captured at layer K-1.
+        captured: stage layer K -> [B, Ls] attention scores captured at layer K-1 (or at K).
         decoding, past0, q_length: decode bookkeeping (level-0 cache length before the step,
             the step's new tokens).
         rewritten: a `pre` stage rewrote positions, so decode recomputes them.
@@ -67,6 +67,7 @@ class RequestState:
     input_length: int = 0
     last_position: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    preview: int | None = None  # the layer whose attention is being previewed (own-layer policies)
     decoding: bool = False
     past0: int = 0
     rewritten: bool = False

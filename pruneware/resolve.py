@@ -59,7 +59,7 @@ class PlanSource:
             policy = self.policy(plan, i)
             if stage.where == "pre" and not policy.pre_llm:
                 raise PlanError(
-                    f"stage {stage}: {stage.policy!r} needs attention rows from the layer before, "
+                    f"stage {stage}: {stage.policy!r} needs attention rows from inside the language model, "
                     "so it cannot run at 'pre'; give a layer K >= 1"
                 )
             if policy.merges and not self.adapter.supports_merging:
@@ -75,7 +75,7 @@ class PlanSource:
                 )
             if stage.where != "pre" and policy.vision:
                 raise PlanError(f"stage {stage}: {stage.policy!r} reads the vision tower and runs only at 'pre'")
-            if stage.where == 0 and policy.needs_attention:
+            if stage.where == 0 and policy.needs_attention and getattr(policy, "attention_layer", "") != "own":
                 raise PlanError(f"stage {stage}: {stage.policy!r} needs layer K-1's attention; use K >= 1")
 
     def sample_plans(self, n_visual: list[int]) -> list[Plan]:

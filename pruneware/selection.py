@@ -12,6 +12,7 @@ from pruneware.kernels.scores import attention_scores
 from pruneware.levels import Level
 from pruneware.plan import Stage
 from pruneware.policies import AttentionPolicy, MergeResult, Policy, StageInput
+from pruneware.policies.base import TextRows
 from pruneware.report import StageReport
 
 
@@ -27,7 +28,7 @@ class Selection:
 def run_stage(
     policy: Policy, stage: Stage, level: Level, hidden: torch.Tensor, n_visual: list[int], seed: int,
     grids: list[list[tuple[int, int]]], attention: torch.Tensor | None = None,
-    sample_stages: list[Stage] | None = None, vision: tuple | None = None,
+    sample_stages: list[Stage] | None = None, vision: tuple | None = None, real: torch.Tensor | None = None,
 ) -> Selection:
     """Apply `policy` to the visual slots of `level`.
 
@@ -36,6 +37,7 @@ def run_stage(
     sample_stages: per sample, the stage with that sample's own budget (default: `stage`);
     vision: (scores [B, Ls] or None, keys [B, Ls, d] or None, per-sample tower grids or None)
     for policies that read the vision tower.
+    real: [B, Ls] bool, slots holding a real token (needed by policies with `needs_text`).
     """
     visual = level.visual
     counts_now = visual.sum(dim=1)
@@ -53,6 +55,7 @@ def run_stage(
         seed=seed,
         layer=stage.layer,
         grids=grids,
+        text=text_rows(policy, level, hidden, attention, real) if getattr(policy, "needs_text", False) else None,
     )
     if vision is not None:
         scores, keys, inputs.vision_grids = vision
@@ -73,6 +76,18 @@ def run_stage(
     return Selection(keep, merged, report)
 
 
+def text_rows(
+    policy: AttentionPolicy, level: Level, hidden: torch.Tensor, attention: torch.Tensor | None,
+    real: torch.Tensor | None,
+) -> TextRows:
+    """The states and captured values of the policy's query rows. hidden: [B, Ls, D]; attention, real: [B, Ls]."""
+    if attention is None or real is None:
+        raise RuntimeError(f"{policy.name} needs its captured values and the real-token mask at its text rows")
+    rows, row_valid = query_rows(policy, level.visual, real)
+    text_hidden = gather_rows(rows, hidden)[0] * row_valid[..., None].to(hidden.dtype)
+    return TextRows(text_hidden, row_valid, attention.gather(1, rows))
+
+
 def query_rows(policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] slot indices of the policy's query rows (left-aligned) and their validity.
 
@@ -90,6 +105,8 @@ def attention_policy_scores(
 
     query: [B, H, Ls, d] post-RoPE; key: [B, Hkv, Ls, d] (not repeated for GQA).
     """
+    if policy.captures == "key-norm":
+        return key.float().abs().sum(dim=(1, 3))  # [B, Ls]: L1 norm over every key head
     rows, row_valid = query_rows(policy, visual, real)
     heads, dim = query.shape[1], query.shape[3]
     q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]

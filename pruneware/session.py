@@ -10,7 +10,8 @@ Hooks (all removed on exit, errors included):
     selects and slices the hidden states; at every layer of a pruned level it slices the
     cos/sin tables, position ids and mask rows/columns that the model loop passes full-size
     (once per level per forward, memoised), and at decode remaps the mask columns;
-  - while a stage needs attention rows, a registered attention function (see capture.py).
+  - while a stage needs attention rows, a registered attention function (see capture.py); a
+    stage ranked by its own layer's attention previews that layer first (see preview.py).
 The session holds no run-time state: each call's lives in a `RequestState` (see request.py).
 """
 
@@ -33,6 +34,7 @@ from pruneware.levels import Level, as_root, next_level, root_level
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import decode_inputs, prune_inputs
+from pruneware.preview import PreviewDone, run_preview
 from pruneware.report import Report, finish_report
 from pruneware.request import RequestState, RequestTracker
 from pruneware.resolve import PlanSource
@@ -241,6 +243,9 @@ class Session:
         stage = state.plan.stages[stage_index]
         hidden = args[0] if args else kwargs["hidden_states"]
         parent = state.levels[-1]
+        policy = self.source.policy(state.plan, stage_index)
+        if isinstance(policy, AttentionPolicy) and policy.attention_layer == "own":
+            self._preview_attention(state, layer, parent, hidden, kwargs)
         level = next_level(parent, self._run(state, stage_index, stage, parent, hidden).keep)
         level.stage = stage
         state.levels.append(level)
@@ -252,6 +257,16 @@ class Session:
             return (hidden, *args[1:])
         kwargs["hidden_states"] = hidden
         return args
+
+    def _preview_attention(self, state: RequestState, layer: int, parent: Level, hidden: torch.Tensor, kwargs) -> None:
+        """Score layer `layer`'s own attention rows on its unpruned input (see preview.py)."""
+        if not parent.identity:
+            kwargs = {**kwargs, **self._sliced_kwargs(state, parent, layer, kwargs)}
+        state.preview = layer
+        try:
+            run_preview(self.adapter.layers[layer], hidden, kwargs)
+        finally:
+            state.preview = None
 
     def _sliced_kwargs(self, state: RequestState, level: Level, layer: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         key = ("kwargs", self.adapter.layer_group(layer))  # layers of a group share mask and RoPE
@@ -279,23 +294,30 @@ class Session:
         return hook
 
     def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any) -> None:
-        """Score visual tokens for the stage at layer_idx + 1. query: [B, H, Ls, d]; key: [B, Hkv, Ls, d]."""
+        """Score visual tokens for the stage at layer_idx + 1 (or at layer_idx, in a preview).
+
+        query: [B, H, Ls, d]; key: [B, Hkv, Ls, d].
+        """
         state = self._requests.current
         if state is None or state.decoding:
             return
-        stage_index = self.source.stage_index_at(state.plan, module.layer_idx + 1)
+        preview = state.preview == module.layer_idx
+        target = module.layer_idx if preview else module.layer_idx + 1
+        stage_index = self.source.stage_index_at(state.plan, target)
         if stage_index is None:
             return
         policy = self.source.policy(state.plan, stage_index)
-        if not isinstance(policy, AttentionPolicy):
+        if not isinstance(policy, AttentionPolicy) or (policy.attention_layer == "own") != preview:
             return
         _, level = state.level_for(module.layer_idx)
         real = state.real_tokens(level)
         if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
             key = key[:, :, : level.length]
-        state.captured[module.layer_idx + 1] = attention_policy_scores(
+        state.captured[target] = attention_policy_scores(
             policy, level.visual, real, query, key, getattr(module, "scaling", None)
         )
+        if preview:
+            raise PreviewDone
 
     # selection ---------------------------------------------------------------------------
     def _run(self, state: RequestState, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
@@ -303,7 +325,8 @@ class Session:
         attention = None
         if isinstance(policy, AttentionPolicy):
             if stage.layer not in state.captured:
-                raise PlanError(f"stage {stage}: no attention rows were captured at layer {stage.layer - 1}; "
+                source = stage.layer if policy.attention_layer == "own" else stage.layer - 1
+                raise PlanError(f"stage {stage}: no attention rows were captured at layer {source}; "
                                 "its attention did not run through the pruneware capture")
             attention = state.captured.pop(stage.layer)
         vision = None
@@ -312,9 +335,15 @@ class Session:
                 self._requests.take_vision_reads(), state.layout.image_ids.to(hidden.device), state.layout.grids,
                 "keys" in policy.vision,
             )
+        real = None
+        if isinstance(policy, AttentionPolicy):
+            real = state.real_tokens(level)
+            if policy.final_norm:
+                with torch.no_grad():
+                    hidden = self.adapter.language_model.norm(hidden)
         selection = run_stage(
             policy, stage, level, hidden, state.n_visual, self.seed * 1_000_003 + stage_index,
-            state.layout.grids, attention, sample_stages=state.sample_stages(stage_index), vision=vision,
+            state.layout.grids, attention, sample_stages=state.sample_stages(stage_index), vision=vision, real=real,
         )
         state.report.stages.append(selection.report)
         return selection

@@ -107,3 +107,100 @@ def official_divprune(visual_feature_vectors: torch.Tensor, threshold_ratio: flo
             scores = torch.min(torch.index_select(cosine_matrix, 0, s[:i]), dim=0).values
         s[i] = torch.argmax(scores)
     return s
+
+
+@torch.no_grad()
+def official_pdrop_kept(model, inputs: dict, layer_list: list[int], ratios: list[float]) -> list[torch.Tensor]:
+    """Cooperx521/PyramidDrop `modeling_llama_pdrop.py` (`pdrop_forward`, `pdrop_rank_drop`), at
+    inference, for one unpadded sample with one image: original positions of the image tokens
+    kept at each rank layer.
+
+    After layer `rank_layer - 1`, layer `rank_layer`'s input_layernorm, q/k projections and RoPE
+    run on the unpruned hidden states; the last prompt token's softmax row, averaged over heads,
+    ranks the image tokens; the top `int(n_image * ratio)` stay, and positions are re-numbered
+    0..n-1 (`position_ids[i, :cur_len] = arange(cur_len)`). Here the row is read from
+    transformers' eager attention weights of that layer, run on the same input.
+    """
+    assert inputs["input_ids"].shape[0] == 1
+    seen = record_lm_inputs(model, inputs)
+    lm = model.model.language_model
+    hidden = seen["embeds"]
+    positions = torch.arange(hidden.shape[1])[None]
+    ids = inputs["input_ids"][0]
+    image0 = ids == IMAGE_TOKEN
+    n_image = int(image0.sum())
+    ratio_list = [1.0, *ratios]  # model_vqa_loader.py: image_token_ratio_list.insert(0, 1.0)
+    origin = torch.arange(hidden.shape[1])
+    kept = []
+
+    def layer_inputs(hidden, positions):
+        cos_sin = lm.rotary_emb(hidden, positions)
+        mask = create_causal_mask(
+            config=lm.config, inputs_embeds=hidden, attention_mask=torch.ones(1, hidden.shape[1], dtype=torch.long),
+            cache=None,
+        )
+        return cos_sin, mask
+
+    for i, layer in enumerate(lm.layers):
+        if i in layer_list:
+            stage = layer_list.index(i)
+            image_tokens = int(n_image * ratio_list[stage])
+            keep_length = int(n_image * ratio_list[stage + 1])
+            cos_sin, mask = layer_inputs(hidden, positions)
+            _, attn = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=cos_sin, attention_mask=mask)
+            image = image0[origin]
+            image_index = int(image.nonzero()[0])
+            row = attn[0, :, -1, :].float().mean(dim=0)  # the last prompt token, averaged over heads
+            top = row[image_index:image_index + image_tokens].topk(keep_length).indices + image_index
+            keep = ~image
+            keep[top] = True
+            hidden, origin = hidden[:, keep], origin[keep]
+            positions = torch.arange(hidden.shape[1])[None]
+            kept.append(origin[image0[origin]])
+        cos_sin, mask = layer_inputs(hidden, positions)
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None)
+    return kept
+
+
+def official_dart_core(
+    last_layer_state: torch.Tensor, k_states: torch.Tensor, image: list[int], query: list[int],
+    pivot_image_token: int, pivot_text_token: int, token_topk: int,
+) -> list[int]:
+    """ZichenWen1/DART `get_retained_image_token` (LLaVA), line by line, for one sample:
+    last_layer_state [L, D] normed states entering layer K; k_states [L, Hkv*d] layer K-1's keys
+    (post-RoPE, heads flattened); image, query: absolute positions of the image block and of the
+    text after it. Returns the kept image positions.
+
+    One line differs: the official `for item in list(tmp_set)` walks a Python set in hash-table
+    order; this walks it in position order, as pruneware does (see pruneware/policies/dart.py).
+    """
+    image_t, query_t = torch.tensor(image), torch.tensor(query)
+    k_states_image_token_L1_norm = torch.norm(k_states[image_t], p=1, dim=-1)
+    k_states_query_token_L1_norm = torch.norm(k_states[query_t], p=1, dim=-1)
+    image_indices = image_t[k_states_image_token_L1_norm.topk(pivot_image_token).indices].tolist()
+    query_indices = query_t[k_states_query_token_L1_norm.topk(pivot_text_token).indices].tolist()
+    indices_set = set(image_indices + query_indices)
+    tmp_set = indices_set.copy()
+    valid_indices = set(image)
+    valid_indices.difference_update(image_indices)
+    for item in sorted(tmp_set):
+        valid_indices_list = sorted(valid_indices)
+        valid_vectors = last_layer_state[valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(token_topk).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices.tolist()]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+    indices_set.difference_update(query_indices)
+    return sorted(indices_set)
+
+
+@torch.no_grad()
+def dart_inputs(model, inputs: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From an unpruned forward of one sample: the states entering `layer` through the final norm
+    [L, D], and layer `layer - 1`'s cached keys with heads flattened [L, Hkv*d]."""
+    out = model(**inputs, output_hidden_states=True, use_cache=True)
+    lm = model.model.language_model
+    states = lm.norm(out.hidden_states[layer][0])
+    keys = out.past_key_values.layers[layer - 1].keys[0]  # [Hkv, L, d], post-RoPE
+    return states, keys.permute(1, 0, 2).reshape(keys.shape[1], -1)

@@ -1,7 +1,8 @@
 """Pruning policies. A new policy is one file here with a `@register_policy` dataclass."""
 
 from pruneware.policies import (  # noqa: F401  (registration)
-    adaptinfer, crosslmm, divprune, fastervlm, fastv, random, resize, vision_score, visionzip,
+    adaptinfer, crosslmm, dart, divprune, fastervlm, fastv, pdrop, random, resize, vision_score,
+    visionzip,
 )
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import (

@@ -21,7 +21,7 @@ from pruneware.policies.base import Policy, StageInput
 
 @dataclass(frozen=True)
 class AttentionPolicy(Policy):
-    """Base for policies scored by attention rows captured at layer K-1."""
+    """Base for policies scored by attention rows captured at layer K-1 (or at K, see `attention_layer`)."""
 
     needs_attention: ClassVar[bool] = True
     pre_llm: ClassVar[bool] = False
@@ -30,6 +30,14 @@ class AttentionPolicy(Policy):
     query: ClassVar[Literal["last", "text", "post-image"]] = "last"
     needs_query_block: ClassVar[bool] = False
     per_head: ClassVar[bool] = False  # the query block comes per head, [B, H, T, T]
+    # "previous": the attention layer K-1 ran (FastV, AdaptInfer); "own": layer K's attention
+    # on its own, unpruned input, previewed before the stage prunes it (PyramidDrop).
+    attention_layer: ClassVar[Literal["previous", "own"]] = "previous"
+    # What is captured per slot: the weighted attention rows, or the L1 norm of each slot's
+    # key over all key heads (DART's pivots), with no softmax at all.
+    captures: ClassVar[Literal["attention", "key-norm"]] = "attention"
+    needs_text: ClassVar[bool] = False  # StageInput.text: the query rows' states and captured values
+    final_norm: ClassVar[bool] = False  # states pass through the language model's final norm first
 
     def query_rows(self, visual: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] slot indices of the query rows this policy reads (left-aligned) and their validity.

@@ -17,6 +17,22 @@ from pruneware.errors import PlanError
 
 
 @dataclass
+class TextRows:
+    """Text tokens a policy reads beside the visual ones (attention policies with `needs_text`):
+    the policy's query rows, e.g. the text after the last visual token.
+
+    Attributes:
+        hidden: [B, T, D] their states (the same transform as `StageInput.hidden`).
+        valid: [B, T] bool, True for real rows (rows are left-aligned per sample).
+        score: [B, T] float32: the captured per-slot value at these rows (see `StageInput.attention`).
+    """
+
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    score: torch.Tensor
+
+
+@dataclass
 class StageInput:
     """What a stage sees, for a batch of B samples with up to N visual tokens each.
 
@@ -44,6 +60,7 @@ class StageInput:
     vision_scores: torch.Tensor | None = None  # [B, N] the vision tower's score per token (policies with `vision`)
     vision_keys: torch.Tensor | None = None  # [B, N, d] its keys at that layer, averaged over heads
     vision_grids: list[list[tuple[int, int]]] | None = None  # per sample, the grid the tower produced per image
+    text: TextRows | None = None  # only for policies with `needs_text`
 
     def image_sizes(self) -> list[list[int]]:
         """Tokens per image, per sample."""

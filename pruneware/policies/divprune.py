@@ -3,6 +3,15 @@
 Greedy farthest-point selection by cosine distance: the first token is the one farthest from
 its nearest neighbour, and each next token maximises its distance to the nearest token
 already chosen. Runs per image under the split budget, batched over images of equal size.
+The selection itself is `pruneware.kernels.divprune.max_min_diverse`: one Triton launch on
+CUDA, a numpy loop on CPU, a plain-torch reference beside them.
+
+Deliberate differences from the official code (vbdi/divprune, `DivPrune` in `llava_arch.py`),
+which select the same tokens whenever no two distances tie exactly:
+  - distances are computed in float32 whatever the model's dtype (official: the features' dtype);
+  - a chosen token is never chosen again. Official scores chosen tokens by their own distance,
+    about 0, so exact duplicates (distance 0 everywhere) can make it re-pick one and keep fewer
+    than k distinct tokens.
 """
 
 from __future__ import annotations
@@ -11,28 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pruneware.kernels.divprune import max_min_diverse
 from pruneware.policies.base import Policy, StageInput, register_policy, split_budget
 
-
-def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min diverse subset. x: [G, N, D]; returns sorted indices [G, k]."""
-    g, n, _ = x.shape
-    unit = torch.nn.functional.normalize(x.float(), dim=-1)
-    dist = 1.0 - unit @ unit.transpose(1, 2)  # [G, N, N]
-    eye = torch.eye(n, dtype=torch.bool, device=x.device)
-    first = dist.masked_fill(eye, float("inf")).min(dim=2).values.argmax(dim=1)  # [G]
-    chosen = torch.empty(g, k, dtype=torch.long, device=x.device)
-    chosen[:, 0] = first
-    rows = torch.arange(g, device=x.device)
-    nearest = dist[rows, first]  # [G, N] distance to the chosen set
-    taken = torch.zeros(g, n, dtype=torch.bool, device=x.device)
-    taken[rows, first] = True
-    for i in range(1, k):
-        pick = nearest.masked_fill(taken, float("-inf")).argmax(dim=1)
-        chosen[:, i] = pick
-        taken[rows, pick] = True
-        nearest = torch.minimum(nearest, dist[rows, pick])
-    return chosen.sort(dim=1).values
+__all__ = ["DivPrunePolicy", "max_min_diverse"]
 
 
 @register_policy
@@ -44,6 +35,10 @@ class DivPrunePolicy(Policy):
     def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
         sizes = inputs.image_sizes()
         device = inputs.hidden.device
+        n = inputs.hidden.shape[1]
+        if n and all(s == [n] for s in sizes) and len(set(counts)) == 1:
+            # One full-width image per sample and one budget: the rows are the images, in order.
+            return list(max_min_diverse(inputs.hidden, split_budget([n], counts[0])[0]))
         out: list[list[torch.Tensor]] = [[] for _ in sizes]
         # Group (sample, image) pairs by (image size, budget) so each group is one batched run.
         groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
