@@ -54,7 +54,7 @@ def validate_inputs(
             raise ValueError(f"{_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != index.device:
             raise ValueError(f"{_NAME}: {name} is on {t.device} but index is on {index.device}")
-        if t.is_complex():
+        if t.dtype.is_complex:  # a dtype attribute: no torch call on the hot path
             raise ValueError(f"{_NAME}: {name} has complex dtype {t.dtype}; real, integer or bool only")
         if name == "positions":
             ok = t.dim() == 2 or (t.dim() == 3 and t.shape[0] in (3, 4))
@@ -82,18 +82,27 @@ def validate_inputs(
     return length
 
 
-def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """x [..., Bx, L, *W] with Bx in {1, B} at dim-1; index [B, k] -> [..., B, k, *W]."""
+def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, views: dict) -> torch.Tensor:
+    """x [..., Bx, L, *W] with Bx in {1, B} at dim-1; index [B, k] int64 -> [..., B, k, *W].
+
+    views: the expanded index of each output shape, shared by the tensors of that shape
+    (cos and sin), so the index is viewed once per shape, not once per tensor.
+    """
     B, k = index.shape
     target = list(x.shape)
     target[dim - 1] = B
     if x.shape[dim - 1] != B:  # a batch-1 table, broadcast
         x = x.expand(target)
-    shape = [1] * x.dim()
-    shape[dim - 1], shape[dim] = B, k
     target[dim] = k
-    index = index if index.dtype == torch.int64 else index.long()
-    return torch.gather(x, dim, index.view(shape).expand(target))  # a new contiguous tensor
+    key = (dim, *target)
+    if key not in views:
+        if x.dim() == 2:  # [B, L]: the index itself
+            views[key] = index
+        else:
+            shape = [1] * x.dim()
+            shape[dim - 1], shape[dim] = B, k
+            views[key] = index.view(shape).expand(target)
+    return torch.gather(x, dim, views[key])  # a new contiguous tensor; checks index values
 
 
 def gather_rows(
@@ -111,7 +120,9 @@ def gather_rows(
         ``[G, B, k]``, same dtype and device, contiguous.
     """
     validate_inputs(index, tensors, positions)
-    out = [_gather_seq(t, index, 1) for t in tensors]
+    index = index if index.dtype == torch.int64 else index.long()
+    views: dict = {}
+    out = [_gather_seq(t, index, 1, views) for t in tensors]
     if positions is not None:
-        out.append(_gather_seq(positions, index, positions.dim() - 1))
+        out.append(_gather_seq(positions, index, positions.dim() - 1, views))
     return tuple(out)
