@@ -42,7 +42,7 @@ def mrope_section(head_dim: int) -> list[int]:
     """(temporal, height, width) rotary pairs of a head, in the Qwen2-VL proportions 2:3:3
     (e.g. [16, 24, 24] at head_dim 128); they sum to head_dim / 2."""
     if head_dim % 16:
-        raise ValueError(f"head_dim {head_dim} does not split 2:3:3 into M-RoPE sections; pass mrope_section")
+        raise ValueError(f"head_dim {head_dim} does not split 2:3:3 into M-RoPE sections; pass mrope=[t, h, w]")
     return [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
 
 
