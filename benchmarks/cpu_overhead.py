@@ -27,20 +27,18 @@ import time
 
 import torch
 import transformers
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 import pruneware
+from pruneware.models.tiny_configs import tiny_config
 
 IMAGE_TOKEN = 250
 
 
 def build_model(layers: int = 8) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=336, patch_size=14)
-    text = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
-                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    config = tiny_config("llava", layers=layers, hidden=256, heads=8, kv_heads=8, mlp=688, vocab=256, max_positions=2048,
+                         vision=dict(hidden_size=64, intermediate_size=128, image_size=336), ids={"image": IMAGE_TOKEN})
     config._attn_implementation = "sdpa"
     return LlavaForConditionalGeneration(config).eval()
 

@@ -53,12 +53,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pruneware  # noqa: E402
+from pruneware.models.tiny_configs import tiny_config  # noqa: E402
 from pruneware.plan import PlanError  # noqa: E402
 
 PRESETS = ("fastv", "adaptinfer", "info-horizon", "crosslmm", "random", "divprune")
@@ -72,29 +72,24 @@ QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, nu
 TINY_LM = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                bos_token_id=None, eos_token_id=None)
-QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                vision_end_token_id=151653)
-TINY_QWEN_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
+QWEN_IDS = dict(image=151655, video=151656, vision_start=151652, vision_end=151653)
+TINY_QWEN_IDS = dict(image=250, video=251, vision_start=252, vision_end=253)
 
 
 # models and inputs ----------------------------------------------------------------------------
 def build_llava(cpu: bool, device: str) -> LlavaForConditionalGeneration:
     size = 112 if cpu else 336  # 64 or 576 tokens per image
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=size, patch_size=14)
-    text = LlamaConfig(**(TINY_LM if cpu else LLAMA2_7B))
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=text.vocab_size - 6)
+    text = TINY_LM if cpu else LLAMA2_7B
+    config = tiny_config("llava", text=text, vision=dict(hidden_size=64, intermediate_size=128, image_size=size),
+                         ids={"image": text["vocab_size"] - 6})
     return _instantiate(LlavaForConditionalGeneration, config, device)
 
 
 def build_qwen(cpu: bool, device: str) -> Qwen2_5_VLForConditionalGeneration:
-    text = dict(TINY_LM, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}) \
-        if cpu else QWEN2_7B
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=text["hidden_size"],
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[1])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=None, eos_token_id=None,
-                              **(TINY_QWEN_IDS if cpu else QWEN_IDS))
+    text = TINY_LM if cpu else QWEN2_7B  # the tiny one takes the default M-RoPE: theta 1e4, sections [2, 3, 3]
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, window_size=112, fullatt_block_indexes=[1])
+    config = tiny_config("qwen2.5-vl", text=text, vision=vision, ids=TINY_QWEN_IDS if cpu else QWEN_IDS,
+                         bos_token_id=None, eos_token_id=None)
     return _instantiate(Qwen2_5_VLForConditionalGeneration, config, device)
 
 

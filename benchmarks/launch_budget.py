@@ -7,10 +7,12 @@ random-weight LLaVA (576 image tokens, the model of cpu_overhead.py), on the CPU
   - syncs: calls that bring a tensor's value to the host: `.item()`, `.tolist()`, `.cpu()`,
     `int()`, `float()` and `bool()` of a tensor (each is a device sync on a GPU).
 It reports each plan's extra ops and syncs over the unpruned forward, in total and per stage,
-and splits the ops by who makes them (counted as torch calls from Python, attributed to the
-innermost pruneware frame): the policy's own scoring (`pruneware/policies/`, the score kernel
-and `attention_policy_scores`, which feeds it the captured rows) or the engine (everything else). The engine's cost per stage is the slope over plans of 1 and 3 stages of one
-kind, so the fixed per-forward work (layout, report) is not charged to the stages. The counts
+and splits the work by who makes it (torch calls from Python and host syncs, attributed to the
+innermost frame outside torch by `pruneware._profiling`): the policy's own scoring
+(`pruneware/policies/`, the score kernel and `attention_policy_scores`, which feeds it the
+captured rows) or the engine (the rest of pruneware). The engine's cost per stage is the slope
+over plans of 1 and 3 stages of one kind, so the fixed per-forward work (layout, report) is not
+charged to the stages; the budget is <= 40 torch calls and <= 2 host syncs per stage. The counts
 are deterministic (they do not depend on timing), so they hold on any machine.
 
     python benchmarks/launch_budget.py [--layers 8] [--batch 1] [--json out.json]
@@ -19,29 +21,21 @@ are deterministic (they do not depend on timing), so they hold on any machine.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import time
-import traceback
-from contextlib import contextmanager
 
 import torch
 import transformers
 from cpu_overhead import build_model, make_inputs
-from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 import pruneware
+from pruneware._profiling import TorchCallCounter, count_host_syncs
 
 PLANS = [
     "random@pre:0.25", "random@3:0.25", "fastv@3:0.25", "adaptinfer@1:0.5,adaptinfer@3:0.25,adaptinfer@6:0.1",
     "divprune@pre:0.25",
 ]
-_SYNC_METHODS = ("item", "tolist", "cpu", "__int__", "__float__", "__bool__", "__index__")
-_METADATA = ("__get__", "shape", "dtype", "device", "is_cuda", "numel", "dim", "size", "__len__", "ndim",
-             "is_floating_point")
-_POLICY = ("pruneware/policies/", "pruneware/kernels/scores/")
-_SCORING = ("attention_policy_scores",)  # selection.py: a policy's attention scores from the captured q, k
 SLOPES = {  # a kind of stage: plans of 1 and 3 such stages (each stage drops tokens: budgets are of the original)
     "random, in-LLM": ("random@2:0.5", "random@2:0.5,random@4:0.25,random@6:0.125"),
     "fastv, in-LLM": ("fastv@2:0.5", "fastv@2:0.5,fastv@4:0.25,fastv@6:0.125"),
@@ -49,67 +43,26 @@ SLOPES = {  # a kind of stage: plans of 1 and 3 such stages (each stage drops to
 }
 
 
-class _Attribute(TorchFunctionMode):
-    """Torch calls from Python, by the innermost pruneware frame: engine or policy."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") not in _METADATA:
-            for frame in reversed(traceback.extract_stack(limit=16)[:-1]):
-                if "/torch/" in frame.filename:
-                    continue
-                if "/pruneware/" in frame.filename:  # the innermost caller outside torch
-                    scoring = any(p in frame.filename for p in _POLICY) or frame.name in _SCORING
-                    self.counts["policy" if scoring else "engine"] += 1
-                break  # else the model's own code (e.g. the attention backend the capture wraps)
-        return func(*args, **(kwargs or {}))
-
-
 def attribute(model, inputs: dict, plan: str) -> dict:
-    """{"engine": n, "policy": n} torch calls of one pruned forward."""
+    """Torch calls and host syncs of one pruned forward, by owner (see pruneware._profiling)."""
     with pruneware.prune(model, plan, seed=0), torch.no_grad():
         model(**inputs)
-        mode = _Attribute()
-        with mode:
+        calls = TorchCallCounter()
+        with calls, count_host_syncs() as syncs:
             model(**inputs)
-    return {"engine": mode.counts["engine"], "policy": mode.counts["policy"]}
-
-
-@contextmanager
-def count_syncs():
-    """Count calls of the tensor methods that bring a value to the host, while inside."""
-    counter = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
-
-    def wrap(fn):
-        def counted(self, *args, **kwargs):
-            counter["n"] += 1
-            return fn(self, *args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(fn))
-    try:
-        yield counter
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
+    return {"engine": calls.counts["engine"], "policy": calls.counts["policy"], "engine_syncs": syncs["engine"]}
 
 
 def count_forward(model, inputs: dict) -> dict:
     """Top-level aten ops and host syncs of one `model(**inputs)`."""
-    with torch.no_grad(), count_syncs() as syncs, profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch.no_grad(), count_host_syncs() as syncs, profile(activities=[ProfilerActivity.CPU]) as prof:
         model(**inputs)
     ops = 0
     for event in prof.events():
         parent = event.cpu_parent
         if event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
             ops += 1
-    return {"ops": ops, "syncs": syncs["n"]}
+    return {"ops": ops, "syncs": syncs["total"]}
 
 
 def measure(model, inputs: dict, plan: str | None) -> dict:
@@ -147,17 +100,17 @@ def main() -> None:
     for kind, (one, more) in SLOPES.items():
         a, b = attribute(model, inputs, one), attribute(model, inputs, more)
         added = len(pruneware.Plan.parse(more).stages) - len(pruneware.Plan.parse(one).stages)
-        slopes[kind] = {k: round((b[k] - a[k]) / added, 1) for k in ("engine", "policy")}
+        slopes[kind] = {k: round((b[k] - a[k]) / added, 1) for k in ("engine", "policy", "engine_syncs")}
     meta = {"date": time.strftime("%Y-%m-%d"), "layers": args.layers, "batch": args.batch, "torch": torch.__version__,
             "transformers": transformers.__version__, "unpruned": base, "per_stage": slopes}
     print(f"unpruned ({args.layers} layers, batch {args.batch}): {base['ops']} ops, {base['syncs']} syncs")
     print(f"{'plan':56} {'+ops':>6} {'+syncs':>6} {'ops/stage':>9} {'syncs/stage':>11}")
     for r in rows:
         print(f"{r['plan']:56} {r['extra_ops']:>6} {r['extra_syncs']:>6} {r['ops_per_stage']:>9} {r['syncs_per_stage']:>11}"
-              f"   engine {r['engine']}, policy {r['policy']} torch calls")
-    print("per added stage (slope over 1 and 3 stages), torch calls:")
+              f"   engine {r['engine']}, policy {r['policy']} torch calls; engine {r['engine_syncs']} syncs")
+    print("per added stage (slope over 1 and 3 stages): torch calls, and the engine's host syncs:")
     for kind, cost in slopes.items():
-        print(f"  {kind:16} engine {cost['engine']:>6}  policy {cost['policy']:>6}")
+        print(f"  {kind:16} engine {cost['engine']:>6}  policy {cost['policy']:>6}  engine syncs {cost['engine_syncs']:>4}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)

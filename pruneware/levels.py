@@ -102,12 +102,17 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
             parent.index0, parent.orig, parent.valid, parent.image_ids,
             identity=parent.identity, same_as_prev=True, n_slots=n_slots, n_visual=kept,
         )
+    chosen = None
+    if max(kept, default=0) and min(kept) == max(kept):  # as many per sample (batch 1): no padding
+        chosen = keep_visual[0][None] if batch == 1 else torch.stack(list(keep_visual))
+        chosen = chosen if chosen.device == device else chosen.to(device)
+        if parent.all_valid and min(parent.n_visual) == max(parent.n_visual):
+            return _uniform_level(parent, chosen, n_slots)
     # Visual slots of each row, in slot order, first: order[b, j] is the j-th visual slot.
     order = parent.visual_first
     keep = parent.valid & ~parent.visual
-    if max(kept, default=0) and min(kept) == max(kept):  # as many per sample (batch 1): no padding
-        chosen = keep_visual[0][None] if batch == 1 else torch.stack(list(keep_visual))
-        keep = keep.scatter(1, order.gather(1, chosen.to(device)), True)
+    if chosen is not None:
+        keep = keep.scatter(1, order.gather(1, chosen), True)
     elif max(kept, default=0):
         chosen = torch.nn.utils.rnn.pad_sequence(
             [k if k.device == device else k.to(device) for k in keep_visual], batch_first=True, padding_value=-1
@@ -125,6 +130,29 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
         index, parent.index0.gather(1, index), parent.orig.gather(1, index), valid, image_ids,
         n_slots=n_slots, n_visual=kept,
     )
+
+
+def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> Level:
+    """`next_level` when no row is padded before or after: every sample has the parent's length,
+    the same visual count, and keeps as many (chosen: [B, k] into the visual slots).
+
+    Then the new index is the sorted union of the parent's non-visual slots and the chosen
+    visual ones: one small sort instead of a mask, a scatter and a full-length sort, and the
+    sort's permutation gives the new level's visual-first order for free.
+    """
+    batch, k = chosen.shape
+    order = parent.visual_first  # [B, L]: the n visual slots, then the text slots
+    slots = order.gather(1, chosen)  # [B, k] ascending, since `chosen` is
+    index, perm = torch.cat([slots, order[:, parent.n_visual[0]:]], dim=1).sort(dim=1)  # distinct: no ties
+    child = Level(
+        index, parent.index0.gather(1, index), parent.orig.gather(1, index),
+        torch.ones(index.shape, dtype=torch.bool, device=index.device), parent.image_ids.gather(1, index),
+        n_slots=n_slots, n_visual=[k] * batch,
+    )
+    # perm[b, j] is the concatenation entry that new slot j holds; its inverse lists the new
+    # slots of the kept visual entries (ascending), then of the text entries (ascending).
+    child.visual_first = perm.argsort(dim=1)
+    return child
 
 
 def as_root(level: Level) -> Level:

@@ -45,12 +45,18 @@ def prune_inputs(
     index = level.index_prev
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
-    if positions is None:
-        shape = (3, batch, length) if adapter.rope == "mrope" else (batch, length)
-        positions = torch.arange(length, device=device).expand(shape)
-    # One fused launch (on CUDA) for every row tensor that shares the keep index.
-    new_embeds, new_mask, kept_positions = gather_rows(index, embeds, mask, positions=positions)
-    new_mask = new_mask * level.valid.to(new_mask.dtype)
+    if positions is None and adapter.rope != "mrope":
+        # The model's default positions are 0..L-1, so the kept ones are the keep index itself.
+        new_embeds, new_mask = gather_rows(index, embeds, mask)
+        kept_positions = index
+        positions = index  # only its shape is read below
+    else:
+        if positions is None:
+            positions = torch.arange(length, device=device).expand(3, batch, length)
+        # One fused launch (on CUDA) for every row tensor that shares the keep index.
+        new_embeds, new_mask, kept_positions = gather_rows(index, embeds, mask, positions=positions)
+    if not level.all_valid:
+        new_mask = new_mask * level.valid.to(new_mask.dtype)
     if selection.merged is not None:
         for b, merged in enumerate(selection.merged.embeds):
             slots = level.visual[b].nonzero().squeeze(1)

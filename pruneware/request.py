@@ -85,7 +85,8 @@ class RequestState:
             return level.valid
         if level.identity:  # level 0: its slots are padding0's, whose padding covers the invalid ones
             return self.padding0
-        return level.valid & self.padding0.gather(1, level.index0)
+        real = self.padding0.gather(1, level.index0)
+        return real if level.all_valid else level.valid & real
 
     def sample_stages(self, index: int) -> list[Stage]:
         """Stage `index` as each sample runs it (its own budget)."""

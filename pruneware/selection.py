@@ -3,6 +3,7 @@ gather the visual slots, call the policy, report."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,11 @@ from pruneware.plan import Stage
 from pruneware.policies import AttentionPolicy, MergeResult, Policy, StageInput
 from pruneware.policies.base import TextRows
 from pruneware.report import StageReport
+
+
+def _no_grad() -> contextlib.AbstractContextManager:
+    """`torch.no_grad()`, or nothing when gradients are already off (generate, inference)."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
 @dataclass
@@ -39,18 +45,23 @@ def run_stage(
     for policies that read the vision tower.
     real: [B, Ls] bool, slots holding a real token (needed by policies with `needs_text`).
     """
-    visual = level.visual
-    counts_now = visual.sum(dim=1)
-    host_counts = level.n_visual or counts_now.tolist()  # host-side when the level knows them (no sync)
+    host_counts = level.n_visual  # host-side: no sync
     n = max(host_counts, default=0)
     order = level.visual_first[:, :n]  # visual slots first
-    token_valid = torch.arange(n, device=visual.device)[None] < counts_now[:, None]
     per_sample = sample_stages or [stage] * len(n_visual)
     budgets = [min(s.keep_count(nv, now), now) for s, nv, now in zip(per_sample, n_visual, host_counts, strict=True)]
+    states = gather_rows(order, hidden)[0]
+    image_ids = level.image_ids.gather(1, order)
+    if min(host_counts, default=n) == n:  # every sample has n visual tokens: nothing to mask
+        token_valid = torch.ones(order.shape, dtype=torch.bool, device=order.device)
+    else:
+        token_valid = torch.arange(n, device=order.device)[None] < level.visual.sum(dim=1)[:, None]
+        states = states * token_valid[..., None].to(hidden.dtype)
+        image_ids = image_ids.masked_fill(~token_valid, -1)
     inputs = StageInput(
-        hidden=gather_rows(order, hidden)[0] * token_valid[..., None].to(hidden.dtype),
+        hidden=states,
         valid=token_valid,
-        image_ids=level.image_ids.gather(1, order).masked_fill(~token_valid, -1),
+        image_ids=image_ids,
         attention=None if attention is None else attention.gather(1, order),
         seed=seed,
         layer=stage.layer,
@@ -68,10 +79,10 @@ def run_stage(
         merged = policy.merge(inputs, budgets)
         keep = merged.keep
     else:
-        with torch.no_grad():
+        with _no_grad():
             keep = policy.select(inputs, budgets)
     originals = level.orig.gather(1, order)
-    kept = [originals[b, k.to(originals.device)] for b, k in enumerate(keep)]
+    kept = [originals[b, k if k.device == originals.device else k.to(originals.device)] for b, k in enumerate(keep)]
     report = StageReport(stage.where, stage.policy, kept, list(host_counts), [k.numel() for k in keep])
     return Selection(keep, merged, report)
 
@@ -96,7 +107,6 @@ def query_rows(policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor
     return policy.query_rows(visual, real)  # the contract lives on the policy
 
 
-@torch.no_grad()
 def attention_policy_scores(
     policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
     scale: float | None,
@@ -105,17 +115,18 @@ def attention_policy_scores(
 
     query: [B, H, Ls, d] post-RoPE; key: [B, Hkv, Ls, d] (not repeated for GQA).
     """
-    if policy.captures == "key-norm":
-        return key.float().abs().sum(dim=(1, 3))  # [B, Ls]: L1 norm over every key head
-    rows, row_valid = query_rows(policy, visual, real)
-    heads, dim = query.shape[1], query.shape[3]
-    q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]
-    block = None
-    if policy.needs_query_block:
-        _, block = attention_scores(
-            q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True,
-            per_head_block=policy.per_head,
-        )
-    weights = policy.row_weights(block, row_valid)
-    scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)
-    return scores
+    with _no_grad():  # scores only: never part of a graph
+        if policy.captures == "key-norm":
+            return key.float().abs().sum(dim=(1, 3))  # [B, Ls]: L1 norm over every key head
+        rows, row_valid = query_rows(policy, visual, real)
+        heads, dim = query.shape[1], query.shape[3]
+        q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]
+        block = None
+        if policy.needs_query_block:
+            _, block = attention_scores(
+                q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True,
+                per_head_block=policy.per_head,
+            )
+        weights = policy.row_weights(block, row_valid)
+        scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)
+        return scores

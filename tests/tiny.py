@@ -7,19 +7,15 @@ assembled token by token, so the tests control exactly where visual tokens sit.
 from __future__ import annotations
 
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-)
+from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+from pruneware.models.tiny_configs import tiny_config
 
 VOCAB = 96
 IMAGE_TOKEN = 90
 VIDEO_TOKEN = 91
 PAD = 0
+_QWEN_IDS = dict(ids={"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}, bos_token_id=None, eos_token_id=None)
 
 
 def left_pad(rows: list[list[int]]) -> dict:
@@ -36,17 +32,9 @@ def left_pad(rows: list[list[int]]) -> dict:
 def tiny_llava(attn: str = "sdpa", layers: int = 6, image_size: int = 56, seed: int = 0):
     """A LLaVA with a CLIP tower of `(image_size/14)**2` patches and a Llama LM."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=14, projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=PAD,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    config = tiny_config(
+        "llava", layers=layers, max_positions=2048, text={"pad_token_id": PAD}, vision={"image_size": image_size},
+        ids={"image": IMAGE_TOKEN}, vision_feature_layer=-1, vision_feature_select_strategy="default",
     )
     config._attn_implementation = attn
     model = LlavaForConditionalGeneration(config).eval()
@@ -76,21 +64,7 @@ def llava_inputs(model, texts: list[tuple[int, int, int]], seed: int = 0) -> dic
 def tiny_qwen(attn: str = "sdpa", layers: int = 6, seed: int = 0):
     """A Qwen2.5-VL with a 1-block vision tower (patch 14, merge 2) and an M-RoPE LM."""
     torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            pad_token_id=PAD,
-        ),
-        vision_config=dict(
-            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-            fullatt_block_indexes=[0],
-        ),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, bos_token_id=None, eos_token_id=None,
-        vision_start_token_id=92, vision_end_token_id=93,
-    )
+    config = tiny_config("qwen2.5-vl", layers=layers, text={"pad_token_id": PAD}, **_QWEN_IDS)
     config._attn_implementation = attn
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD
@@ -126,13 +100,6 @@ def qwen_inputs(model, texts: list[tuple[int, list[tuple[int, int]], int]], seed
 # --- more families: LLaVA-NeXT, Qwen2-VL, Qwen3-VL, and video inputs ---------------------------
 
 
-def _text_config(layers: int) -> dict:
-    return dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=PAD,
-    )
-
-
 def _finish(model, attn: str):
     model = model.eval()
     model.generation_config.pad_token_id = PAD
@@ -141,17 +108,12 @@ def _finish(model, attn: str):
 
 def tiny_llava_next(attn: str = "sdpa", layers: int = 6, seed: int = 0):
     """A LLaVA-NeXT with 28-px tiles (a 2x2 base grid per tile) and anyres pinpoints up to 2x2 tiles."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=42, patch_size=14, projection_dim=32,
-    )
-    config = LlavaNextConfig(
-        vision_config=vision, text_config=LlamaConfig(**_text_config(layers)), image_token_index=IMAGE_TOKEN,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[42, 84], [84, 42], [84, 84]],
+    config = tiny_config(
+        "llava-next", layers=layers, text={"pad_token_id": PAD}, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_grid_pinpoints=[[42, 84], [84, 42], [84, 84]],
     )
     config._attn_implementation = attn
     return _finish(LlavaNextForConditionalGeneration(config), attn)
@@ -191,48 +153,24 @@ def llava_next_inputs(model, texts: list[tuple[int, list[tuple[int, int]], int]]
     return {**left_pad(rows), **out}
 
 
-_QWEN_IDS = dict(
-    image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, bos_token_id=None, eos_token_id=None,
-    vision_start_token_id=92, vision_end_token_id=93,
-)
-
-
 def tiny_qwen2_vl(attn: str = "sdpa", layers: int = 6, seed: int = 0):
     """A Qwen2-VL with a 1-block vision tower (patch 14, merge 2) and an M-RoPE LM."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    text = _text_config(layers)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=dict(
-            depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2,
-        ),
-        **_QWEN_IDS,
-    )
+    config = tiny_config("qwen2-vl", layers=layers, text={"pad_token_id": PAD}, **_QWEN_IDS)
     config._attn_implementation = attn
     return _finish(Qwen2VLForConditionalGeneration(config), attn)
 
 
 def tiny_qwen3_vl(attn: str = "sdpa", layers: int = 6, seed: int = 0, deepstack: tuple[int, ...] = (0, 1, 2)):
     """A Qwen3-VL whose vision tower feeds DeepStack features after LM layers 0..len(deepstack)-1."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    text = _text_config(layers)
-    text.update(head_dim=16, bos_token_id=None, eos_token_id=None, rope_parameters={
-        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True,
-    })
-    config = Qwen3VLConfig(
-        text_config=text,
-        vision_config=dict(
-            depth=max(deepstack) + 1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-            deepstack_visual_indexes=list(deepstack),
-        ),
-        **_QWEN_IDS,
+    config = tiny_config(
+        "qwen3-vl", layers=layers, mrope=[4, 2, 2], text=dict(pad_token_id=PAD, head_dim=16, bos_token_id=None, eos_token_id=None),
+        vision=dict(depth=max(deepstack) + 1, deepstack_visual_indexes=list(deepstack)), **_QWEN_IDS,
     )
     config._attn_implementation = attn
     return _finish(Qwen3VLForConditionalGeneration(config), attn)

@@ -189,11 +189,14 @@ class Adapter:
         return None
 
     def _runs_to_layout(
-        self, input_ids: torch.Tensor, sizes: list[int], grids: list[tuple[int, int]]
+        self, input_ids: torch.Tensor, sizes: list[int], grids: list[tuple[int, int]],
+        rows: list[list[int]] | None = None,
     ) -> VisualLayout:
-        """Cut the visual positions of each row, in reading order, into images of `sizes` tokens."""
+        """Cut the visual positions of each row, in reading order, into images of `sizes` tokens.
+        rows: `input_ids.tolist()`, when the caller already read them."""
         token = self.visual_token_ids()[0]
-        return items_to_layout(input_ids, [VisualItem(token, (g,), (n,)) for n, g in zip(sizes, grids, strict=True)])
+        items = [VisualItem(token, (g,), (n,)) for n, g in zip(sizes, grids, strict=True)]
+        return items_to_layout(input_ids, items, rows)
 
 
 @dataclass(frozen=True)
@@ -221,39 +224,51 @@ class VisualItem:
     def length(self) -> int:
         return len(self.units) if self.units is not None else sum(self.sizes)
 
-    def token_units(self, device: torch.device) -> torch.Tensor:
+    def token_units(self) -> list[int]:
+        """The unit of each of the item's tokens (-1 for structural tokens), on the host."""
         if self.units is not None:
-            return self.units.to(device)
-        sizes = torch.tensor(self.sizes, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.sizes), device=device), sizes)
+            return self.units.tolist()
+        return [unit for unit, size in enumerate(self.sizes) for _ in range(size)]
 
 
-def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem]) -> VisualLayout:
+def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem], rows: list[list[int]] | None = None) -> VisualLayout:
     """Lay out `items` over `input_ids` [B, L].
 
     For each placeholder token id, items are taken in batch order (as a model concatenates its
     `*_grid_thw` or `image_sizes`), each covering its next `length` positions of that id, which
     need not be contiguous (Qwen3-VL puts timestamps between video frames). Within a sample,
     units are numbered in order of appearance across all items, images and videos alike.
+    The ids are read on the host once (one device sync for the whole layout), or not at all
+    when the caller already holds them as `rows` (`input_ids.tolist()`).
     """
-    repeat = _expansion(input_ids, items)
+    if not input_ids.shape[0]:
+        return VisualLayout(torch.full_like(input_ids, -1), [], [])
+    image_ids, grids, counts = _layout_rows(input_ids.tolist() if rows is None else rows, items)
+    return VisualLayout(torch.tensor(image_ids, dtype=input_ids.dtype, device=input_ids.device), grids, counts)
+
+
+def _layout_rows(
+    rows: list[list[int]], items: list[VisualItem]
+) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[int]]:
+    """`items_to_layout` on host rows: (image ids [B][L], grids per sample, visual tokens per sample)."""
+    repeat = _expansion(rows, items)
     if repeat > 1:  # generate() expanded the rows (beams, num_return_sequences) after encoding
-        layout = items_to_layout(input_ids[::repeat], items)
-        return VisualLayout(
-            layout.image_ids.repeat_interleave(repeat, dim=0),
-            [grids for grids in layout.grids for _ in range(repeat)],
-            [n for n in layout.counts for _ in range(repeat)],
+        ids, grids, counts = _layout_rows(rows[::repeat], items)
+        return (
+            [row for row in ids for _ in range(repeat)],
+            [g for g in grids for _ in range(repeat)],
+            [n for n in counts for _ in range(repeat)],
         )
-    image_ids = torch.full_like(input_ids, -1)
+    image_ids = [[-1] * len(row) for row in rows]
     queues: dict[int, list[VisualItem]] = {}
     for item in items:
         queues.setdefault(item.token_id, []).append(item)
     per_sample: list[list[tuple[int, int]]] = []
     counts: list[int] = []
-    for b in range(input_ids.shape[0]):
-        placed: list[tuple[int, VisualItem, torch.Tensor]] = []
+    for b, row in enumerate(rows):
+        placed: list[tuple[int, VisualItem, list[int]]] = []
         for token, queue in queues.items():
-            positions = (input_ids[b] == token).nonzero().squeeze(1)
+            positions = [i for i, t in enumerate(row) if t == token]
             taken = 0
             while taken < len(positions):
                 if not queue:
@@ -268,31 +283,31 @@ def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem]) -> VisualL
                         f"(the next needs {item.length} from position {taken})"
                     )
                 span = positions[taken : taken + item.length]
-                placed.append((int(span[0]), item, span))
+                placed.append((span[0], item, span))
                 taken += item.length
         grids: list[tuple[int, int]] = []
         for _, item, span in sorted(placed, key=lambda p: p[0]):
-            units = item.token_units(input_ids.device)
-            image_ids[b, span] = torch.where(units >= 0, units + len(grids), units)
+            first = len(grids)
+            for position, unit in zip(span, item.token_units(), strict=True):
+                image_ids[b][position] = unit + first if unit >= 0 else unit
             grids.extend(item.grids)
         per_sample.append(grids)
         counts.append(sum(sum(item.sizes) for _, item, _ in placed))
     left = [t for t, q in queues.items() if q]
     if left:
         raise ValueError(f"{sum(len(queues[t]) for t in left)} images or videos have no placeholder tokens left")
-    return VisualLayout(image_ids, per_sample, counts)
+    return image_ids, per_sample, counts
 
 
-def _expansion(input_ids: torch.Tensor, items: list[VisualItem]) -> int:
+def _expansion(rows: list[list[int]], items: list[VisualItem]) -> int:
     """r > 1 when the rows are r consecutive copies of a batch whose media are `items`."""
     have = sum(item.length for item in items)
     if not have:
         return 1
-    tokens = torch.tensor(sorted({item.token_id for item in items}), device=input_ids.device)
-    need = int(torch.isin(input_ids, tokens).sum())
+    need = sum(row.count(token) for row in rows for token in {item.token_id for item in items})
     repeat = need // have
-    batch = input_ids.shape[0]
+    batch = len(rows)
     if repeat <= 1 or need != repeat * have or batch % repeat:
         return 1
-    groups = input_ids.view(batch // repeat, repeat, -1)
-    return repeat if bool((groups == groups[:, :1]).all()) else 1
+    same = all(rows[g * repeat + r] == rows[g * repeat] for g in range(batch // repeat) for r in range(repeat))
+    return repeat if same else 1

@@ -32,10 +32,11 @@ class LlavaAdapter(Adapter):
         return h * w + (1 if full else 0)
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
-        n = int((input_ids == self.config.image_token_id).sum())
+        rows = input_ids.tolist()  # the layout's one host sync
+        n = sum(row.count(self.config.image_token_id) for row in rows)
         per = self.tokens_per_image()
         count = -(-n // per)
-        return self._runs_to_layout(input_ids, [per] * count, [self.grid()] * count)
+        return self._runs_to_layout(input_ids, [per] * count, [self.grid()] * count, rows)
 
     def vision_encoder(self) -> torch.nn.Module:
         return self.base_model.vision_tower

@@ -31,14 +31,15 @@ SHAPES = {
 
 def shape_model(shape: str, device: str):
     """A random-weight LLaVA at a named language-model shape, 576 image tokens, bf16 on GPU."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
+
+    from pruneware.models.tiny_configs import tiny_config
 
     if shape not in SHAPES:
         raise UserError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=336, patch_size=14)
-    text = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=text.vocab_size - 1)
+    text = {**SHAPES[shape], "max_position_embeddings": 4096}
+    vision = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, image_size=336)
+    config = tiny_config("llava", text=text, vision=vision, ids={"image": text["vocab_size"] - 1})
     config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):

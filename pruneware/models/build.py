@@ -18,13 +18,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
@@ -32,6 +28,7 @@ from transformers import (
 )
 
 from pruneware.evals.synthetic import vocabulary
+from pruneware.models.tiny_configs import tiny_config
 
 Arch = Literal["llava", "qwen2.5-vl"]
 ARCHS: tuple[str, ...] = ("llava", "qwen2.5-vl")
@@ -125,24 +122,21 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, vision:
     vis = {**VISION, **(vision or {})}
     tok = tok or build_tokenizer(arch)
     ids = tok.convert_tokens_to_ids
-    text = dict(
-        vocab_size=len(tok), hidden_size=spec["hidden"], intermediate_size=spec["mlp"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-        num_key_value_heads=spec["kv_heads"], head_dim=spec["head_dim"], max_position_embeddings=2048,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+    sizes = dict(
+        layers=spec["layers"], hidden=spec["hidden"], heads=spec["heads"], kv_heads=spec["kv_heads"], mlp=spec["mlp"],
+        vocab=len(tok), max_positions=2048, rope_theta=spec["rope_theta"],
+    )
+    text = dict(head_dim=spec["head_dim"], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                tie_word_embeddings=False)
     if arch == "llava":
-        vision = CLIPVisionConfig(
-            hidden_size=vis["hidden"], intermediate_size=vis["mlp"],
-            num_hidden_layers=vis["layers"], num_attention_heads=vis["heads"],
-            image_size=336, patch_size=14,
+        vision = dict(
+            hidden_size=vis["hidden"], intermediate_size=vis["mlp"], num_hidden_layers=vis["layers"],
+            num_attention_heads=vis["heads"], image_size=336,
         )  # fmt: skip
-        return LlavaConfig(
-            vision_config=vision,
-            text_config=LlamaConfig(bos_token_id=tok.bos_token_id, rope_theta=spec["rope_theta"], **text),
-            image_token_index=ids("<image>"), image_seq_length=576,
-            vision_feature_select_strategy="default", vision_feature_layer=-1,
-            pad_token_id=tok.pad_token_id,
+        return tiny_config(
+            "llava", **sizes, text={**text, "bos_token_id": tok.bos_token_id}, vision=vision,
+            ids={"image": ids("<image>")}, image_seq_length=576, vision_feature_select_strategy="default",
+            vision_feature_layer=-1, pad_token_id=tok.pad_token_id,
         )  # fmt: skip
     head_dim = spec["head_dim"]
     if head_dim * spec["heads"] != spec["hidden"]:
@@ -150,18 +144,14 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, vision:
     third = head_dim // 2 // 3
     mrope = [head_dim // 2 - 2 * third, third, third]  # temporal, height, width; sums to head_dim/2
     vision = dict(
-        depth=vis["layers"], hidden_size=vis["hidden"], intermediate_size=vis["mlp"],
-        num_heads=vis["heads"], out_hidden_size=spec["hidden"], patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-        fullatt_block_indexes=[vis["layers"] - 1],
+        depth=vis["layers"], hidden_size=vis["hidden"], intermediate_size=vis["mlp"], num_heads=vis["heads"],
+        window_size=112, fullatt_block_indexes=[vis["layers"] - 1],
     )  # fmt: skip
-    text["bos_token_id"] = None
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": spec["rope_theta"], "mrope_section": mrope}
-    return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"), pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+    roles = {role: ids(f"<|{role}|>") for role in ("vision_start", "vision_end")}
+    roles |= {"image": ids("<|image_pad|>"), "video": ids("<|video_pad|>")}
+    return tiny_config(
+        "qwen2.5-vl", **sizes, mrope=mrope, text={**text, "bos_token_id": None}, vision=vision, ids=roles,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
     )  # fmt: skip
 
 

@@ -198,7 +198,7 @@ def test_empty_keep_and_out_of_range(triton_device) -> None:
 
 
 def test_reference_rejects_out_of_range_index() -> None:
-    with pytest.raises(RuntimeError, match="out of bounds|index"):
+    with pytest.raises(RuntimeError, match="bounds|index"):
         reference.gather_rows(torch.tensor([[9]]), torch.randn(1, 9, 4))
 
 

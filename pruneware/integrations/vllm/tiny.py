@@ -35,25 +35,22 @@ def _tokenizer():
     )
 
 
-def _text_config() -> dict[str, Any]:
-    return dict(
-        vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0,
-    )
+def _sizes() -> dict[str, Any]:
+    """The language model's sizes, shared by both checkpoints (see `tiny_config`)."""
+    return dict(layers=2, vocab=len(VOCAB), text={"pad_token_id": 0})
 
 
 def write_tiny_llava(path: str | Path, image_size: int = 84) -> Path:
     """A LLaVA with a 2-layer CLIP tower of (image_size/14)^2 patches (6x6 at 84 px)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from pruneware.models.tiny_configs import tiny_config
 
     path = Path(path)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=14, projection_dim=32, hidden_act="gelu",  # quick_gelu needs vllm._C on CPU
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=LlamaConfig(**_text_config()), image_token_id=VOCAB["<image>"],
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    config = tiny_config(
+        "llava", **_sizes(), ids={"image": VOCAB["<image>"]}, vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        vision={"image_size": image_size, "hidden_act": "gelu"},  # quick_gelu needs vllm._C on CPU
     )
     config.architectures = ["LlavaForConditionalGeneration"]
     config.save_pretrained(path)
@@ -69,22 +66,17 @@ def write_tiny_llava(path: str | Path, image_size: int = 84) -> Path:
 
 def write_tiny_qwen(path: str | Path) -> Path:
     """A Qwen2.5-VL with a 1-block vision tower (patch 14, merge 2, 2 frames per temporal patch)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    from pruneware.models.tiny_configs import tiny_config
+
     path = Path(path)
-    text = _text_config() | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                            "bos_token_id": None, "eos_token_id": None}
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=dict(
-            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0],
-        ),
-        image_token_id=VOCAB["<|image_pad|>"], video_token_id=VOCAB["<|video_pad|>"],
-        vision_start_token_id=VOCAB["<|vision_start|>"], vision_end_token_id=VOCAB["<|vision_end|>"],
-        bos_token_id=None, eos_token_id=None,
-    )
+    sizes = _sizes()
+    sizes["text"] |= {"bos_token_id": None, "eos_token_id": None}
+    ids = {role: VOCAB[f"<|{role}|>"] for role in ("vision_start", "vision_end")}
+    ids |= {"image": VOCAB["<|image_pad|>"], "video": VOCAB["<|video_pad|>"]}
+    config = tiny_config("qwen2.5-vl", **sizes, ids=ids, bos_token_id=None, eos_token_id=None)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     config.save_pretrained(path)
     kwargs = dict(size=QWEN_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2)

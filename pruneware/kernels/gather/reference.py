@@ -54,7 +54,7 @@ def validate_inputs(
             raise ValueError(f"{_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != index.device:
             raise ValueError(f"{_NAME}: {name} is on {t.device} but index is on {index.device}")
-        if t.is_complex():
+        if t.dtype.is_complex:  # a dtype attribute: no torch call on the hot path
             raise ValueError(f"{_NAME}: {name} has complex dtype {t.dtype}; real, integer or bool only")
         if name == "positions":
             ok = t.dim() == 2 or (t.dim() == 3 and t.shape[0] in (3, 4))
@@ -82,17 +82,24 @@ def validate_inputs(
     return length
 
 
-def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """x [..., Bx, L, *W] with Bx in {1, B} at dim-1; index [B, k] -> [..., B, k, *W]."""
+def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, flat: list[torch.Tensor]) -> torch.Tensor:
+    """x [..., Bx, L, *W] with Bx in {1, B} at dim-1; index [B, k] int64 -> [..., B, k, *W].
+
+    One table for every sample (Bx = 1, which includes batch 1) is a single `index_select` of
+    all B * k rows, much faster on the CPU than a `gather` over an expanded index; a batched
+    tensor uses `gather`, which checks every index against its own sample's rows.
+    flat: the flattened index, made once and shared by the tensors of one call.
+    """
     B, k = index.shape
+    if x.shape[dim - 1] == 1:
+        if not flat:
+            flat.append(index.reshape(-1))
+        out = x.index_select(dim, flat[0])  # [..., 1, B * k, *W]
+        return out if B == 1 else out.view(*x.shape[: dim - 1], B, k, *x.shape[dim + 1:])
     target = list(x.shape)
-    target[dim - 1] = B
-    if x.shape[dim - 1] != B:  # a batch-1 table, broadcast
-        x = x.expand(target)
+    target[dim] = k
     shape = [1] * x.dim()
     shape[dim - 1], shape[dim] = B, k
-    target[dim] = k
-    index = index if index.dtype == torch.int64 else index.long()
     return torch.gather(x, dim, index.view(shape).expand(target))  # a new contiguous tensor
 
 
@@ -111,7 +118,9 @@ def gather_rows(
         ``[G, B, k]``, same dtype and device, contiguous.
     """
     validate_inputs(index, tensors, positions)
-    out = [_gather_seq(t, index, 1) for t in tensors]
+    index = index if index.dtype == torch.int64 else index.long()
+    flat: list[torch.Tensor] = []
+    out = [_gather_seq(t, index, 1, flat) for t in tensors]
     if positions is not None:
-        out.append(_gather_seq(positions, index, positions.dim() - 1))
+        out.append(_gather_seq(positions, index, positions.dim() - 1, flat))
     return tuple(out)

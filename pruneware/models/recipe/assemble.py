@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pruneware.evals.synthetic import evaluate, make_split, render
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
-from .language import POINT, PROBES, Stage2, train_batch
+from .language import POINT, PROBES, Stage2, apply_mix, train_batch
 from .losses import Probes, install_pointing
 from .packing import N_CELLS, collate
 from .vision import build_tower, features
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--point", type=float, default=0.3)
     ap.add_argument("--aux", type=float, default=0.0, help="weight of stage 2's answer-row probes, loaded with its checkpoint (joint)")
+    ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    apply_mix(args.mix)
     model, processor, net = assemble(args.vision, args.language, args.seed)
     if args.init is not None:
         model.load_state_dict(type(model).from_pretrained(args.init).state_dict())

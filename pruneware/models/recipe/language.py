@@ -85,6 +85,15 @@ class Stage2(torch.nn.Module):
         return self.lm(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
 
 
+def apply_mix(text: str) -> None:
+    """Override ``QUESTION_MIX`` from ``"counting=2.5,spatial=1"`` (the ``--mix`` option)."""
+    for item in filter(None, text.split(",")):
+        task, _, weight = item.partition("=")
+        if task not in QUESTION_MIX:
+            raise SystemExit(f"--mix: unknown task {task!r}; valid tasks: {list(QUESTION_MIX)}")
+        QUESTION_MIX[task] = float(weight)
+
+
 def train_batch(tag: str, seed: int, step: int, size: int, per_image: int, vocab: dict[str, int]):
     """``(packs, scenes)``: ``size`` packed train samples of stage ``tag`` and their scenes."""
     names, p = list(SCENE_MIX), np.array(list(SCENE_MIX.values()))
@@ -142,11 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for item in filter(None, args.mix.split(",")):
-        task, _, weight = item.partition("=")
-        if task not in QUESTION_MIX:
-            raise SystemExit(f"--mix: unknown task {task!r}; valid tasks: {list(QUESTION_MIX)}")
-        QUESTION_MIX[task] = float(weight)
+    apply_mix(args.mix)
     model, processor = build_tiny("llava", seed=args.seed, vision=VISION_SPEC)
     vocab = processor.tokenizer.get_vocab()
     torch.manual_seed(args.seed)
