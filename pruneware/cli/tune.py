@@ -44,24 +44,32 @@ def tune(
     time_budget: float = typer.Option(540.0, "--time-budget", help="Seconds of profiling before the search must decide."),
     policies: str = typer.Option(None, help="Only these policies, ','-separated (default: every registered one)."),
     max_stages: int = typer.Option(3, "--max-stages", help="Stages per plan, 1..4."),
+    max_places: int = typer.Option(6, "--max-places", help="Places searched: 'pre' and up to this minus one layers."),
     seed: int = typer.Option(0, help="Seed: the calibration questions and random policies."),
     download: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json", help="stdout is one JSON object; its `plan` plugs into `eval --plans`."),
 ) -> None:
     """Search plans for the one that changes the model's answers least within a budget."""
     from pruneware.evals.datasets import BENCHMARKS
+    from pruneware.policies import get_policy
     from pruneware.tuning import Budget, tune as run_tune
 
     budget = Budget.of(_budget(avg_tokens, flops_ratio, latency_ms))  # checks the range
     if calib < 1:
         raise UserError(f"--calib must be >= 1, got {calib}")
+    if not 1 <= max_stages <= 4:
+        raise UserError(f"--max-stages must be in 1..4, got {max_stages}")
+    if max_places < 2:
+        raise UserError(f"--max-places must be >= 2 ('pre' and one layer), got {max_places}")
     if time_budget <= 0:
         raise UserError(f"--time-budget must be > 0 seconds, got {time_budget:g}")
     if bench.lower() not in BENCHMARKS:
         raise UserError(f"unknown benchmark {bench!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
+    names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+    for policy in names or ():
+        get_policy(policy)  # an unknown name fails here, listing the valid ones
     items = _calibration(bench.lower(), data, calib, seed)  # a bad dataset fails before the model loads
     vlm, processor, name = load_model(model, download)
-    names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
     console = Console(stderr=True)
     columns = (TextColumn("tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn())
@@ -72,7 +80,7 @@ def tune(
             progress.update(task, completed=done, total=total, description=phase)
 
         result = run_tune(vlm, processor, items, budget, bench=bench.lower(), seed=seed, policies=names,
-                          max_stages=max_stages, time_budget_s=time_budget, on_progress=on_progress)
+                          max_stages=max_stages, max_places=max_places, time_budget_s=time_budget, on_progress=on_progress)
     report = result.report
     payload = {"model": name, "plan": str(result.plan), "budget": str(budget), "bench": bench,
                "calibration": len(items), **{k: v for k, v in report.summary().items() if k != "candidates"},

@@ -187,7 +187,7 @@ def fill(stages: Sequence[tuple[Place, str, float]], model: CostModel, n_visual:
     lo, hi = 1.0, 1.0 / min(r for _, _, r in stages)
     best = build(lo)
     if best is None or model.plan_cost(best) > model.budget.value:  # rounding pushed it over: shrink
-        best, lo, hi = None, 0.5, 1.0
+        best, lo, hi = None, 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
         plan = build(mid)

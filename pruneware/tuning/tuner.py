@@ -106,6 +106,8 @@ def tune(
     budget = Budget.of(budget)
     if not 1 <= max_stages <= 4:
         raise PlanError(f"max_stages must be in 1..4, got {max_stages}")
+    if max_places < 2:
+        raise PlanError(f"max_places must be >= 2 ('pre' and one layer), got {max_places}")
     names = sorted(available_policies()) if policies is None else list(policies)
     for name in names:
         get_policy(name)  # raises with the valid names
@@ -184,7 +186,7 @@ def tune(
             shapes.add(shape)
             candidates[str(plan)] = (plan, "search")
     if presets and not out_of_time():
-        for name, plan in _presets_at(cost, n_layers, n_visual, rope, model).items():
+        for name, plan in _presets_at(cost, n_layers, n_visual, rope, model, set(names)).items():
             candidates.setdefault(str(plan), (plan, f"preset {name}"))
     if not candidates:
         raise BudgetError(
@@ -218,13 +220,14 @@ def _valid(model, policy: str, place) -> bool:
     return True
 
 
-def _presets_at(cost: CostModel, n_layers: int, n_visual: int | None, rope: str, model) -> dict[str, Plan]:
-    """Each scaled preset solved (bisection on avg_tokens) for the highest cost within budget."""
+def _presets_at(cost: CostModel, n_layers: int, n_visual: int | None, rope: str, model,
+                policies: set[str]) -> dict[str, Plan]:
+    """Each scaled preset of `policies` solved (bisection on avg_tokens) for the highest cost within budget."""
     if n_visual is None:
         return {}
     out = {}
     for name, preset in sorted(available_presets().items()):
-        if isinstance(preset, ExactPreset):
+        if isinstance(preset, ExactPreset) or not {t.policy for t in preset.variant(rope).stages} <= policies:
             continue
         best, lo, hi = None, 0.0, float(n_visual)
         for _ in range(30):
