@@ -174,3 +174,11 @@ def test_cli_user_mistakes_get_one_line(args, message):
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_reads_a_tuned_multi_stage_plan_as_one_plan():
+    from pruneware.cli.common import split_plans
+
+    assert split_plans("divprune@pre:308,fastv@1:54,divprune@4:10") == ["divprune@pre:308,fastv@1:54,divprune@4:10"]
+    assert split_plans("none,fastv,divprune@pre:0.5") == ["none", "fastv", "divprune@pre:0.5"]
+    assert split_plans("random@pre:0.5,divprune@pre:0.25") == ["random@pre:0.5", "divprune@pre:0.25"]  # not one plan
