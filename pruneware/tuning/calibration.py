@@ -66,7 +66,8 @@ class Measurement:
 
 
 class Calibration:
-    """Calibration questions with their unpruned reference, cached once.
+    """Questions with their unpruned reference, cached once (`tune` refuses the reporting split;
+    this class itself also serves held-out comparisons, see benchmarks/tune_vs_presets.py).
 
     `measure(plan)` runs one pruned prefill per batch (no generation: the objective reads the
     first answer token) and compares it with the cached reference log-probabilities [N, V].
@@ -78,7 +79,6 @@ class Calibration:
 
         if not items:
             raise CalibrationError("the calibration set is empty: give at least one question")
-        check_not_reporting(items)
         if accuracy_weight < 0:
             raise CalibrationError(f"accuracy_weight must be >= 0, got {accuracy_weight:g}")
         self.model, self.processor, self.items = model, processor, list(items)
@@ -129,14 +129,19 @@ class Calibration:
     def reference_accuracy(self) -> float | None:
         return None if self.ref_scores is None else sum(self.ref_scores) / len(self.ref_scores)
 
-    def measure(self, plan: Plan) -> Measurement:
-        """Run `plan` on every calibration question; its objective, accuracy and cost."""
+    def per_question(self, plan: Plan) -> tuple[torch.Tensor, list[float] | None, list]:
+        """Run `plan` on every question: KL [N] against the reference, scores (None without
+        labels) and the reports of each batch."""
         reports: list = []
         logp = self._logits(plan, reports).log_softmax(-1)
         ref = self.ref_logp
         kl = torch.where(ref.isneginf(), 0.0, ref.exp() * (ref - logp)).sum(-1)  # [N]
+        return kl, self._scores(logp), reports
+
+    def measure(self, plan: Plan) -> Measurement:
+        """Run `plan` on every calibration question; its objective, accuracy and cost."""
+        kl, scores, reports = self.per_question(plan)
         loss = kl.clone()
-        scores = self._scores(logp)
         if scores is not None:
             loss += self.accuracy_weight * (1.0 - torch.tensor(scores))
         visual = [v for r in reports for v in r.visual_per_sample]

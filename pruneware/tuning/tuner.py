@@ -15,8 +15,9 @@ from pruneware.policies import get_policy
 from pruneware.presets import ExactPreset, available_presets
 from pruneware.tuning import search as S
 from pruneware.tuning.budget import Budget, BudgetError, CostModel, cost_model
-from pruneware.tuning.calibration import Calibration, Measurement, default_calibration
+from pruneware.tuning.calibration import Calibration, Measurement, check_not_reporting, default_calibration
 
+PROFILE_SHARE = 0.7
 OBJECTIVE = ("mean over calibration questions of KL(unpruned || pruned) of the first answer token "
              "+ accuracy_weight * (1 - score of that token), where labels exist")
 
@@ -81,7 +82,7 @@ def tune(
          (`pruneware.tuning.search`). Costs are separable over layers, so this is exact on cost.
       5. Verification: the best `shortlist` distinct schedules, scaled up to spend the whole
          budget, and (with `presets`) every preset solved for the same budget, are measured for
-         real; the lowest measured objective wins.
+         real (the search's best first, then the presets); the lowest measured objective wins.
     Why it is sound: the budget holds exactly (avg_tokens, flops_ratio) or under the fitted
     model (latency_ms), because every candidate's cost is computed from its plan; the answer is
     chosen by measurement, never by the surrogate alone, so a surrogate error can only cost
@@ -93,7 +94,8 @@ def tune(
             train-split questions, or None for 64 of them. Never the synthetic eval split.
         budget: Budget(avg_tokens=64), {"flops_ratio": 0.3}, or "latency_ms=40".
         policies: restrict the search to these registered policies (default: all).
-        time_budget_s: stop profiling when this is spent; what was profiled is still searched.
+        time_budget_s: profiling stops at 70% of this and verification at 100% (at least one
+            plan is always measured); what was profiled is still searched.
         on_progress: called as on_progress(done, total, what) after each measurement.
     Raises:
         BudgetError (a PlanError): a malformed or unreachable budget; CalibrationError: empty
@@ -101,6 +103,8 @@ def tune(
     """
     start = time.perf_counter()
     deadline = None if time_budget_s is None else start + time_budget_s
+    # Profiling stops at 70% of the time budget, so the measured verification always happens.
+    profile_deadline = None if time_budget_s is None else start + PROFILE_SHARE * time_budget_s
     if budget is None:
         raise BudgetError("tune needs a budget: avg_tokens=N, flops_ratio=r or latency_ms=t")
     budget = Budget.of(budget)
@@ -113,6 +117,7 @@ def tune(
         get_policy(name)  # raises with the valid names
     items = default_calibration(64 if calibration is None else calibration, seed) \
         if calibration is None or isinstance(calibration, int) else list(calibration)
+    check_not_reporting(items)
     cal = Calibration(model, processor, items, bench=bench, batch_size=batch_size, seed=seed,
                       accuracy_weight=accuracy_weight)
     n_layers, n_visual = cal.adapter.n_layers, cal.n_visual
@@ -146,9 +151,10 @@ def tune(
             on_progress(done, max(total, done), phase)
         return m
 
-    def out_of_time() -> bool:
-        report.stopped_early = report.stopped_early or (deadline is not None and time.perf_counter() > deadline)
-        return report.stopped_early
+    def out_of_time(limit: float | None = profile_deadline) -> bool:
+        late = limit is not None and time.perf_counter() > limit
+        report.stopped_early = report.stopped_early or late
+        return late
 
     profile = S.Profile()
     choice: dict = {p: valid[p][0] for p in places}
@@ -185,9 +191,12 @@ def tune(
         if plan is not None and str(plan) not in candidates:
             shapes.add(shape)
             candidates[str(plan)] = (plan, "search")
-    if presets and not out_of_time():
+    if presets:  # verified right after the search's best, before its runners-up
+        found = list(candidates.items())
+        candidates = dict(found[:1])
         for name, plan in _presets_at(cost, n_layers, n_visual, rope, model, set(names)).items():
             candidates.setdefault(str(plan), (plan, f"preset {name}"))
+        candidates.update({k: v for k, v in found[1:] if k not in candidates})
     if not candidates:
         raise BudgetError(
             f"no plan within {budget} was found: the time budget ran out before profiling finished "
@@ -195,7 +204,7 @@ def tune(
         )
     results = []
     for i, (plan, origin) in enumerate(candidates.values()):
-        if i > 0 and out_of_time():
+        if i > 0 and out_of_time(deadline):
             break
         results.append((measure(plan, "verify"), plan, origin))
         report.candidates[-1]["origin"] = origin
