@@ -182,3 +182,11 @@ def test_eval_reads_a_tuned_multi_stage_plan_as_one_plan():
     assert split_plans("divprune@pre:308,fastv@1:54,divprune@4:10") == ["divprune@pre:308,fastv@1:54,divprune@4:10"]
     assert split_plans("none,fastv,divprune@pre:0.5") == ["none", "fastv", "divprune@pre:0.5"]
     assert split_plans("random@pre:0.5,divprune@pre:0.25") == ["random@pre:0.5", "divprune@pre:0.25"]  # not one plan
+
+
+def test_an_unscreened_place_takes_the_policy_best_between_its_neighbours():
+    from pruneware.tuning.search import interpolated_choice
+
+    screened = {"pre": {"divprune": 0.3}, 1: {"divprune": 0.33, "random": 1.6}, 7: {"divprune": 0.29, "random": 0.27}}
+    assert interpolated_choice(5, screened, ["random", "divprune"]) == "divprune"  # random wins only at 7
+    assert interpolated_choice(7, screened, ["random", "divprune"]) == "random"

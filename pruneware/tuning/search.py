@@ -70,12 +70,23 @@ def profile_order(ratios: Sequence[float], target: float) -> list[float]:
     return sorted(ratios, key=lambda r: (abs(math.log2(r) - math.log2(target)), -r))
 
 
-def nearest(place: Place, screened: dict[Place, str]) -> str:
-    """The policy chosen at the screened place nearest to `place` (in-LLM places only look in-LLM)."""
-    if place in screened:
-        return screened[place]
-    layer_places = [p for p in screened if p != "pre"] or list(screened)
-    return screened[min(layer_places, key=lambda p: abs((0 if p == "pre" else p) - (0 if place == "pre" else place)))]
+def interpolated_choice(place: Place, screened: dict[Place, dict[str, float]], valid: Sequence[str]) -> str:
+    """The policy for an unscreened in-LLM place: the lowest screening loss interpolated linearly
+    (in layer index) between the screened in-LLM places on either side of it."""
+    layers = sorted(p for p in screened if p != "pre")
+    at = 0 if place == "pre" else int(place)
+    below = max((p for p in layers if p <= at), default=None)
+    above = min((p for p in layers if p >= at), default=None)
+    lo, hi = below if below is not None else above, above if above is not None else below
+    if lo is None or hi is None:
+        return valid[0]
+    w = 0.0 if hi == lo else (at - lo) / (hi - lo)
+
+    def loss(name: str) -> float:
+        a, b = screened[lo].get(name, math.inf), screened[hi].get(name, math.inf)
+        return (1 - w) * a + w * b
+
+    return min(valid, key=loss)
 
 
 class Profile:

@@ -73,8 +73,9 @@ def tune(
     How (HyLRA-style profiling + a dynamic program, then verification):
       1. The unpruned reference on the calibration set is computed once and cached.
       2. Screening: at `pre` and the first and last in-LLM places, every valid policy prunes to
-         1/8 of the tokens; the best policy per place is kept (other places take their
-         nearest's). Places are `pre` and up to `max_places - 1` layers, evenly spread.
+         1/8 of the tokens; the best policy per place is kept (a place in between takes the
+         policy whose screening loss, interpolated between its neighbours, is lowest). Places
+         are `pre` and up to `max_places - 1` layers, evenly spread.
       3. Profiling: each place's policy is measured alone at ratios 1/2 ... 1/64, those nearest
          the budget first (so a time budget cuts the least relevant): the loss curve D_l(r).
       4. Search: every schedule of up to `max_stages` stages over the places and a ratio grid
@@ -158,8 +159,9 @@ def tune(
 
     profile = S.Profile()
     choice: dict = {p: valid[p][0] for p in places}
+    screen_losses: dict = {}
     for p in screened:
-        losses = {}
+        losses = screen_losses.setdefault(p, {})
         for name in valid[p]:
             if out_of_time():
                 break
@@ -167,11 +169,9 @@ def tune(
             profile.add(p, name, S.SCREEN_RATIO, losses[name])
         if losses:
             choice[p] = min(losses, key=losses.__getitem__)
-    best_screened = {p: choice[p] for p in screened}
     for p in places:
-        if p not in best_screened and best_screened:
-            pick = S.nearest(p, best_screened)
-            choice[p] = pick if pick in valid[p] else valid[p][0]
+        if p not in screened and len(valid[p]) > 1:
+            choice[p] = S.interpolated_choice(p, screen_losses, valid[p])
     for ratio in S.profile_order(S.PROFILE_RATIOS, S.budget_ratio(cost)):
         for p in places:
             if ratio in profile.points.get((p, choice[p]), {}) or out_of_time():
