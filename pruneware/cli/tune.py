@@ -41,7 +41,7 @@ def tune(
     bench: str = typer.Option("synthetic", help="Calibration data: synthetic (its train split), jsonl, textvqa, pope, gqa or mme."),
     data: str = typer.Option(None, help="Local file or folder for jsonl and the public benchmarks."),
     calib: int = typer.Option(64, "--calib", help="Calibration questions."),
-    time_budget: float = typer.Option(540.0, "--time-budget", help="Seconds of profiling before the search must decide."),
+    time_budget: float = typer.Option(540.0, "--time-budget", help="Seconds for the search: profiling stops at 70%, verification at 100%."),
     policies: str = typer.Option(None, help="Only these policies, ','-separated (default: every registered one)."),
     max_stages: int = typer.Option(3, "--max-stages", help="Stages per plan, 1..4."),
     max_places: int = typer.Option(6, "--max-places", help="Places searched: 'pre' and up to this minus one layers."),
