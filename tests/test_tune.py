@@ -91,6 +91,8 @@ def test_bad_budgets_raise_clear_errors(tiny, budget, message):
 def test_an_unreachable_budget_names_the_valid_range(tiny):
     with pytest.raises(BudgetError, match=r"out of reach.*choose avg_tokens in \[1, 576\]"):
         pruneware.tune(*tiny, default_calibration(2), {"avg_tokens": 0.5})
+    with pytest.raises(BudgetError, match="needs no pruning: the unpruned model costs 576"):
+        pruneware.tune(*tiny, default_calibration(2), {"avg_tokens": 576})
 
 
 def _avg_model(n_layers: int = 4, budget: float = 20.0) -> CostModel:

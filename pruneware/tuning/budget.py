@@ -117,6 +117,11 @@ class CostModel:
         return self.constant + self.n_layers * sum(self.per_layer(1, t) for _, t in self.samples) / len(self.samples)
 
     def check_reachable(self) -> None:
+        if self.budget.value >= self.unpruned_cost():
+            raise BudgetError(
+                f"{self.budget} needs no pruning: the unpruned model costs {self.unpruned_cost():.4g}; "
+                f"choose {self.budget.kind} below that"
+            )
         low = self.floor()
         if self.budget.value < low:
             unit = {"avg_tokens": "", "flops_ratio": "", "latency_ms": " ms"}[self.budget.kind]

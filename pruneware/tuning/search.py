@@ -192,7 +192,8 @@ def fill(stages: Sequence[tuple[Place, str, float]], model: CostModel, n_visual:
     within budget, so no budget is left unspent; stages that reach 1.0 keep everything and go."""
 
     def build(s: float) -> Plan | None:
-        kept = [(p, pol, min(1.0, r * s)) for p, pol, r in stages if r * s < 1.0]
+        kept = [(p, pol, r * s) for p, pol, r in stages
+                if r * s < 1.0 and (not n_visual or round(r * s * n_visual) < n_visual)]
         return to_plan(kept, n_visual, positions) if kept else None
 
     lo, hi = 1.0, 1.0 / min(r for _, _, r in stages)
