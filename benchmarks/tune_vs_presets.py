@@ -38,6 +38,15 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return m, m - Z * sd / math.sqrt(n), m + Z * sd / math.sqrt(n)
 
 
+def _wait_for(path: Path) -> dict:
+    """A tune output, waiting for it while the tuner still writes it (the reference runs meanwhile)."""
+    while True:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(10)
+
+
 def main() -> None:
     import pruneware
     from pruneware.evals.datasets import load_benchmark
@@ -65,7 +74,7 @@ def main() -> None:
            "unpruned_acc_ci": wilson(sum(cal.ref_scores), len(items)), "budgets": []}
     print(f"unpruned accuracy {cal.reference_accuracy:.3f} on {len(items)} held-out questions")
     for path in args.tuned:
-        tuned = json.loads(path.read_text())
+        tuned = _wait_for(path)
         budget = float(tuned["budget"].split("=")[1])
         plans = {"tuned": Plan.parse(tuned["plan"])}
         for name in args.presets.split(","):
