@@ -192,3 +192,14 @@ def test_an_unscreened_place_takes_the_policy_best_between_its_neighbours():
     screened = {"pre": {"divprune": 0.3}, 1: {"divprune": 0.33, "random": 1.6}, 7: {"divprune": 0.29, "random": 0.27}}
     assert interpolated_choice(5, screened, ["random", "divprune"]) == "divprune"  # random wins only at 7
     assert interpolated_choice(7, screened, ["random", "divprune"]) == "random"
+
+
+def test_presets_are_ordered_by_their_surrogate():
+    from pruneware.tuning.search import surrogate_of
+
+    profile = Profile()
+    profile.add("pre", "divprune", 0.25, 0.2)
+    profile.add("pre", "crosslmm", 0.125, 4.0)
+    assert surrogate_of(Plan.parse("divprune@pre:16"), profile, 64) == pytest.approx(0.2)
+    assert surrogate_of(Plan.parse("crosslmm@pre:4"), profile, 64) == float("inf")  # below what was profiled
+    assert surrogate_of(Plan.parse("fastv@2:16"), profile, 64) == float("inf")  # never profiled

@@ -176,6 +176,20 @@ def search(profile: Profile, choice: dict[Place, str], places: Sequence[Place], 
     return out
 
 
+def surrogate_of(plan: Plan, profile: Profile, n_visual: int | None) -> float:
+    """The surrogate loss of any plan from the profiles (inf where a stage was not profiled)."""
+    loss, previous = 0.0, 1.0
+    for stage in plan.stages:
+        if stage.relative or not n_visual:
+            return math.inf
+        ratio = stage.budget / n_visual if isinstance(stage.budget, int) else stage.budget
+        if (stage.where, stage.policy) not in profile.points:
+            return math.inf
+        loss += profile.loss(stage.where, stage.policy, ratio) - profile.loss(stage.where, stage.policy, previous)
+        previous = ratio
+    return loss
+
+
 def to_plan(stages: Sequence[tuple[Place, str, float]], n_visual: int | None, positions: str = "keep") -> Plan:
     """A Plan from (place, policy, ratio) stages: counts when every sample has `n_visual`
     tokens (exact, readable), otherwise ratios rounded to 4 digits."""

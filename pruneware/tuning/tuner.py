@@ -25,7 +25,8 @@ OBJECTIVE = ("mean over calibration questions of KL(unpruned || pruned) of the f
 @dataclass
 class TuneReport:
     """What the search did. `candidates`: every plan measured, with its phase (screen, profile,
-    verify), objective and predicted cost; costs are in the budget's unit."""
+    verify), objective and predicted cost; costs are in the budget's unit. `best_preset` is the
+    best of the presets verified before the time budget ran out."""
 
     budget: str
     objective: str
@@ -194,7 +195,9 @@ def tune(
     if presets:  # verified right after the search's best, before its runners-up
         found = list(candidates.items())
         candidates = dict(found[:1])
-        for name, plan in _presets_at(cost, n_layers, n_visual, rope, model, set(names)).items():
+        solved = _presets_at(cost, n_layers, n_visual, rope, model, set(names))
+        # most promising first by the profiles (a preset the profiles cannot score goes last)
+        for name, plan in sorted(solved.items(), key=lambda kv: (S.surrogate_of(kv[1], profile, n_visual), kv[0])):
             candidates.setdefault(str(plan), (plan, f"preset {name}"))
         candidates.update({k: v for k, v in found[1:] if k not in candidates})
     if not candidates:
