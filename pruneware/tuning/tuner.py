@@ -198,7 +198,9 @@ def tune(
         solved = _presets_at(cost, n_layers, n_visual, rope, model, set(names))
         # most promising first by the profiles (a preset the profiles cannot score goes last)
         for name, plan in sorted(solved.items(), key=lambda kv: (S.surrogate_of(kv[1], profile, n_visual), kv[0])):
-            candidates.setdefault(str(plan), (plan, f"preset {name}"))
+            key = str(plan)  # a search result may be a preset too: say so
+            candidates[key] = (candidates[key][0], f"{candidates[key][1]} = preset {name}") if key in candidates \
+                else (plan, f"preset {name}")
         candidates.update({k: v for k, v in found[1:] if k not in candidates})
     if not candidates:
         raise BudgetError(
@@ -212,10 +214,10 @@ def tune(
         results.append((measure(plan, "verify"), plan, origin))
         report.candidates[-1]["origin"] = origin
     best_m, best_plan, origin = min(results, key=lambda r: r[0].loss)
-    presets_seen = [r for r in results if r[2].startswith("preset")]
+    presets_seen = [r for r in results if "preset " in r[2]]
     if presets_seen:
         pm, pp, po = min(presets_seen, key=lambda r: r[0].loss)
-        report.best_preset = {"name": po.removeprefix("preset "), "plan": str(pp), **pm.summary()}
+        report.best_preset = {"name": po.split("preset ")[-1], "plan": str(pp), **pm.summary()}
     report.chosen = {"origin": origin, **best_m.summary()}
     report.predicted_cost = cost.plan_cost(best_plan)
     report.measured_cost = _measured(cost, best_m, cal, best_plan)
