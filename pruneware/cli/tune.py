@@ -45,6 +45,7 @@ def tune(
     policies: str = typer.Option(None, help="Only these policies, ','-separated (default: every registered one)."),
     max_stages: int = typer.Option(3, "--max-stages", help="Stages per plan, 1..4."),
     max_places: int = typer.Option(6, "--max-places", help="Places searched: 'pre' and up to this minus one layers."),
+    accuracy_weight: float = typer.Option(1.0, "--accuracy-weight", help="Objective: KL + this x (1 - accuracy) where labels exist."),
     seed: int = typer.Option(0, help="Seed: the calibration questions and random policies."),
     download: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json", help="stdout is one JSON object; its `plan` plugs into `eval --plans`."),
@@ -57,6 +58,8 @@ def tune(
     budget = Budget.of(_budget(avg_tokens, flops_ratio, latency_ms))  # checks the range
     if calib < 1:
         raise UserError(f"--calib must be >= 1, got {calib}")
+    if accuracy_weight < 0:
+        raise UserError(f"--accuracy-weight must be >= 0, got {accuracy_weight:g}")
     if not 1 <= max_stages <= 4:
         raise UserError(f"--max-stages must be in 1..4, got {max_stages}")
     if max_places < 2:
@@ -80,7 +83,7 @@ def tune(
             progress.update(task, completed=done, total=total, description=phase)
 
         result = run_tune(vlm, processor, items, budget, bench=bench.lower(), seed=seed, policies=names,
-                          max_stages=max_stages, max_places=max_places, time_budget_s=time_budget, on_progress=on_progress)
+                          max_stages=max_stages, max_places=max_places, accuracy_weight=accuracy_weight, time_budget_s=time_budget, on_progress=on_progress)
     report = result.report
     payload = {"model": name, "plan": str(result.plan), "budget": str(budget), "bench": bench,
                "calibration": len(items), **{k: v for k, v in report.summary().items() if k != "candidates"},
