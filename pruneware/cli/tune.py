@@ -83,7 +83,8 @@ def tune(
             progress.update(task, completed=done, total=total, description=phase)
 
         result = run_tune(vlm, processor, items, budget, bench=bench.lower(), seed=seed, policies=names,
-                          max_stages=max_stages, max_places=max_places, accuracy_weight=accuracy_weight, time_budget_s=time_budget, on_progress=on_progress)
+                          max_stages=max_stages, max_places=max_places, accuracy_weight=accuracy_weight,
+                          time_budget_s=time_budget, on_progress=on_progress)
     report = result.report
     payload = {"model": name, "plan": str(result.plan), "budget": str(budget), "bench": bench,
                "calibration": len(items), **{k: v for k, v in report.summary().items() if k != "candidates"},
