@@ -21,7 +21,9 @@ from pruneware.report import Report
 from pruneware.session import _ACTIVE, Session
 
 __version__ = "0.1.0"
-__all__ = ["Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach", "load", "prune"]
+__all__ = [
+    "Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach", "load", "prune", "tune",
+]
 
 
 def prune(
@@ -72,3 +74,11 @@ def load(name: str):
     from pruneware.models import load as _load
 
     return _load(name)
+
+
+def tune(model: nn.Module, processor, calibration=None, budget=None, **kwargs: Any):
+    """The plan that loses least on `calibration` within `budget`: a `TuneResult` with `.plan`
+    and `.report`. See `pruneware.tuning.tuner.tune` for the arguments and the method."""
+    from pruneware.tuning import tune as _tune
+
+    return _tune(model, processor, calibration, budget, **kwargs)

@@ -1,4 +1,4 @@
-"""The `pruneware` command: run, eval, bench, viz, plans, models."""
+"""The `pruneware` command: run, eval, tune, bench, viz, plans, models."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pruneware.cli.export_bench import export_bench
 from pruneware.cli.listing import models, plans
 from pruneware.cli.run import run
 from pruneware.cli.train import PASS_THROUGH, train_adapter, train_tiny
+from pruneware.cli.tune import tune
 from pruneware.cli.viz import viz
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 app.command("run")(run)
 app.command("eval")(evaluate)
+app.command("tune")(tune)
 app.command("bench")(bench)
 app.command("viz")(viz)
 app.command("export-bench")(export_bench)

@@ -117,9 +117,28 @@ def check_minimum(option: str, values: list[Any], minimum: float) -> None:
 
 
 def split_plans(text: str) -> list[str]:
-    """Plans separated by ';' when any is present (multi-stage plans contain ','), else by ','."""
+    """Plans separated by ';' when any is present (multi-stage plans contain ','), else by ','.
+
+    Without ';', a string that is one complete multi-stage plan (every stage writes its place and
+    budget, in layer order, e.g. what `pruneware tune` prints) is that one plan.
+    """
+    if ";" not in text and "," in text and _one_written_plan(text):
+        return [text.strip()]
     separator = ";" if ";" in text else ","
     plans = [p.strip() for p in text.split(separator) if p.strip()]
     if not plans:
         raise UserError("no plans given")
     return plans
+
+
+def _one_written_plan(text: str) -> bool:
+    from pruneware.plan import Plan, PlanError, writes_budgets
+
+    parts = [p.strip() for p in text.split(",")]
+    if not all("@" in p and writes_budgets(p) for p in parts):
+        return False
+    try:
+        Plan.parse(text)
+    except PlanError:
+        return False
+    return True

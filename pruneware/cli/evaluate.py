@@ -27,7 +27,7 @@ def evaluate(
     bench: str = typer.Option("synthetic", help="synthetic, jsonl, textvqa, pope, gqa or mme."),
     data: str = typer.Option(None, help="Local file or folder for jsonl and the public benchmarks."),
     plans: str = typer.Option("none,fastv,adaptinfer,divprune,random,info-horizon,crosslmm",
-                              help="Plans or presets, ','-separated (';' if a plan has several stages)."),
+                              help="Plans or presets, ','-separated (';' if a plan has several stages; one complete multi-stage plan, such as `tune` prints, needs none)."),
     avg_tokens: str = typer.Option("64,128,192", "--avg-tokens", help="Budgets for presets: average visual tokens per layer (explicit plans run once at their own)."),
     limit: int = typer.Option(None, help="Examples (synthetic default: 200)."),
     seed: int = typer.Option(0, help="Seed: a fresh synthetic split, and random policies."),
