@@ -47,7 +47,7 @@ def _question_of(p, k: int) -> str:
 
 
 def test_pointing_targets_are_object_cells_and_the_right_rows():
-    packs, _ = train_batch("test", 0, 5, 3, 6, VOCAB)
+    packs, _ = train_batch("test", 0, 5, 6, 6, VOCAB)  # 6 images: the batch then holds a counting question
     ids, cells, _, is_cell, _, _, answers, targets = collate(packs, 0.05, torch.Generator().manual_seed(0), 0.0)
     inv = {v: w for w, v in VOCAB.items()}
     assert targets["answer"] and targets["noun"]
