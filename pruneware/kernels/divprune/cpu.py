@@ -32,7 +32,9 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return torch.zeros(g, 0, dtype=torch.long)
     one = np.float32(1.0)
-    sim = cosine_similarity(x.detach()).numpy()  # [G, N, N], owned here; a selection needs no grad
+    if x.requires_grad:  # vLLM's embed path runs with grad enabled; a selection needs none
+        x = x.detach()
+    sim = cosine_similarity(x).numpy()  # [G, N, N], owned here
     diag = np.arange(n)
     sim[:, diag, diag] = -np.inf  # a token is not its own nearest neighbour
     chosen = np.empty((g, k), dtype=np.int64)
