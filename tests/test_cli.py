@@ -84,6 +84,8 @@ def test_eval_writes_results_plots_and_resumes(model_dir, tmp_path):
     again = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines() if x.startswith("{") and x.endswith("}")]
     assert rows == [json.loads(x) for x in lines[:5]]  # finished rows are kept, not redone
     assert len({(r["variant"], r["id"]) for r in again}) == len(again) == 12
+    other = invoke(*[a if a != model_dir else "tiny-llava" for a in args])  # another model, same folder
+    assert other.exit_code == 2 and "holds rows of another run" in other.output, other.output
 
 
 def test_viz_draws_one_panel_per_stage(model_dir, tmp_path):

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pruneware.cli.common import emit_json, load_model, parse_list, split_plans, user_errors
+from pruneware.cli.common import UserError, emit_json, load_model, parse_list, split_plans, user_errors
 
 
 def _items(bench: str, data: str | None, limit: int | None, seed: int) -> list:
@@ -19,6 +19,19 @@ def _items(bench: str, data: str | None, limit: int | None, seed: int) -> list:
     if bench == "synthetic" and limit is None:
         limit = 200
     return list(load_benchmark(bench, path=data, limit=limit, seed=seed))
+
+
+def claim_out_folder(folder: Path, run: dict) -> None:
+    """Rows in an ``--out`` folder are keyed by plan and question, not by model or dataset, so a
+    folder resumes only the run that wrote it: record that run in ``run.json``, refuse another."""
+    record = folder / "run.json"
+    if record.is_file():
+        old = json.loads(record.read_text())
+        if old != run:
+            held = ", ".join(f"{k}={v}" for k, v in old.items())
+            raise UserError(f"--out {folder} holds rows of another run ({held}); use another --out or remove that folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(run))
 
 
 @user_errors
@@ -51,6 +64,7 @@ def evaluate(
             pruneware.prune(vlm, plan)
     sweep = variants(plan_list, budgets)
     out_dir = Path(out)
+    claim_out_folder(out_dir, {"model": name, "bench": bench, "data": data})
     console = Console(stderr=True)
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                TimeRemainingColumn())
