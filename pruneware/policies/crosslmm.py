@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import torch
 
-from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy, split_budget
-from pruneware.policies.pooling import cross_attend, pool_grid, pooled_shape
+from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy
+from pruneware.policies.pooling import cross_attend, merge_per_image, pool_grid, pooled_shape
 
 
 @register_policy
@@ -56,30 +56,13 @@ class CrossLMMPolicy(Policy):
         return pooled + self.gate * (cross_attend(pooled, tokens) - pooled)
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
-        sizes = inputs.image_sizes()
-        keep, embeds, grids = [], [], []
-        for b, image_sizes in enumerate(sizes):
-            sample_keep, sample_embeds, sample_grids = [], [], []
-            budgets = split_budget(image_sizes, counts[b]) if image_sizes else []
-            for image, budget in enumerate(budgets):
-                h, w = inputs.grids[b][image]
-                members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
-                if h * w != len(members):
-                    raise ValueError(f"image {image} of sample {b}: grid {h}x{w} but {len(members)} tokens")
-                ph, pw = pooled_shape(h, w, budget, self.factor)
-                tokens = inputs.hidden[b, members]
-                pooled, first = pool_grid(tokens, h, w, ph, pw)
-                sample_keep.append(members[first])
-                sample_embeds.append(self._refine(pooled, tokens))
-                sample_grids.append((ph, pw))
-            if sample_keep:
-                keep.append(torch.cat(sample_keep))
-                embeds.append(torch.cat(sample_embeds))
-            else:
-                keep.append(torch.zeros(0, dtype=torch.long, device=inputs.hidden.device))
-                embeds.append(inputs.hidden.new_zeros(0, inputs.hidden.shape[-1]))
-            grids.append(sample_grids)
-        return MergeResult(keep, embeds, grids)
+        def merge_image(b, _image, members, hw, budget):
+            ph, pw = pooled_shape(*hw, budget, self.factor)
+            tokens = inputs.hidden[b, members]
+            pooled, first = pool_grid(tokens, *hw, ph, pw)
+            return members[first], self._refine(pooled, tokens), (ph, pw)
+
+        return merge_per_image(inputs, counts, merge_image)
 
     def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
         return self.merge(inputs, counts).keep

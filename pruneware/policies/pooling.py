@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from pruneware.policies.base import MergeResult, StageInput, split_budget
+
 
 def pooled_shape(h: int, w: int, budget: int, factor: int | None = None) -> tuple[int, int]:
     """The pooled grid for an (h, w) grid: ceil(h/f) x ceil(w/f), or the largest grid of the
@@ -50,3 +52,31 @@ def cross_attend(queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     scale = queries.shape[-1] ** -0.5
     weights = torch.softmax(queries.float() @ tokens.float().T * scale, dim=-1)
     return (weights @ tokens.float()).to(queries.dtype)
+
+
+def merge_per_image(inputs: StageInput, counts: list[int], merge_image) -> MergeResult:
+    """A merging policy's ``merge``, one image at a time: each sample's budget ``counts[b]`` is
+    split over its images, and ``merge_image(b, image, members, (h, w), budget)`` maps image ``image`` of sample ``b``
+    (``members`` [h*w] its slots in grid order) to ``(slots [k], embeds [k, D], (ph, pw))``;
+    the images' results are concatenated per sample."""
+    keep, embeds, grids = [], [], []
+    for b, image_sizes in enumerate(inputs.image_sizes()):
+        sample_keep, sample_embeds, sample_grids = [], [], []
+        budgets = split_budget(image_sizes, counts[b]) if image_sizes else []
+        for image, budget in enumerate(budgets):
+            h, w = inputs.grids[b][image]
+            members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
+            if h * w != len(members):
+                raise ValueError(f"image {image} of sample {b}: grid {h}x{w} but {len(members)} tokens")
+            slots, merged, grid = merge_image(b, image, members, (h, w), budget)
+            sample_keep.append(slots)
+            sample_embeds.append(merged)
+            sample_grids.append(grid)
+        if sample_keep:
+            keep.append(torch.cat(sample_keep))
+            embeds.append(torch.cat(sample_embeds))
+        else:
+            keep.append(torch.zeros(0, dtype=torch.long, device=inputs.hidden.device))
+            embeds.append(inputs.hidden.new_zeros(0, inputs.hidden.shape[-1]))
+        grids.append(sample_grids)
+    return MergeResult(keep, embeds, grids)

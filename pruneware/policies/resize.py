@@ -30,8 +30,8 @@ from typing import ClassVar
 
 import torch
 
-from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy, split_budget
-from pruneware.policies.pooling import bin_starts, pool_grid, pooled_shape
+from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy
+from pruneware.policies.pooling import bin_starts, merge_per_image, pool_grid, pooled_shape
 
 
 @register_policy
@@ -43,44 +43,30 @@ class ResizePolicy(Policy):
     description = "Matched-token baseline: Qwen re-encodes each image at the budget's resolution; LLaVA average-pools its grid."
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
-        keep, embeds, grids = [], [], []
         device = inputs.hidden.device
-        for b, image_sizes in enumerate(inputs.image_sizes()):
-            sample_keep, sample_embeds, sample_grids = [], [], []
-            budgets = split_budget(image_sizes, counts[b]) if image_sizes else []
-            for image, budget in enumerate(budgets):
-                h, w = inputs.grids[b][image]
-                members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
-                if h * w != len(members):
-                    raise ValueError(f"image {image} of sample {b}: grid {h}x{w} but {len(members)} tokens")
-                if inputs.vision_grids is not None:  # the tower already ran at the lower resolution
-                    ph, pw = inputs.vision_grids[b][image]
-                    rows = torch.tensor(bin_starts(h, ph), device=device)
-                    cols = torch.tensor(bin_starts(w, pw), device=device)
-                    slots = members[(rows[:, None] * w + cols[None, :]).reshape(-1)]
-                    sample_embeds.append(inputs.hidden[b, slots])
-                else:
-                    ph, pw = pooled_shape(h, w, budget)
-                    pooled, first = pool_grid(inputs.hidden[b, members], h, w, ph, pw)
-                    slots = members[first]
-                    sample_embeds.append(pooled)
-                sample_keep.append(slots)
-                sample_grids.append((ph, pw))
+
+        def merge_image(b, image, members, hw, budget):
+            h, w = hw
+            if inputs.vision_grids is not None:  # the tower already ran at the lower resolution
+                ph, pw = inputs.vision_grids[b][image]
+                rows = torch.tensor(bin_starts(h, ph), device=device)
+                cols = torch.tensor(bin_starts(w, pw), device=device)
+                slots = members[(rows[:, None] * w + cols[None, :]).reshape(-1)]
+                return slots, inputs.hidden[b, slots], (ph, pw)
+            ph, pw = pooled_shape(h, w, budget)
+            pooled, first = pool_grid(inputs.hidden[b, members], h, w, ph, pw)
+            return members[first], pooled, (ph, pw)
+
+        result = merge_per_image(inputs, counts, merge_image)
+        for b, sample_grids in enumerate(result.grids):
             total = sum(p * q for p, q in sample_grids)
-            if len(budgets) > 1 and total > counts[b] + len(budgets):
+            if len(sample_grids) > 1 and total > counts[b] + len(sample_grids):
                 raise ValueError(
-                    f"sample {b}: its {len(budgets)} images were re-encoded at {total} tokens in all, over its budget "
-                    f"of {counts[b]}: each image's resolution is fixed before the sample is known, so give resize a "
-                    "ratio budget (e.g. resize@pre:0.25) for several images per sample"
+                    f"sample {b}: its {len(sample_grids)} images were re-encoded at {total} tokens in all, over its "
+                    f"budget of {counts[b]}: each image's resolution is fixed before the sample is known, so give "
+                    "resize a ratio budget (e.g. resize@pre:0.25) for several images per sample"
                 )
-            if sample_keep:
-                keep.append(torch.cat(sample_keep))
-                embeds.append(torch.cat(sample_embeds))
-            else:
-                keep.append(torch.zeros(0, dtype=torch.long, device=device))
-                embeds.append(inputs.hidden.new_zeros(0, inputs.hidden.shape[-1]))
-            grids.append(sample_grids)
-        return MergeResult(keep, embeds, grids)
+        return result
 
     def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
         return self.merge(inputs, counts).keep
