@@ -60,7 +60,8 @@ QWEN_TEMPLATE = (
 # Widths are small on purpose: the models must train from scratch in about an hour on a
 # 2-core CPU. Depth is 8 LLM layers so that layer-indexed plans (e.g. K = 2, 4, 6) make sense.
 LLM = {"hidden": 96, "layers": 8, "heads": 4, "kv_heads": 2, "mlp": 256, "head_dim": 24, "rope_theta": 1e6}
-VISION = {"hidden": 96, "layers": 2, "heads": 4, "mlp": 192}
+VISION = {"hidden": 96, "layers": 2, "heads": 4, "mlp": 192, "patch": 14, "side": QWEN_SIDE}
+# ``patch`` and ``side`` apply to qwen2.5-vl only: (side / patch / 2)^2 visual tokens per image.
 
 
 def _check_arch(arch: str) -> None:
@@ -87,9 +88,11 @@ def build_tokenizer(arch: Arch) -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_processor(arch: Arch):
-    """The real HF processor of the architecture, with the tiny tokenizer and a chat template."""
+def build_processor(arch: Arch, vision: dict | None = None):
+    """The real HF processor of the architecture, with the tiny tokenizer and a chat template;
+    for qwen2.5-vl, ``vision`` may set ``patch`` and ``side`` (the square image side in pixels)."""
     tok = build_tokenizer(arch)
+    vis = {**VISION, **(vision or {})}
     if arch == "llava":
         image = CLIPImageProcessor(
             size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_convert_rgb=True
@@ -98,9 +101,9 @@ def build_processor(arch: Arch):
             image_processor=image, tokenizer=tok, patch_size=14, num_additional_image_tokens=1,
             vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
         )  # fmt: skip
-    pixels = QWEN_SIDE * QWEN_SIDE
-    image = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2)
-    video = Qwen2VLVideoProcessor(min_pixels=pixels // 4, max_pixels=pixels, patch_size=14, merge_size=2)
+    pixels, patch = vis["side"] * vis["side"], vis["patch"]
+    image = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=2)
+    video = Qwen2VLVideoProcessor(min_pixels=pixels // 4, max_pixels=pixels, patch_size=patch, merge_size=2)
     return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
 
 
@@ -145,7 +148,7 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, vision:
     mrope = [head_dim // 2 - 2 * third, third, third]  # temporal, height, width; sums to head_dim/2
     vision = dict(
         depth=vis["layers"], hidden_size=vis["hidden"], intermediate_size=vis["mlp"], num_heads=vis["heads"],
-        window_size=112, fullatt_block_indexes=[vis["layers"] - 1],
+        window_size=112, fullatt_block_indexes=[vis["layers"] - 1], patch_size=vis["patch"],
     )  # fmt: skip
     roles = {role: ids(f"<|{role}|>") for role in ("vision_start", "vision_end")}
     roles |= {"image": ids("<|image_pad|>"), "video": ids("<|video_pad|>")}
@@ -161,7 +164,7 @@ def build_tiny(arch: Arch, seed: int = 0, vision: dict | None = None, **llm):
     Deterministic in ``seed``; ``llm`` overrides entries of ``LLM``. Useful for tests that need
     a real architecture without weights.
     """
-    processor = build_processor(arch)
+    processor = build_processor(arch, vision)
     config = build_config(arch, processor.tokenizer, vision=vision, **llm)
     torch.manual_seed(seed)
     cls = LlavaForConditionalGeneration if arch == "llava" else Qwen2_5_VLForConditionalGeneration

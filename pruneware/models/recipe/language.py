@@ -94,8 +94,9 @@ def apply_mix(text: str) -> None:
         QUESTION_MIX[task] = float(weight)
 
 
-def train_batch(tag: str, seed: int, step: int, size: int, per_image: int, vocab: dict[str, int]):
-    """``(packs, scenes)``: ``size`` packed train samples of stage ``tag`` and their scenes."""
+def train_batch(tag: str, seed: int, step: int, size: int, per_image: int, vocab: dict[str, int], pack_fn=pack):
+    """``(packs, scenes)``: ``size`` packed train samples of stage ``tag`` and their scenes
+    (``pack_fn``: the prompt layout, :func:`packing.pack` or ``qwen_language.pack_qwen``)."""
     names, p = list(SCENE_MIX), np.array(list(SCENE_MIX.values()))
     out, scenes = [], []
     for i in range(size):
@@ -104,20 +105,20 @@ def train_batch(tag: str, seed: int, step: int, size: int, per_image: int, vocab
         scene, rng = sample(s, task, 6)
         qas = questions(scene, rng, per_image, QUESTION_MIX)
         if qas:
-            out.append(pack(scene, qas, vocab))
+            out.append(pack_fn(scene, qas, vocab))
             scenes.append(scene)
     return out, scenes
 
 
 @torch.no_grad()
-def select_accuracy(net: Stage2, examples, vocab: dict[str, int], batch: int = 25) -> dict:
+def select_accuracy(net: Stage2, examples, vocab: dict[str, int], batch: int = 25, pack_fn=pack) -> dict:
     """Greedy first-answer-token accuracy on one-question prompts with all 576 cells."""
     inv = {v: k for k, v in vocab.items()}
     hits: dict[str, list[bool]] = {t: [] for t in TASKS}
     gen = torch.Generator().manual_seed(0)
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
-        packs = [pack(e.scene, [(e.question, e.answer, e.task)], vocab) for e in chunk]
+        packs = [pack_fn(e.scene, [(e.question, e.answer, e.task)], vocab) for e in chunk]
         ids, cells, index, is_cell, pos, mask, answers, _ = collate(packs, 1.0, gen, 0.0)
         hidden = net(ids, cells, index, is_cell, pos, mask)
         rows = torch.stack([a[0] - 1 for a in answers])
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--where", type=float, default=0.0, help="weight of the spatial whereabouts loss")
     ap.add_argument("--aux", type=float, default=0.0, help="weight of the relation / order / count probes")
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights (fresh optimizer, all cells from step 0)")
+    ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
+    ap.add_argument("--transfer", type=Path, help="qwen2.5-vl: start from this tiny-llava stage-2 checkpoint (all cells from step 0)")
+    ap.add_argument("--cellpos", type=float, default=1.0, help="qwen2.5-vl: weight of the cell-position probe")
     ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5,spatial=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -152,19 +156,31 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     apply_mix(args.mix)
-    model, processor = build_tiny("llava", seed=args.seed, vision=VISION_SPEC)
+    qwen = args.arch == "qwen2.5-vl"
+    if qwen:
+        from . import qwen_language as ql
+        from .qwen_vision import build_qwen
+
+        model, processor = build_qwen(args.seed)
+    else:
+        model, processor = build_tiny("llava", seed=args.seed, vision=VISION_SPEC)
+    pack_fn = ql.pack_qwen if qwen else pack
     vocab = processor.tokenizer.get_vocab()
     torch.manual_seed(args.seed)
-    net = Stage2(model).train()
+    net = (ql.Stage2Qwen(model) if qwen else Stage2(model)).train()
     cfg = model.config.text_config
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    probes = Probes(PROBES, cfg.hidden_size)  # dropped after training
+    spec = {**PROBES, "cellpos": (ql.CELLPOS_LAYER, 2)} if qwen else PROBES
+    probes = Probes(spec, cfg.hidden_size)  # dropped after training
     modules = {"net": net, "probes": probes}
     params = [*net.parameters(), *probes.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, elapsed, best = 0, 0.0, -1.0
     if args.init is not None:
         load_checkpoint(args.init, modules, None)
+    if args.transfer is not None:
+        llava_vocab = build_tiny("llava", vision=VISION_SPEC)[1].tokenizer.get_vocab()
+        ql.transfer_from_llava(net, probes, args.transfer, vocab, llava_vocab)
     if args.resume and (args.out / "last" / "meta.json").is_file():
         meta = load_checkpoint(args.out / "last", modules, opt)
         start, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
@@ -181,13 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(args.seed * 1000 + start)
     t0, saved = time.time() - elapsed, time.time()
     for step in range(start, args.steps):
-        packs, _ = train_batch("language", args.seed, step, args.batch, args.questions, vocab)
-        keep = 1.0 if args.init is not None else bg_keep(step, args.steps)
+        packs, _ = train_batch("language", args.seed, step, args.batch, args.questions, vocab, pack_fn)
+        keep = 1.0 if args.init is not None or args.transfer is not None else bg_keep(step, args.steps)
         ids, cells, index, is_cell, pos, mask, answers, targets = collate(packs, keep, gen, args.label_noise)
         batch_targets.update(targets, mask=mask)
         hidden = net(ids, cells, index, is_cell, pos, mask)
+        if qwen:
+            cellpos = ql.cellpos_loss(probes.outputs[ql.CELLPOS_LAYER], index, is_cell, probes.heads["cellpos"])
         probe = probes.losses(targets)
-        where, aux = probe["where"], sum(v for k, v in probe.items() if k != "where")
+        if qwen:
+            probe["cellpos"] = cellpos
+        where = probe["where"]
+        aux = sum(v for k, v in probe.items() if k not in ("where", "cellpos"))
         batch_targets.clear()
         bi = torch.cat([torch.full_like(a, i) for i, a in enumerate(answers)])
         ai = torch.cat(answers)
@@ -197,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         point = sum(terms) / max(len(terms), 1)
         terms.clear()
         loss = loss_qa + args.point * point + args.where * where + args.aux * aux
+        if qwen:
+            loss = loss + args.cellpos * probe["cellpos"]
         optimizer_step(opt, loss, params, lr_at(step, args.steps, args.lr, args.warmup))
         last = step == args.steps - 1
         if step % 25 == 0 or last:
@@ -204,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
                    "bg": round(keep, 3), "len": ids.shape[1], "elapsed_s": round(time.time() - t0)}  # fmt: skip
             if (step % args.eval_every == 0 and step > 0) or last:
                 net.eval()
-                row["select"] = select_accuracy(net, select, vocab)
+                row["select"] = select_accuracy(net, select, vocab, pack_fn=pack_fn)
                 net.train()
                 if row["select"]["acc"] > best:
                     best = row["select"]["acc"]

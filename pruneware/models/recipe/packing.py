@@ -22,7 +22,7 @@ from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
 POINT_KINDS = ("noun", "answer", "second", "relation")
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
-SINK = -2  # the prompt's first token (``USER``), relative to the first image cell
+SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
 GRID = 24
 N_CELLS = GRID * GRID
 
@@ -66,13 +66,14 @@ class Packed:
     """One packed sample, unpadded. ``L`` is its length before background cells are dropped."""
 
     ids: torch.Tensor  # [L] token ids; image cells hold the image token id
-    positions: torch.Tensor  # [L] shifted positions
+    positions: torch.Tensor  # [L] shifted positions ([L, 3] temporal / height / width for M-RoPE)
     segment: torch.Tensor  # [L] -2 image prefix, k >= 0 turn k
     answer_at: torch.Tensor  # [Q] index of the first answer token of each turn
     cells: torch.Tensor  # [576, 5] cell labels (colour, shape, glyph, centre, object + 1)
     point: list[dict[str, list[int]]]  # per turn: pointing targets {"noun@i": cells, "answer": cells, ...}
     tasks: list[str]
     aux: list[dict[str, list[float]]]  # per turn: probe targets (:func:`aux_targets`)
+    image_at: int = 2  # index of the first image cell (``USER : <image>``; 3 in the Qwen layout)
 
 
 def _cells_of(cells: torch.Tensor, objects: list[int], kind: str) -> list[int]:
@@ -172,7 +173,7 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     relative to the first image cell (negative ones are prompt tokens before the image)."""
     rows_kept = []
     for s in samples:
-        image = (s.ids == s.ids[2]).nonzero().flatten()  # [576] image cell columns
+        image = (s.ids == s.ids[s.image_at]).nonzero().flatten()  # [576] image cell columns
         bg = s.cells[:, 4] == 0
         drop = bg & (torch.rand(N_CELLS, generator=gen) >= keep_bg)
         keep = torch.ones(len(s.ids), dtype=torch.bool)
@@ -181,7 +182,7 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     n = max(len(k) for k in rows_kept)
     b = len(samples)
     ids = torch.zeros(b, n, dtype=torch.long)
-    pos = torch.zeros(b, n, dtype=torch.long)
+    pos = torch.zeros(b, n, *samples[0].positions.shape[1:], dtype=torch.long)
     seg = torch.full((b, n), -1, dtype=torch.long)
     cells = torch.zeros(b, n, 5, dtype=torch.long)
     is_cell = torch.zeros(b, n, dtype=torch.bool)
@@ -190,7 +191,7 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     for i, (s, k) in enumerate(zip(samples, rows_kept, strict=True)):
         ids[i, : len(k)], pos[i, : len(k)], seg[i, : len(k)] = s.ids[k], s.positions[k], s.segment[k]
         where[i, k] = torch.arange(len(k))
-        first = int((s.ids == s.ids[2]).nonzero()[0])
+        first = s.image_at
         cell_of = k - first
         on = (cell_of >= 0) & (cell_of < N_CELLS)
         is_cell[i, : len(k)] = on
@@ -203,7 +204,7 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     answers, targets = [], {k: [] for k in POINT_KINDS}
     targets.update(where=[], rel=[], order=[], count=[])
     for i, s in enumerate(samples):
-        first = int((s.ids == s.ids[2]).nonzero()[0])
+        first = s.image_at
         turn_start = [int((s.segment == k).nonzero()[0]) for k in range(len(s.tasks))]
         answers.append(where[i, s.answer_at])
         for j, point in enumerate(s.point):
@@ -216,6 +217,7 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
             for name, cols in point.items():
                 kind, _, word = name.partition("@")
                 row = int(where[i, s.answer_at[j] - 1]) if not word else int(where[i, turn_start[j] + int(word)])
-                new = where[i, torch.tensor(cols, dtype=torch.long) + first] if cols else torch.empty(0, dtype=torch.long)
+                absolute = torch.tensor([0 if c == SINK else c + first for c in cols], dtype=torch.long)  # SINK: column 0
+                new = where[i, absolute] if cols else torch.empty(0, dtype=torch.long)
                 targets[kind].append((i, row, new[new >= 0]))
     return ids, cells, index, is_cell, pos, mask[:, None], answers, targets
