@@ -83,3 +83,33 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     torch.testing.assert_close(again.weight, net.weight, rtol=0, atol=0)
     a, b = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
     torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=0, atol=0)
+
+
+def test_qwen_layout_matches_the_processor_and_hf_rope_index():
+    """tiny-qwen2.5-vl's stage-2 layout: a one-question pack has the real prompt's token ids
+    and the M-RoPE positions transformers computes for it; packed turns equal one-question packs."""
+    from pruneware.evals.synthetic import render
+    from pruneware.models import prompt
+    from pruneware.models.recipe.qwen_language import Stage2Qwen, pack_qwen
+    from pruneware.models.recipe.qwen_vision import build_qwen
+
+    model, processor = build_qwen(0)
+    vocab = processor.tokenizer.get_vocab()
+    packs, scenes = train_batch("test", 0, 3, 2, 4, vocab, pack_qwen)
+    p, scene = packs[0], scenes[0]
+    inv = {v: w for w, v in vocab.items()}
+    q = " ".join(inv[int(t)] for t in p.ids[p.segment == 0][:-5]).replace(" ?", "?")
+    answer = inv[int(p.ids[p.answer_at[0]])]
+    one = pack_qwen(scene, [(q, answer, p.tasks[0])], vocab)
+    inputs = processor(text=[prompt("tiny-qwen2.5-vl", q)], images=[render(scene)], return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    assert one.ids[:n].tolist() == inputs["input_ids"][0].tolist() and int(one.answer_at[0]) == n
+    hf, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    assert torch.equal(one.positions[:n].T, hf[:, 0])
+    torch.manual_seed(0)
+    net = Stage2Qwen(model).eval()
+    packed = _answer_logits(net, [p])[0]
+    for k in range(len(p.tasks)):
+        q = " ".join(inv[int(t)] for t in p.ids[p.segment == k][:-5]).replace(" ?", "?")
+        single = _answer_logits(net, [pack_qwen(scene, [(q, inv[int(p.ids[p.answer_at[k]])], p.tasks[k])], vocab)])[0][0]
+        torch.testing.assert_close(packed[k], single, atol=1e-5, rtol=1e-4)

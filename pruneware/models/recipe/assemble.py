@@ -27,17 +27,25 @@ from pruneware.evals.synthetic import evaluate, make_split, render
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from .language import POINT, PROBES, Stage2, apply_mix, train_batch
 from .losses import Probes, install_pointing
-from .packing import N_CELLS, collate
+from .packing import N_CELLS, collate, pack
+from .qwen_language import CELLPOS_LAYER, Stage2Qwen, cellpos_loss, pack_qwen
+from .qwen_vision import build_qwen, merged_tokens, qwen_patches
 from .vision import build_tower, features
 
 
-def assemble(vision: Path, language: Path, seed: int = 0):
-    """``(model, processor, stage2)``: a tiny LLaVA holding both stages' weights; ``stage2``
-    shares the model's language model and carries the cell embedding (the regression target)."""
-    model, processor = build_tower(seed)
+def assemble(vision: Path, language: Path, seed: int = 0, arch: str = "llava"):
+    """``(model, processor, stage2)``: a tiny LLaVA (or Qwen2.5-VL) holding both stages' weights;
+    ``stage2`` shares the model's language model and carries the cell embedding (the regression
+    target)."""
     tensors = load_checkpoint_tensors(vision)
-    model.model.vision_tower.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("tower.")})
-    net = Stage2(model)
+    if arch == "qwen2.5-vl":
+        model, processor = build_qwen(seed)
+        model.model.visual.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("visual.")})
+        net = Stage2Qwen(model)
+    else:
+        model, processor = build_tower(seed)
+        model.model.vision_tower.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("tower.")})
+        net = Stage2(model)
     load_checkpoint(language, {"net": net}, None)
     return model, processor, net
 
@@ -48,9 +56,9 @@ def load_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "state.safetensors"))
 
 
-def scenes_batch(seed: int, step: int, size: int, per_image: int, vocab):
+def scenes_batch(seed: int, step: int, size: int, per_image: int, vocab, pack_fn=pack):
     """Packed train samples and their rendered pixels [B, 3, 336, 336]."""
-    packs, scenes = train_batch("joint", seed, step, size, per_image, vocab)
+    packs, scenes = train_batch("joint", seed, step, size, per_image, vocab, pack_fn)
     return packs, torch.stack([clip_pixels(render(s)) for s in scenes])
 
 
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--point", type=float, default=0.3)
     ap.add_argument("--aux", type=float, default=0.0, help="weight of stage 2's answer-row probes, loaded with its checkpoint (joint)")
     ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5")
+    ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -78,14 +87,23 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     apply_mix(args.mix)
-    model, processor, net = assemble(args.vision, args.language, args.seed)
+    qwen = args.arch == "qwen2.5-vl"
+    pack_fn = pack_qwen if qwen else pack
+    model, processor, net = assemble(args.vision, args.language, args.seed, args.arch)
     if args.init is not None:
         model.load_state_dict(type(model).from_pretrained(args.init).state_dict())
     vocab = processor.tokenizer.get_vocab()
     cfg = model.config.text_config
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
-    if args.phase == "project":
+    if qwen:  # the merger is Qwen's projector
+        tower = model.model.visual
+        project = lambda pixels: merged_tokens(tower, pixels)  # noqa: E731
+    else:
+        tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+        project = lambda pixels: projector(features(tower, pixels))  # noqa: E731
+    if args.phase == "project" and qwen:
+        params = list(tower.parameters())
+    elif args.phase == "project":
         params = list(tower.parameters()) + list(projector.parameters())
     else:
         params = [p for n, p in model.named_parameters()]
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in params:
         p.requires_grad_(True)
     net.cell.requires_grad_(False)
-    probes = Probes(PROBES, cfg.hidden_size)  # stage 2's probes, kept consistent with its LLM; dropped after
+    probes = Probes({**PROBES, "cellpos": (CELLPOS_LAYER, 2)} if qwen else PROBES, cfg.hidden_size)  # stage 2's probes, kept consistent with its LLM; dropped after
     if args.phase == "joint" and args.aux > 0:
         load_checkpoint(args.language, {"probes": probes}, None)
         params += list(probes.parameters())
@@ -118,21 +136,28 @@ def main(argv: list[str] | None = None) -> None:
     t0, saved = time.time() - elapsed, time.time()
     model.train()
     for step in range(start, args.steps):
-        packs, pixels = scenes_batch(args.seed, step, args.batch, args.questions, vocab)
+        packs, pixels = scenes_batch(args.seed, step, args.batch, args.questions, vocab, pack_fn)
         row = {"step": step}
         if args.phase == "project":
             cells = torch.stack([p.cells for p in packs])  # [B, 576, 5]
             with torch.no_grad():
                 want = net.cell(cells, index)  # [B, 576, D]
-            got = projector(features(tower, pixels))
+            got = project(pixels)
             w = 0.2 + (cells[..., 4] > 0).float()
             loss = (((got - want) ** 2).mean(-1) * w).sum() / w.sum()
             row["mse"] = round(loss.item(), 4)
         else:
-            ids, _, _, _, pos, mask, answers, point = collate(packs, 1.0, gen, 0.0)
+            ids, _, index_, is_cell, pos, mask, answers, point = collate(packs, 1.0, gen, 0.0)
             targets.update(point, mask=mask)
-            hidden = model.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).last_hidden_state
-            aux = sum(probes.losses(point).values())
+            if qwen:
+                rows_, thw = qwen_patches(pixels)
+                hidden = model.model(input_ids=ids, pixel_values=rows_, image_grid_thw=thw, attention_mask=mask,
+                                     position_ids=pos.permute(2, 0, 1)).last_hidden_state  # fmt: skip
+                aux = cellpos_loss(probes.outputs[CELLPOS_LAYER], index_, is_cell, probes.heads["cellpos"])
+            else:
+                hidden = model.model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=pos).last_hidden_state
+                aux = 0.0
+            aux = aux + sum(probes.losses(point).values())
             targets.clear()
             bi = torch.cat([torch.full_like(a, i) for i, a in enumerate(answers)])
             rows = torch.cat([torch.cat(answers) - 1, torch.cat(answers)])
