@@ -39,6 +39,7 @@ from pruneware.report import Report, finish_report
 from pruneware.request import RequestState, RequestTracker
 from pruneware.resolve import PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
+from pruneware.vision_flops import tower_call_flops
 from pruneware.vision_side import VisionSide, reads_to_positions, resize_budget, vision_needs
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
@@ -97,6 +98,9 @@ class Session:
                 self._capture = AttentionCapture(self.model, self._on_attention)
                 self._capture.install()
             self._install_vision()
+            encoder = self.adapter.vision_encoder()
+            if encoder is not None:  # registered last: it sees the input a `resize` pre-hook rewrote
+                self._handles.append(encoder.register_forward_pre_hook(self._on_encoder_input, with_kwargs=True))
         except BaseException:
             self._remove()
             raise
@@ -137,6 +141,9 @@ class Session:
     # hooks -----------------------------------------------------------------------------
     def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         self._requests.saw_vision(output, self.adapter.vision_grid(args, kwargs))
+
+    def _on_encoder_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._requests.saw_tower_input(tower_call_flops(self.model.config, args, kwargs))
 
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._requests.enter()
@@ -212,6 +219,7 @@ class Session:
             return
         state.injections = None
         state.position_inputs = {}
+        state.report.vision_flops = self._requests.take_tower_flops()
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
         per_layer = [state.level_for(i)[0] for i in range(self.adapter.n_layers)]
         finish_report(

@@ -63,8 +63,10 @@ def test_eval_writes_results_plots_and_resumes(model_dir, tmp_path):
     payload = json.loads(result.stdout)
     assert [r["plan"] for r in payload["results"]] == ["none", "fastv", "divprune@pre:0.5"]
     for row in payload["results"]:
-        assert {"plan", "avg_tokens", "accuracy", "relative_accuracy", "avg_visual_tokens", "flops", "prefill_ms",
-                "per_task"} <= set(row)
+        assert {"plan", "avg_tokens", "accuracy", "relative_accuracy", "avg_visual_tokens", "flops", "vision_flops",
+                "prefill_ms", "per_task"} <= set(row)
+    # LLaVA's tower always sees the full image: every plan costs the unpruned tower's vision FLOPs
+    assert len({r["vision_flops"] for r in payload["results"]}) == 1 and payload["results"][0]["vision_flops"] > 0
     fastv, explicit = payload["results"][1], payload["results"][2]
     assert abs(fastv["avg_visual_tokens"] - 128) <= 1
     assert explicit["avg_tokens"] is None and explicit["plans_run"] == ["divprune@pre:0.5"]  # once, as written
