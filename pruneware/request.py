@@ -74,6 +74,8 @@ class RequestState:
     q_length: int = 0
     injections: VisualInjections | None = None
     static_len: int | None = None  # a static cache's max_cache_len (see caches.py)
+    lm_embeds: torch.Tensor | None = None  # [B, L0, D] the LM's prefill input, while a policy rates text
+    raters: torch.Tensor | None = None  # [B, L0] bool rater slots (policies with `rates_text`), prefill only
 
     def level_for(self, layer: int) -> tuple[int, Level]:
         i = max(j for j, start in enumerate(self.starts) if start <= layer)

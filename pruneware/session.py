@@ -37,10 +37,19 @@ from pruneware.prestage import decode_inputs, prune_inputs
 from pruneware.preview import PreviewDone, run_preview
 from pruneware.report import Report, finish_report
 from pruneware.request import RequestState, RequestTracker
-from pruneware.resolve import PlanSource
+from pruneware.resolve import NOMINAL_VISUAL_TOKENS, PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
 from pruneware.vision_flops import tower_call_flops
 from pruneware.vision_side import VisionSide, reads_to_positions, resize_budget, vision_needs
+
+def write_visual(level: Level, hidden: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
+    """hidden [B, Ls, D] with each sample's visual slots (in slot order) set to embeds[b] [k_b, D]."""
+    slots = level.visual_first
+    rows = torch.cat([torch.full((e.shape[0],), b, device=hidden.device) for b, e in enumerate(embeds)])
+    cols = torch.cat([slots[b, : e.shape[0]] for b, e in enumerate(embeds)])
+    values = torch.cat(list(embeds)).to(hidden.dtype)
+    return hidden.index_put((rows, cols), values)
+
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
@@ -67,6 +76,8 @@ class Session:
         self._requests = RequestTracker()
         self._attn = self.adapter.text_config._attn_implementation or "eager"
         self._vision_reads = vision_needs(self.source, self.adapter)  # raises before any hook
+        plan = self.source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False)
+        self._rates_text = any(getattr(self.source.policy(plan, i), "rates_text", False) for i in range(len(plan.stages)))
 
     @property
     def report(self) -> Report:
@@ -197,6 +208,7 @@ class Session:
         if pre is None:
             state.levels, state.starts = [root], [0]
             state.padding0 = None if mask is None else mask.bool()
+            state.lm_embeds = embeds if self._rates_text else None
             return args, kwargs
         selection = self._run(state, 0, pre, root, embeds)
         level = next_level(root, selection.keep)
@@ -205,6 +217,7 @@ class Session:
         )
         state.levels, state.starts = [as_root(level)], [0]
         state.padding0 = pruned.mask.bool()
+        state.lm_embeds = pruned.embeds if self._rates_text else None
         state.last_position = pruned.positions[..., -1]
         state.rewritten = pruned.rewritten
         new_mask = pruned.mask if full is None else masks.slice_static_prefill_mask(
@@ -219,6 +232,7 @@ class Session:
             return
         state.injections = None
         state.position_inputs = {}
+        state.lm_embeds = state.raters = None
         state.report.vision_flops = self._requests.take_tower_flops()
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
         per_layer = [state.level_for(i)[0] for i in range(self.adapter.n_layers)]
@@ -254,13 +268,18 @@ class Session:
         policy = self.source.policy(state.plan, stage_index)
         if isinstance(policy, AttentionPolicy) and policy.attention_layer == "own":
             self._preview_attention(state, layer, parent, hidden, kwargs)
-        level = next_level(parent, self._run(state, stage_index, stage, parent, hidden).keep)
+        selection = self._run(state, stage_index, stage, parent, hidden)
+        level = next_level(parent, selection.keep)
         level.stage = stage
         state.levels.append(level)
         state.starts.append(layer)
-        if level.same_as_prev:
+        recycled = selection.merged is not None and policy.recycles
+        if level.same_as_prev and not recycled:
             return args
-        (hidden,) = gather_rows(level.index_prev, hidden)
+        if not level.same_as_prev:
+            (hidden,) = gather_rows(level.index_prev, hidden)
+        if recycled:
+            hidden = write_visual(level, hidden, selection.merged.embeds)
         if args:
             return (hidden, *args[1:])
         kwargs["hidden_states"] = hidden
@@ -321,11 +340,25 @@ class Session:
         real = state.real_tokens(level)
         if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
             key = key[:, :, : level.length]
+        rows = self._raters(state, policy).gather(1, level.index0) if policy.rates_text else None
         state.captured[target] = attention_policy_scores(
-            policy, level.visual, real, query, key, getattr(module, "scaling", None)
+            policy, level.visual, real, query, key, getattr(module, "scaling", None), rows
         )
         if preview:
             raise PreviewDone
+
+    def _raters(self, state: RequestState, policy: AttentionPolicy) -> torch.Tensor:
+        """[B, L0] bool: the policy's rater slots, chosen once per prefill from the LM's input."""
+        if state.raters is None:
+            if state.lm_embeds is None:
+                raise RuntimeError(f"{policy.name} rates text from the language model's input, which was not recorded")
+            root = state.levels[0]
+            real = state.real_tokens(root)
+            rows, row_valid = policy.query_rows(root.visual, real)
+            text = torch.zeros_like(real).scatter_(1, rows, row_valid)
+            with torch.no_grad():
+                state.raters = policy.raters(state.lm_embeds, root.visual, text)
+        return state.raters
 
     # selection ---------------------------------------------------------------------------
     def _run(self, state: RequestState, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
