@@ -157,9 +157,17 @@ def test_train_adapter_command_trains_and_saves(model_dir, tmp_path):
 def test_eval_skips_budgets_a_preset_cannot_reach(model_dir, tmp_path):
     if "qwen" in model_dir:
         pytest.skip("one architecture is enough")
-    result = invoke("eval", "--model", model_dir, "--limit", "2", "--plans", "none,random,divprune", "--avg-tokens", "64",
-                    "--out", str(tmp_path), "--json")
+    result = invoke("eval", "--model", model_dir, "--limit", "2", "--plans", "none,random,divprune,sparsevlm",
+                    "--avg-tokens", "64", "--out", str(tmp_path), "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert [r["plan"] for r in payload["results"]] == ["none", "divprune"]
     assert "out of reach for preset 'random'" in payload["skipped"]["random|64.0"]
+    # SparseVLM's first stage sits at layer 1 of 8 and recycles tokens: 64 is out of reach, 128 runs
+    assert "out of reach for preset 'sparsevlm'" in payload["skipped"]["sparsevlm|64.0"]
+    result = invoke("eval", "--model", model_dir, "--limit", "2", "--plans", "sparsevlm", "--avg-tokens", "128",
+                    "--out", str(tmp_path / "128"), "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["results"]
+    assert row["plans_run"] == ["sparsevlm@1:117:compact,sparsevlm@2:66:compact,sparsevlm@4:44:compact"]
+    assert abs(row["avg_visual_tokens"] - 128) < 1
