@@ -30,7 +30,7 @@ from pruneware.caches import cache_of, output_cache, padding_of, static_length, 
 from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
 from pruneware.layer_inputs import level_kwargs
-from pruneware.levels import Level, as_root, next_level, root_level
+from pruneware.levels import Level, as_root, next_level, root_level, write_visual
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import decode_inputs, prune_inputs
@@ -41,14 +41,6 @@ from pruneware.resolve import NOMINAL_VISUAL_TOKENS, PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
 from pruneware.vision_flops import tower_call_flops
 from pruneware.vision_side import VisionSide, reads_to_positions, resize_budget, vision_needs
-
-def write_visual(level: Level, hidden: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
-    """hidden [B, Ls, D] with each sample's visual slots (in slot order) set to embeds[b] [k_b, D]."""
-    slots = level.visual_first
-    rows = torch.cat([torch.full((e.shape[0],), b, device=hidden.device) for b, e in enumerate(embeds)])
-    cols = torch.cat([slots[b, : e.shape[0]] for b, e in enumerate(embeds)])
-    values = torch.cat(list(embeds)).to(hidden.dtype)
-    return hidden.index_put((rows, cols), values)
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()

@@ -60,12 +60,11 @@ def qwen_image_flops(model_type: str, vc, t: int, h: int, w: int) -> float:
         mlp_mats = 3 if model_type == "qwen2_5_vl" else 2  # Qwen2.5-VL's MLP is gated
     flops = _linear(n, patch_in, d)
     full = t * _attention(h * w, d)  # one attention sequence per temporal step (HF's cu_seqlens)
-    windowed = full
-    if model_type == "qwen2_5_vl":
+    full_blocks, windowed = set(range(vc.depth)), full
+    if model_type == "qwen2_5_vl":  # blocks not in fullatt_block_indexes attend within windows
+        full_blocks = set(vc.fullatt_block_indexes)
         window_units = vc.window_size // merge // vc.patch_size
         windowed = t * sum(_attention(s * unit, d) for s in _window_sizes(h // merge, w // merge, window_units))
-    full_blocks = set(getattr(vc, "fullatt_block_indexes", None) or range(vc.depth)) if model_type == "qwen2_5_vl" \
-        else set(range(vc.depth))
     dense = _linear(n, d, 4 * d) + mlp_mats * _linear(n, d, inter)
     flops += sum(dense + (full if i in full_blocks else windowed) for i in range(vc.depth))
     mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ()) if model_type == "qwen3_vl" else 1
