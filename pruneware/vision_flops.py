@@ -12,6 +12,8 @@ over n tokens (QK^T and PV); norms, activations and RoPE are not counted.
     blocks attend within windows of `window_size` pixels, its `fullatt_block_indexes` over the
     whole image; the PatchMerger (and Qwen3-VL's DeepStack mergers) run on the merged tokens.
     `resize` feeds the tower fewer patches, so its count drops.
+  - LLaVA-NeXT (a variable number of tiles per image) is not counted yet: no entries, and the
+    eval rows show 0.
 """
 
 from __future__ import annotations
