@@ -21,8 +21,8 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 def table(results: dict) -> str:
     rows = [
         "| plan | avg_tokens | plan that ran | visual tokens / layer | accuracy [95% CI] | relative | KL vs unpruned "
-        "| top-1 agreement | counting | spatial | glyph | LM GFLOPs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| top-1 agreement | counting | spatial | glyph | LM GFLOPs | vision GFLOPs / image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in results["results"]:
         lo, hi = wilson(x["accuracy"], x["n"])
@@ -32,7 +32,7 @@ def table(results: dict) -> str:
             f"| {x['plan']} | {budget} | `{'; '.join(x['plans_run'])}` | {x['avg_visual_tokens']:.0f} "
             f"| {x['accuracy']:.3f} [{lo:.2f}, {hi:.2f}] | {x['relative_accuracy']:.2f} | {x['kl']:.3f} "
             f"| {x['top1_agreement']:.3f} | {t['counting']:.2f} | {t['spatial']:.2f} | {t['glyph']:.2f} "
-            f"| {x['flops'] / 1e9:.3f} |"
+            f"| {x['flops'] / 1e9:.3f} | {x.get('vision_flops', 0.0) / 1e9:.3f} |"
         )
     return "\n".join(rows)
 

@@ -155,6 +155,15 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> L
     return child
 
 
+def write_visual(level: Level, hidden: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
+    """hidden [B, Ls, D] with each sample's visual slots (in slot order) set to embeds[b] [k_b, D]."""
+    slots = level.visual_first
+    rows = torch.cat([torch.full((e.shape[0],), b, device=hidden.device) for b, e in enumerate(embeds)])
+    cols = torch.cat([slots[b, : e.shape[0]] for b, e in enumerate(embeds)])
+    values = torch.cat(list(embeds)).to(hidden.dtype)
+    return hidden.index_put((rows, cols), values)
+
+
 def as_root(level: Level) -> Level:
     """Make a `pre`-stage level the new level 0: later masks and positions are its size."""
     b, length = level.index_prev.shape

@@ -13,10 +13,12 @@ AdaptInfer paper's "64", which computes 82.9 visual tokens per layer on LLaVA-1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from pruneware.plan import Plan, PlanError, PositionsMode, Stage
+from pruneware.policies.sparsevlm import tokens_after as sparsevlm_tokens_after
 from pruneware.schedules import SCHEDULES, Schedule
 
 REFERENCE_DEPTH = 32
@@ -47,6 +49,9 @@ class Preset:
     description: str
     depth: int = REFERENCE_DEPTH  # the depth `layer32` is given for
     mrope: Preset | None = None  # the variant for M-RoPE models, when the paper ran one
+    # Visual tokens leaving a stage that receives n and keeps `count`, when a stage adds tokens
+    # of its own (SparseVLM's recycled ones); None: exactly `count`.
+    after: Callable[[int, int], int] | None = None
 
     def variant(self, rope: Literal["1d", "mrope"]) -> Preset:
         return self.mrope if rope == "mrope" and self.mrope is not None else self
@@ -84,7 +89,7 @@ class Preset:
             raise PlanError("avg_tokens needs the number of visual tokens per sample (n_visual >= 1)")
         counts = solve_counts(
             [0 if layer is None else layer for layer in layers],
-            [t.decay for t in preset.stages], n_visual, n_layers, avg_tokens, self.name,
+            [t.decay for t in preset.stages], n_visual, n_layers, avg_tokens, self.name, preset.after,
         )
         return Plan(tuple(
             Stage(t.policy, w, c, m) for t, w, c, m in zip(preset.stages, wheres, counts, modes, strict=True)
@@ -117,18 +122,23 @@ class ExactPreset(Preset):
         return self.plan
 
 
-def _average(layers: list[int], counts: list[int], n_visual: int, n_layers: int) -> float:
+def _average(
+    layers: list[int], counts: list[int], n_visual: int, n_layers: int,
+    after: Callable[[int, int], int] | None = None,
+) -> float:
     total, current, start = 0.0, n_visual, 0
     for layer, count in zip(layers, counts, strict=True):
         total += current * (layer - start)
-        current, start = count, layer
+        current, start = (count if after is None else after(current, count)), layer
     return (total + current * (n_layers - start)) / n_layers
 
 
 def solve_counts(
-    layers: list[int], decays: list[float], n_visual: int, n_layers: int, avg_tokens: float, name: str = "plan"
+    layers: list[int], decays: list[float], n_visual: int, n_layers: int, avg_tokens: float, name: str = "plan",
+    after: Callable[[int, int], int] | None = None,
 ) -> list[int]:
-    """Per-stage counts `round(n_visual * s**decay)` whose layer average is closest to `avg_tokens`."""
+    """Per-stage counts `round(n_visual * s**decay)` whose layer average is closest to `avg_tokens`
+    (`after`: the tokens a stage leaves, see `Preset.after`)."""
 
     def counts_for(scale: float) -> list[int]:
         out, previous = [], n_visual
@@ -137,7 +147,7 @@ def solve_counts(
             out.append(previous)
         return out
 
-    lowest = _average(layers, [1] * len(layers), n_visual, n_layers)
+    lowest = _average(layers, [1] * len(layers), n_visual, n_layers, after)
     if not lowest <= avg_tokens <= n_visual:
         raise PlanError(
             f"avg_tokens={avg_tokens} is out of reach for preset {name!r} with {n_visual} visual tokens "
@@ -146,11 +156,11 @@ def solve_counts(
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if _average(layers, counts_for(mid), n_visual, n_layers) < avg_tokens:
+        if _average(layers, counts_for(mid), n_visual, n_layers, after) < avg_tokens:
             lo = mid
         else:
             hi = mid
-    best = min((counts_for(lo), counts_for(hi)), key=lambda c: abs(_average(layers, c, n_visual, n_layers) - avg_tokens))
+    best = min((counts_for(lo), counts_for(hi)), key=lambda c: abs(_average(layers, c, n_visual, n_layers, after) - avg_tokens))
     return best
 
 
@@ -228,6 +238,23 @@ register_preset(
 register_preset(
     Preset("dart", (StageTemplate("dart", 2, 0.222),),
            "DART: key-norm pivots at layer K-1, keep the tokens least similar to them; before layer 2/32.")
+)
+# SparseVLM: the official code reads attention inside layers 2, 6, 15 of 32 (`pruning_loc`) and
+# prunes their outputs (stages before 3, 7, 16), positions re-indexed; each stage also adds the
+# tokens it recycles. Defaults are its "64" counts on 576 tokens (66, 30, 17); the decays make
+# avg_tokens=82.25, the true average of those counts, land on them.
+register_preset(
+    Preset(
+        "sparsevlm",
+        (
+            StageTemplate("sparsevlm", 3, 0.1146, 1.0, "compact"),
+            StageTemplate("sparsevlm", 7, 0.0521, 1.365, "compact"),
+            StageTemplate("sparsevlm", 16, 0.0295, 1.623, "compact"),
+        ),
+        "SparseVLM: attention of the image-relevant text raters; stages before layers 3, 7, 16 of 32 "
+        "(official pruning_loc 2, 6, 15), pruned tokens recycled into a few merged ones.",
+        after=sparsevlm_tokens_after,
+    )
 )
 # Information Horizon: DivPrune before the LLM, random before layer 20 of 32, positions
 # re-indexed; defaults are the paper's "64" counts on 576 tokens (96, 10).

@@ -43,6 +43,9 @@ class Report:
         sample_plans: per sample, the plan string with that sample's own budgets.
         visual_per_sample: per sample, its visual tokens averaged over layers.
         flops_per_sample: per sample, its share of `lm_flops`.
+        vision_flops: per image the vision encoder ran on during this call (in the order it
+            ran them), the vision side's FLOPs for the input the encoder actually received
+            (see `pruneware.vision_flops`); `resize` on Qwen makes them smaller.
     """
 
     stages: list[StageReport] = field(default_factory=list)
@@ -55,6 +58,7 @@ class Report:
     sample_plans: list[str] = field(default_factory=list)
     visual_per_sample: list[float] = field(default_factory=list)
     flops_per_sample: list[float] = field(default_factory=list)
+    vision_flops: list[float] = field(default_factory=list)
 
     @property
     def avg_visual_tokens(self) -> float:
@@ -72,6 +76,7 @@ class Report:
             "avg_visual_tokens": round(self.avg_visual_tokens, 2),
             "lm_flops": self.lm_flops,
             "flops_ratio": round(self.flops_ratio, 4),
+            "vision_flops": sum(self.vision_flops),
             "stages": [
                 {"where": s.where, "policy": s.policy, "n_before": s.n_before, "n_after": s.n_after}
                 for s in self.stages

@@ -74,6 +74,8 @@ class RequestState:
     q_length: int = 0
     injections: VisualInjections | None = None
     static_len: int | None = None  # a static cache's max_cache_len (see caches.py)
+    lm_embeds: torch.Tensor | None = None  # [B, L0, D] the LM's prefill input, while a policy rates text
+    raters: torch.Tensor | None = None  # [B, L0] bool rater slots (policies with `rates_text`), prefill only
 
     def level_for(self, layer: int) -> tuple[int, Level]:
         i = max(j for j, start in enumerate(self.starts) if start <= layer)
@@ -102,6 +104,7 @@ class RequestTracker:
         self._depth: ContextVar[int] = ContextVar(f"pruneware_depth_{n}", default=0)
         self._vision: ContextVar[tuple] = ContextVar(f"pruneware_vision_{n}", default=())
         self._vision_reads: ContextVar[tuple] = ContextVar(f"pruneware_vision_reads_{n}", default=())
+        self._tower_flops: ContextVar[tuple] = ContextVar(f"pruneware_tower_flops_{n}", default=())
         self._by_cache: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -125,6 +128,7 @@ class RequestTracker:
             self._current.set(None)
             self._vision.set(())
             self._vision_reads.set(())
+            self._tower_flops.set(())
 
     @property
     def current(self) -> RequestState | None:
@@ -164,6 +168,15 @@ class RequestTracker:
         reads = list(self._vision_reads.get())
         self._vision_reads.set(())
         return reads
+
+    def saw_tower_input(self, flops: list[float]) -> None:
+        """Per image, the FLOPs of one vision-encoder call on the input it actually received."""
+        self._tower_flops.set((*self._tower_flops.get(), *flops))
+
+    def take_tower_flops(self) -> list[float]:
+        flops = list(self._tower_flops.get())
+        self._tower_flops.set(())
+        return flops
 
     # reports -------------------------------------------------------------------------------
     @property

@@ -75,6 +75,12 @@ class PlanSource:
                 )
             if stage.where != "pre" and policy.vision:
                 raise PlanError(f"stage {stage}: {stage.policy!r} reads the vision tower and runs only at 'pre'")
+            if policy.recycles and stage.where != "pre" and stage.layer < self.adapter.injection_layers():
+                raise PlanError(
+                    f"stage {stage}: {stage.policy!r} recycles pruned tokens into slots whose features the model "
+                    f"adds again after layers 0..{self.adapter.injection_layers() - 1} (DeepStack); "
+                    f"place it at K >= {self.adapter.injection_layers()}"
+                )
             if stage.where == 0 and policy.needs_attention and getattr(policy, "attention_layer", "") != "own":
                 raise PlanError(f"stage {stage}: {stage.policy!r} needs layer K-1's attention; use K >= 1")
 

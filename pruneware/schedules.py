@@ -16,6 +16,12 @@ Sources (read at the commits cited in docs/methods.md):
   the tokens left, `int()`-truncated; `pruning_loc` default `[0, 9, 19]`
   (`qwen2_vl/eval/model_vqa_qwen.py`), so stages before layers 1, 10, 20; `builder.py` keeps
   the original M-RoPE positions: `keep`.
+- SparseVLM, LLaVA-1.5-7B: github.com/Gumpest/SparseVLMs @ `26a5f48`
+  `llava/model/language_model/score.py`: `sparse_token_dict` (v1.0, the default `USE_VERSION`),
+  `layer_dict = {2: 0, 6: 1, 15: 2}` (attention read inside layer L, L's output pruned: stages
+  before 3, 7, 16), k = min(count, tokens left - 1); each stage also recycles its pruned tokens
+  into a few merged ones, which the true average counts; `modelling_sparse_llama.py` re-indexes
+  positions: `compact`.
 - Information Horizon, LLaVA-1.5-7B: DivPrune before the LLM, random pruning before layer 20,
   positions re-indexed. The counts are the paper's (its repository,
   github.com/YahongWang1/Information-Horizon, holds only a README: "Code will be released soon").
@@ -62,6 +68,11 @@ def _horizon(label: str, counts: tuple[int, int]) -> Schedule:
     )
 
 
+def _sparsevlm(label: str, counts: tuple[int, int, int]) -> Schedule:
+    plan = ",".join(f"sparsevlm@{layer}:{c}:compact" for layer, c in zip((3, 7, 16), counts, strict=True))
+    return Schedule(f"sparsevlm-llava-{label}", plan, "SparseVLM", f'"{label}"', "LLaVA-1.5-7B", 32, 576, "sparsevlm")
+
+
 SCHEDULES: tuple[Schedule, ...] = (
     _adaptinfer_llava("128", (290, 72, 18)),
     _adaptinfer_llava("64", (133, 27, 3)),
@@ -72,4 +83,7 @@ SCHEDULES: tuple[Schedule, ...] = (
     _adaptinfer_qwen("50", (0.7, 0.9, 0.3)),
     _horizon("64", (96, 10)),
     _horizon("192", (284, 38)),
+    _sparsevlm("192", (300, 200, 110)),
+    _sparsevlm("128", (303, 110, 36)),
+    _sparsevlm("64", (66, 30, 17)),
 )

@@ -78,6 +78,10 @@ def run_stage(
     if policy.merges:
         merged = policy.merge(inputs, budgets)
         keep = merged.keep
+    elif policy.recycles:
+        with _no_grad():
+            merged = policy.merge(inputs, budgets)
+        keep = merged.keep
     else:
         with _no_grad():
             keep = policy.select(inputs, budgets)
@@ -109,16 +113,19 @@ def query_rows(policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor
 
 def attention_policy_scores(
     policy: AttentionPolicy, visual: torch.Tensor, real: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-    scale: float | None,
+    scale: float | None, rater_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, Ls] weighted attention the policy's query rows pay each slot, at layer K-1.
 
-    query: [B, H, Ls, d] post-RoPE; key: [B, Hkv, Ls, d] (not repeated for GQA).
+    query: [B, H, Ls, d] post-RoPE; key: [B, Hkv, Ls, d] (not repeated for GQA);
+    rater_slots: [B, Ls] bool, for policies with `rates_text`: the slots whose rows count.
     """
     with _no_grad():  # scores only: never part of a graph
         if policy.captures == "key-norm":
             return key.float().abs().sum(dim=(1, 3))  # [B, Ls]: L1 norm over every key head
         rows, row_valid = query_rows(policy, visual, real)
+        if rater_slots is not None:
+            row_valid = row_valid & rater_slots.gather(1, rows)
         heads, dim = query.shape[1], query.shape[3]
         q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]
         block = None

@@ -30,16 +30,18 @@ from pruneware.caches import cache_of, output_cache, padding_of, static_length, 
 from pruneware.capture import AttentionCapture
 from pruneware.kernels.gather import gather_rows
 from pruneware.layer_inputs import level_kwargs
-from pruneware.levels import Level, as_root, next_level, root_level
+from pruneware.levels import Level, as_root, next_level, root_level, write_visual
 from pruneware.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
 from pruneware.prestage import decode_inputs, prune_inputs
 from pruneware.preview import PreviewDone, run_preview
 from pruneware.report import Report, finish_report
 from pruneware.request import RequestState, RequestTracker
-from pruneware.resolve import PlanSource
+from pruneware.resolve import NOMINAL_VISUAL_TOKENS, PlanSource
 from pruneware.selection import Selection, attention_policy_scores, run_stage
+from pruneware.vision_flops import tower_call_flops
 from pruneware.vision_side import VisionSide, reads_to_positions, resize_budget, vision_needs
+
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
@@ -66,6 +68,8 @@ class Session:
         self._requests = RequestTracker()
         self._attn = self.adapter.text_config._attn_implementation or "eager"
         self._vision_reads = vision_needs(self.source, self.adapter)  # raises before any hook
+        plan = self.source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False)
+        self._rates_text = any(getattr(self.source.policy(plan, i), "rates_text", False) for i in range(len(plan.stages)))
 
     @property
     def report(self) -> Report:
@@ -97,6 +101,9 @@ class Session:
                 self._capture = AttentionCapture(self.model, self._on_attention)
                 self._capture.install()
             self._install_vision()
+            encoder = self.adapter.vision_encoder()
+            if encoder is not None:  # registered last: it sees the input a `resize` pre-hook rewrote
+                self._handles.append(encoder.register_forward_pre_hook(self._on_encoder_input, with_kwargs=True))
         except BaseException:
             self._remove()
             raise
@@ -137,6 +144,9 @@ class Session:
     # hooks -----------------------------------------------------------------------------
     def _on_vision(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         self._requests.saw_vision(output, self.adapter.vision_grid(args, kwargs))
+
+    def _on_encoder_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._requests.saw_tower_input(tower_call_flops(self.model.config, args, kwargs))
 
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._requests.enter()
@@ -190,6 +200,7 @@ class Session:
         if pre is None:
             state.levels, state.starts = [root], [0]
             state.padding0 = None if mask is None else mask.bool()
+            state.lm_embeds = embeds if self._rates_text else None
             return args, kwargs
         selection = self._run(state, 0, pre, root, embeds)
         level = next_level(root, selection.keep)
@@ -198,6 +209,7 @@ class Session:
         )
         state.levels, state.starts = [as_root(level)], [0]
         state.padding0 = pruned.mask.bool()
+        state.lm_embeds = pruned.embeds if self._rates_text else None
         state.last_position = pruned.positions[..., -1]
         state.rewritten = pruned.rewritten
         new_mask = pruned.mask if full is None else masks.slice_static_prefill_mask(
@@ -212,6 +224,8 @@ class Session:
             return
         state.injections = None
         state.position_inputs = {}
+        state.lm_embeds = state.raters = None
+        state.report.vision_flops = self._requests.take_tower_flops()
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
         per_layer = [state.level_for(i)[0] for i in range(self.adapter.n_layers)]
         finish_report(
@@ -246,13 +260,18 @@ class Session:
         policy = self.source.policy(state.plan, stage_index)
         if isinstance(policy, AttentionPolicy) and policy.attention_layer == "own":
             self._preview_attention(state, layer, parent, hidden, kwargs)
-        level = next_level(parent, self._run(state, stage_index, stage, parent, hidden).keep)
+        selection = self._run(state, stage_index, stage, parent, hidden)
+        level = next_level(parent, selection.keep)
         level.stage = stage
         state.levels.append(level)
         state.starts.append(layer)
-        if level.same_as_prev:
+        recycled = selection.merged is not None and policy.recycles
+        if level.same_as_prev and not recycled:
             return args
-        (hidden,) = gather_rows(level.index_prev, hidden)
+        if not level.same_as_prev:
+            (hidden,) = gather_rows(level.index_prev, hidden)
+        if recycled:
+            hidden = write_visual(level, hidden, selection.merged.embeds)
         if args:
             return (hidden, *args[1:])
         kwargs["hidden_states"] = hidden
@@ -313,11 +332,25 @@ class Session:
         real = state.real_tokens(level)
         if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
             key = key[:, :, : level.length]
+        rows = self._raters(state, policy).gather(1, level.index0) if policy.rates_text else None
         state.captured[target] = attention_policy_scores(
-            policy, level.visual, real, query, key, getattr(module, "scaling", None)
+            policy, level.visual, real, query, key, getattr(module, "scaling", None), rows
         )
         if preview:
             raise PreviewDone
+
+    def _raters(self, state: RequestState, policy: AttentionPolicy) -> torch.Tensor:
+        """[B, L0] bool: the policy's rater slots, chosen once per prefill from the LM's input."""
+        if state.raters is None:
+            if state.lm_embeds is None:
+                raise RuntimeError(f"{policy.name} rates text from the language model's input, which was not recorded")
+            root = state.levels[0]
+            real = state.real_tokens(root)
+            rows, row_valid = policy.query_rows(root.visual, real)
+            text = torch.zeros_like(real).scatter_(1, rows, row_valid)
+            with torch.no_grad():
+                state.raters = policy.raters(state.lm_embeds, root.visual, text)
+        return state.raters
 
     # selection ---------------------------------------------------------------------------
     def _run(self, state: RequestState, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:

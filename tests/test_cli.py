@@ -63,8 +63,10 @@ def test_eval_writes_results_plots_and_resumes(model_dir, tmp_path):
     payload = json.loads(result.stdout)
     assert [r["plan"] for r in payload["results"]] == ["none", "fastv", "divprune@pre:0.5"]
     for row in payload["results"]:
-        assert {"plan", "avg_tokens", "accuracy", "relative_accuracy", "avg_visual_tokens", "flops", "prefill_ms",
-                "per_task"} <= set(row)
+        assert {"plan", "avg_tokens", "accuracy", "relative_accuracy", "avg_visual_tokens", "flops", "vision_flops",
+                "prefill_ms", "per_task"} <= set(row)
+    # LLaVA's tower always sees the full image: every plan costs the unpruned tower's vision FLOPs
+    assert len({r["vision_flops"] for r in payload["results"]}) == 1 and payload["results"][0]["vision_flops"] > 0
     fastv, explicit = payload["results"][1], payload["results"][2]
     assert abs(fastv["avg_visual_tokens"] - 128) <= 1
     assert explicit["avg_tokens"] is None and explicit["plans_run"] == ["divprune@pre:0.5"]  # once, as written
@@ -155,9 +157,17 @@ def test_train_adapter_command_trains_and_saves(model_dir, tmp_path):
 def test_eval_skips_budgets_a_preset_cannot_reach(model_dir, tmp_path):
     if "qwen" in model_dir:
         pytest.skip("one architecture is enough")
-    result = invoke("eval", "--model", model_dir, "--limit", "2", "--plans", "none,random,divprune", "--avg-tokens", "64",
-                    "--out", str(tmp_path), "--json")
+    result = invoke("eval", "--model", model_dir, "--limit", "2", "--plans", "none,random,divprune,sparsevlm",
+                    "--avg-tokens", "64", "--out", str(tmp_path), "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert [r["plan"] for r in payload["results"]] == ["none", "divprune"]
     assert "out of reach for preset 'random'" in payload["skipped"]["random|64.0"]
+    # SparseVLM's first stage sits at layer 1 of 8 and recycles tokens: 64 is out of reach, 128 runs
+    assert "out of reach for preset 'sparsevlm'" in payload["skipped"]["sparsevlm|64.0"]
+    result = invoke("eval", "--model", model_dir, "--limit", "2", "--plans", "sparsevlm", "--avg-tokens", "128",
+                    "--out", str(tmp_path / "128"), "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["results"]
+    assert row["plans_run"] == ["sparsevlm@1:117:compact,sparsevlm@2:66:compact,sparsevlm@4:44:compact"]
+    assert abs(row["avg_visual_tokens"] - 128) < 1

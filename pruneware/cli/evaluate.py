@@ -87,12 +87,14 @@ def evaluate(
         emit_json(payload)
         return
     table = Table(title=f"{name} on {bench} ({len(items)} examples)")
-    for column in ("plan", "avg tokens", "accuracy", "relative", "visual/layer", "GFLOPs", "prefill ms", "KL"):
+    for column in ("plan", "avg tokens", "accuracy", "relative", "visual/layer", "LM GFLOPs", "vision GFLOPs",
+                   "prefill ms", "KL"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["plan"], "-" if r["avg_tokens"] is None else f"{r['avg_tokens']:g}", f"{r['accuracy']:.3f}",
                       "-" if r["relative_accuracy"] is None else f"{r['relative_accuracy']:.3f}",
-                      f"{r['avg_visual_tokens']:.1f}", f"{r['flops'] / 1e9:.3f}", f"{r['prefill_ms']:.1f}", f"{r['kl']:.4f}")
+                      f"{r['avg_visual_tokens']:.1f}", f"{r['flops'] / 1e9:.3f}",
+                      f"{r['vision_flops'] / 1e9:.3f}", f"{r['prefill_ms']:.1f}", f"{r['kl']:.4f}")
     Console().print(table)
     for key, reason in skipped.items():
         Console(stderr=True).print(f"skipped {key.replace('|', ' at avg_tokens=')}: {reason}")

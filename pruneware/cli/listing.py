@@ -17,7 +17,7 @@ def plans(json_out: bool = typer.Option(False, "--json")) -> None:
     from pruneware.presets import available_presets
 
     policies = [
-        {"name": n, "description": c.description, "pre": c.pre_llm, "in_llm": not c.merges,
+        {"name": n, "description": c.description, "pre": c.pre_llm, "in_llm": not c.merges or c.recycles,
          "needs_attention": c.needs_attention} for n, c in sorted(available().items())
     ]
     presets = [

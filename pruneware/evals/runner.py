@@ -21,6 +21,7 @@ import pruneware
 from pruneware.plan import PlanError
 from pruneware.report import lm_flops_per_sample
 from pruneware.resolve import accepts_avg_tokens
+from pruneware.vision_flops import input_vision_flops
 
 NONE = "none"
 
@@ -161,6 +162,7 @@ def run_sweep(
                         "kl": round(float(kl[b]), 6),
                         "visual_tokens": _visual_tokens(report, b, inputs, model),
                         "flops": _flops(report, b, inputs, model),
+                        "vision_flops": _vision_flops(report, b, inputs, model),
                         "prefill_ms": round(ms / len(batch), 3),
                     }
                     sink.write(json.dumps(row) + "\n")
@@ -188,6 +190,20 @@ def _flops(report, b: int, inputs: dict, model) -> float:
     config = model.config.get_text_config()
     tokens = int(inputs["attention_mask"][b].sum())
     return lm_flops_per_sample([[tokens]] * config.num_hidden_layers, config)[0]
+
+
+def _vision_flops(report, b: int, inputs: dict, model) -> float:
+    """Sample b's vision-side FLOPs per image, for the input the vision encoder actually ran on
+    (see pruneware.vision_flops). With one image per sample (every bundled benchmark) it is that
+    image's; otherwise the batch's mean per image."""
+    per_image = report.vision_flops if report is not None and report.vision_flops else None
+    if per_image is None:
+        per_image = input_vision_flops(model.config, inputs)
+    if not per_image:
+        return 0.0
+    if len(per_image) == inputs["input_ids"].shape[0]:
+        return float(per_image[b])
+    return float(sum(per_image) / len(per_image))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -235,6 +251,7 @@ def summarize(rows: Sequence[dict], plan_variants: Sequence[Variant], items: Seq
             "relative_accuracy": round(accuracy / base_acc, 4) if base_acc else None,
             "avg_visual_tokens": round(mean("visual_tokens"), 2),
             "flops": mean("flops"),
+            "vision_flops": sum(r.get("vision_flops", 0.0) for r in group) / len(group),  # rows of older runs lack it
             "prefill_ms": round(mean("prefill_ms"), 3),
             "top1_agreement": round(mean("top1_agrees"), 4),
             "answer_agreement": round(mean("answer_agrees"), 4),

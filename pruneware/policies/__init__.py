@@ -2,7 +2,7 @@
 
 from pruneware.policies import (  # noqa: F401  (registration)
     adaptinfer, crosslmm, dart, divprune, fastervlm, fastv, pdrop, random, resize, vision_score,
-    visionzip,
+    sparsevlm, visionzip,
 )
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import (

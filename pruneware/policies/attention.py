@@ -38,6 +38,16 @@ class AttentionPolicy(Policy):
     captures: ClassVar[Literal["attention", "key-norm"]] = "attention"
     needs_text: ClassVar[bool] = False  # StageInput.text: the query rows' states and captured values
     final_norm: ClassVar[bool] = False  # states pass through the language model's final norm first
+    # Only some query rows count, chosen once from the language model's input embeddings by
+    # `raters` (SparseVLM); the session passes the others to `row_weights` as invalid.
+    rates_text: ClassVar[bool] = False
+
+    def raters(self, embeds: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: which of the `text` slots rate (policies with `rates_text`).
+
+        embeds: [B, L, D] the language model's input; visual, text: [B, L] bool.
+        """
+        raise NotImplementedError(f"policy {self.name!r} does not choose raters")
 
     def query_rows(self, visual: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] slot indices of the query rows this policy reads (left-aligned) and their validity.

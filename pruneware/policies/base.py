@@ -119,6 +119,9 @@ class Policy:
     needs_attention: ClassVar[bool] = False  # needs attention rows from layer K-1
     pre_llm: ClassVar[bool] = True  # may run at `pre`
     merges: ClassVar[bool] = False  # implements merge(): new embeddings, `pre` only
+    # In-LLM: merge() keeps some slots and gives some of them new states (SparseVLM's recycled
+    # tokens take pruned slots); positions and masks stay the slots'.
+    recycles: ClassVar[bool] = False
     # What a `pre` policy reads from the vision tower: "attention" (per-token scores), "keys"
     # (head-averaged keys at that layer), "resize" (the tower runs on resized pixels).
     vision: ClassVar[tuple[str, ...]] = ()

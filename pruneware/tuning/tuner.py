@@ -95,7 +95,8 @@ def tune(
         calibration: questions (items with image, question, answer(s), id), a count of synthetic
             train-split questions, or None for 64 of them. Never the synthetic eval split.
         budget: Budget(avg_tokens=64), {"flops_ratio": 0.3}, or "latency_ms=40".
-        policies: restrict the search to these registered policies (default: all).
+        policies: restrict the search to these registered policies (default: all but those that
+            add recycled tokens, `sparsevlm`, whose cost the budget's plan arithmetic does not see).
         time_budget_s: profiling stops at 70% of this and verification at 100% (at least one
             plan is always measured); what was profiled is still searched.
         on_progress: called as on_progress(done, total, what) after each measurement.
@@ -114,7 +115,8 @@ def tune(
         raise PlanError(f"max_stages must be in 1..4, got {max_stages}")
     if max_places < 2:
         raise PlanError(f"max_places must be >= 2 ('pre' and one layer), got {max_places}")
-    names = sorted(available_policies()) if policies is None else list(policies)
+    names = sorted(n for n, c in available_policies().items() if not c.recycles) if policies is None \
+        else list(policies)
     for name in names:
         get_policy(name)  # raises with the valid names
     items = default_calibration(64 if calibration is None else calibration, seed) \

@@ -1,0 +1,116 @@
+"""Vision-side FLOPs: the vision encoder and its projector into the language model, per image.
+
+Counted analytically from the model's config and the patches the encoder actually receives,
+the same way `pruneware.report.layer_flops` counts the language model: 2 FLOPs per multiply-add
+of every linear layer and convolution, and 4 * n^2 * width per full (bidirectional) attention
+over n tokens (QK^T and PV); norms, activations and RoPE are not counted.
+
+  - LLaVA (CLIP): (H / patch) * (W / patch) patches plus [CLS] through every encoder layer
+    (HF runs them all, whatever `vision_feature_layer`), then the projector on the selected
+    tokens. A fixed-size tower: every plan, `resize` included, gives the same count.
+  - Qwen2-VL, Qwen2.5-VL, Qwen3-VL: t * h * w patches from `grid_thw`; Qwen2.5-VL's windowed
+    blocks attend within windows of `window_size` pixels, its `fullatt_block_indexes` over the
+    whole image; the PatchMerger (and Qwen3-VL's DeepStack mergers) run on the merged tokens.
+    `resize` feeds the tower fewer patches, so its count drops.
+  - LLaVA-NeXT (a variable number of tiles per image) is not counted yet: no entries, and the
+    eval rows show 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _linear(tokens: float, fan_in: int, fan_out: int) -> float:
+    return 2.0 * tokens * fan_in * fan_out
+
+
+def _attention(tokens: float, width: int) -> float:
+    return 4.0 * tokens * tokens * width
+
+
+def clip_image_flops(vision_config, projector_in: int, text_hidden: int, n_patches: int, n_selected: int) -> float:
+    """A CLIP tower on one image of `n_patches` patches (+ [CLS]) and LLaVA's two-layer
+    projector on the `n_selected` tokens it reads (`projector_in` wide)."""
+    d, inter, p = vision_config.hidden_size, vision_config.intermediate_size, vision_config.patch_size
+    n = n_patches + 1
+    flops = _linear(n_patches, vision_config.num_channels * p * p, d)  # patch embedding (conv)
+    per_layer = _linear(n, d, 4 * d) + _linear(n, d, inter) + _linear(n, inter, d) + _attention(n, d)
+    flops += vision_config.num_hidden_layers * per_layer
+    return flops + _linear(n_selected, projector_in, text_hidden) + _linear(n_selected, text_hidden, text_hidden)
+
+
+def _window_sizes(units_h: int, units_w: int, window_units: int) -> list[int]:
+    """Merged units per attention window of a (units_h x units_w) grid, as HF tiles it."""
+    hs = [min(window_units, units_h - i) for i in range(0, units_h, window_units)]
+    ws = [min(window_units, units_w - j) for j in range(0, units_w, window_units)]
+    return [a * b for a in hs for b in ws]
+
+
+def qwen_image_flops(model_type: str, vc, t: int, h: int, w: int) -> float:
+    """A Qwen vision tower on one image or video of (t, h, w) patches."""
+    n = t * h * w
+    merge = vc.spatial_merge_size
+    unit = merge * merge
+    patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    if model_type == "qwen2_vl":
+        d, inter, out, mlp_mats = vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), vc.hidden_size, 2
+    else:
+        d, inter, out = vc.hidden_size, vc.intermediate_size, vc.out_hidden_size
+        mlp_mats = 3 if model_type == "qwen2_5_vl" else 2  # Qwen2.5-VL's MLP is gated
+    flops = _linear(n, patch_in, d)
+    full = t * _attention(h * w, d)  # one attention sequence per temporal step (HF's cu_seqlens)
+    full_blocks, windowed = set(range(vc.depth)), full
+    if model_type == "qwen2_5_vl":  # blocks not in fullatt_block_indexes attend within windows
+        full_blocks = set(vc.fullatt_block_indexes)
+        window_units = vc.window_size // merge // vc.patch_size
+        windowed = t * sum(_attention(s * unit, d) for s in _window_sizes(h // merge, w // merge, window_units))
+    dense = _linear(n, d, 4 * d) + mlp_mats * _linear(n, d, inter)
+    flops += sum(dense + (full if i in full_blocks else windowed) for i in range(vc.depth))
+    mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ()) if model_type == "qwen3_vl" else 1
+    merged = n / unit
+    flops += mergers * (_linear(merged, d * unit, d * unit) + _linear(merged, d * unit, out))
+    return flops
+
+
+def tower_call_flops(config, args: tuple, kwargs: dict[str, Any]) -> list[float]:
+    """Per image, the FLOPs of one call of the vision encoder on the inputs it received.
+
+    Qwen: args (pixel_values, grid_thw) or grid_thw by keyword, one entry per grid row.
+    LLaVA: pixel_values [n, C, H, W], one entry per image.
+    """
+    model_type = config.model_type
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            return []
+        return [qwen_image_flops(model_type, config.vision_config, t, h, w) for t, h, w in grid.tolist()]
+    if model_type == "llava":
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if pixels is None:
+            return []
+        return [llava_image_flops(config, pixels.shape[-2], pixels.shape[-1])] * pixels.shape[0]
+    return []
+
+
+def llava_image_flops(config, height: int, width: int) -> float:
+    """LLaVA-1.5's vision side on one image of (height, width) pixels."""
+    vc = config.vision_config
+    n_patches = (height // vc.patch_size) * (width // vc.patch_size)
+    selected = n_patches + 1 if config.vision_feature_select_strategy == "full" else n_patches
+    layers = config.vision_feature_layer
+    width_in = vc.hidden_size * (len(layers) if isinstance(layers, list | tuple) else 1)
+    return clip_image_flops(vc, width_in, config.text_config.hidden_size, n_patches, selected)
+
+
+def input_vision_flops(config, inputs: dict[str, Any]) -> list[float]:
+    """Per image, the vision-side FLOPs of a processor's `inputs` run unpruned."""
+    if config.model_type == "llava":
+        pixels = inputs.get("pixel_values")
+        return [] if pixels is None else tower_call_flops(config, (pixels,), {})
+    grids = [g for g in (inputs.get("image_grid_thw"), inputs.get("video_grid_thw")) if g is not None]
+    if not grids:
+        return []
+    return tower_call_flops(config, (None, torch.cat(grids)), {})
