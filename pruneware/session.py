@@ -179,7 +179,8 @@ class Session:
             return args, decode_inputs(state, kwargs, embeds, positions, mask, masks.mask_kind(self._attn))
         state.input_length = state.q_length = embeds.shape[1]
         state.injections = self.adapter.take_injections(kwargs)
-        root = root_level(state.layout.image_ids.to(embeds.device), state.n_visual)
+        layout = state.layout
+        root = root_level(layout.image_ids.to(embeds.device), state.n_visual, layout.sizes, layout.visual_span)
         pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
         full = None  # a 4-D mask generate() prebuilt for a static cache
         if mask is not None and mask.dim() == 4 and state.static_len is not None:

@@ -6,6 +6,7 @@ each image's token count and grid, and the kind of RoPE the language model uses.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -25,11 +26,25 @@ class VisualLayout:
             or -1 for text, padding and structural tokens kept like text.
         grids: per sample, the (height, width) token grid of each unit, in order.
         counts: per sample, its visual tokens (known on the host: no device sync to read).
+        sizes: per sample, the tokens of each unit as `torch.bincount` counts the sample's unit
+            ids (a trailing unit with no tokens is left out), on the host; None when not known.
+        spans: per sample, (start, n) when its visual tokens are one run of positions (None
+            otherwise); None when not known.
     """
 
     image_ids: torch.Tensor
     grids: list[list[tuple[int, int]]]
     counts: list[int]
+    sizes: list[list[int]] | None = None
+    spans: list[tuple[int, int] | None] | None = None
+
+    @property
+    def visual_span(self) -> tuple[int, int] | None:
+        """(start, n) when every sample's visual tokens are exactly positions start..start+n-1
+        (n > 0), the same in every sample (one image per prompt, an unpadded batch); else None."""
+        if not self.spans or self.spans[0] is None or not self.spans[0][1]:
+            return None
+        return self.spans[0] if all(s == self.spans[0] for s in self.spans) else None
 
     @property
     def visual(self) -> torch.Tensor:
@@ -240,35 +255,79 @@ def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem], rows: list
     units are numbered in order of appearance across all items, images and videos alike.
     The ids are read on the host once (one device sync for the whole layout), or not at all
     when the caller already holds them as `rows` (`input_ids.tolist()`).
+
+    The image ids are built on the host from runs (one value over consecutive positions: a
+    unit's tokens, the text between them) with C-level array operations, and become a tensor
+    without a per-element conversion (`torch.tensor` of a nested list is slow).
     """
     if not input_ids.shape[0]:
-        return VisualLayout(torch.full_like(input_ids, -1), [], [])
-    image_ids, grids, counts = _layout_rows(input_ids.tolist() if rows is None else rows, items)
-    return VisualLayout(torch.tensor(image_ids, dtype=input_ids.dtype, device=input_ids.device), grids, counts)
+        return VisualLayout(torch.full_like(input_ids, -1), [], [], [])
+    runs, grids, counts, sizes = _layout_rows(input_ids.tolist() if rows is None else rows, items)
+    spans = [_visual_span(row) for row in runs]
+    flat = array("q")
+    for row in runs:
+        for value, length in row:
+            flat += array("q", (value,)) * length
+    if not flat:
+        return VisualLayout(torch.full_like(input_ids, -1), grids, counts, sizes, spans)
+    image_ids = torch.frombuffer(flat, dtype=torch.int64).view(input_ids.shape)  # shares `flat`, kept alive
+    return VisualLayout(image_ids.to(input_ids.device, input_ids.dtype), grids, counts, sizes, spans)
+
+
+def _visual_span(runs: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """(start, n) when the visual runs of a row (value >= 0) follow one another, else None."""
+    start = n = 0
+    seen = ended = False
+    for value, length in runs:
+        if value >= 0:
+            if ended:
+                return None
+            seen = True
+            n += length
+        elif seen:
+            ended = True
+        else:
+            start += length
+    return (start, n) if seen else (0, 0)
+
+
+def _positions(row: list[int], token: int) -> range | list[int]:
+    """The positions of `token` in `row`: a range when they are one run (the common case, found
+    with list methods that run in C), else a list."""
+    count = row.count(token)
+    if not count:
+        return range(0)
+    start = row.index(token)
+    if row[start : start + count] == [token] * count:
+        return range(start, start + count)
+    return [i for i, t in enumerate(row) if t == token]
 
 
 def _layout_rows(
     rows: list[list[int]], items: list[VisualItem]
-) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[int]]:
-    """`items_to_layout` on host rows: (image ids [B][L], grids per sample, visual tokens per sample)."""
+) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]], list[int], list[list[int]]]:
+    """`items_to_layout` on host rows: per sample, its image ids as runs of (value, length) that
+    cover the row; grids per sample; visual tokens per sample; tokens per unit per sample."""
     repeat = _expansion(rows, items)
     if repeat > 1:  # generate() expanded the rows (beams, num_return_sequences) after encoding
-        ids, grids, counts = _layout_rows(rows[::repeat], items)
+        runs, grids, counts, sizes = _layout_rows(rows[::repeat], items)
         return (
-            [row for row in ids for _ in range(repeat)],
+            [r for r in runs for _ in range(repeat)],
             [g for g in grids for _ in range(repeat)],
             [n for n in counts for _ in range(repeat)],
+            [s for s in sizes for _ in range(repeat)],
         )
-    image_ids = [[-1] * len(row) for row in rows]
     queues: dict[int, list[VisualItem]] = {}
     for item in items:
         queues.setdefault(item.token_id, []).append(item)
     per_sample: list[list[tuple[int, int]]] = []
     counts: list[int] = []
+    all_runs: list[list[tuple[int, int]]] = []
+    all_sizes: list[list[int]] = []
     for b, row in enumerate(rows):
-        placed: list[tuple[int, VisualItem, list[int]]] = []
+        placed: list[tuple[int, VisualItem, range | list[int]]] = []
         for token, queue in queues.items():
-            positions = [i for i, t in enumerate(row) if t == token]
+            positions = _positions(row, token)
             taken = 0
             while taken < len(positions):
                 if not queue:
@@ -286,17 +345,42 @@ def _layout_rows(
                 placed.append((span[0], item, span))
                 taken += item.length
         grids: list[tuple[int, int]] = []
+        spans: list[tuple[int, int, int]] = []  # (start, length, unit id) over the row
         for _, item, span in sorted(placed, key=lambda p: p[0]):
             first = len(grids)
-            for position, unit in zip(span, item.token_units(), strict=True):
-                image_ids[b][position] = unit + first if unit >= 0 else unit
+            if item.units is None and isinstance(span, range):  # each unit's tokens follow one another
+                start = span.start
+                for unit, size in enumerate(item.sizes):
+                    spans.append((start, size, unit + first))
+                    start += size
+            else:
+                for position, unit in zip(span, item.token_units(), strict=True):
+                    spans.append((position, 1, unit + first if unit >= 0 else unit))
             grids.extend(item.grids)
+        runs: list[tuple[int, int]] = []
+        sizes: list[int] = []
+        end = 0
+        for start, length, unit in sorted(spans):
+            if not length:
+                continue
+            if start > end:
+                runs.append((-1, start - end))
+            runs.append((unit, length))
+            end = start + length
+            if unit >= 0:
+                if unit >= len(sizes):
+                    sizes.extend([0] * (unit + 1 - len(sizes)))
+                sizes[unit] += length
+        if end < len(row):
+            runs.append((-1, len(row) - end))
+        all_runs.append(runs)
+        all_sizes.append(sizes)
         per_sample.append(grids)
         counts.append(sum(sum(item.sizes) for _, item, _ in placed))
     left = [t for t, q in queues.items() if q]
     if left:
         raise ValueError(f"{sum(len(queues[t]) for t in left)} images or videos have no placeholder tokens left")
-    return image_ids, per_sample, counts
+    return all_runs, per_sample, counts, all_sizes
 
 
 def _expansion(rows: list[list[int]], items: list[VisualItem]) -> int:

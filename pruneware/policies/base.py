@@ -61,9 +61,12 @@ class StageInput:
     vision_keys: torch.Tensor | None = None  # [B, N, d] its keys at that layer, averaged over heads
     vision_grids: list[list[tuple[int, int]]] | None = None  # per sample, the grid the tower produced per image
     text: TextRows | None = None  # only for policies with `needs_text`
+    sizes: list[list[int]] | None = None  # `image_sizes()` when the engine knows it on the host
 
     def image_sizes(self) -> list[list[int]]:
         """Tokens per image, per sample."""
+        if self.sizes is not None:
+            return [list(s) for s in self.sizes]
         out = []
         for row, ok in zip(self.image_ids, self.valid, strict=True):
             ids = row[ok]
