@@ -9,7 +9,7 @@ so the batch stays rectangular.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -89,6 +89,20 @@ class Level:
         return list(self.n_visual)
 
 
+@lru_cache(maxsize=32)
+def _identity(batch: int, length: int, device: torch.device, inference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] 0..L-1 expanded, [B, L] all True), made once per shape and device and shared by
+    every forward (no level writes into its index tensors). `inference`: made in inference mode
+    or not, so that a tensor made under `torch.inference_mode` never reaches autograd."""
+    arange = torch.arange(length, device=device).expand(batch, length)
+    return arange, torch.ones(batch, length, dtype=torch.bool, device=device)
+
+
+def identity_tensors(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] 0..L-1, [B, L] all True) for the current device and inference mode (cached)."""
+    return _identity(batch, length, device, torch.is_inference_mode_enabled())
+
+
 def root_level(
     image_ids: torch.Tensor, n_visual: list[int], image_sizes: list[list[int]] | None = None,
     visual_span: tuple[int, int] | None = None,
@@ -97,8 +111,7 @@ def root_level(
     per sample; host-side when known, image_sizes the tokens of each of its images and
     visual_span the one run of visual positions every sample shares (see `VisualLayout.visual_span`)."""
     b, length = image_ids.shape
-    arange = torch.arange(length, device=image_ids.device).expand(b, length)
-    ones = torch.ones_like(image_ids, dtype=torch.bool)
+    arange, ones = identity_tensors(b, length, image_ids.device)
     return Level(arange, arange, arange, ones, image_ids, identity=True, same_as_prev=True,
                  n_slots=[length] * b, n_visual=list(n_visual), image_sizes=image_sizes, visual_span=visual_span,
                  is_root=True)
@@ -117,7 +130,7 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
     new_length = max(n_slots, default=0)
     if n_slots == [length] * batch:  # nothing dropped
         return Level(
-            torch.arange(length, device=device).expand(batch, length),
+            identity_tensors(batch, length, device)[0],
             parent.index0, parent.orig, parent.valid, parent.image_ids,
             identity=parent.identity, same_as_prev=True, n_slots=n_slots, n_visual=kept,
             image_sizes=parent.image_sizes, visual_span=parent.visual_span, is_root=parent.is_root,
@@ -166,8 +179,8 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> L
     span = None
     if parent.visual_span is not None:
         start, n = parent.visual_span
-        slots = torch.arange(parent.length, device=chosen.device)
-        index = torch.cat([slots[:start].expand(batch, -1), chosen + start, slots[start + n:].expand(batch, -1)], dim=1)
+        slots = identity_tensors(batch, parent.length, chosen.device)[0]
+        index = torch.cat([slots[:, :start], chosen + start, slots[:, start + n:]], dim=1)
         perm, span = None, (start, k)
     else:
         order = parent.visual_first  # [B, L]: the n visual slots, then the text slots
@@ -178,7 +191,7 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> L
     return Level(
         index, index if parent.is_root else parent.index0.gather(1, index),
         index if parent.is_root else parent.orig.gather(1, index),
-        torch.ones(index.shape, dtype=torch.bool, device=index.device), parent.image_ids.gather(1, index),
+        identity_tensors(batch, index.shape[1], index.device)[1], parent.image_ids.gather(1, index),
         n_slots=n_slots, n_visual=[k] * batch, visual_span=span, visual_perm=perm,
     )
 
@@ -186,6 +199,6 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> L
 def as_root(level: Level) -> Level:
     """Make a `pre`-stage level the new level 0: later masks and positions are its size."""
     b, length = level.index_prev.shape
-    arange = torch.arange(length, device=level.index_prev.device).expand(b, length)
+    arange = identity_tensors(b, length, level.index_prev.device)[0]
     return Level(level.index_prev, arange, level.orig, level.valid, level.image_ids, True, level.same_as_prev,
                  n_slots=level.n_slots, n_visual=level.n_visual, visual_span=level.visual_span)
