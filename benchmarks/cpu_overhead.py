@@ -9,12 +9,18 @@ side in one run and interleaved round by round:
     with the kept tokens' original positions): what a pruned forward cannot beat.
 Overhead = median(pruned) / median(direct); the target is <= 1.10 on CPU.
 
+`--order alternate` swaps pruned and direct every other round. With the default order
+(unpruned, pruned, direct) the pruned forward always runs right after the unpruned one, and
+the forward that follows the unpruned one runs 2-3 ms (about 8%) slower whichever it is
+(measured on a 2-core x86-64: 1.09-1.10 with pruned second, 0.94-0.97 with direct second, same
+code, same session); alternating cancels that bias.
+
 `--clock cpu` times the calling thread's CPU time instead of wall time: with `--threads 1` all
 the work runs on that thread, so the ratio holds when other processes share the cores and
 wall times swing by tens of percent. `--stat min` takes the fastest round of each variant
 instead of the median (as `timeit` does): the least disturbed run of each.
 
-    python benchmarks/cpu_overhead.py [--rounds 30] [--batch 1 4] [--clock wall|cpu] [--json out.json]
+    python benchmarks/cpu_overhead.py [--rounds 30] [--batch 1 4] [--clock wall|cpu] [--order fixed|alternate] [--json out.json]
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ def timed(fn) -> float:
 STAT = statistics.median
 
 
-def measure(model, plan: str, batch: int, rounds: int) -> dict:
+def measure(model, plan: str, batch: int, rounds: int, alternate: bool = False) -> dict:
     inputs = make_inputs(batch)
     session = pruneware.prune(model, plan, seed=0)
     with session:
@@ -89,11 +95,17 @@ def measure(model, plan: str, batch: int, rounds: int) -> dict:
     times: dict[str, list[float]] = {"unpruned": [], "pruned": [], "direct": []}
     for _ in range(3):  # warm-up
         timed(lambda: model(**inputs)), timed(lambda: direct_forward(model, inputs, keep))
-    for _ in range(rounds):
-        times["unpruned"].append(timed(lambda: model(**inputs)))
+    def pruned() -> None:
         with pruneware.prune(model, plan, seed=0):
             times["pruned"].append(timed(lambda: model(**inputs)))
+
+    def direct() -> None:
         times["direct"].append(timed(lambda: direct_forward(model, inputs, keep)))
+
+    for i in range(rounds):
+        times["unpruned"].append(timed(lambda: model(**inputs)))
+        for variant in (direct, pruned) if alternate and i % 2 else (pruned, direct):
+            variant()
     med = {k: STAT(v) for k, v in times.items()}
     return {"plan": plan, "batch": batch, "kept_visual": int(kept_visual[0].numel()),
             **{f"{k}_ms": round(v, 2) for k, v in med.items()},
@@ -110,6 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--stat", choices=["median", "min"], default="median")
+    parser.add_argument("--order", choices=["fixed", "alternate"], default="fixed",
+                        help="fixed: unpruned, pruned, direct every round; alternate: swap pruned and direct every other round")
     args = parser.parse_args()
     global CLOCK, STAT
     STAT = min if args.stat == "min" else statistics.median
@@ -117,9 +131,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model()
-    rows = [measure(model, plan, batch, args.rounds) for batch in args.batch for plan in args.plans]
+    rows = [measure(model, plan, batch, args.rounds, args.order == "alternate") for batch in args.batch for plan in args.plans]
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "clock": args.clock, "stat": args.stat,
+            "threads": torch.get_num_threads(), "clock": args.clock, "stat": args.stat, "order": args.order,
             "torch": torch.__version__, "transformers": transformers.__version__}
     print(f"{'plan':22} {'B':>2} {'kept':>5} {'unpruned':>9} {'pruned':>8} {'direct':>8} {'overhead':>8}")
     for r in rows:

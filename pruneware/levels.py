@@ -9,7 +9,7 @@ so the batch stays rectangular.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -35,6 +35,13 @@ class Level:
         n_slots, n_visual: per sample, its valid slots and its visual slots, kept on the host
             so that no stage needs a device sync to read them.
         stage: the stage that made this level (None for level 0).
+        image_sizes: per sample, the visual slots of each image (as `StageInput.image_sizes`
+            counts them), on the host; None when not known (after a stage drops tokens).
+        visual_span: (start, n) when the visual slots of every sample are exactly slots
+            start..start+n-1 (n > 0; one image run per prompt, no padding slots), known on the
+            host: a stage then reads them by slicing, with no sort and no gather.
+        is_root: the slots are the original input itself (index_prev, index0 and orig are
+            0..L-1), so gathering index0 or orig by an index gives the index.
     """
 
     index_prev: torch.Tensor
@@ -48,6 +55,10 @@ class Level:
     n_slots: list[int] = field(default_factory=list)
     n_visual: list[int] = field(default_factory=list)
     stage: Stage | None = None
+    image_sizes: list[list[int]] | None = None
+    visual_span: tuple[int, int] | None = None
+    is_root: bool = False
+    visual_perm: torch.Tensor | None = field(default=None, repr=False)  # see `_uniform_level`
 
     @property
     def length(self) -> int:
@@ -61,6 +72,8 @@ class Level:
     @cached_property
     def visual_first(self) -> torch.Tensor:
         """[B, Ls] long: slot indices with the visual slots first, in slot order (computed once)."""
+        if self.visual_perm is not None:
+            return self.visual_perm.argsort(dim=1)
         return torch.sort((~self.visual).to(torch.int8), dim=1, stable=True).indices
 
     @cached_property
@@ -76,13 +89,32 @@ class Level:
         return list(self.n_visual)
 
 
-def root_level(image_ids: torch.Tensor, n_visual: list[int]) -> Level:
-    """The unpruned sequence: image_ids [B, L] as given by the adapter, n_visual its visual tokens per sample."""
+@lru_cache(maxsize=32)
+def _identity(batch: int, length: int, device: torch.device, inference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] 0..L-1 expanded, [B, L] all True), made once per shape and device and shared by
+    every forward (no level writes into its index tensors). `inference`: made in inference mode
+    or not, so that a tensor made under `torch.inference_mode` never reaches autograd."""
+    arange = torch.arange(length, device=device).expand(batch, length)
+    return arange, torch.ones(batch, length, dtype=torch.bool, device=device)
+
+
+def identity_tensors(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] 0..L-1, [B, L] all True) for the current device and inference mode (cached)."""
+    return _identity(batch, length, device, torch.is_inference_mode_enabled())
+
+
+def root_level(
+    image_ids: torch.Tensor, n_visual: list[int], image_sizes: list[list[int]] | None = None,
+    visual_span: tuple[int, int] | None = None,
+) -> Level:
+    """The unpruned sequence: image_ids [B, L] as given by the adapter, n_visual its visual tokens
+    per sample; host-side when known, image_sizes the tokens of each of its images and
+    visual_span the one run of visual positions every sample shares (see `VisualLayout.visual_span`)."""
     b, length = image_ids.shape
-    arange = torch.arange(length, device=image_ids.device).expand(b, length)
-    ones = torch.ones_like(image_ids, dtype=torch.bool)
+    arange, ones = identity_tensors(b, length, image_ids.device)
     return Level(arange, arange, arange, ones, image_ids, identity=True, same_as_prev=True,
-                 n_slots=[length] * b, n_visual=list(n_visual))
+                 n_slots=[length] * b, n_visual=list(n_visual), image_sizes=image_sizes, visual_span=visual_span,
+                 is_root=True)
 
 
 def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
@@ -98,9 +130,10 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
     new_length = max(n_slots, default=0)
     if n_slots == [length] * batch:  # nothing dropped
         return Level(
-            torch.arange(length, device=device).expand(batch, length),
+            identity_tensors(batch, length, device)[0],
             parent.index0, parent.orig, parent.valid, parent.image_ids,
             identity=parent.identity, same_as_prev=True, n_slots=n_slots, n_visual=kept,
+            image_sizes=parent.image_sizes, visual_span=parent.visual_span, is_root=parent.is_root,
         )
     chosen = None
     if max(kept, default=0) and min(kept) == max(kept):  # as many per sample (batch 1): no padding
@@ -138,21 +171,29 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> L
 
     Then the new index is the sorted union of the parent's non-visual slots and the chosen
     visual ones: one small sort instead of a mask, a scatter and a full-length sort, and the
-    sort's permutation gives the new level's visual-first order for free.
+    sort's permutation gives the new level's visual-first order for free (inverted only if a
+    later stage asks for it). When the visual slots are one known run (`visual_span`), the
+    union is already in order: the text slots before the run, the chosen ones, the text after.
     """
     batch, k = chosen.shape
-    order = parent.visual_first  # [B, L]: the n visual slots, then the text slots
-    slots = order.gather(1, chosen)  # [B, k] ascending, since `chosen` is
-    index, perm = torch.cat([slots, order[:, parent.n_visual[0]:]], dim=1).sort(dim=1)  # distinct: no ties
-    child = Level(
-        index, parent.index0.gather(1, index), parent.orig.gather(1, index),
-        torch.ones(index.shape, dtype=torch.bool, device=index.device), parent.image_ids.gather(1, index),
-        n_slots=n_slots, n_visual=[k] * batch,
-    )
+    span = None
+    if parent.visual_span is not None:
+        start, n = parent.visual_span
+        slots = identity_tensors(batch, parent.length, chosen.device)[0]
+        index = torch.cat([slots[:, :start], chosen + start, slots[:, start + n:]], dim=1)
+        perm, span = None, (start, k)
+    else:
+        order = parent.visual_first  # [B, L]: the n visual slots, then the text slots
+        visual_slots = order.gather(1, chosen)  # [B, k] ascending, since `chosen` is
+        index, perm = torch.cat([visual_slots, order[:, parent.n_visual[0]:]], dim=1).sort(dim=1)  # distinct: no ties
     # perm[b, j] is the concatenation entry that new slot j holds; its inverse lists the new
     # slots of the kept visual entries (ascending), then of the text entries (ascending).
-    child.visual_first = perm.argsort(dim=1)
-    return child
+    return Level(
+        index, index if parent.is_root else parent.index0.gather(1, index),
+        index if parent.is_root else parent.orig.gather(1, index),
+        identity_tensors(batch, index.shape[1], index.device)[1], parent.image_ids.gather(1, index),
+        n_slots=n_slots, n_visual=[k] * batch, visual_span=span, visual_perm=perm,
+    )
 
 
 def write_visual(level: Level, hidden: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
@@ -167,6 +208,6 @@ def write_visual(level: Level, hidden: torch.Tensor, embeds: list[torch.Tensor])
 def as_root(level: Level) -> Level:
     """Make a `pre`-stage level the new level 0: later masks and positions are its size."""
     b, length = level.index_prev.shape
-    arange = torch.arange(length, device=level.index_prev.device).expand(b, length)
+    arange = identity_tensors(b, length, level.index_prev.device)[0]
     return Level(level.index_prev, arange, level.orig, level.valid, level.image_ids, True, level.same_as_prev,
-                 n_slots=level.n_slots, n_visual=level.n_visual)
+                 n_slots=level.n_slots, n_visual=level.n_visual, visual_span=level.visual_span)

@@ -186,7 +186,11 @@ class Plan:
         return cls(tuple(Stage.parse(part) for part in text.split(",")))
 
     def __str__(self) -> str:
-        return ",".join(str(s) for s in self.stages)
+        text = self.__dict__.get("_text")  # formatted once: every forward's report names its plan
+        if text is None:
+            text = ",".join(str(s) for s in self.stages)
+            object.__setattr__(self, "_text", text)
+        return text
 
     def validate_for(self, n_layers: int, rope: Literal["1d", "mrope"]) -> None:
         """Check layer indices against a model of `n_layers` decoder layers and its RoPE kind."""

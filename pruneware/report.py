@@ -102,13 +102,15 @@ def lm_flops(tokens_per_layer_per_sample: list[list[int]], text_config) -> float
 
 def lm_flops_per_sample(tokens_per_layer_per_sample: list[list[int]], text_config) -> list[float]:
     """FLOPs of each sample summed over layers; tokens_per_layer_per_sample[layer][sample]."""
-    heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    # Config attributes are read once: a transformers config's attribute access is slow.
+    heads, hidden = text_config.num_attention_heads, text_config.hidden_size
+    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    intermediate = text_config.intermediate_size
     per_sample = [0.0] * (len(tokens_per_layer_per_sample[0]) if tokens_per_layer_per_sample else 0)
     for layer in tokens_per_layer_per_sample:
         for b, t in enumerate(layer):
-            per_sample[b] += layer_flops(t, text_config.hidden_size, text_config.intermediate_size, heads, kv_heads, head_dim)
+            per_sample[b] += layer_flops(t, hidden, intermediate, heads, kv_heads, head_dim)
     return per_sample
 
 
@@ -139,12 +141,15 @@ def finish_report(
     input_length: L, the language model's input length before any stage.
     """
     kept = [k for stage in report.stages for k in stage.kept]
-    parts = ([] if padding is None else [padding]) + kept  # 1-D integer tensors, on one device
-    values = torch.cat(parts).tolist() if parts else []
     batch = len(slots[0])
-    pads, rest = (values[:batch], values[batch:]) if padding is not None else ([0] * batch, values)
-    pieces = iter(torch.tensor(rest, dtype=torch.long).split([k.numel() for k in kept]))
-    for stage in report.stages:
-        stage.kept = [next(pieces) for _ in stage.kept]
+    if all(k.device.type == "cpu" for k in kept):  # already on the host: read only the padding
+        pads = [0] * batch if padding is None else padding.tolist()
+    else:
+        parts = ([] if padding is None else [padding]) + kept  # 1-D integer tensors, on one device
+        values = torch.cat(parts).tolist()
+        pads, rest = (values[:batch], values[batch:]) if padding is not None else ([0] * batch, values)
+        pieces = iter(torch.tensor(rest, dtype=torch.long).split([k.numel() for k in kept]))
+        for stage in report.stages:
+            stage.kept = [next(pieces) for _ in stage.kept]
     tokens = [[n - p for n, p in zip(slots[i], pads, strict=True)] for i in level_of_layer]
     fill_report(report, tokens, [visual[i] for i in level_of_layer], [input_length - p for p in pads], text_config)

@@ -47,33 +47,47 @@ def run_stage(
     """
     host_counts = level.n_visual  # host-side: no sync
     n = max(host_counts, default=0)
-    order = level.visual_first[:, :n]  # visual slots first
     per_sample = sample_stages or [stage] * len(n_visual)
     budgets = [min(s.keep_count(nv, now), now) for s, nv, now in zip(per_sample, n_visual, host_counts, strict=True)]
-    states = gather_rows(order, hidden)[0]
-    image_ids = level.image_ids.gather(1, order)
-    if min(host_counts, default=n) == n:  # every sample has n visual tokens: nothing to mask
-        token_valid = torch.ones(order.shape, dtype=torch.bool, device=order.device)
+    span = level.visual_span
+    if span is not None:  # the visual slots are one known run in every sample: slice, no sort or gather
+        start = span[0]
+        visual_slots = slice(start, start + n)
+
+        def pick(x: torch.Tensor) -> torch.Tensor:  # [B, Ls, ...] -> [B, n, ...], contiguous
+            y = x[:, visual_slots]
+            return y if y.shape[0] == 1 else y.contiguous()  # one sample: a slice is contiguous
     else:
-        token_valid = torch.arange(n, device=order.device)[None] < level.visual.sum(dim=1)[:, None]
+        order = level.visual_first[:, :n]  # visual slots first
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return gather_rows(order, x)[0] if x.dim() == 3 else x.gather(1, order)
+    device = level.image_ids.device
+    states = pick(hidden)
+    image_ids = pick(level.image_ids)
+    if min(host_counts, default=n) == n:  # every sample has n visual tokens: nothing to mask
+        token_valid = torch.ones(image_ids.shape, dtype=torch.bool, device=device)
+    else:
+        token_valid = torch.arange(n, device=device)[None] < level.visual.sum(dim=1)[:, None]
         states = states * token_valid[..., None].to(hidden.dtype)
         image_ids = image_ids.masked_fill(~token_valid, -1)
     inputs = StageInput(
         hidden=states,
         valid=token_valid,
         image_ids=image_ids,
-        attention=None if attention is None else attention.gather(1, order),
+        attention=None if attention is None else pick(attention),
         seed=seed,
         layer=stage.layer,
         grids=grids,
         text=text_rows(policy, level, hidden, attention, real) if getattr(policy, "needs_text", False) else None,
+        sizes=level.image_sizes,
     )
     if vision is not None:
         scores, keys, inputs.vision_grids = vision
         if scores is not None:
-            inputs.vision_scores = scores.gather(1, order).masked_fill(~token_valid, 0.0)
+            inputs.vision_scores = pick(scores).masked_fill(~token_valid, 0.0)
         if keys is not None:
-            inputs.vision_keys = gather_rows(order, keys)[0] * token_valid[..., None]
+            inputs.vision_keys = pick(keys) * token_valid[..., None]
     merged = None
     if policy.merges:
         merged = policy.merge(inputs, budgets)
@@ -85,7 +99,7 @@ def run_stage(
     else:
         with _no_grad():
             keep = policy.select(inputs, budgets)
-    originals = level.orig.gather(1, order)
+    originals = pick(level.orig)
     kept = [originals[b, k if k.device == originals.device else k.to(originals.device)] for b, k in enumerate(keep)]
     report = StageReport(stage.where, stage.policy, kept, list(host_counts), [k.numel() for k in keep])
     return Selection(keep, merged, report)

@@ -66,7 +66,9 @@ class Session:
         self._capture: AttentionCapture | None = None
         self._vision: VisionSide | None = None
         self._requests = RequestTracker()
-        self._attn = self.adapter.text_config._attn_implementation or "eager"
+        self._text_config = self.adapter.text_config  # read per forward; a config's attribute access is slow
+        self._n_layers = self.adapter.n_layers
+        self._attn = self._text_config._attn_implementation or "eager"
         self._vision_reads = vision_needs(self.source, self.adapter)  # raises before any hook
         plan = self.source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False)
         self._rates_text = any(getattr(self.source.policy(plan, i), "rates_text", False) for i in range(len(plan.stages)))
@@ -168,7 +170,7 @@ class Session:
         n_visual = layout.counts
         sample_plans = self.source.sample_plans(n_visual)  # raises before any layer runs
         plan = next((p for p, n in zip(sample_plans, n_visual, strict=True) if n), sample_plans[0])
-        report = Report(n_layers=self.adapter.n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans])
+        report = Report(n_layers=self._n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans])
         state = RequestState(
             layout, plan, sample_plans, n_visual, report,
             position_inputs=self.adapter.position_inputs(input_ids, kwargs), static_len=static_len,
@@ -189,7 +191,8 @@ class Session:
             return args, decode_inputs(state, kwargs, embeds, positions, mask, masks.mask_kind(self._attn))
         state.input_length = state.q_length = embeds.shape[1]
         state.injections = self.adapter.take_injections(kwargs)
-        root = root_level(state.layout.image_ids.to(embeds.device), state.n_visual)
+        layout = state.layout
+        root = root_level(layout.image_ids.to(embeds.device), state.n_visual, layout.sizes, layout.visual_span)
         pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
         full = None  # a 4-D mask generate() prebuilt for a static cache
         if mask is not None and mask.dim() == 4 and state.static_len is not None:
@@ -227,10 +230,10 @@ class Session:
         state.lm_embeds = state.raters = None
         state.report.vision_flops = self._requests.take_tower_flops()
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
-        per_layer = [state.level_for(i)[0] for i in range(self.adapter.n_layers)]
+        per_layer = [state.level_for(i)[0] for i in range(self._n_layers)]
         finish_report(
             state.report, state.input_padding, [lvl.n_slots for lvl in state.levels], [lvl.n_visual for lvl in state.levels],
-            per_layer, state.input_length, self.adapter.text_config,
+            per_layer, state.input_length, self._text_config,
         )
         self._requests.completed(state.report)
         if self.on_report is not None:

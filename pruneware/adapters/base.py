@@ -12,29 +12,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from pruneware.adapters.layout import VisualItem, VisualLayout, items_to_layout
 from pruneware.errors import PlanError
 
-
-@dataclass(frozen=True)
-class VisualLayout:
-    """Where the visual tokens of a batch are.
-
-    Attributes:
-        image_ids: [B, L] long: for each input position, the index (within its sample) of the
-            unit it belongs to (an image, a video frame, an anyres tile grid; see `VisualItem`),
-            or -1 for text, padding and structural tokens kept like text.
-        grids: per sample, the (height, width) token grid of each unit, in order.
-        counts: per sample, its visual tokens (known on the host: no device sync to read).
-    """
-
-    image_ids: torch.Tensor
-    grids: list[list[tuple[int, int]]]
-    counts: list[int]
-
-    @property
-    def visual(self) -> torch.Tensor:
-        """[B, L] bool: True at visual-token positions."""
-        return self.image_ids >= 0
+__all__ = ["Adapter", "VisualInjections", "VisualItem", "VisualLayout", "items_to_layout"]
 
 
 @dataclass
@@ -197,117 +178,3 @@ class Adapter:
         token = self.visual_token_ids()[0]
         items = [VisualItem(token, (g,), (n,)) for n, g in zip(sizes, grids, strict=True)]
         return items_to_layout(input_ids, items, rows)
-
-
-@dataclass(frozen=True)
-class VisualItem:
-    """One image or video as the language model sees it: a run of placeholder tokens split into units.
-
-    A *unit* is what a layout calls an image: a picture, a video frame, an anyres tile. Each has
-    its own grid and a share of the budget.
-
-    Attributes:
-        token_id: the placeholder token of its positions in `input_ids`.
-        grids: (height, width) token grid of each unit, in order.
-        sizes: tokens of each unit.
-        units: [n] long, optional: the unit of each of the item's tokens, or -1 for a structural
-            token that is kept like text (LLaVA-NeXT's newline rows). None: the units' tokens
-            follow one another.
-    """
-
-    token_id: int
-    grids: tuple[tuple[int, int], ...]
-    sizes: tuple[int, ...]
-    units: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return len(self.units) if self.units is not None else sum(self.sizes)
-
-    def token_units(self) -> list[int]:
-        """The unit of each of the item's tokens (-1 for structural tokens), on the host."""
-        if self.units is not None:
-            return self.units.tolist()
-        return [unit for unit, size in enumerate(self.sizes) for _ in range(size)]
-
-
-def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem], rows: list[list[int]] | None = None) -> VisualLayout:
-    """Lay out `items` over `input_ids` [B, L].
-
-    For each placeholder token id, items are taken in batch order (as a model concatenates its
-    `*_grid_thw` or `image_sizes`), each covering its next `length` positions of that id, which
-    need not be contiguous (Qwen3-VL puts timestamps between video frames). Within a sample,
-    units are numbered in order of appearance across all items, images and videos alike.
-    The ids are read on the host once (one device sync for the whole layout), or not at all
-    when the caller already holds them as `rows` (`input_ids.tolist()`).
-    """
-    if not input_ids.shape[0]:
-        return VisualLayout(torch.full_like(input_ids, -1), [], [])
-    image_ids, grids, counts = _layout_rows(input_ids.tolist() if rows is None else rows, items)
-    return VisualLayout(torch.tensor(image_ids, dtype=input_ids.dtype, device=input_ids.device), grids, counts)
-
-
-def _layout_rows(
-    rows: list[list[int]], items: list[VisualItem]
-) -> tuple[list[list[int]], list[list[tuple[int, int]]], list[int]]:
-    """`items_to_layout` on host rows: (image ids [B][L], grids per sample, visual tokens per sample)."""
-    repeat = _expansion(rows, items)
-    if repeat > 1:  # generate() expanded the rows (beams, num_return_sequences) after encoding
-        ids, grids, counts = _layout_rows(rows[::repeat], items)
-        return (
-            [row for row in ids for _ in range(repeat)],
-            [g for g in grids for _ in range(repeat)],
-            [n for n in counts for _ in range(repeat)],
-        )
-    image_ids = [[-1] * len(row) for row in rows]
-    queues: dict[int, list[VisualItem]] = {}
-    for item in items:
-        queues.setdefault(item.token_id, []).append(item)
-    per_sample: list[list[tuple[int, int]]] = []
-    counts: list[int] = []
-    for b, row in enumerate(rows):
-        placed: list[tuple[int, VisualItem, list[int]]] = []
-        for token, queue in queues.items():
-            positions = [i for i, t in enumerate(row) if t == token]
-            taken = 0
-            while taken < len(positions):
-                if not queue:
-                    raise ValueError(
-                        f"sample {b} has {len(positions)} tokens of id {token}, more than the images or videos "
-                        "given account for"
-                    )
-                item = queue.pop(0)
-                if taken + item.length > len(positions):
-                    raise ValueError(
-                        f"sample {b}: {len(positions)} tokens of id {token} do not split into whole items "
-                        f"(the next needs {item.length} from position {taken})"
-                    )
-                span = positions[taken : taken + item.length]
-                placed.append((span[0], item, span))
-                taken += item.length
-        grids: list[tuple[int, int]] = []
-        for _, item, span in sorted(placed, key=lambda p: p[0]):
-            first = len(grids)
-            for position, unit in zip(span, item.token_units(), strict=True):
-                image_ids[b][position] = unit + first if unit >= 0 else unit
-            grids.extend(item.grids)
-        per_sample.append(grids)
-        counts.append(sum(sum(item.sizes) for _, item, _ in placed))
-    left = [t for t, q in queues.items() if q]
-    if left:
-        raise ValueError(f"{sum(len(queues[t]) for t in left)} images or videos have no placeholder tokens left")
-    return image_ids, per_sample, counts
-
-
-def _expansion(rows: list[list[int]], items: list[VisualItem]) -> int:
-    """r > 1 when the rows are r consecutive copies of a batch whose media are `items`."""
-    have = sum(item.length for item in items)
-    if not have:
-        return 1
-    need = sum(row.count(token) for row in rows for token in {item.token_id for item in items})
-    repeat = need // have
-    batch = len(rows)
-    if repeat <= 1 or need != repeat * have or batch % repeat:
-        return 1
-    same = all(rows[g * repeat + r] == rows[g * repeat] for g in range(batch // repeat) for r in range(repeat))
-    return repeat if same else 1

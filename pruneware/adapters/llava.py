@@ -33,10 +33,18 @@ class LlavaAdapter(Adapter):
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
         rows = input_ids.tolist()  # the layout's one host sync
-        n = sum(row.count(self.config.image_token_id) for row in rows)
-        per = self.tokens_per_image()
+        token, per, grid = self._layout_constants()
+        n = sum(row.count(token) for row in rows)
         count = -(-n // per)
-        return self._runs_to_layout(input_ids, [per] * count, [self.grid()] * count, rows)
+        return self._runs_to_layout(input_ids, [per] * count, [grid] * count, rows)
+
+    def _layout_constants(self) -> tuple[int, int, tuple[int, int]]:
+        """(image token id, tokens per image, grid), read from the config once per adapter
+        (a transformers config's attribute access is slow, and a layout runs every forward)."""
+        constants = self.__dict__.get("_constants")
+        if constants is None:
+            constants = self._constants = (self.config.image_token_id, self.tokens_per_image(), self.grid())
+        return constants
 
     def vision_encoder(self) -> torch.nn.Module:
         return self.base_model.vision_tower

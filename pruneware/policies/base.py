@@ -61,9 +61,23 @@ class StageInput:
     vision_keys: torch.Tensor | None = None  # [B, N, d] its keys at that layer, averaged over heads
     vision_grids: list[list[tuple[int, int]]] | None = None  # per sample, the grid the tower produced per image
     text: TextRows | None = None  # only for policies with `needs_text`
+    sizes: list[list[int]] | None = None  # `image_sizes()` when the engine knows it on the host
+
+    def token_counts(self) -> list[int]:
+        """Valid visual tokens per sample (from the host-side sizes when known: no device sync)."""
+        if self.sizes is not None:
+            return [sum(s) for s in self.sizes]
+        return self.valid.sum(dim=1).tolist()
+
+    def all_valid(self) -> bool:
+        """True when every row is full (known on the host only; False when not known)."""
+        n = self.valid.shape[1]
+        return self.sizes is not None and all(sum(s) == n for s in self.sizes)
 
     def image_sizes(self) -> list[list[int]]:
         """Tokens per image, per sample."""
+        if self.sizes is not None:
+            return [list(s) for s in self.sizes]
         out = []
         for row, ok in zip(self.image_ids, self.valid, strict=True):
             ids = row[ok]
@@ -141,7 +155,8 @@ class Policy:
         `counts[b]` is sample b's budget; it is split over the sample's images.
         """
         scores = self.score(inputs).float()
-        scores = scores.masked_fill(~inputs.valid, float("-inf"))
+        if not inputs.all_valid():  # padding rows must never be picked
+            scores = scores.masked_fill(~inputs.valid, float("-inf"))
         return topk_per_image(scores, inputs, counts)
 
 

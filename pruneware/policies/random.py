@@ -22,8 +22,13 @@ class RandomPolicy(Policy):
     def score(self, inputs: StageInput) -> torch.Tensor:
         # Each row draws from a generator seeded the same way, over its own token count: a
         # sample keeps the same tokens alone or in a batch, and beams of one sample agree.
+        counts = inputs.token_counts()
+        width = inputs.valid.shape[1]
+        if len(counts) == 1 and counts[0] == width:  # one full row: the draw is the scores
+            draw = torch.rand(width, generator=torch.Generator().manual_seed(inputs.seed))[None]
+            return draw.to(inputs.hidden.device, torch.float32)
         scores = torch.zeros(inputs.valid.shape, dtype=torch.float32)
-        for b, n in enumerate(inputs.valid.sum(dim=1).tolist()):
+        for b, n in enumerate(counts):
             generator = torch.Generator().manual_seed(inputs.seed)
             scores[b, :n] = torch.rand(n, generator=generator)
         return scores.to(inputs.hidden.device)

@@ -5,14 +5,13 @@ matrix ``cosine_similarity`` computes, and every later step only compares, takes
 picks the first maximum (``numpy.argmax`` breaks ties to the lowest index, as ``torch.argmax``
 does). What changes is the cost of a step: the greedy loop is k tiny dependent operations on
 ``[G, N]`` rows, where each torch call costs microseconds of dispatch and numpy's cost a
-fraction of that. Chosen tokens are marked by -inf in the running minimum, which a minimum
-never raises, instead of by a separate mask.
+fraction of that.
 
-It also never builds the whole distance matrix. ``fl(1 - s)`` is monotone in ``s``, so the
-first pick's nearest-neighbour distances are ``fl(1 - max_j s_ij)``, exactly the minimum of the
-reference's distances; the argmax is then taken over those distances, so ties created by the
-rounding of ``1 - s`` break as in the reference. Each step turns one similarity row into
-distances, k rows in all instead of N.
+The similarity matrix becomes the distance matrix ``fl(1 - s)`` in place, in one pass (no new
+N x N buffer). Its diagonal first holds +inf, so that each row's minimum is the token's
+distance to its nearest other token (the first pick), then -inf: the running minimum of a
+chosen token then takes -inf from the chosen token's own row, which a minimum never raises, so
+each later step is just an argmax and a minimum, with no separate mark of the chosen tokens.
 """
 
 from __future__ import annotations
@@ -31,31 +30,32 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
     g, n, _ = x.shape
     if k == 0:
         return torch.zeros(g, 0, dtype=torch.long)
-    one = np.float32(1.0)
     if x.requires_grad:  # vLLM's embed path runs with grad enabled; a selection needs none
         x = x.detach()
-    sim = cosine_similarity(x).numpy()  # [G, N, N], owned here
+    dist = cosine_similarity(x).numpy()  # [G, N, N], owned here: turned into distances in place
+    np.subtract(np.float32(1.0), dist, out=dist)
     diag = np.arange(n)
-    sim[:, diag, diag] = -np.inf  # a token is not its own nearest neighbour
-    chosen = np.empty((g, k), dtype=np.int64)
-    rows = np.arange(g)
-    chosen[:, 0] = first = (one - sim.max(axis=2)).argmax(axis=1)
-    nearest = one - sim[rows, first]  # [G, N] distance to the chosen set
-    nearest[rows, first] = -np.inf
+    dist[:, diag, diag] = np.inf  # a token is not its own nearest neighbour
+    first = dist.min(axis=2).argmax(axis=1)  # [G]: the token farthest from its nearest neighbour
+    dist[:, diag, diag] = -np.inf  # from here on, a chosen token's own entry marks it taken
     if g == 1:  # the common case: plain 1-D steps, no fancy indexing
-        row, table, out = nearest[0], sim[0], chosen[0]
-        step = np.empty(n, dtype=np.float32)
-        for i in range(1, k):
-            pick = row.argmax()
-            out[i] = pick
-            np.subtract(one, table[pick], out=step)
-            np.minimum(row, step, out=row)
-            row[pick] = -np.inf
+        table = dist[0]
+        row = table[first[0]].copy()  # [N] distance to the chosen set
+        picks = [int(first[0])]
+        append, argmax, minimum = picks.append, row.argmax, np.minimum
+        for _ in range(k - 1):
+            pick = argmax()
+            append(pick)
+            minimum(row, table[pick], out=row)
+        chosen = np.array(picks, dtype=np.int64)[None]
     else:
+        rows = np.arange(g)
+        chosen = np.empty((g, k), dtype=np.int64)
+        chosen[:, 0] = first
+        nearest = dist[rows, first]  # [G, N] distance to the chosen set
         for i in range(1, k):
             pick = nearest.argmax(axis=1)
             chosen[:, i] = pick
-            np.minimum(nearest, one - sim[rows, pick], out=nearest)
-            nearest[rows, pick] = -np.inf
+            np.minimum(nearest, dist[rows, pick], out=nearest)
     chosen.sort(axis=1)
     return torch.from_numpy(chosen)
