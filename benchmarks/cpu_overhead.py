@@ -9,11 +9,12 @@ side in one run and interleaved round by round:
     with the kept tokens' original positions): what a pruned forward cannot beat.
 Overhead = median(pruned) / median(direct); the target is <= 1.10 on CPU.
 
-`--order alternate` swaps pruned and direct every other round. With the default order
-(unpruned, pruned, direct) the pruned forward always runs right after the unpruned one, and
-the forward that follows the unpruned one runs 2-3 ms (about 8%) slower whichever it is
-(measured on a 2-core x86-64: 1.09-1.10 with pruned second, 0.94-0.97 with direct second, same
-code, same session); alternating cancels that bias.
+By default (`--order alternate`) pruned and direct swap places every other round. With
+`--order fixed` (unpruned, pruned, direct every round, the order of the first measurements) the
+pruned forward always runs right after the unpruned one, and the forward that follows the
+unpruned one runs 2-3 ms (about 8%) slower whichever it is (measured on a 2-core x86-64:
+1.09-1.10 with pruned second, 0.94-0.97 with direct second, same code, same session);
+alternating cancels that bias.
 
 `--clock cpu` times the calling thread's CPU time instead of wall time: with `--threads 1` all
 the work runs on that thread, so the ratio holds when other processes share the cores and
@@ -122,7 +123,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--stat", choices=["median", "min"], default="median")
-    parser.add_argument("--order", choices=["fixed", "alternate"], default="fixed",
+    parser.add_argument("--order", choices=["fixed", "alternate"], default="alternate",
                         help="fixed: unpruned, pruned, direct every round; alternate: swap pruned and direct every other round")
     args = parser.parse_args()
     global CLOCK, STAT
