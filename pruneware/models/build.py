@@ -4,8 +4,9 @@ Two architectures:
 
 * ``llava``: ``LlavaForConditionalGeneration``, a CLIP vision tower at 336 px with patch 14
   (576 image tokens, ``vision_feature_select_strategy="default"``) and a Llama LM.
-* ``qwen2.5-vl``: ``Qwen2_5_VLForConditionalGeneration`` with M-RoPE; images are resized to
-  448 px, patch 14, 2x2 merge: 256 visual tokens per image.
+* ``qwen2.5-vl``: ``Qwen2_5_VLForConditionalGeneration`` with M-RoPE; by default images are
+  resized to 448 px, patch 14, 2x2 merge: 256 visual tokens per image (``vision={"patch": 7,
+  "side": 336}`` gives the shipped tiny-qwen2.5-vl's 576; see ``recipe/qwen_vision.py``).
 
 Both tokenizers are ``tokenizers`` WordLevel models over the synthetic benchmark vocabulary.
 """
