@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pruneware.evals.synthetic.scene import COLORS
 from pruneware.models.build import build_tiny, build_tokenizer
 from pruneware.models.recipe.common import load_checkpoint, save_checkpoint
 from pruneware.models.recipe.language import Stage2, train_batch
@@ -62,6 +63,9 @@ def test_pointing_targets_are_object_cells_and_the_right_rows():
         assert [inv[int(c)] for c in ids[i, cols]] in (["left"], ["right"], ["above"], ["below"])
     for i, row, value in targets["count"]:
         assert inv[int(ids[i, row + 1])] == ["one", "two", "three", "four"][int(value + 2.5) - 1]
+    assert targets["adjective"]  # "red object": from the noun's row to its colour word
+    for i, row, cols in targets["adjective"]:
+        assert [int(c) for c in cols] == [row - 1] and inv[int(ids[i, row - 1])] in COLORS
     for i, row, cols in targets["noun"]:
         assert inv[int(ids[i, row])] in {"circle", "square", "triangle", "star", "cross", "circles", "squares",
                                           "triangles", "stars", "crosses", "object", "objects"}  # fmt: skip
@@ -113,3 +117,50 @@ def test_qwen_layout_matches_the_processor_and_hf_rope_index():
         q = " ".join(inv[int(t)] for t in p.ids[p.segment == k][:-5]).replace(" ?", "?")
         single = _answer_logits(net, [pack_qwen(scene, [(q, inv[int(p.ids[p.answer_at[k]])], p.tasks[k])], vocab)])[0][0]
         torch.testing.assert_close(packed[k], single, atol=1e-5, rtol=1e-4)
+
+
+def test_count_spread_moves_counting_to_the_equal_share_target():
+    from pruneware.models.recipe.packing import use_count_spread
+
+    try:
+        use_count_spread(True)
+        packs, _ = train_batch("test", 0, 5, 6, 6, VOCAB)
+        *_, targets = collate(packs, 1.0, torch.Generator().manual_seed(0), 0.0)
+        assert targets["tally"] and all(int(cols[-1]) == 0 for _, _, cols in targets["tally"])  # the sink
+        assert len(targets["answer"]) + len(targets["tally"]) == sum(len(p.tasks) for p in packs)
+    finally:
+        use_count_spread(False)
+
+
+def test_spread_point_loss_is_the_kl_from_equal_shares():
+    """The equal-share pointing loss against a hand computation of KL(uniform || attention)."""
+    from pruneware.models.recipe.losses import point_loss
+
+    torch.manual_seed(0)
+    b, n, d = 1, 6, 4
+    attn = _Attn(8, d)
+    h = torch.randn(b, n, 8)
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
+    kwargs = {"hidden_states": h, "position_embeddings": (None, None), "attention_mask": mask}
+    cols = torch.tensor([0, 2, 3])
+    got = point_loss(attn, (), kwargs, 0, [(0, 5, cols)], 1, spread=True)
+    q, k = attn.q_proj(h)[0, 5], attn.k_proj(h)[0]
+    p = ((k @ q) * attn.scaling).softmax(-1)
+    want = sum((1 / 3) * torch.log((1 / 3) / p[c]) for c in cols)
+    torch.testing.assert_close(got, want)
+    mass = point_loss(attn, (), kwargs, 0, [(0, 5, cols)], 1)
+    torch.testing.assert_close(mass, -torch.log(p[cols].sum()))
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """No rotation: point_loss looks this up in the attention module's own module."""
+    return q, k
+
+
+class _Attn(torch.nn.Module):
+    """The attributes point_loss reads from an HF attention module."""
+
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.head_dim, self.scaling = head_dim, head_dim**-0.5
+        self.q_proj, self.k_proj = torch.nn.Linear(width, head_dim), torch.nn.Linear(width, head_dim)

@@ -7,9 +7,14 @@ import sys
 import torch
 
 
-def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int) -> torch.Tensor:
+def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: bool = False) -> torch.Tensor:
     """-log of ``head``'s attention mass on the target columns, averaged over ``items``
-    (``(sample, row, columns)``); recomputes that head's post-RoPE q and k only."""
+    (``(sample, row, columns)``); recomputes that head's post-RoPE q and k only.
+
+    With ``spread`` the loss is instead the KL divergence from the uniform distribution over the
+    target columns to the attention: each column must get an equal share, so with ``k`` targets
+    plus one fixed sink column the sink's share is exactly ``1 / (k + 1)`` (how counting reads a
+    count from one head)."""
     h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, D]
     cos, sin = kwargs["position_embeddings"]
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -31,6 +36,10 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int) -> torch.
     look = torch.zeros_like(logp, dtype=torch.bool)
     for j, (_, _, c) in enumerate(items):
         look[j, c] = True
+    if spread:
+        n = look.sum(-1)  # [R]
+        cross = -(logp.masked_fill(~look, 0.0)).sum(-1) / n  # cross-entropy from uniform over the targets
+        return (cross - n.float().log()).mean()  # minus its entropy: 0 when the shares are equal
     return -torch.logsumexp(logp.masked_fill(~look, float("-inf")), -1).mean()
 
 
@@ -69,16 +78,20 @@ class Probes(torch.nn.Module):
         return out
 
 
+SPREAD_KINDS = ("tally",)  # pointing kinds whose targets share the attention equally
+
+
 def install_pointing(layers, points: dict[str, tuple[int, int]], targets: dict, terms: list, n_kv_groups: int) -> list:
     """Forward pre-hooks that append a :func:`point_loss` term to ``terms`` for every pointing
     kind in ``points`` (``kind -> (layer, head)``) whose items are in ``targets`` (which also
-    holds the batch's boolean ``mask`` [B, 1, L, L]); returns the hook handles."""
+    holds the batch's boolean ``mask`` [B, 1, L, L]); kinds in ``SPREAD_KINDS`` use the equal-share
+    loss. Returns the hook handles."""
 
     def hook(kind: str, head: int):
         def fn(attn, args, kwargs):
             if targets.get(kind):
                 kw = {**kwargs, "attention_mask": targets["mask"]}
-                terms.append(point_loss(attn, args, kw, head, targets[kind], n_kv_groups))
+                terms.append(point_loss(attn, args, kw, head, targets[kind], n_kv_groups, kind in SPREAD_KINDS))
 
         return fn
 

@@ -14,14 +14,15 @@ import numpy as np
 import torch
 
 from pruneware.evals.synthetic.questions import GENERATORS, NUMBERS, PLURALS, QA
-from pruneware.evals.synthetic.scene import Scene
+from pruneware.evals.synthetic.scene import COLORS, Scene
 from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 
 # Acceptance rates that bring the packed counting answers close to uniform over one..four
 # (measured over 2000 train scenes of the stage-2 task mix).
 COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
-POINT_KINDS = ("noun", "answer", "second", "relation")
+POINT_KINDS = ("noun", "answer", "second", "relation", "tally", "adjective")
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
+_COUNT_KIND = {"kind": "answer"}  # the pointing kind of counting's target; see use_count_spread
 SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
 GRID = 24
 N_CELLS = GRID * GRID
@@ -85,6 +86,13 @@ def _cells_of(cells: torch.Tensor, objects: list[int], kind: str) -> list[int]:
     return on.nonzero().flatten().tolist()
 
 
+def use_count_spread(on: bool) -> None:
+    """Counting's pointing target becomes ``tally`` (equal shares, ``losses.SPREAD_KINDS``) when
+    ``on``, else ``answer`` (any split between the centres and the sink); the ``--count-spread``
+    option of stages 2 and 3."""
+    _COUNT_KIND["kind"] = "tally" if on else "answer"
+
+
 def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dict[str, list[int]]:
     """Task-specific pointing targets (cell indices) of one question.
 
@@ -93,7 +101,9 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
     counting, the first object for spatial, the referents otherwise); ``second``: the second
     object of a spatial question. Counting also accepts the prompt's first token (``SINK``):
     attention that sits wholly on the object centres averages them and so cannot tell one from
-    four; the share left on a fixed sink token is what carries the count.
+    four; the share left on a fixed sink token is what carries the count. After
+    :func:`use_count_spread` counting's target is ``tally`` instead (same cells, an equal share
+    each: the sink then holds exactly ``1 / (count + 1)``; ``losses.SPREAD_KINDS``).
     """
     out = {f"noun@{i}": _cells_of(cells, objs, "object") for i, objs in phrases(scene, question)}
     if task == "spatial":
@@ -103,6 +113,25 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
     else:
         kind = {"glyph": "glyph", "counting": "center"}.get(task, "object")
         out["answer"] = _cells_of(cells, referents(scene, question), kind) + ([SINK] if task == "counting" else [])
+        if task == "counting":
+            out[_COUNT_KIND["kind"]] = out.pop("answer")
+    return out
+
+
+def word_links(question: str, task: str, first: int) -> dict[str, list[int]]:
+    """Pointing targets between a question's own words; ``first`` is the column of its first
+    word relative to the first image cell.
+
+    ``relation`` (spatial): the answering token looks at the relation word. ``adjective@i``: the
+    noun phrase's last word ``i`` looks at its colour word (``red`` in ``the red object``), to
+    carry the colour to the word that then points at the objects. On ground-truth cells the link
+    is learned (0.98 of the attention) but ``object`` still looks at the red objects with only
+    0.40-0.44 of its attention (0.35 before): see the tiny-llava card, "colour-keyed attention".
+    """
+    words = question.replace("?", " ?").split()
+    out = {f"adjective@{i + 1}": [first + i] for i, w in enumerate(words[:-1]) if w in COLORS}  # colours are adjectives here
+    if task == "spatial":
+        out["relation"] = [first + next(i for i, w in enumerate(words) if w in RELATION_WORDS)]
     return out
 
 
@@ -135,9 +164,7 @@ def pack(scene: Scene, qas: list[tuple[str, str, str]], vocab: dict[str, int]) -
         answer_at.append(len(ids) + len(words) - 2)
         point.append(pointing(scene, cells, q, task))
         aux.append(aux_targets(scene, q, task))
-        if task == "spatial":  # the relation word, as a column relative to the first image cell
-            at = next(i for i, w in enumerate(words) if w in RELATION_WORDS)
-            point[-1]["relation"] = [len(ids) + at - 2]
+        point[-1].update(word_links(q, task, len(ids) - 2))
         ids += [vocab[w] for w in words]
         positions += range(len(prefix), len(prefix) + len(words))
         segment += [k] * len(words)

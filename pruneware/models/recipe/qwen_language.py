@@ -25,7 +25,7 @@ import torch
 from pruneware.evals.synthetic.scene import Scene
 from pruneware.models.grounding import HEADS
 
-from .packing import GRID, N_CELLS, RELATION_WORDS, Packed, aux_targets, cell_targets, pointing
+from .packing import GRID, N_CELLS, Packed, aux_targets, cell_targets, pointing, word_links
 
 PREFIX = ["<|im_start|>", "user", "<|vision_start|>"]
 IMAGE_AT = len(PREFIX)
@@ -52,9 +52,7 @@ def pack_qwen(scene: Scene, qas: list[tuple[str, str, str]], vocab: dict[str, in
         answer_at.append(len(ids) + len(words) - 2)
         point.append(pointing(scene, cells, q, task))
         aux.append(aux_targets(scene, q, task))
-        if task == "spatial":
-            at = next(i for i, w in enumerate(words) if w in RELATION_WORDS)
-            point[-1]["relation"] = [len(ids) + at - IMAGE_AT]
+        point[-1].update(word_links(q, task, len(ids) - IMAGE_AT))
         ids += [vocab[w] for w in words]
         positions.append(torch.arange(text_at + 1, text_at + 1 + len(words))[:, None].expand(-1, 3))
         segment += [k] * len(words)
