@@ -66,9 +66,13 @@ def test_pointing_targets_are_object_cells_and_the_right_rows():
     assert targets["adjective"]  # "red object": from the noun's row to its colour word
     for i, row, cols in targets["adjective"]:
         assert [int(c) for c in cols] == [row - 1] and inv[int(ids[i, row - 1])] in COLORS
+    assert targets["object"]
+    for i, row, cols in targets["object"]:  # "the red object": weighted apart (losses.POINT_WEIGHTS)
+        assert inv[int(ids[i, row])] in ("object", "objects") and inv[int(ids[i, row - 1])] in COLORS
+        assert len(cols) and (cells[i, cols, 4] > 0).all()
     for i, row, cols in targets["noun"]:
         assert inv[int(ids[i, row])] in {"circle", "square", "triangle", "star", "cross", "circles", "squares",
-                                          "triangles", "stars", "crosses", "object", "objects"}  # fmt: skip
+                                          "triangles", "stars", "crosses"}  # fmt: skip
     # background dropping keeps every object cell and few background cells
     for i, p in enumerate(packs):
         kept_cells = int(is_cell[i].sum())
@@ -164,3 +168,17 @@ class _Attn(torch.nn.Module):
         super().__init__()
         self.head_dim, self.scaling = head_dim, head_dim**-0.5
         self.q_proj, self.k_proj = torch.nn.Linear(width, head_dim), torch.nn.Linear(width, head_dim)
+
+
+def test_point_weights_scale_their_kind_and_reject_unknown_kinds():
+    import pytest
+
+    from pruneware.models.recipe import losses
+
+    try:
+        losses.set_point_weights("object=10", ("noun", "object"))
+        assert losses.POINT_WEIGHTS == {"object": 10.0}
+        with pytest.raises(SystemExit, match="valid kinds"):
+            losses.set_point_weights("colour=2", ("noun", "object"))
+    finally:
+        losses.POINT_WEIGHTS.clear()

@@ -26,7 +26,7 @@ from pruneware.evals.synthetic import evaluate, make_split, render
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from .language import POINT, PROBES, Stage2, apply_mix, train_batch
-from .losses import Probes, install_pointing
+from .losses import Probes, install_pointing, set_point_weights
 from .packing import N_CELLS, collate, pack, use_count_spread
 from .qwen_language import CELLPOS_LAYER, Stage2Qwen, cellpos_loss, pack_qwen
 from .qwen_vision import build_qwen, merged_tokens, qwen_patches
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--point", type=float, default=0.3)
     ap.add_argument("--aux", type=float, default=0.0, help="weight of stage 2's answer-row probes, loaded with its checkpoint (joint)")
     ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5")
+    ap.add_argument("--point-weights", default="", help="per-kind pointing weights, e.g. object=10")
     ap.add_argument("--count-spread", action="store_true", help="counting points at the centres and the sink with equal shares")
     ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
     ap.add_argument("--seed", type=int, default=0)
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     apply_mix(args.mix)
     use_count_spread(args.count_spread)
+    set_point_weights(args.point_weights, POINT)
     qwen = args.arch == "qwen2.5-vl"
     pack_fn = pack_qwen if qwen else pack
     model, processor, net = assemble(args.vision, args.language, args.seed, args.arch)

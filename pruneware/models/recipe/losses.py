@@ -79,19 +79,30 @@ class Probes(torch.nn.Module):
 
 
 SPREAD_KINDS = ("tally",)  # pointing kinds whose targets share the attention equally
+POINT_WEIGHTS: dict[str, float] = {}  # kind -> weight of its term (1 when absent); see set_point_weights
+
+
+def set_point_weights(text: str, kinds) -> None:
+    """Per-kind pointing weights from ``"object=10,answer=2"`` (the stages' ``--point-weights``)."""
+    for item in filter(None, text.split(",")):
+        kind, _, weight = item.partition("=")
+        if kind not in kinds:
+            raise SystemExit(f"--point-weights: unknown kind {kind!r}; valid kinds: {list(kinds)}")
+        POINT_WEIGHTS[kind] = float(weight)
 
 
 def install_pointing(layers, points: dict[str, tuple[int, int]], targets: dict, terms: list, n_kv_groups: int) -> list:
     """Forward pre-hooks that append a :func:`point_loss` term to ``terms`` for every pointing
     kind in ``points`` (``kind -> (layer, head)``) whose items are in ``targets`` (which also
     holds the batch's boolean ``mask`` [B, 1, L, L]); kinds in ``SPREAD_KINDS`` use the equal-share
-    loss. Returns the hook handles."""
+    loss, and each term is scaled by its kind's ``POINT_WEIGHTS``. Returns the hook handles."""
 
     def hook(kind: str, head: int):
         def fn(attn, args, kwargs):
             if targets.get(kind):
                 kw = {**kwargs, "attention_mask": targets["mask"]}
-                terms.append(point_loss(attn, args, kw, head, targets[kind], n_kv_groups, kind in SPREAD_KINDS))
+                term = point_loss(attn, args, kw, head, targets[kind], n_kv_groups, kind in SPREAD_KINDS)
+                terms.append(POINT_WEIGHTS.get(kind, 1.0) * term)
 
         return fn
 

@@ -20,7 +20,7 @@ from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 # Acceptance rates that bring the packed counting answers close to uniform over one..four
 # (measured over 2000 train scenes of the stage-2 task mix).
 COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
-POINT_KINDS = ("noun", "answer", "second", "relation", "tally", "adjective")
+POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective")
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
 _COUNT_KIND = {"kind": "answer"}  # the pointing kind of counting's target; see use_count_spread
 SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
@@ -96,7 +96,8 @@ def use_count_spread(on: bool) -> None:
 def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dict[str, list[int]]:
     """Task-specific pointing targets (cell indices) of one question.
 
-    ``noun@i``: the objects of the noun phrase ending at word ``i``; ``answer``: what the
+    ``noun@i``: the objects of the noun phrase ending at word ``i`` (``object@i`` when that word
+    is ``object(s)``, so the colour-keyed case can be weighted apart: ``losses.POINT_WEIGHTS``); ``answer``: what the
     answering token should look at (glyph cells for glyph questions, object centres for
     counting, the first object for spatial, the referents otherwise); ``second``: the second
     object of a spatial question. Counting also accepts the prompt's first token (``SINK``):
@@ -105,7 +106,11 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
     :func:`use_count_spread` counting's target is ``tally`` instead (same cells, an equal share
     each: the sink then holds exactly ``1 / (count + 1)``; ``losses.SPREAD_KINDS``).
     """
-    out = {f"noun@{i}": _cells_of(cells, objs, "object") for i, objs in phrases(scene, question)}
+    words = question.replace("?", " ?").split()
+    out = {
+        f"{'object' if words[i] in ('object', 'objects') else 'noun'}@{i}": _cells_of(cells, objs, "object")
+        for i, objs in phrases(scene, question)
+    }  # fmt: skip
     if task == "spatial":
         (_, first), (_, second) = phrases(scene, question)[:2]
         out["answer"] = _cells_of(cells, first, "object")
