@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pruneware.evals.synthetic import render
 from pruneware.models.build import build_tiny
 from pruneware.models.grounding import HEADS
 
-from .common import CLIP_MEAN, CLIP_STD, load_checkpoint, lr_at, optimizer_step, save_checkpoint
+from .common import load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from .vision import GRID, VISION_SPEC, batch, build_tower, cell_loss, cell_metrics, features, selection
 
 QWEN_VISION = {"hidden": 96, "layers": 3, "heads": 4, "mlp": 256, "patch": 7, "side": 336}
