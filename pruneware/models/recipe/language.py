@@ -44,7 +44,10 @@ from .packing import GRID, bg_keep, collate, pack, questions, use_count_spread
 
 SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 5.0, "spatial": 1.0, "glyph": 1.0}
 QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 1.5, "glyph": 1.0}
-POINT = {"noun": (2, 0), "object": (2, 0), "relation": (4, 2), "answer": (5, 0), "second": (5, 1), "tally": (5, 0), "adjective": (1, 0)}  # target -> (layer, head)
+POINT = {  # pointing kind -> (layer, head)
+    "noun": (2, 0), "object": (2, 0), "relation": (4, 2), "answer": (5, 0), "second": (5, 1), "tally": (5, 0),
+    "adjective": (1, 0),
+}  # fmt: skip
 PROBES = {"rel": (4, 4), "where": (5, 4), "order": (6, 1), "count": (6, 1)}  # kind -> (layer, width)
 
 
