@@ -12,8 +12,10 @@ over n tokens (QK^T and PV); norms, activations and RoPE are not counted.
     blocks attend within windows of `window_size` pixels, its `fullatt_block_indexes` over the
     whole image; the PatchMerger (and Qwen3-VL's DeepStack mergers) run on the merged tokens.
     `resize` feeds the tower fewer patches, so its count drops.
-  - LLaVA-NeXT (a variable number of tiles per image) is not counted yet: no entries, and the
-    eval rows show 0.
+  - LLaVA-NeXT: each image's tiles (the base tile plus its anyres tiles, as many as
+    `image_size_to_num_patches` gives for its `image_sizes` entry) each cost one LLaVA-1.5 image:
+    the tower and the projector run on every tile before unpadding. Counted from the processor's
+    inputs (a tower call sees the tiles of the whole batch flattened, so it records nothing).
 """
 
 from __future__ import annotations
@@ -110,7 +112,21 @@ def input_vision_flops(config, inputs: dict[str, Any]) -> list[float]:
     if config.model_type == "llava":
         pixels = inputs.get("pixel_values")
         return [] if pixels is None else tower_call_flops(config, (pixels,), {})
+    if config.model_type == "llava_next":
+        return _llava_next_flops(config, inputs.get("pixel_values"), inputs.get("image_sizes"))
     grids = [g for g in (inputs.get("image_grid_thw"), inputs.get("video_grid_thw")) if g is not None]
     if not grids:
         return []
     return tower_call_flops(config, (None, torch.cat(grids)), {})
+
+
+def _llava_next_flops(config, pixels: torch.Tensor | None, image_sizes: torch.Tensor | None) -> list[float]:
+    """Per image, LLaVA-NeXT's tiles times one tile's LLaVA-1.5 cost; ``pixels`` [B, tiles, C, H, W]
+    (padded over tiles), ``image_sizes`` [B, 2] (height, width)."""
+    if pixels is None or image_sizes is None:
+        return []
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    tile = llava_image_flops(config, pixels.shape[-2], pixels.shape[-1])
+    side = config.vision_config.image_size
+    return [tile * image_size_to_num_patches(tuple(s), config.image_grid_pinpoints, side) for s in image_sizes.tolist()]

@@ -10,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import pruneware
 from pruneware.evals.runner import _vision_flops
 from pruneware.vision_flops import input_vision_flops, llava_image_flops, qwen_image_flops
-from tests.tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen, tiny_qwen2_vl, tiny_qwen3_vl
+from tests.tiny import (
+    llava_inputs, llava_next_inputs, qwen_inputs, tiny_llava, tiny_llava_next, tiny_qwen, tiny_qwen2_vl, tiny_qwen3_vl,
+)  # fmt: skip
 
 
 def _counted(fn) -> float:
@@ -35,6 +37,18 @@ def test_llava_count_equals_the_flop_counter():
     inputs = llava_inputs(model, [(3, 2, 4)])
     measured = _counted(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]))
     assert input_vision_flops(model.config, inputs) == [pytest.approx(measured / 2)] * 2
+
+
+def test_llava_next_count_equals_the_flop_counter_per_image():
+    model = tiny_llava_next(attn="eager")
+    sizes = [(84, 84), (42, 84), (28, 28)]  # 5, 3 and 3 tiles of 28 px (base + the best pinpoint's)
+    inputs = llava_next_inputs(model, [(3, sizes[:2], 2), (2, sizes[2:], 4)])
+    per_image = input_vision_flops(model.config, inputs)
+    assert len(per_image) == 3 and per_image[0] > per_image[1] == per_image[2] > 0
+    for i, flops in enumerate(per_image):
+        one = {k: inputs[k][i : i + 1] for k in ("pixel_values", "image_sizes")}
+        measured = _counted(lambda one=one: model.model.get_image_features(one["pixel_values"], one["image_sizes"]))
+        assert flops == pytest.approx(measured)
 
 
 @pytest.mark.parametrize(
