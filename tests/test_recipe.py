@@ -54,6 +54,9 @@ def test_pointing_targets_are_object_cells_and_the_right_rows():
     assert targets["answer"] and targets["noun"]
     for i, row, cols in targets["answer"] + targets["second"]:
         assert inv[int(ids[i, row])] == ":" and inv[int(ids[i, row - 1])] == "ASSISTANT"
+        if len(cols) and inv[int(ids[i, cols[0]])] == "object":  # "what shape is the red object?": that word (via)
+            assert len(cols) == 1 and targets["via"] and any(int(c[0]) == int(cols[0]) for *_, c in targets["via"])
+            continue
         objects = cols[cols > 0]  # column 0 is the counting sink, the prompt's first token
         assert is_cell[i, objects].all() and (cells[i, objects, 4] > 0).all()
         assert (cols[cols == 0].numel() == 0) or inv[int(ids[i, 0])] == "USER"
@@ -134,6 +137,53 @@ def test_count_spread_moves_counting_to_the_equal_share_target():
         assert len(targets["answer"]) + len(targets["tally"]) == sum(len(p.tasks) for p in packs)
     finally:
         use_count_spread(False)
+
+
+def test_via_points_from_the_answer_to_the_phrase_word():
+    """Attribute questions: the answering token looks at the noun phrase's last word."""
+    packs, _ = train_batch("test", 0, 5, 6, 6, VOCAB)
+    ids, *_, targets = collate(packs, 1.0, torch.Generator().manual_seed(0), 0.0)
+    inv = {v: w for w, v in VOCAB.items()}
+    n_attribute = sum(t == "attribute" for p in packs for t in p.tasks)
+    assert n_attribute and len(targets["via"]) == n_attribute
+    for i, row, cols in targets["via"]:
+        assert inv[int(ids[i, row])] == ":" and len(cols) == 1
+        assert inv[int(ids[i, cols[0]])] in {"object", "circle", "square", "triangle", "star", "cross"}
+        assert inv[int(ids[i, cols[0] + 1])] == "?"
+
+
+def test_count_via_moves_counting_to_the_noun_phrase():
+    """With --count-via a counting phrase points at its centres plus the sink, and the answer at it."""
+    from pruneware.models.recipe.packing import use_count_via
+
+    packs, scenes = train_batch("test", 0, 5, 6, 6, VOCAB)
+    inv = {v: w for w, v in VOCAB.items()}
+    try:
+        use_count_via(True)
+        packs = [pack(s, [(_question_of(p, k), inv[int(p.ids[p.answer_at[k]])], p.tasks[k]) for k in range(len(p.tasks))], VOCAB)
+                 for p, s in zip(packs, scenes, strict=True)]  # fmt: skip
+        ids, cells, *_, targets = collate(packs, 1.0, torch.Generator().manual_seed(0), 0.0)
+    finally:
+        use_count_via(False)
+    count_rows = {(i, int(r)) for i, r, _ in targets["count"]}  # the row before each counting answer
+    via = [(i, row, cols) for i, row, cols in targets["via"] if (i, row) in count_rows]
+    assert via and len(via) == len(count_rows)
+    phrase_rows = {(i, int(c[0])) for i, _, c in via}
+    for i, row, cols in targets["noun"] + targets["object"]:
+        if (i, row) in phrase_rows:  # "stars" / "red objects": the centres, then the sink (column 0)
+            assert int(cols[-1]) == 0 and (cells[i, cols[:-1], 3] > 0).all()
+            assert inv[int(ids[i, row + 1])] == "are"
+    scene = next(s for s in scenes if s.objects)  # "how many red objects?": the answer reads "objects"
+    color = scene.objects[0].color
+    n = sum(o.color == color for o in scene.objects)
+    try:
+        use_count_via(True)
+        one = pack(scene, [(f"how many {color} objects are there?", ["one", "two", "three", "four"][n - 1], "counting")], VOCAB)
+    finally:
+        use_count_via(False)
+    ids, *_, targets = collate([one], 1.0, torch.Generator().manual_seed(0), 0.0)
+    ((_, row, cols),) = targets["answer"]
+    assert inv[int(ids[0, row])] == ":" and [inv[int(ids[0, c])] for c in cols] == ["objects"]
 
 
 def test_spread_point_loss_is_the_kl_from_equal_shares():

@@ -27,7 +27,7 @@ from pruneware.evals.synthetic import evaluate, make_split, render
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from .language import POINT, PROBES, Stage2, apply_mix, train_batch
 from .losses import Probes, install_pointing, set_point_weights
-from .packing import N_CELLS, collate, pack, use_count_spread
+from .packing import N_CELLS, collate, pack, use_count_spread, use_count_via
 from .qwen_language import CELLPOS_LAYER, Stage2Qwen, cellpos_loss, pack_qwen
 from .qwen_vision import build_qwen, merged_tokens, qwen_patches
 from .vision import build_tower, features
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--phase", choices=["project", "joint"], required=True)
     ap.add_argument("--init", type=Path, help="start from this HF folder (e.g. OUT/best of phase project)")
+    ap.add_argument("--init-vision", type=Path, help="take only the tower and projector from this HF folder (e.g. a shipped model)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--questions", type=int, default=12)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5")
     ap.add_argument("--point-weights", default="", help="per-kind pointing weights, e.g. object=10")
     ap.add_argument("--count-spread", action="store_true", help="counting points at the centres and the sink with equal shares")
+    ap.add_argument("--count-via", action="store_true", help="counting: the noun phrase counts, the answer reads it there")
     ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -90,12 +92,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     apply_mix(args.mix)
     use_count_spread(args.count_spread)
+    use_count_via(args.count_via)
     set_point_weights(args.point_weights, POINT)
     qwen = args.arch == "qwen2.5-vl"
     pack_fn = pack_qwen if qwen else pack
     model, processor, net = assemble(args.vision, args.language, args.seed, args.arch)
     if args.init is not None:
         model.load_state_dict(type(model).from_pretrained(args.init).state_dict())
+    if args.init_vision is not None:
+        state = type(model).from_pretrained(args.init_vision).state_dict()
+        vision = {k: v for k, v in state.items() if not k.startswith(("model.language_model.", "lm_head."))}
+        missing, unexpected = model.load_state_dict(vision, strict=False)
+        assert not unexpected and all(k.startswith(("model.language_model.", "lm_head.")) for k in missing), (missing, unexpected)
     vocab = processor.tokenizer.get_vocab()
     cfg = model.config.text_config
     groups = cfg.num_attention_heads // cfg.num_key_value_heads

@@ -66,7 +66,11 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], opt: torc
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if state or not list(m.state_dict()):
-            m.load_state_dict(state)
+            missing, unexpected = m.load_state_dict(state, strict=False)
+            if unexpected or (missing and name != "probes"):
+                raise RuntimeError(f"checkpoint {folder}, {name!r}: missing {missing}, unexpected {unexpected}")
+            if missing:
+                print(f"checkpoint {folder} has no {missing}: they start fresh", flush=True)
         else:
             print(f"checkpoint {folder} has no {name!r}: it starts fresh", flush=True)
     if opt is not None:

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from pruneware.evals.synthetic.questions import GENERATORS, NUMBERS, PLURALS, QA
-from pruneware.evals.synthetic.scene import COLORS, Scene
+from pruneware.evals.synthetic.scene import COLORS, SHAPES, Scene
 from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 
 # Acceptance rates that bring the packed counting answers close to uniform over one..four
 # (measured over 2000 train scenes of the stage-2 task mix).
 COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
-POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective")
+POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via")
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
-_COUNT_KIND = {"kind": "answer"}  # the pointing kind of counting's target; see use_count_spread
+_COUNT_KIND = {"kind": "answer", "via": False}  # counting's pointing; see use_count_spread, use_count_via
 SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
 GRID = 24
 N_CELLS = GRID * GRID
@@ -93,6 +93,13 @@ def use_count_spread(on: bool) -> None:
     _COUNT_KIND["kind"] = "tally" if on else "answer"
 
 
+def use_count_via(on: bool) -> None:
+    """When ``on``, a counting question's noun phrase (``objects`` in ``how many red objects``)
+    points at its objects' centres plus the sink, as the answering token otherwise does, and the
+    answering token reads the count from that word (``via``); the ``--count-via`` option."""
+    _COUNT_KIND["via"] = on
+
+
 def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dict[str, list[int]]:
     """Task-specific pointing targets (cell indices) of one question.
 
@@ -107,8 +114,10 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
     each: the sink then holds exactly ``1 / (count + 1)``; ``losses.SPREAD_KINDS``).
     """
     words = question.replace("?", " ?").split()
+    tally = task == "counting" and _COUNT_KIND["via"]
     out = {
-        f"{'object' if words[i] in ('object', 'objects') else 'noun'}@{i}": _cells_of(cells, objs, "object")
+        f"{'object' if words[i] in ('object', 'objects') else 'noun'}@{i}":
+            _cells_of(cells, objs, "center") + [SINK] if tally else _cells_of(cells, objs, "object")
         for i, objs in phrases(scene, question)
     }  # fmt: skip
     if task == "spatial":
@@ -132,23 +141,46 @@ def word_links(question: str, task: str, first: int) -> dict[str, list[int]]:
     carry the colour to the word that then points at the objects. On ground-truth cells the link
     is learned (0.98 of the attention) but ``object`` still looks at the red objects with only
     0.40-0.44 of its attention (0.35 before): see the tiny-llava card, "colour-keyed attention".
+    ``via`` (attribute): the answering token looks at the noun phrase's last word, which has
+    looked the object up already, instead of repeating the colour-keyed lookup itself; for
+    ``what shape is the red object?`` the answering head's target (``answer``) is that word too.
+    With cell targets, that head spread over all objects (0.33 on the red one) and the errors
+    named another object's shape, while a probe read the right shape at ``object`` every time.
     """
     words = question.replace("?", " ?").split()
     out = {f"adjective@{i + 1}": [first + i] for i, w in enumerate(words[:-1]) if w in COLORS}  # colours are adjectives here
     if task == "spatial":
         out["relation"] = [first + next(i for i, w in enumerate(words) if w in RELATION_WORDS)]
+    if task == "attribute":  # ``via``: the answering token reads the object from the phrase's last word
+        out["via"] = [first + len(words) - 2]  # ``what shape is the red object ?``: ``object``
+        if words[1] == "shape":  # and the answering head too, not the red object's cells (they mislead it)
+            out["answer"] = out["via"]
+    if task == "counting" and _COUNT_KIND["via"]:  # ``how many red objects are there ?``: ``objects``
+        out["via"] = [first + words.index("are") - 1]
+        if words[3] == "objects":  # the colour case: the answering head reads the count there too
+            out[_COUNT_KIND["kind"]] = out["via"]
     return out
 
 
 def aux_targets(scene: Scene, question: str, task: str) -> dict[str, list[float]]:
-    """Targets that linear probes read from the answering row (see ``language.PROBES``).
+    """Targets that linear probes read from the answering row (see ``language.PROBES``), or,
+    for ``kind@i``, from word ``i`` of the question.
 
     ``rel`` (spatial): one-hot over ``RELATION_WORDS``; ``order`` (spatial): how far the
     relation holds, in quarter-image units, e.g. for ``a left of b`` it is ``(b.x - a.x) / 84``
-    (the answer is "yes" exactly when it is > 0); ``count`` (counting): referents minus 2.5.
+    (the answer is "yes" exactly when it is > 0); ``count`` (counting): referents minus 2.5;
+    ``lookup@i`` ("what shape is the red object?"): the red object's shape, one-hot over
+    ``SHAPES``, at ``object``; ``phrase_count@i`` (counting, with :func:`use_count_via`): the count at
+    the noun phrase's last word.
     """
     if task == "counting":
-        return {"count": [len(referents(scene, question)) - 2.5]}
+        out = {"count": [len(referents(scene, question)) - 2.5]}
+        if _COUNT_KIND["via"]:  # the noun phrase holds the count too
+            out[f"phrase_count@{phrases(scene, question)[0][0]}"] = out["count"]
+        return out
+    if task == "attribute" and question.startswith("what shape"):  # the phrase word holds the shape it looked up
+        (i, (o,)), = phrases(scene, question)
+        return {f"lookup@{i}": [float(s == scene.objects[o].shape) for s in SHAPES]}
     if task != "spatial":
         return {}
     (_, first), (_, second) = phrases(scene, question)[:2]  # one object each: descriptions are unique
@@ -241,7 +273,9 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
         answers.append(where[i, s.answer_at])
         for j, point in enumerate(s.point):
             for name, value in s.aux[j].items():
-                targets[name].append((i, int(where[i, s.answer_at[j] - 1]), torch.tensor(value)))
+                kind, _, word = name.partition("@")
+                row = int(where[i, s.answer_at[j] - 1]) if not word else int(where[i, turn_start[j] + int(word)])
+                targets.setdefault(kind, []).append((i, row, torch.tensor(value)))
             if point.get("second"):  # spatial: where both objects are, for the answering row
                 rc = [torch.tensor(point[k]) for k in ("answer", "second")]
                 where_ = torch.stack([torch.stack([(c // GRID).float().mean(), (c % GRID).float().mean()]) for c in rc]).flatten() / (GRID - 1)
