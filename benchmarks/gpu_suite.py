@@ -412,7 +412,7 @@ def kernel_benchmarks(device: str, cpu: bool) -> list[dict]:
             r["set4_speedup"] = sig(r["set4_torch_us"] / r["set4_triton_us"])
         r["interpreted"] = not cuda
         out.append(r)
-        del hidden, src, dst
+        hidden = src = dst = None  # free the device memory before the next shape (a del confuses pyflakes: the lambdas above use them)
     shapes = [(1, 4, 2, 4, 63, 16)] if cpu else [(8, 32, 32, 64, 2944, 128), (8, 28, 4, 1, 1408, 128)]
     for B, H, Hkv, T, L, d in shapes:
         q = torch.randn(B, T, H, d, device=device, generator=g, dtype=torch.bfloat16).transpose(1, 2)
