@@ -15,8 +15,8 @@ BAR_OVERALL, BAR_TASK = 0.90, 0.80
 # A shipped model below the bar is marked here with its measured accuracy (on
 # `make_split("eval", 200, seed=2024)`) instead of lowering the bar.
 BELOW_BAR: dict[str, str] = {
-    "tiny-llava": "shipped checkpoint measures 0.84 overall (attribute 0.675, counting 0.625, "
-    "existence 1.00, glyph 0.95, spatial 0.95): below the 0.90 / 0.80 bar",
+    "tiny-llava": "shipped checkpoint measures 0.945 overall (attribute 1.00, counting 0.775, "
+    "existence 1.00, glyph 0.95, spatial 1.00): counting is below the 0.80 per-task bar",
     "tiny-qwen2.5-vl": "shipped checkpoint measures 0.80 overall (attribute 0.775, counting 0.575, "
     "existence 1.00, glyph 0.875, spatial 0.775): below the 0.90 / 0.80 bar",
 }
