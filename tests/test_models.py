@@ -12,13 +12,14 @@ from pruneware.models.build import build_processor
 
 NAMES = sorted(models.MODELS)
 BAR_OVERALL, BAR_TASK = 0.90, 0.80
-# A shipped model below the bar is marked here with its measured accuracy (on
-# `make_split("eval", 200, seed=2024)`) instead of lowering the bar.
+# The bar is measured on 1000 questions, as the issue that set it defines it. A shipped model
+# below the bar is marked here with its measured accuracy (on `make_split("eval", 1000,
+# seed=2024)`) instead of lowering the bar.
 BELOW_BAR: dict[str, str] = {
-    "tiny-llava": "shipped checkpoint measures 0.945 overall (attribute 1.00, counting 0.775, "
-    "existence 1.00, glyph 0.95, spatial 1.00): counting is below the 0.80 per-task bar",
-    "tiny-qwen2.5-vl": "shipped checkpoint measures 0.80 overall (attribute 0.775, counting 0.575, "
-    "existence 1.00, glyph 0.875, spatial 0.775): below the 0.90 / 0.80 bar",
+    "tiny-llava": "shipped checkpoint measures 0.942 overall (attribute 1.00, counting 0.79, "
+    "existence 0.985, glyph 0.95, spatial 0.985): counting is below the 0.80 per-task bar",
+    "tiny-qwen2.5-vl": "shipped checkpoint measures 0.779 overall (attribute 0.82, counting 0.555, "
+    "existence 0.96, glyph 0.825, spatial 0.735): below the 0.90 / 0.80 bar",
 }
 # Models that miss more than one of the eight hand-made questions (tiny-llava misses one,
 # tiny-qwen2.5-vl none).
@@ -149,7 +150,7 @@ def test_shipped_weights_are_small_safetensors(name):
 @pytest.mark.parametrize("name", _below_bar(NAMES))
 def test_shipped_model_accuracy_bar(name):
     model, processor = _shipped(name)
-    res = evaluate(model, processor, make_split("eval", 200, seed=2024), batch_size=25)
+    res = evaluate(model, processor, make_split("eval", 1000, seed=2024), batch_size=25)
     low = {t: a for t, a in res["per_task"].items() if a < BAR_TASK}
     assert res["accuracy"] >= BAR_OVERALL and not low, f"{name}: {res['accuracy']:.3f} overall, low {low}"
 
