@@ -16,8 +16,8 @@ BAR_OVERALL, BAR_TASK = 0.90, 0.80
 # below the bar is marked here with its measured accuracy (on `make_split("eval", 1000,
 # seed=2024)`) instead of lowering the bar.
 BELOW_BAR: dict[str, str] = {
-    "tiny-llava": "shipped checkpoint measures 0.942 overall (attribute 1.00, counting 0.79, "
-    "existence 0.985, glyph 0.95, spatial 0.985): counting is below the 0.80 per-task bar",
+    "tiny-llava": "shipped checkpoint measures 0.941 overall (attribute 0.99, counting 0.785, "
+    "existence 0.985, glyph 0.955, spatial 0.99): counting is below the 0.80 per-task bar",
     "tiny-qwen2.5-vl": "shipped checkpoint measures 0.779 overall (attribute 0.82, counting 0.555, "
     "existence 0.96, glyph 0.825, spatial 0.735): below the 0.90 / 0.80 bar",
 }
