@@ -270,19 +270,22 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     for i, s in enumerate(samples):
         first = s.image_at
         turn_start = [int((s.segment == k).nonzero()[0]) for k in range(len(s.tasks))]
+
+        def row_of(turn: int, word: str, i=i, s=s, turn_start=turn_start) -> int:
+            """New column of turn ``turn``'s answering row, or of its question word ``word``."""
+            return int(where[i, s.answer_at[turn] - 1]) if not word else int(where[i, turn_start[turn] + int(word)])
         answers.append(where[i, s.answer_at])
         for j, point in enumerate(s.point):
             for name, value in s.aux[j].items():
                 kind, _, word = name.partition("@")
-                row = int(where[i, s.answer_at[j] - 1]) if not word else int(where[i, turn_start[j] + int(word)])
-                targets.setdefault(kind, []).append((i, row, torch.tensor(value)))
+                targets.setdefault(kind, []).append((i, row_of(j, word), torch.tensor(value)))
             if point.get("second"):  # spatial: where both objects are, for the answering row
                 rc = [torch.tensor(point[k]) for k in ("answer", "second")]
                 where_ = torch.stack([torch.stack([(c // GRID).float().mean(), (c % GRID).float().mean()]) for c in rc]).flatten() / (GRID - 1)
                 targets["where"].append((i, int(where[i, s.answer_at[j] - 1]), where_))
             for name, cols in point.items():
                 kind, _, word = name.partition("@")
-                row = int(where[i, s.answer_at[j] - 1]) if not word else int(where[i, turn_start[j] + int(word)])
+                row = row_of(j, word)
                 absolute = torch.tensor([0 if c == SINK else c + first for c in cols], dtype=torch.long)  # SINK: column 0
                 new = where[i, absolute] if cols else torch.empty(0, dtype=torch.long)
                 targets[kind].append((i, row, new[new >= 0]))
