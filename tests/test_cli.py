@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -88,6 +89,31 @@ def test_eval_writes_results_plots_and_resumes(model_dir, tmp_path):
     assert len({(r["variant"], r["id"]) for r in again}) == len(again) == 12
     other = invoke(*[a if a != model_dir else "tiny-llava" for a in args])  # another model, same folder
     assert other.exit_code == 2 and "holds rows of another run" in other.output, other.output
+
+
+def test_eval_refuses_to_resume_rows_of_other_weights(tmp_path):
+    """New weights saved under the same folder name are another run: their rows must not mix."""
+    folder, out = tmp_path / "model", tmp_path / "ev"
+    args = ["eval", "--model", str(folder), "--limit", "2", "--batch-size", "2", "--plans", "none", "--out", str(out), "--json"]
+    for seed, code in ((0, 0), (0, 0), (1, 2)):  # first run, resume on the same weights, then retrained weights
+        model, processor = build_tiny("llava", seed=seed)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        result = invoke(*args)
+        assert result.exit_code == code, result.output
+    assert "holds rows of another run" in result.output and "weights=" in result.output
+    assert json.loads((out / "results.json").read_text())["weights"] == json.loads((out / "run.json").read_text())["weights"]
+
+
+def test_weights_fingerprint_tracks_content_not_identity():
+    from pruneware.models.loading import weights_fingerprint
+
+    model, _ = build_tiny("llava", seed=0)
+    twin, _ = build_tiny("llava", seed=0)
+    assert weights_fingerprint(model) == weights_fingerprint(twin)
+    with torch.no_grad():
+        twin.lm_head.weight[-1, -1] += 1.0  # one value, in the last 64 of its tensor
+    assert weights_fingerprint(model) != weights_fingerprint(twin)
 
 
 def test_viz_draws_one_panel_per_stage(model_dir, tmp_path):

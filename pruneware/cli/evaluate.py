@@ -23,7 +23,9 @@ def _items(bench: str, data: str | None, limit: int | None, seed: int) -> list:
 
 def claim_out_folder(folder: Path, run: dict) -> None:
     """Rows in an ``--out`` folder are keyed by plan and question, not by model or dataset, so a
-    folder resumes only the run that wrote it: record that run in ``run.json``, refuse another."""
+    folder resumes only the run that wrote it: record that run (model, dataset, and a fingerprint
+    of the weights, so new weights saved under the same name count as another run) in
+    ``run.json``, refuse another."""
     record = folder / "run.json"
     if record.is_file():
         old = json.loads(record.read_text())
@@ -58,13 +60,15 @@ def evaluate(
     items = _items(bench, data, limit, seed)  # a bad dataset fails before the model loads
     vlm, processor, name = load_model(model, download)
     import pruneware
+    from pruneware.models.loading import weights_fingerprint
 
     for plan in plan_list:  # fail on a malformed plan before any work (budgets are checked per input)
         if plan != "none":
             pruneware.prune(vlm, plan)
     sweep = variants(plan_list, budgets)
     out_dir = Path(out)
-    claim_out_folder(out_dir, {"model": name, "bench": bench, "data": data})
+    weights = weights_fingerprint(vlm)
+    claim_out_folder(out_dir, {"model": name, "weights": weights, "bench": bench, "data": data})
     console = Console(stderr=True)
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                TimeRemainingColumn())
@@ -79,7 +83,7 @@ def evaluate(
                          bench=bench, on_progress=on_progress, skipped=skipped)
     ids = {str(it.id) for it in items}
     results = summarize([r for r in rows if r["id"] in ids], sweep, items, bench)
-    payload = {"model": name, "bench": bench, "n_examples": len(items), "seed": seed, "results": results,
+    payload = {"model": name, "weights": weights, "bench": bench, "n_examples": len(items), "seed": seed, "results": results,
                "skipped": skipped}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
     payload["plots"] = [str(p) for p in plot_sweep(results, out_dir)]

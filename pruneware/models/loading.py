@@ -44,4 +44,23 @@ def load_any(name: str, download: bool = False, device: str | None = None):
     return model.to(device).eval(), processor
 
 
-__all__: list[Any] = ["ModelLoadError", "load_any"]
+def weights_fingerprint(model) -> str:
+    """A short content hash of ``model``'s weights, cheap at any size and the same on any device.
+
+    Hashes every parameter's and buffer's name, shape, dtype and its first and last 64 values
+    (as stored), so a retrained checkpoint with the same architecture gets another fingerprint.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        ends = torch.cat([flat[:64], flat[-64:]]).cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(ends.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+__all__: list[Any] = ["ModelLoadError", "load_any", "weights_fingerprint"]

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--select-n", type=int, default=200, help="questions in the selection split")
     ap.add_argument("--save-minutes", type=float, default=4.0)
+    ap.add_argument("--snapshot-every", type=int, default=0,
+                    help="also keep an HF folder OUT/step-N every N steps and at the end, to select on a held-out split")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
             curve.write(json.dumps(row) + "\n")
             curve.flush()
             print(json.dumps(row), flush=True)
+        if args.snapshot_every and ((step + 1) % args.snapshot_every == 0 or last):
+            model.save_pretrained(args.out / f"step-{step + 1}")
+            processor.save_pretrained(args.out / f"step-{step + 1}")
         if time.time() - saved > args.save_minutes * 60 or last:
             save_checkpoint(last_dir, {"model": model, "probes": probes}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
             saved = time.time()
