@@ -232,3 +232,32 @@ def test_point_weights_scale_their_kind_and_reject_unknown_kinds():
             losses.set_point_weights("colour=2", ("noun", "object"))
     finally:
         losses.POINT_WEIGHTS.clear()
+
+
+def test_count_accept_and_scene_mix_rebalance_counting_answers():
+    """The joint phase's --scene-mix / --count-accept: fewer small counts, more "four" (the
+    evaluation split asks about one..four about equally; the default training mix does not)."""
+    import collections
+
+    import pytest
+
+    from pruneware.models.recipe import language, packing
+
+    def counts() -> collections.Counter:
+        packs, _ = train_batch("joint", 0, 0, 40, 16, VOCAB)
+        words = {i: w for w, i in VOCAB.items()}
+        return collections.Counter(words[int(p.ids[a])] for p in packs for a, t in zip(p.answer_at, p.tasks) if t == "counting")
+
+    saved_scene, saved_accept = dict(language.SCENE_MIX), dict(packing.COUNT_ACCEPT)
+    try:
+        before = counts()
+        language.apply_mix("counting=15", language.SCENE_MIX, "--scene-mix")
+        language.apply_mix("one=0.006,two=0.015,three=0.1", packing.COUNT_ACCEPT, "--count-accept")
+        after = counts()
+        assert after["four"] / sum(after.values()) > before["four"] / sum(before.values()) + 0.05, (before, after)
+        with pytest.raises(SystemExit, match="valid keys"):
+            language.apply_mix("five=1", packing.COUNT_ACCEPT, "--count-accept")
+    finally:
+        language.SCENE_MIX.update(saved_scene)
+        packing.COUNT_ACCEPT.clear()
+        packing.COUNT_ACCEPT.update(saved_accept)

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from pruneware.evals.synthetic import evaluate, make_split, render
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
-from .language import POINT, PROBES, Stage2, apply_mix, train_batch
+from .language import POINT, PROBES, SCENE_MIX, Stage2, apply_mix, train_batch
 from .losses import Probes, install_pointing, set_point_weights
-from .packing import N_CELLS, collate, pack, use_count_spread, use_count_via
+from .packing import COUNT_ACCEPT, N_CELLS, collate, pack, use_count_spread, use_count_via
 from .qwen_language import CELLPOS_LAYER, Stage2Qwen, cellpos_loss, pack_qwen
 from .qwen_vision import build_qwen, merged_tokens, qwen_patches
 from .vision import build_tower, features
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--point", type=float, default=0.3)
     ap.add_argument("--aux", type=float, default=0.0, help="weight of stage 2's answer-row probes, loaded with its checkpoint (joint)")
     ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5")
+    ap.add_argument("--scene-mix", default="", help="scene-kind overrides, e.g. counting=15 (more scenes with a forced group)")
+    ap.add_argument("--count-accept", default="",
+                    help="share of counting questions kept per answer, e.g. one=0.006,two=0.015,three=0.1 (four: all)")
     ap.add_argument("--point-weights", default="", help="per-kind pointing weights, e.g. object=10")
     ap.add_argument("--count-spread", action="store_true", help="counting points at the centres and the sink with equal shares")
     ap.add_argument("--count-via", action="store_true", help="counting: the noun phrase counts, the answer reads it there")
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     apply_mix(args.mix)
+    apply_mix(args.scene_mix, SCENE_MIX, "--scene-mix")
+    apply_mix(args.count_accept, COUNT_ACCEPT, "--count-accept")
     use_count_spread(args.count_spread)
     use_count_via(args.count_via)
     set_point_weights(args.point_weights, POINT)

@@ -88,13 +88,15 @@ class Stage2(torch.nn.Module):
         return self.lm(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
 
 
-def apply_mix(text: str) -> None:
-    """Override ``QUESTION_MIX`` from ``"counting=2.5,spatial=1"`` (the ``--mix`` option)."""
+def apply_mix(text: str, table: dict[str, float] = QUESTION_MIX, option: str = "--mix") -> None:
+    """Override ``table`` (default ``QUESTION_MIX``) from ``"counting=2.5,spatial=1"``: the
+    ``--mix`` option, and ``--scene-mix`` (``SCENE_MIX``) and ``--count-accept``
+    (``packing.COUNT_ACCEPT``, the share of counting questions kept per answer) of ``assemble``."""
     for item in filter(None, text.split(",")):
-        task, _, weight = item.partition("=")
-        if task not in QUESTION_MIX:
-            raise SystemExit(f"--mix: unknown task {task!r}; valid tasks: {list(QUESTION_MIX)}")
-        QUESTION_MIX[task] = float(weight)
+        key, _, weight = item.partition("=")
+        if key not in table:
+            raise SystemExit(f"{option}: unknown key {key!r}; valid keys: {list(table)}")
+        table[key] = float(weight)
 
 
 def train_batch(tag: str, seed: int, step: int, size: int, per_image: int, vocab: dict[str, int], pack_fn=pack):
