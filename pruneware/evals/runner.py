@@ -85,21 +85,40 @@ def _inputs(processor, items: Sequence[Any], device) -> dict:
     return batch.to(device)
 
 
+class _PrefillClock:
+    """A logits processor that notes when generation first asks for logits: the prefill's end."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            if scores.is_cuda:
+                torch.cuda.synchronize()
+            self.at = time.perf_counter()
+        return scores
+
+
 @torch.inference_mode()
 def timed_answers(model, processor, inputs: dict, max_new_tokens: int) -> tuple[torch.Tensor, list[str], float]:
-    """Next-token logits [B, V], decoded answers, and the prefill time in ms."""
+    """Next-token logits [B, V] of the prompt, decoded answers, and the prefill time in ms.
+
+    One ``generate`` call: the logits are its first step's raw logits, and the prefill time runs
+    from the call to the moment the first logits exist (generate's own set-up included).
+    """
+    from transformers import LogitsProcessorList
+
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    clock = _PrefillClock()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    logits = model(**inputs).logits[:, -1].float()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    prefill_ms = (time.perf_counter() - start) * 1e3
-    tok = processor.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return logits, [t.strip() for t in texts], prefill_ms
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                         logits_processor=LogitsProcessorList([clock]), output_logits=True, return_dict_in_generate=True)
+    prefill_ms = (clock.at - start) * 1e3
+    texts = tok.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out.logits[0].float(), [t.strip() for t in texts], prefill_ms
 
 
 def run_sweep(
