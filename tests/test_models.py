@@ -18,8 +18,8 @@ BAR_OVERALL, BAR_TASK = 0.90, 0.80
 BELOW_BAR: dict[str, str] = {
     "tiny-llava": "shipped checkpoint measures 0.941 overall (attribute 0.99, counting 0.785, "
     "existence 0.985, glyph 0.955, spatial 0.99): counting is below the 0.80 per-task bar",
-    "tiny-qwen2.5-vl": "shipped checkpoint measures 0.779 overall (attribute 0.82, counting 0.555, "
-    "existence 0.96, glyph 0.825, spatial 0.735): below the 0.90 / 0.80 bar",
+    "tiny-qwen2.5-vl": "shipped checkpoint measures 0.893 overall (attribute 0.99, counting 0.81, "
+    "existence 0.99, glyph 0.945, spatial 0.73): below the 0.90 overall and 0.80 spatial bar",
 }
 # Models that miss more than one of the eight hand-made questions (tiny-llava misses one,
 # tiny-qwen2.5-vl none).
