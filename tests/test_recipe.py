@@ -186,6 +186,34 @@ def test_count_via_moves_counting_to_the_noun_phrase():
     assert inv[int(ids[0, row])] == ":" and [inv[int(ids[0, c])] for c in cols] == ["objects"]
 
 
+def test_count_head_tallies_centres_and_sink_at_the_noun_phrase():
+    """With --count-head each counting question's noun phrase word gets an equal-share target
+    over its referents' centre cells and the sink (column 0), one centre per object."""
+    from pruneware.models.grounding import referents
+    from pruneware.models.recipe.losses import SPREAD_KINDS
+    from pruneware.models.recipe.packing import use_count_head
+
+    packs, scenes = train_batch("test", 0, 5, 6, 6, VOCAB)
+    inv = {v: w for w, v in VOCAB.items()}
+    try:
+        use_count_head(True)
+        packs = [pack(s, [(_question_of(p, k), inv[int(p.ids[p.answer_at[k]])], p.tasks[k]) for k in range(len(p.tasks))], VOCAB)
+                 for p, s in zip(packs, scenes, strict=True)]  # fmt: skip
+        ids, cells, *_, targets = collate(packs, 1.0, torch.Generator().manual_seed(0), 0.0)
+    finally:
+        use_count_head(False)
+    assert "phrase_tally" in SPREAD_KINDS
+    n_counting = sum(t == "counting" for p in packs for t in p.tasks)
+    assert n_counting and len(targets["phrase_tally"]) == n_counting
+    counts = iter(
+        len(referents(s, _question_of(p, k))) for p, s in zip(packs, scenes, strict=True) for k, t in enumerate(p.tasks) if t == "counting"
+    )  # fmt: skip
+    for i, row, cols in targets["phrase_tally"]:
+        assert inv[int(ids[i, row + 1])] == "are"  # "how many red objects are there ?": the phrase word
+        assert int(cols[-1]) == 0 and (cells[i, cols[:-1], 3] == 1).all()
+        assert len(cols) - 1 == next(counts)  # one centre cell per referent
+
+
 def test_spread_point_loss_is_the_kl_from_equal_shares():
     """The equal-share pointing loss against a hand computation of KL(uniform || attention)."""
     from pruneware.models.recipe.losses import point_loss

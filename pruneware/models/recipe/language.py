@@ -40,13 +40,13 @@ from .vision import VISION_SPEC
 
 from .common import SELECT_SEED, load_checkpoint, lr_at, optimizer_step, sample, save_checkpoint, train_seed
 from .losses import Probes, install_pointing, set_point_weights
-from .packing import GRID, bg_keep, collate, pack, questions, use_count_spread, use_count_via
+from .packing import GRID, bg_keep, collate, pack, questions, use_count_head, use_count_spread, use_count_via
 
 SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 5.0, "spatial": 1.0, "glyph": 1.0}
 QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 1.5, "glyph": 1.0}
 POINT = {  # pointing kind -> (layer, head)
     "noun": (2, 0), "object": (2, 0), "relation": (4, 2), "answer": (5, 0), "second": (5, 1), "tally": (5, 0),
-    "adjective": (1, 0), "via": (4, 0),
+    "adjective": (1, 0), "via": (4, 0), "phrase_tally": (3, 1),
 }  # fmt: skip
 PROBES = {"rel": (4, 4), "where": (5, 4), "order": (6, 1), "count": (6, 1), "lookup": (3, 5), "phrase_count": (3, 1)}  # kind -> (layer, width)
 
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--point-weights", default="", help="per-kind pointing weights, e.g. object=10")
     ap.add_argument("--count-spread", action="store_true", help="counting points at the centres and the sink with equal shares")
     ap.add_argument("--count-via", action="store_true", help="counting: the noun phrase counts, the answer reads it there")
+    ap.add_argument("--count-head", action="store_true", help="counting: head 1 of layer 3 tallies at the noun phrase (equal shares, centres + sink)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=150)
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_mix(args.mix)
     use_count_spread(args.count_spread)
     use_count_via(args.count_via)
+    use_count_head(args.count_head)
     set_point_weights(args.point_weights, POINT)
     qwen = args.arch == "qwen2.5-vl"
     if qwen:

@@ -78,7 +78,7 @@ class Probes(torch.nn.Module):
         return out
 
 
-SPREAD_KINDS = ("tally",)  # pointing kinds whose targets share the attention equally
+SPREAD_KINDS = ("tally", "phrase_tally")  # pointing kinds whose targets share the attention equally
 POINT_WEIGHTS: dict[str, float] = {}  # kind -> weight of its term (1 when absent); see set_point_weights
 
 

@@ -20,9 +20,9 @@ from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 # Acceptance rates that bring the packed counting answers close to uniform over one..four
 # (measured over 2000 train scenes of the stage-2 task mix).
 COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
-POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via")
+POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via", "phrase_tally")
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
-_COUNT_KIND = {"kind": "answer", "via": False}  # counting's pointing; see use_count_spread, use_count_via
+_COUNT_KIND = {"kind": "answer", "via": False, "head": False}  # counting's pointing; see use_count_spread, use_count_via, use_count_head
 SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
 GRID = 24
 N_CELLS = GRID * GRID
@@ -100,6 +100,14 @@ def use_count_via(on: bool) -> None:
     _COUNT_KIND["via"] = on
 
 
+def use_count_head(on: bool) -> None:
+    """When ``on``, a counting question's noun phrase word also gets ``phrase_tally``: a dedicated
+    head (``language.POINT``) spreads its attention equally over the referents' centre cells and the
+    sink, so that head's sink share is exactly ``1 / (count + 1)`` whatever the objects' sizes; the
+    ``--count-head`` option of stages 2 and 3."""
+    _COUNT_KIND["head"] = on
+
+
 def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dict[str, list[int]]:
     """Task-specific pointing targets (cell indices) of one question.
 
@@ -120,6 +128,9 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
             _cells_of(cells, objs, "center") + [SINK] if tally else _cells_of(cells, objs, "object")
         for i, objs in phrases(scene, question)
     }  # fmt: skip
+    if task == "counting" and _COUNT_KIND["head"]:
+        i, objs = phrases(scene, question)[0]
+        out[f"phrase_tally@{i}"] = _cells_of(cells, objs, "center") + [SINK]
     if task == "spatial":
         (_, first), (_, second) = phrases(scene, question)[:2]
         out["answer"] = _cells_of(cells, first, "object")
