@@ -16,6 +16,9 @@ teaches the real tower's projector to produce them. What makes this learn on a C
   head 1 of layer 5 to the second object of a spatial question; head 2 of layer 4 to the
   relation word (left, right, above, below), which otherwise never reaches the answering row
   (linear probes read the relation there at chance, 0.26-0.42 for 4 classes, after 2,800 steps);
+  with ``--count-head``, head 1 of layer 3 spreads a counting phrase word's attention equally
+  over its objects' centre cells and the prompt's first token, whose share is then the count's
+  code ``1 / (n + 1)``;
 * linear probes on the answering row that spell out the steps of a spatial or counting answer
   (``PROBES``, dropped after training): which relation the question asks (layer 4), where
   both objects are (layer 5, ``--where``), how far the relation holds, whose sign is the
