@@ -75,6 +75,30 @@ def test_unknown_names_list_valid_ones():
         models.prompt("llava-1.5", "q")
 
 
+def test_mrope_sections_reach_the_config_and_bad_ones_are_refused():
+    model, _ = models.build_tiny("qwen2.5-vl", rope_theta=10.0, mrope=[6, 3, 3])
+    assert model.config.text_config.rope_parameters["mrope_section"] == [6, 3, 3]
+    assert model.config.text_config.rope_parameters["rope_theta"] == 10.0
+    with pytest.raises(ValueError, match="summing to head_dim / 2 = 12"):
+        models.build_tiny("qwen2.5-vl", mrope=[4, 4, 2])
+    with pytest.raises(ValueError, match="qwen2.5-vl only"):
+        models.build_tiny("llava", mrope=[6, 3, 3])
+
+
+def test_low_rope_base_lets_mrope_tell_columns_apart():
+    """The width section's fastest rotary frequency (the model's own ``inv_freq``), turned across
+    the 24 cells of a row: about 0.002 rad with the default base 1e6 (columns indistinguishable),
+    several rad with base 10."""
+
+    def width_turn(**llm) -> float:
+        model, _ = models.build_tiny("qwen2.5-vl", **llm)
+        t, h, _ = model.config.text_config.rope_parameters["mrope_section"]
+        return float(model.model.language_model.rotary_emb.inv_freq[t + h] * 23)
+
+    assert width_turn() < 0.01
+    assert width_turn(rope_theta=10.0, mrope=[6, 3, 3]) > 3.0
+
+
 def test_tiny_evaluate_runs(tiny):
     _, model, processor = tiny
     res = evaluate(model, processor, make_split("eval", 5, seed=1), batch_size=3)

@@ -60,7 +60,8 @@ QWEN_TEMPLATE = (
 
 # Widths are small on purpose: the models must train from scratch in about an hour on a
 # 2-core CPU. Depth is 8 LLM layers so that layer-indexed plans (e.g. K = 2, 4, 6) make sense.
-LLM = {"hidden": 96, "layers": 8, "heads": 4, "kv_heads": 2, "mlp": 256, "head_dim": 24, "rope_theta": 1e6}
+LLM = {"hidden": 96, "layers": 8, "heads": 4, "kv_heads": 2, "mlp": 256, "head_dim": 24, "rope_theta": 1e6, "mrope": None}
+# ``mrope``: qwen2.5-vl's M-RoPE sections [temporal, height, width] in rotary pairs (None: a 2:1:1 split of head_dim / 2).
 VISION = {"hidden": 96, "layers": 2, "heads": 4, "mlp": 192, "patch": 14, "side": QWEN_SIDE}
 # ``patch`` and ``side`` apply to qwen2.5-vl only: (side / patch / 2)^2 visual tokens per image.
 
@@ -133,6 +134,8 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, vision:
     text = dict(head_dim=spec["head_dim"], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 tie_word_embeddings=False)
     if arch == "llava":
+        if spec["mrope"] is not None:
+            raise ValueError("mrope applies to qwen2.5-vl only")
         vision = dict(
             hidden_size=vis["hidden"], intermediate_size=vis["mlp"], num_hidden_layers=vis["layers"],
             num_attention_heads=vis["heads"], image_size=336,
@@ -146,7 +149,9 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, vision:
     if head_dim * spec["heads"] != spec["hidden"]:
         raise ValueError(f"qwen2.5-vl needs head_dim * heads == hidden, got {head_dim} * {spec['heads']} != {spec['hidden']}")
     third = head_dim // 2 // 3
-    mrope = [head_dim // 2 - 2 * third, third, third]  # temporal, height, width; sums to head_dim/2
+    mrope = spec["mrope"] or [head_dim // 2 - 2 * third, third, third]  # temporal, height, width
+    if len(mrope) != 3 or sum(mrope) != head_dim // 2:
+        raise ValueError(f"mrope must be 3 sections summing to head_dim / 2 = {head_dim // 2}, got {mrope}")
     vision = dict(
         depth=vis["layers"], hidden_size=vis["hidden"], intermediate_size=vis["mlp"], num_heads=vis["heads"],
         window_size=112, fullatt_block_indexes=[vis["layers"] - 1], patch_size=vis["patch"],

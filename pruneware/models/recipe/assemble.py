@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--count-via", action="store_true", help="counting: the noun phrase counts, the answer reads it there")
     ap.add_argument("--count-head", action="store_true", help="counting: head 1 of layer 3 tallies at the noun phrase (equal shares, centres + sink)")
     ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
+    ap.add_argument("--rope-theta", type=float, help="qwen2.5-vl: the LLM's RoPE base (default 1e6)")
+    ap.add_argument("--mrope", help="qwen2.5-vl: M-RoPE sections t,h,w in rotary pairs, e.g. 6,3,3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     use_count_spread(args.count_spread)
     use_count_via(args.count_via)
     use_count_head(args.count_head)
+    from .qwen_vision import use_qwen_rope
+
+    use_qwen_rope(args.rope_theta, args.mrope)
     set_point_weights(args.point_weights, POINT)
     qwen = args.arch == "qwen2.5-vl"
     pack_fn = pack_qwen if qwen else pack

@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--aux", type=float, default=0.0, help="weight of the relation / order / count probes")
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights (fresh optimizer, all cells from step 0)")
     ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
+    ap.add_argument("--rope-theta", type=float, help="qwen2.5-vl: the LLM's RoPE base (default 1e6)")
+    ap.add_argument("--mrope", help="qwen2.5-vl: M-RoPE sections t,h,w in rotary pairs, e.g. 6,3,3")
     ap.add_argument("--transfer", type=Path, help="qwen2.5-vl: start from this tiny-llava stage-2 checkpoint (all cells from step 0)")
     ap.add_argument("--cellpos", type=float, default=1.0, help="qwen2.5-vl: weight of the cell-position probe")
     ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5,spatial=1")
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     use_count_spread(args.count_spread)
     use_count_via(args.count_via)
     use_count_head(args.count_head)
+    from .qwen_vision import use_qwen_rope
+
+    use_qwen_rope(args.rope_theta, args.mrope)
     set_point_weights(args.point_weights, POINT)
     qwen = args.arch == "qwen2.5-vl"
     if qwen:

@@ -34,9 +34,24 @@ QWEN_VISION = {"hidden": 96, "layers": 3, "heads": 4, "mlp": 256, "patch": 7, "s
 TEMPORAL, MERGE = 2, 2
 
 
+QWEN_ROPE = {"rope_theta": 1e6, "mrope": None}  # the LLM's RoPE base and M-RoPE sections; see use_qwen_rope
+
+
+def use_qwen_rope(theta: float | None, sections: str | None) -> None:
+    """Set the RoPE base and M-RoPE sections (``"6,3,3"``) of the Qwen models built from here on
+    (the stages' ``--rope-theta`` / ``--mrope``). With the default base 1e6 and head_dim 24 the
+    height and width sections turn by at most 0.24 and 0.0024 rad across the 24 x 24 cells, so
+    the LLM cannot tell where a cell is from M-RoPE; a small base (e.g. 10) makes both axes turn
+    by several radians."""
+    if theta is not None:
+        QWEN_ROPE["rope_theta"] = float(theta)
+    if sections:
+        QWEN_ROPE["mrope"] = [int(x) for x in sections.split(",")]
+
+
 def build_qwen(seed: int):
     """A tiny Qwen2.5-VL whose tower gives 24 x 24 merged tokens at 336 px, and its processor."""
-    return build_tiny("qwen2.5-vl", seed=seed, vision=QWEN_VISION)
+    return build_tiny("qwen2.5-vl", seed=seed, vision=QWEN_VISION, **QWEN_ROPE)
 
 
 def qwen_patches(clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
