@@ -18,9 +18,10 @@ BAR_OVERALL, BAR_TASK = 0.90, 0.80
 BELOW_BAR: dict[str, str] = {
     "tiny-llava": "shipped checkpoint measures 0.941 overall (attribute 0.99, counting 0.785, "
     "existence 0.985, glyph 0.955, spatial 0.99): counting is below the 0.80 per-task bar",
-    "tiny-qwen2.5-vl": "shipped checkpoint measures 0.893 overall (attribute 0.99, counting 0.81, "
-    "existence 0.99, glyph 0.945, spatial 0.73): below the 0.90 overall and 0.80 spatial bar",
 }
+# tiny-qwen2.5-vl passes on this split: 0.944 overall, counting 0.800 exactly (attribute 0.995, existence
+# 0.995, glyph 0.935, spatial 0.995; the same at 1 and 2 threads). Its counting is at the edge: 0.77 on the
+# reporting split (seed 0) and 0.80 on the held-out selection split (seed 5151); see its card.
 # Models that miss more than one of the eight hand-made questions (tiny-llava misses one,
 # tiny-qwen2.5-vl none).
 FIXED_BELOW_BAR: dict[str, str] = {}  # both shipped models answer at least 7 of 8
@@ -87,16 +88,16 @@ def test_mrope_sections_reach_the_config_and_bad_ones_are_refused():
 
 def test_low_rope_base_lets_mrope_tell_columns_apart():
     """The width section's fastest rotary frequency (the model's own ``inv_freq``), turned across
-    the 24 cells of a row: about 0.002 rad with the default base 1e6 (columns indistinguishable),
-    several rad with base 10."""
+    the 24 cells of a row: about 0.002 rad at base 1e6 with sections 4,4,4 (columns
+    indistinguishable), 4.1 rad with the default, base 1000 and sections 1,2,9."""
 
     def width_turn(**llm) -> float:
         model, _ = models.build_tiny("qwen2.5-vl", **llm)
         t, h, _ = model.config.text_config.rope_parameters["mrope_section"]
         return float(model.model.language_model.rotary_emb.inv_freq[t + h] * 23)
 
-    assert width_turn() < 0.01
-    assert width_turn(rope_theta=10.0, mrope=[6, 3, 3]) > 3.0
+    assert width_turn(rope_theta=1e6, mrope=[4, 4, 4]) < 0.01  # the config before 2026-12-02
+    assert width_turn() > 3.0  # qwen2.5-vl's default now (base 1000, sections 1, 2, 9)
 
 
 def test_tiny_evaluate_runs(tiny):

@@ -62,6 +62,11 @@ QWEN_TEMPLATE = (
 # 2-core CPU. Depth is 8 LLM layers so that layer-indexed plans (e.g. K = 2, 4, 6) make sense.
 LLM = {"hidden": 96, "layers": 8, "heads": 4, "kv_heads": 2, "mlp": 256, "head_dim": 24, "rope_theta": 1e6, "mrope": None}
 # ``mrope``: qwen2.5-vl's M-RoPE sections [temporal, height, width] in rotary pairs (None: a 2:1:1 split of head_dim / 2).
+# qwen2.5-vl's own defaults: Qwen2.5-VL gives the sections the rotary frequencies in that order, so at base 1e6 and
+# head_dim 24 the width section turns by 0.0024 rad across 24 cells (the LLM cannot tell columns apart); at base
+# 1000 with sections [1, 2, 9] height turns by 13 rad and width by 4.1 rad, while the text dimensions that match
+# words to cells by content stay slow (``recipe/qwen_vision.py``, tiny-qwen2.5-vl's card).
+QWEN_LLM = {"rope_theta": 1000.0, "mrope": [1, 2, 9]}
 VISION = {"hidden": 96, "layers": 2, "heads": 4, "mlp": 192, "patch": 14, "side": QWEN_SIDE}
 # ``patch`` and ``side`` apply to qwen2.5-vl only: (side / patch / 2)^2 visual tokens per image.
 
@@ -120,7 +125,7 @@ def build_config(arch: Arch, tok: PreTrainedTokenizerFast | None = None, vision:
     unknown = set(llm) - set(LLM)
     if unknown:
         raise ValueError(f"unknown LLM settings {sorted(unknown)}; valid: {sorted(LLM)}")
-    spec = {**LLM, **llm}
+    spec = {**LLM, **(QWEN_LLM if arch == "qwen2.5-vl" else {}), **llm}
     bad = set(vision or {}) - set(VISION)
     if bad:
         raise ValueError(f"unknown vision settings {sorted(bad)}; valid: {sorted(VISION)}")

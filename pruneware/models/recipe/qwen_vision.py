@@ -34,15 +34,14 @@ QWEN_VISION = {"hidden": 96, "layers": 3, "heads": 4, "mlp": 256, "patch": 7, "s
 TEMPORAL, MERGE = 2, 2
 
 
-QWEN_ROPE = {"rope_theta": 1e6, "mrope": None}  # the LLM's RoPE base and M-RoPE sections; see use_qwen_rope
+QWEN_ROPE: dict = {}  # overrides of the LLM's RoPE base and M-RoPE sections (``build.QWEN_LLM``); see use_qwen_rope
 
 
 def use_qwen_rope(theta: float | None, sections: str | None) -> None:
-    """Set the RoPE base and M-RoPE sections (``"6,3,3"``) of the Qwen models built from here on
-    (the stages' ``--rope-theta`` / ``--mrope``). With the default base 1e6 and head_dim 24 the
-    height and width sections turn by at most 0.24 and 0.0024 rad across the 24 x 24 cells, so
-    the LLM cannot tell where a cell is from M-RoPE; a small base (e.g. 10) makes both axes turn
-    by several radians."""
+    """Override the RoPE base and M-RoPE sections (``"4,4,4"``) of the Qwen models built from here on
+    (the stages' ``--rope-theta`` / ``--mrope``; the default is ``build.QWEN_LLM``, base 1000 with
+    sections 1,2,9). The runs before 2026-12-02 06:00 used base 1e6 with 4,4,4, where the width
+    section turns by 0.0024 rad across the 24 x 24 cells and the LLM cannot tell columns apart."""
     if theta is not None:
         QWEN_ROPE["rope_theta"] = float(theta)
     if sections:
