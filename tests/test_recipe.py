@@ -152,19 +152,27 @@ def test_via_points_from_the_answer_to_the_phrase_word():
         assert inv[int(ids[i, cols[0] + 1])] == "?"
 
 
-def test_count_via_moves_counting_to_the_noun_phrase():
-    """With --count-via a counting phrase points at its centres plus the sink, and the answer at it."""
-    from pruneware.models.recipe.packing import use_count_via
-
+def _repacked_with(switch):
+    """A train batch packed again with ``switch(True)`` (e.g. ``use_count_via``) in force:
+    ``(packs, scenes, ids, cells, targets)`` of the collated batch; the switch is reset after."""
     packs, scenes = train_batch("test", 0, 5, 6, 6, VOCAB)
     inv = {v: w for w, v in VOCAB.items()}
     try:
-        use_count_via(True)
+        switch(True)
         packs = [pack(s, [(_question_of(p, k), inv[int(p.ids[p.answer_at[k]])], p.tasks[k]) for k in range(len(p.tasks))], VOCAB)
                  for p, s in zip(packs, scenes, strict=True)]  # fmt: skip
         ids, cells, *_, targets = collate(packs, 1.0, torch.Generator().manual_seed(0), 0.0)
     finally:
-        use_count_via(False)
+        switch(False)
+    return packs, scenes, ids, cells, targets
+
+
+def test_count_via_moves_counting_to_the_noun_phrase():
+    """With --count-via a counting phrase points at its centres plus the sink, and the answer at it."""
+    from pruneware.models.recipe.packing import use_count_via
+
+    packs, scenes, ids, cells, targets = _repacked_with(use_count_via)
+    inv = {v: w for w, v in VOCAB.items()}
     count_rows = {(i, int(r)) for i, r, _ in targets["count"]}  # the row before each counting answer
     via = [(i, row, cols) for i, row, cols in targets["via"] if (i, row) in count_rows]
     assert via and len(via) == len(count_rows)
@@ -193,15 +201,8 @@ def test_count_head_tallies_centres_and_sink_at_the_noun_phrase():
     from pruneware.models.recipe.losses import SPREAD_KINDS
     from pruneware.models.recipe.packing import use_count_head
 
-    packs, scenes = train_batch("test", 0, 5, 6, 6, VOCAB)
+    packs, scenes, ids, cells, targets = _repacked_with(use_count_head)
     inv = {v: w for w, v in VOCAB.items()}
-    try:
-        use_count_head(True)
-        packs = [pack(s, [(_question_of(p, k), inv[int(p.ids[p.answer_at[k]])], p.tasks[k]) for k in range(len(p.tasks))], VOCAB)
-                 for p, s in zip(packs, scenes, strict=True)]  # fmt: skip
-        ids, cells, *_, targets = collate(packs, 1.0, torch.Generator().manual_seed(0), 0.0)
-    finally:
-        use_count_head(False)
     assert "phrase_tally" in SPREAD_KINDS
     n_counting = sum(t == "counting" for p in packs for t in p.tasks)
     assert n_counting and len(targets["phrase_tally"]) == n_counting
