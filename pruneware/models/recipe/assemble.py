@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from pruneware.evals.synthetic import evaluate, make_split, render
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
-from .language import POINT, PROBES, SCENE_MIX, Stage2, apply_mix, train_batch
+from .language import POINT, PROBES, SCENE_MIX, Stage2, add_recipe_switches, apply_mix, apply_recipe_switches, train_batch
 from .losses import Probes, install_pointing, set_point_weights
-from .packing import COUNT_ACCEPT, N_CELLS, collate, pack, use_count_head, use_count_spread, use_count_via
+from .packing import COUNT_ACCEPT, N_CELLS, collate, pack
 from .qwen_language import CELLPOS_LAYER, Stage2Qwen, cellpos_loss, pack_qwen
 from .qwen_vision import build_qwen, merged_tokens, qwen_patches
 from .vision import build_tower, features
@@ -82,12 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--count-accept", default="",
                     help="share of counting questions kept per answer, e.g. one=0.006,two=0.015,three=0.1 (four: all)")
     ap.add_argument("--point-weights", default="", help="per-kind pointing weights, e.g. object=10")
-    ap.add_argument("--count-spread", action="store_true", help="counting points at the centres and the sink with equal shares")
-    ap.add_argument("--count-via", action="store_true", help="counting: the noun phrase counts, the answer reads it there")
-    ap.add_argument("--count-head", action="store_true", help="counting: head 1 of layer 3 tallies at the noun phrase (equal shares, centres + sink)")
     ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
-    ap.add_argument("--rope-theta", type=float, help="qwen2.5-vl: the LLM's RoPE base (default 1000; runs before 2026-12-02 used 1e6)")
-    ap.add_argument("--mrope", help="qwen2.5-vl: M-RoPE sections t,h,w in rotary pairs (default 1,2,9; before: 4,4,4)")
+    add_recipe_switches(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -101,12 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_mix(args.mix)
     apply_mix(args.scene_mix, SCENE_MIX, "--scene-mix")
     apply_mix(args.count_accept, COUNT_ACCEPT, "--count-accept")
-    use_count_spread(args.count_spread)
-    use_count_via(args.count_via)
-    use_count_head(args.count_head)
-    from .qwen_vision import use_qwen_rope
-
-    use_qwen_rope(args.rope_theta, args.mrope)
+    apply_recipe_switches(args)
     set_point_weights(args.point_weights, POINT)
     qwen = args.arch == "qwen2.5-vl"
     pack_fn = pack_qwen if qwen else pack

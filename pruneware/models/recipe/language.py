@@ -44,6 +44,7 @@ from .vision import VISION_SPEC
 from .common import SELECT_SEED, load_checkpoint, lr_at, optimizer_step, sample, save_checkpoint, train_seed
 from .losses import Probes, install_pointing, set_point_weights
 from .packing import GRID, bg_keep, collate, pack, questions, use_count_head, use_count_spread, use_count_via
+from .qwen_vision import use_qwen_rope
 
 SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 5.0, "spatial": 1.0, "glyph": 1.0}
 QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 1.5, "glyph": 1.0}
@@ -137,6 +138,23 @@ def select_accuracy(net: Stage2, examples, vocab: dict[str, int], batch: int = 2
     return {"acc": round(sum(sum(v) for v in hits.values()) / len(examples), 4), "per_task": per}
 
 
+def add_recipe_switches(ap: argparse.ArgumentParser) -> None:
+    """The options stages 2 and 3 share: counting's pointing targets and Qwen's RoPE settings."""
+    ap.add_argument("--count-spread", action="store_true", help="counting points at the centres and the sink with equal shares")
+    ap.add_argument("--count-via", action="store_true", help="counting: the noun phrase counts, the answer reads it there")
+    ap.add_argument("--count-head", action="store_true", help="counting: head 1 of layer 3 tallies at the noun phrase (equal shares, centres + sink)")
+    ap.add_argument("--rope-theta", type=float, help="qwen2.5-vl: the LLM's RoPE base (default 1000; runs before 2026-12-02 used 1e6)")
+    ap.add_argument("--mrope", help="qwen2.5-vl: M-RoPE sections t,h,w in rotary pairs (default 1,2,9; before: 4,4,4)")
+
+
+def apply_recipe_switches(args: argparse.Namespace) -> None:
+    """Put the options of :func:`add_recipe_switches` in force for this process."""
+    use_count_spread(args.count_spread)
+    use_count_via(args.count_via)
+    use_count_head(args.count_head)
+    use_qwen_rope(args.rope_theta, args.mrope)
+
+
 def main(argv: list[str] | None = None) -> None:
     from pruneware.models.build import build_tiny
 
@@ -153,15 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--aux", type=float, default=0.0, help="weight of the relation / order / count probes")
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights (fresh optimizer, all cells from step 0)")
     ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
-    ap.add_argument("--rope-theta", type=float, help="qwen2.5-vl: the LLM's RoPE base (default 1000; runs before 2026-12-02 used 1e6)")
-    ap.add_argument("--mrope", help="qwen2.5-vl: M-RoPE sections t,h,w in rotary pairs (default 1,2,9; before: 4,4,4)")
     ap.add_argument("--transfer", type=Path, help="qwen2.5-vl: start from this tiny-llava stage-2 checkpoint (all cells from step 0)")
     ap.add_argument("--cellpos", type=float, default=1.0, help="qwen2.5-vl: weight of the cell-position probe")
     ap.add_argument("--mix", default="", help="question-mix overrides, e.g. counting=2.5,spatial=1")
     ap.add_argument("--point-weights", default="", help="per-kind pointing weights, e.g. object=10")
-    ap.add_argument("--count-spread", action="store_true", help="counting points at the centres and the sink with equal shares")
-    ap.add_argument("--count-via", action="store_true", help="counting: the noun phrase counts, the answer reads it there")
-    ap.add_argument("--count-head", action="store_true", help="counting: head 1 of layer 3 tallies at the noun phrase (equal shares, centres + sink)")
+    add_recipe_switches(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=150)
@@ -170,12 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     apply_mix(args.mix)
-    use_count_spread(args.count_spread)
-    use_count_via(args.count_via)
-    use_count_head(args.count_head)
-    from .qwen_vision import use_qwen_rope
-
-    use_qwen_rope(args.rope_theta, args.mrope)
+    apply_recipe_switches(args)
     set_point_weights(args.point_weights, POINT)
     qwen = args.arch == "qwen2.5-vl"
     if qwen:
