@@ -163,6 +163,19 @@ def test_shipped_model_answers_fixed_questions(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_shipped_processor_pads_left_when_loaded_with_plain_transformers(name):
+    """Batched generation needs left padding; a training snapshot once saved a right-padding tokenizer."""
+    if name not in models.available():
+        pytest.skip(f"{name} has no trained weights in this checkout")
+    from transformers import AutoProcessor
+
+    tok = AutoProcessor.from_pretrained(models.path(name)).tokenizer
+    batch = tok(["is there a red circle?", "how many red objects are there?"], padding=True, return_tensors="pt")
+    assert tok.padding_side == "left"
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_shipped_weights_are_small_safetensors(name):
     if name not in models.available():
         pytest.skip(f"{name} has no trained weights in this checkout")
