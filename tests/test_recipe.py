@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pruneware.evals.synthetic.scene import COLORS
 from pruneware.models.build import build_tiny, build_tokenizer
-from pruneware.models.recipe.common import load_checkpoint, save_checkpoint
+from pruneware.models.recipe.common import load_checkpoint, save_checkpoint, save_hf_folder
 from pruneware.models.recipe.language import Stage2, train_batch
 from pruneware.models.recipe.packing import collate
 from pruneware.models.recipe.packing import N_CELLS, pack
@@ -250,8 +251,6 @@ class _Attn(torch.nn.Module):
 
 
 def test_point_weights_scale_their_kind_and_reject_unknown_kinds():
-    import pytest
-
     from pruneware.models.recipe import losses
 
     try:
@@ -267,8 +266,6 @@ def test_count_accept_and_scene_mix_rebalance_counting_answers():
     """The joint phase's --scene-mix / --count-accept: fewer small counts, more "four" (the
     evaluation split asks about one..four about equally; the default training mix does not)."""
     import collections
-
-    import pytest
 
     from pruneware.models.recipe import language, packing
 
@@ -290,3 +287,16 @@ def test_count_accept_and_scene_mix_rebalance_counting_answers():
         language.SCENE_MIX.update(saved_scene)
         packing.COUNT_ACCEPT.clear()
         packing.COUNT_ACCEPT.update(saved_accept)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2.5-vl"])
+def test_saved_hf_folder_pads_left_even_after_an_unpadded_call(tmp_path, arch):
+    from transformers import AutoProcessor
+
+    model, processor = build_tiny(arch, seed=0)
+    processor.tokenizer("is there a red circle?")  # leaves the backend without padding
+    save_hf_folder(model, processor, tmp_path)
+    tok = AutoProcessor.from_pretrained(tmp_path).tokenizer
+    assert tok.padding_side == "left"
+    mask = tok(["is there a red circle?", "how many stars are there?"], padding=True)["attention_mask"]
+    assert [row[-1] for row in mask] == [1, 1]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pruneware.evals.synthetic import evaluate, make_split, render
 
-from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint
+from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint, save_hf_folder
 from .language import POINT, PROBES, SCENE_MIX, Stage2, add_recipe_switches, apply_mix, apply_recipe_switches, train_batch
 from .losses import Probes, install_pointing, set_point_weights
 from .packing import COUNT_ACCEPT, N_CELLS, collate, pack
@@ -196,15 +196,13 @@ def main(argv: list[str] | None = None) -> None:
             row["select"] = {"acc": round(res["accuracy"], 4), "per_task": {t: round(v, 3) for t, v in res["per_task"].items()}}
             if res["accuracy"] > best:
                 best = res["accuracy"]
-                model.save_pretrained(args.out / "best")
-                processor.save_pretrained(args.out / "best")
+                save_hf_folder(model, processor, args.out / "best")
         if step % 10 == 0 or "select" in row:
             curve.write(json.dumps(row) + "\n")
             curve.flush()
             print(json.dumps(row), flush=True)
         if args.snapshot_every and ((step + 1) % args.snapshot_every == 0 or last):
-            model.save_pretrained(args.out / f"step-{step + 1}")
-            processor.save_pretrained(args.out / f"step-{step + 1}")
+            save_hf_folder(model, processor, args.out / f"step-{step + 1}")
         if time.time() - saved > args.save_minutes * 60 or last:
             save_checkpoint(last_dir, {"model": model, "probes": probes}, opt, {"step": step + 1, "elapsed_s": time.time() - t0, "best": best})
             saved = time.time()

@@ -93,3 +93,16 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list,
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+
+
+def save_hf_folder(model, processor, folder: Path) -> None:
+    """Save ``model`` and ``processor`` as an HF folder whose tokenizer pads on the left when loaded.
+
+    A tokenizers backend serialises the padding state of its *last call*, so a folder saved after an
+    unpadded call would hold ``"padding": null`` and load with right padding, which breaks batched
+    generation for anyone loading it with plain transformers.
+    """
+    tok = processor.tokenizer
+    tok.backend_tokenizer.enable_padding(direction="left", pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
