@@ -40,6 +40,7 @@ from pruneware.evals.synthetic.split import SEED_SPACE
 from . import prompt
 from .build import ARCHS, LLM, build_tiny
 from .grounding import HEADS, cell_targets, phrases, referents
+from .recipe.common import save_hf_folder
 
 SELECT_SEED = 4242
 # Head 0 of layer 2 learns to attend, from the last word of each noun phrase of a question, to
@@ -289,12 +290,10 @@ def main(argv: list[str] | None = None) -> None:
                 model.train()
                 row["eval_acc"] = round(res["accuracy"], 4)
                 row["eval_per_task"] = {t: round(v, 3) for t, v in res["per_task"].items()}
-                model.save_pretrained(args.out / "last")
-                processor.save_pretrained(args.out / "last")
+                save_hf_folder(model, processor, args.out / "last")
                 if res["accuracy"] > best:
                     best = res["accuracy"]
-                    model.save_pretrained(args.out / "best")
-                    processor.save_pretrained(args.out / "best")
+                    save_hf_folder(model, processor, args.out / "best")
             curve.write(json.dumps(row) + "\n")
             curve.flush()
             print(json.dumps(row), flush=True)
