@@ -236,6 +236,53 @@ def test_spread_point_loss_is_the_kl_from_equal_shares():
     torch.testing.assert_close(mass, -torch.log(p[cols].sum()))
 
 
+def test_count_groups_tally_each_referent_object_and_the_sink():
+    """With --count-head --count-groups the tally head's target holds every cell of each referent
+    (grouped by object) plus the sink (group 0): one group per referent and one for the sink."""
+    from pruneware.models.grounding import referents
+    from pruneware.models.recipe.packing import use_count_groups, use_count_head
+
+    def both(on: bool) -> None:
+        use_count_head(on)
+        use_count_groups(on)
+
+    packs, scenes, ids, cells, targets = _repacked_with(both)
+    assert not targets["phrase_tally"]
+    counts = iter(
+        len(referents(s, _question_of(p, k))) for p, s in zip(packs, scenes, strict=True) for k, t in enumerate(p.tasks) if t == "counting"
+    )  # fmt: skip
+    assert targets["phrase_groups"]
+    for i, row, cols, groups in targets["phrase_groups"]:
+        assert int(cols[-1]) == 0 and int(groups[-1]) == 0  # the sink
+        assert (cells[i, cols[:-1], 4] == groups[:-1]).all() and (groups[:-1] > 0).all()
+        assert len(groups.unique()) - 1 == next(counts)
+        assert len(cols) - 1 > len(groups.unique()) - 1  # objects span several cells
+
+
+def test_grouped_point_loss_is_the_kl_from_equal_group_totals():
+    """The grouped loss against KL(uniform over groups || attention summed per group): the split
+    inside a group does not matter, only each group's total."""
+    from pruneware.models.recipe.losses import grouped_spread, point_loss
+
+    torch.manual_seed(0)
+    b, n, d = 1, 6, 4
+    attn = _Attn(8, d)
+    h = torch.randn(b, n, 8)
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
+    kwargs = {"hidden_states": h, "position_embeddings": (None, None), "attention_mask": mask}
+    cols, groups = torch.tensor([0, 2, 3, 4]), torch.tensor([0, 7, 7, 9])
+    got = point_loss(attn, (), kwargs, 0, [(0, 5, cols, groups)], 1)
+    q, k = attn.q_proj(h)[0, 5], attn.k_proj(h)[0]
+    p = ((k @ q) * attn.scaling).softmax(-1)
+    totals = [p[0], p[2] + p[3], p[4]]
+    want = sum((1 / 3) * torch.log((1 / 3) / t) for t in totals)
+    torch.testing.assert_close(got, want)
+    equal = torch.log(torch.tensor([[1 / 3, 0.0, 0.05, 1 / 3 - 0.05, 1 / 3, 0.0]]).clamp_min(1e-30))
+    torch.testing.assert_close(grouped_spread(equal, [(0, 5, cols, groups)]), torch.tensor(0.0), atol=1e-6, rtol=0)
+    skewed = torch.log(torch.tensor([[0.2, 0.0, 0.3, 0.3, 0.2, 0.0]]).clamp_min(1e-30))
+    assert grouped_spread(skewed, [(0, 5, cols, groups)]) > 0.05
+
+
 def apply_rotary_pos_emb(q, k, cos, sin):
     """No rotation: point_loss looks this up in the attention module's own module."""
     return q, k

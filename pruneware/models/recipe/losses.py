@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -14,7 +15,12 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: b
     With ``spread`` the loss is instead the KL divergence from the uniform distribution over the
     target columns to the attention: each column must get an equal share, so with ``k`` targets
     plus one fixed sink column the sink's share is exactly ``1 / (k + 1)`` (how counting reads a
-    count from one head)."""
+    count from one head).
+
+    Items with a fourth entry, ``groups`` (one id per target column), are grouped instead: the
+    attention is summed within each group, and the loss is the KL divergence from the uniform
+    distribution over the groups to those sums (0 when every group gets an equal total, however
+    it is split inside a group)."""
     h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, D]
     cos, sin = kwargs["position_embeddings"]
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -25,14 +31,16 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: b
     kv = head // n_kv_groups
     k = attn.k_proj(h).view(b, n, -1, d)[:, :, kv : kv + 1].transpose(1, 2)
     q, k = rope(q, k, cos, sin)
-    items = [(i, r, c) for i, r, c in items if len(c)]
+    items = [item for item in items if len(item[2])]
     if not items:
         return h.sum() * 0
-    bi = torch.tensor([i for i, _, _ in items])
-    ri = torch.tensor([r for _, r, _ in items])
+    bi = torch.tensor([item[0] for item in items])
+    ri = torch.tensor([item[1] for item in items])
     logits = (q[bi, 0, ri, :, None] * k[bi, 0].transpose(1, 2)).sum(1) * attn.scaling  # [R, L]
     logits = logits.masked_fill(~mask[bi, 0, ri], float("-inf"))
     logp = logits.log_softmax(-1)
+    if len(items[0]) == 4:
+        return grouped_spread(logp, items)
     look = torch.zeros_like(logp, dtype=torch.bool)
     for j, (_, _, c) in enumerate(items):
         look[j, c] = True
@@ -41,6 +49,17 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: b
         cross = -(logp.masked_fill(~look, 0.0)).sum(-1) / n  # cross-entropy from uniform over the targets
         return (cross - n.float().log()).mean()  # minus its entropy: 0 when the shares are equal
     return -torch.logsumexp(logp.masked_fill(~look, float("-inf")), -1).mean()
+
+
+def grouped_spread(logp: torch.Tensor, items) -> torch.Tensor:
+    """KL(uniform over groups || attention summed per group), averaged over rows: ``logp`` [R, L]
+    log-attention, ``items[j] = (sample, row, columns [k], groups [k])``."""
+    terms = []
+    for j, (_, _, cols, groups) in enumerate(items):
+        row = logp[j, cols]  # [k]
+        per_group = torch.stack([torch.logsumexp(row[groups == g], 0) for g in groups.unique()])  # [G] log mass
+        terms.append(-per_group.mean() - math.log(len(per_group)))
+    return torch.stack(terms).mean()
 
 
 def probe_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tensor:

@@ -20,9 +20,10 @@ from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 # Acceptance rates that bring the packed counting answers close to uniform over one..four
 # (measured over 2000 train scenes of the stage-2 task mix).
 COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
-POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via", "phrase_tally")
+POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via", "phrase_tally", "phrase_groups")
+GROUPED_KINDS = ("phrase_groups",)  # kinds whose items carry each column's object (``losses.point_loss``)
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
-_COUNT_KIND = {"kind": "answer", "via": False, "head": False}  # counting's pointing; see use_count_spread, use_count_via, use_count_head
+_COUNT_KIND = {"kind": "answer", "via": False, "head": False, "groups": False}  # counting's pointing; see use_count_*
 SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
 GRID = 24
 N_CELLS = GRID * GRID
@@ -108,6 +109,15 @@ def use_count_head(on: bool) -> None:
     _COUNT_KIND["head"] = on
 
 
+def use_count_groups(on: bool) -> None:
+    """When ``on`` (with :func:`use_count_head`), the tally head's target is ``phrase_groups``
+    instead of ``phrase_tally``: an equal share for each referent *object* (summed over all its
+    cells, wherever in the object the head looks) and the sink, rather than for each centre
+    cell. A share on a cell next to the centre cell then counts as much as one on it, so the
+    per-object total the count is read from is what is trained; the ``--count-groups`` option."""
+    _COUNT_KIND["groups"] = on
+
+
 def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dict[str, list[int]]:
     """Task-specific pointing targets (cell indices) of one question.
 
@@ -130,7 +140,10 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
     }  # fmt: skip
     if task == "counting" and _COUNT_KIND["head"]:
         i, objs = phrases(scene, question)[0]
-        out[f"phrase_tally@{i}"] = _cells_of(cells, objs, "center") + [SINK]
+        if _COUNT_KIND["groups"]:
+            out[f"phrase_groups@{i}"] = _cells_of(cells, objs, "object") + [SINK]
+        else:
+            out[f"phrase_tally@{i}"] = _cells_of(cells, objs, "center") + [SINK]
     if task == "spatial":
         (_, first), (_, second) = phrases(scene, question)[:2]
         out["answer"] = _cells_of(cells, first, "object")
@@ -242,7 +255,8 @@ def bg_keep(step: int, steps: int) -> float:
 def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_noise: float):
     """Right-padded batch with background cells dropped: ids [B, L], cell labels [B, L, 5], cell
     indices [B, L], is-cell [B, L], positions [B, L], mask [B, 1, L, L], answer columns per
-    sample, and targets: per pointing kind ``(sample, row, columns)``; ``where``: ``(sample, row,
+    sample, and targets: per pointing kind ``(sample, row, columns)`` (``GROUPED_KINDS`` add each
+    column's group: ``(sample, row, columns, groups)``); ``where``: ``(sample, row,
     [4])`` the row/column centroids of both objects of a spatial question, scaled to [0, 1];
     ``rel`` / ``order`` / ``count``: ``(sample, row, [k])`` from :func:`aux_targets`. Pointing columns are
     relative to the first image cell (negative ones are prompt tokens before the image)."""
@@ -299,5 +313,9 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
                 row = row_of(j, word)
                 absolute = torch.tensor([0 if c == SINK else c + first for c in cols], dtype=torch.long)  # SINK: column 0
                 new = where[i, absolute] if cols else torch.empty(0, dtype=torch.long)
-                targets[kind].append((i, row, new[new >= 0]))
+                if kind in GROUPED_KINDS:  # each column's group: its object + 1 (0 for the sink)
+                    group = torch.tensor([0 if c == SINK else int(s.cells[c, 4]) for c in cols], dtype=torch.long)
+                    targets[kind].append((i, row, new[new >= 0], group[new >= 0]))
+                else:
+                    targets[kind].append((i, row, new[new >= 0]))
     return ids, cells, index, is_cell, pos, mask[:, None], answers, targets
