@@ -283,6 +283,36 @@ def test_grouped_point_loss_is_the_kl_from_equal_group_totals():
     assert grouped_spread(skewed, [(0, 5, cols, groups)]) > 0.05
 
 
+def test_count_area_spreads_each_referent_evenly_and_probes_object_sizes():
+    """With --count-head --count-area: the tally target is every referent cell plus the sink,
+    grouped by object; its loss is KL from ``1 / (G * size)`` per cell; and each object cell of
+    the batch gets its object's centred log cell count as an ``area`` probe target."""
+    import math
+
+    from pruneware.models.recipe.losses import area_spread
+    from pruneware.models.recipe.packing import AREA_MEAN, use_count_area, use_count_head
+
+    def both(on: bool) -> None:
+        use_count_head(on)
+        use_count_area(on)
+
+    packs, scenes, ids, cells, targets = _repacked_with(both)
+    assert targets["phrase_area"] and not targets["phrase_tally"]
+    for i, row, cols, groups in targets["phrase_area"]:
+        assert int(cols[-1]) == 0 and int(groups[-1]) == 0
+        assert (cells[i, cols[:-1], 4] == groups[:-1]).all()
+    n_object_cells = int((cells[..., 4] > 0).sum())
+    assert len(targets["area"]) == n_object_cells
+    for i, col, value in targets["area"][:50]:
+        size = int((cells[i, :, 4] == cells[i, col, 4]).sum())
+        assert math.isclose(float(value), math.log(size) - AREA_MEAN, rel_tol=1e-5)
+    cols, groups = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 5, 5, 5])
+    even = torch.tensor([[0.5, 1 / 6, 1 / 6, 1 / 6]]).log()
+    torch.testing.assert_close(area_spread(even, [(0, 3, cols, groups)]), torch.tensor(0.0), atol=1e-6, rtol=0)
+    lumpy = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).clamp_min(1e-30).log()  # right total, not spread
+    assert area_spread(lumpy, [(0, 3, cols, groups)]) > 1.0
+
+
 def apply_rotary_pos_emb(q, k, cos, sin):
     """No rotation: point_loss looks this up in the attention module's own module."""
     return q, k

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pruneware.evals.synthetic import evaluate, make_split, render
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, save_checkpoint, save_hf_folder
-from .language import POINT, PROBES, SCENE_MIX, Stage2, add_recipe_switches, apply_mix, apply_recipe_switches, train_batch
+from .language import AREA_PROBE, POINT, PROBES, SCENE_MIX, Stage2, add_recipe_switches, apply_mix, apply_recipe_switches, train_batch
 from .losses import Probes, install_pointing, set_point_weights
 from .packing import COUNT_ACCEPT, N_CELLS, collate, pack
 from .qwen_language import CELLPOS_LAYER, Stage2Qwen, cellpos_loss, pack_qwen
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     for p in params:
         p.requires_grad_(True)
     net.cell.requires_grad_(False)
-    probes = Probes({**PROBES, "cellpos": (CELLPOS_LAYER, 2)} if qwen else PROBES, cfg.hidden_size)  # stage 2's probes, kept consistent with its LLM; dropped after
+    spec = {**PROBES, "area": AREA_PROBE} if args.count_area else PROBES
+    probes = Probes({**spec, "cellpos": (CELLPOS_LAYER, 2)} if qwen else spec, cfg.hidden_size)  # stage 2's probes, kept consistent with its LLM; dropped after
     if args.phase == "joint" and args.aux > 0:
         load_checkpoint(args.language, {"probes": probes}, None)
         params += list(probes.parameters())

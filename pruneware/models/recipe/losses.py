@@ -8,7 +8,7 @@ import sys
 import torch
 
 
-def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: bool = False) -> torch.Tensor:
+def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: bool = False, area: bool = False) -> torch.Tensor:
     """-log of ``head``'s attention mass on the target columns, averaged over ``items``
     (``(sample, row, columns)``); recomputes that head's post-RoPE q and k only.
 
@@ -20,7 +20,9 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: b
     Items with a fourth entry, ``groups`` (one id per target column), are grouped instead: the
     attention is summed within each group, and the loss is the KL divergence from the uniform
     distribution over the groups to those sums (0 when every group gets an equal total, however
-    it is split inside a group)."""
+    it is split inside a group). With ``area`` as well, the target is per column instead: each
+    column of group ``g`` gets ``1 / (G * size of g)``, so a group is shared evenly by its columns
+    (the KL divergence from that distribution to the attention)."""
     h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, D]
     cos, sin = kwargs["position_embeddings"]
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -40,7 +42,7 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: b
     logits = logits.masked_fill(~mask[bi, 0, ri], float("-inf"))
     logp = logits.log_softmax(-1)
     if len(items[0]) == 4:
-        return grouped_spread(logp, items)
+        return area_spread(logp, items) if area else grouped_spread(logp, items)
     look = torch.zeros_like(logp, dtype=torch.bool)
     for j, (_, _, c) in enumerate(items):
         look[j, c] = True
@@ -59,6 +61,17 @@ def grouped_spread(logp: torch.Tensor, items) -> torch.Tensor:
         row = logp[j, cols]  # [k]
         per_group = torch.stack([torch.logsumexp(row[groups == g], 0) for g in groups.unique()])  # [G] log mass
         terms.append(-per_group.mean() - math.log(len(per_group)))
+    return torch.stack(terms).mean()
+
+
+def area_spread(logp: torch.Tensor, items) -> torch.Tensor:
+    """KL(w || attention) averaged over rows, where ``w`` gives each of ``G`` groups ``1 / G``
+    spread evenly over its columns: ``logp`` [R, L], ``items[j] = (sample, row, columns [k], groups [k])``."""
+    terms = []
+    for j, (_, _, cols, groups) in enumerate(items):
+        _, slot, size = torch.unique(groups, return_inverse=True, return_counts=True)
+        w = 1.0 / (len(size) * size[slot].float())  # [k], sums to 1
+        terms.append((w * (w.log() - logp[j, cols])).sum())
     return torch.stack(terms).mean()
 
 
@@ -98,6 +111,7 @@ class Probes(torch.nn.Module):
 
 
 SPREAD_KINDS = ("tally", "phrase_tally")  # pointing kinds whose targets share the attention equally
+AREA_KINDS = ("phrase_area",)  # grouped kinds whose groups are shared evenly by their columns
 POINT_WEIGHTS: dict[str, float] = {}  # kind -> weight of its term (1 when absent); see set_point_weights
 
 
@@ -120,7 +134,7 @@ def install_pointing(layers, points: dict[str, tuple[int, int]], targets: dict, 
         def fn(attn, args, kwargs):
             if targets.get(kind):
                 kw = {**kwargs, "attention_mask": targets["mask"]}
-                term = point_loss(attn, args, kw, head, targets[kind], n_kv_groups, kind in SPREAD_KINDS)
+                term = point_loss(attn, args, kw, head, targets[kind], n_kv_groups, kind in SPREAD_KINDS, kind in AREA_KINDS)
                 terms.append(POINT_WEIGHTS.get(kind, 1.0) * term)
 
         return fn

@@ -20,12 +20,13 @@ from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 # Acceptance rates that bring the packed counting answers close to uniform over one..four
 # (measured over 2000 train scenes of the stage-2 task mix).
 COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
-POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via", "phrase_tally", "phrase_groups")
-GROUPED_KINDS = ("phrase_groups",)  # kinds whose items carry each column's object (``losses.point_loss``)
+POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via", "phrase_tally", "phrase_groups", "phrase_area")
+GROUPED_KINDS = ("phrase_groups", "phrase_area")  # kinds whose items carry each column's object (``losses.point_loss``)
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
-_COUNT_KIND = {"kind": "answer", "via": False, "head": False, "groups": False}  # counting's pointing; see use_count_*
+_COUNT_KIND = {"kind": "answer", "via": False, "head": False, "groups": False, "area": False}  # counting's pointing; see use_count_*
 SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
 GRID = 24
+AREA_MEAN = 2.7  # about the mean log cell count of an object (radius 20-40 px on 14 px cells)
 N_CELLS = GRID * GRID
 
 
@@ -118,6 +119,15 @@ def use_count_groups(on: bool) -> None:
     _COUNT_KIND["groups"] = on
 
 
+def use_count_area(on: bool) -> None:
+    """When ``on`` (with :func:`use_count_head`), the tally head's target is ``phrase_area``: every
+    cell of each referent gets ``1 / (G * cells of its object)`` and the sink ``1 / G`` (``G``: the
+    referents plus the sink), so an object's total is the same whatever its size; and the batch
+    gets ``area`` probe targets (each object cell's log cell count, centred) so the visual tokens
+    carry the size that share needs; the ``--count-area`` option."""
+    _COUNT_KIND["area"] = on
+
+
 def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dict[str, list[int]]:
     """Task-specific pointing targets (cell indices) of one question.
 
@@ -140,7 +150,9 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
     }  # fmt: skip
     if task == "counting" and _COUNT_KIND["head"]:
         i, objs = phrases(scene, question)[0]
-        if _COUNT_KIND["groups"]:
+        if _COUNT_KIND["area"]:
+            out[f"phrase_area@{i}"] = _cells_of(cells, objs, "object") + [SINK]
+        elif _COUNT_KIND["groups"]:
             out[f"phrase_groups@{i}"] = _cells_of(cells, objs, "object") + [SINK]
         else:
             out[f"phrase_tally@{i}"] = _cells_of(cells, objs, "center") + [SINK]
@@ -294,6 +306,12 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
     targets.update(where=[], rel=[], order=[], count=[])
     for i, s in enumerate(samples):
         first = s.image_at
+        if _COUNT_KIND["area"]:  # every object cell: its object's log cell count, centred
+            obj = s.cells[:, 4]
+            size = torch.bincount(obj, minlength=int(obj.max()) + 1).float()
+            for c in (obj > 0).nonzero().flatten().tolist():
+                if int(where[i, c + first]) >= 0:
+                    targets.setdefault("area", []).append((i, int(where[i, c + first]), size[obj[c]].log()[None] - AREA_MEAN))
         turn_start = [int((s.segment == k).nonzero()[0]) for k in range(len(s.tasks))]
 
         def row_of(turn: int, word: str, i=i, s=s, turn_start=turn_start) -> int:
