@@ -313,6 +313,40 @@ def test_count_area_spreads_each_referent_evenly_and_probes_object_sizes():
     assert area_spread(lumpy, [(0, 3, cols, groups)]) > 1.0
 
 
+def test_count_at_colour_moves_the_colour_case_to_the_colour_word():
+    """With --count-at-colour, "how many red objects are there?" tallies, is read and is probed
+    at ``red``; "how many stars are there?" stays at ``stars``."""
+    from pruneware.models.recipe.packing import use_count_at_colour, use_count_head, use_count_via
+
+    scene = train_batch("test", 0, 1, 6, 6, VOCAB)[1][0]
+    color, shape = scene.objects[0].color, scene.objects[0].shape
+    n_color = sum(o.color == color for o in scene.objects)
+    n_shape = sum(o.shape == shape for o in scene.objects)
+    words = ["one", "two", "three", "four"]
+    from pruneware.evals.synthetic.scene import PLURALS
+
+    qas = [(f"how many {color} objects are there?", words[n_color - 1], "counting"),
+           (f"how many {PLURALS[shape]} are there?", words[n_shape - 1], "counting")]  # fmt: skip
+    switches = (use_count_via, use_count_head, use_count_at_colour)
+    try:
+        for switch in switches:
+            switch(True)
+        one = pack(scene, qas, VOCAB)
+    finally:
+        for switch in switches:
+            switch(False)
+    ids, *_, targets = collate([one], 1.0, torch.Generator().manual_seed(0), 0.0)
+    inv = {v: w for w, v in VOCAB.items()}
+    tally_words = [inv[int(ids[0, row])] for _, row, _ in targets["phrase_tally"]]
+    assert tally_words == [color, PLURALS[shape]]
+    count_words = [inv[int(ids[0, row])] for _, row, _ in targets["phrase_count"]]
+    assert count_words == [color, PLURALS[shape]]
+    via_words = [inv[int(ids[0, c])] for _, _, cols in targets["via"] for c in cols]
+    assert via_words == [color, PLURALS[shape]]
+    _, _, cols = targets["answer"][0]  # the colour case's answering head reads the colour word
+    assert [inv[int(ids[0, c])] for c in cols] == [color]
+
+
 def apply_rotary_pos_emb(q, k, cos, sin):
     """No rotation: point_loss looks this up in the attention module's own module."""
     return q, k

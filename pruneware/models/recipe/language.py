@@ -43,7 +43,7 @@ from .vision import VISION_SPEC
 
 from .common import SELECT_SEED, load_checkpoint, lr_at, optimizer_step, sample, save_checkpoint, train_seed
 from .losses import Probes, install_pointing, set_point_weights
-from .packing import GRID, bg_keep, collate, pack, questions, use_count_area, use_count_groups, use_count_head, use_count_spread, use_count_via
+from .packing import GRID, bg_keep, collate, pack, questions, use_count_area, use_count_at_colour, use_count_groups, use_count_head, use_count_spread, use_count_via
 from .qwen_vision import use_qwen_rope
 
 SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 5.0, "spatial": 1.0, "glyph": 1.0}
@@ -147,6 +147,7 @@ def add_recipe_switches(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--count-head", action="store_true", help="counting: head 1 of layer 3 tallies at the noun phrase (equal shares, centres + sink)")
     ap.add_argument("--count-groups", action="store_true", help="with --count-head: an equal share per referent object (all its cells) and the sink, not per centre cell")
     ap.add_argument("--count-area", action="store_true", help="with --count-head: each referent's share spread evenly over its cells, plus an object-size probe on the cells")
+    ap.add_argument("--count-at-colour", action="store_true", help="counting by colour counts at the colour word, not at 'objects'")
     ap.add_argument("--rope-theta", type=float, help="qwen2.5-vl: the LLM's RoPE base (default 1000; runs before 2026-12-02 used 1e6)")
     ap.add_argument("--mrope", help="qwen2.5-vl: M-RoPE sections t,h,w in rotary pairs (default 1,2,9; before: 4,4,4)")
 
@@ -162,6 +163,7 @@ def apply_recipe_switches(args: argparse.Namespace) -> None:
     if args.count_area and not args.count_head:
         raise SystemExit("--count-area needs --count-head (it changes the tally head's target)")
     use_count_area(args.count_area)
+    use_count_at_colour(args.count_at_colour)
     use_qwen_rope(args.rope_theta, args.mrope)
 
 

@@ -23,7 +23,7 @@ COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
 POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via", "phrase_tally", "phrase_groups", "phrase_area")
 GROUPED_KINDS = ("phrase_groups", "phrase_area")  # kinds whose items carry each column's object (``losses.point_loss``)
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
-_COUNT_KIND = {"kind": "answer", "via": False, "head": False, "groups": False, "area": False}  # counting's pointing; see use_count_*
+_COUNT_KIND = {"kind": "answer", "via": False, "head": False, "groups": False, "area": False, "colour": False}  # counting's pointing; see use_count_*
 SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
 GRID = 24
 AREA_MEAN = 2.7  # about the mean log cell count of an object (radius 20-40 px on 14 px cells)
@@ -128,6 +128,23 @@ def use_count_area(on: bool) -> None:
     _COUNT_KIND["area"] = on
 
 
+def use_count_at_colour(on: bool) -> None:
+    """When ``on``, a counting question that names a colour counts at the colour word (``red`` in
+    ``how many red objects are there ?``) instead of at ``objects``: the tally head's query is then
+    the colour word's own embedding, with no colour carried to ``objects`` first, and the
+    answer and the ``phrase_count`` probe read the count there; the ``--count-at-colour`` option."""
+    _COUNT_KIND["colour"] = on
+
+
+def count_word(question: str) -> int:
+    """Index of the word a counting question counts at (``?`` is a word): its noun phrase's last
+    word, or its colour word after :func:`use_count_at_colour`."""
+    words = question.replace("?", " ?").split()
+    if _COUNT_KIND["colour"] and words[2] in COLORS:
+        return 2
+    return words.index("are") - 1
+
+
 def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dict[str, list[int]]:
     """Task-specific pointing targets (cell indices) of one question.
 
@@ -149,7 +166,8 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
         for i, objs in phrases(scene, question)
     }  # fmt: skip
     if task == "counting" and _COUNT_KIND["head"]:
-        i, objs = phrases(scene, question)[0]
+        objs = phrases(scene, question)[0][1]
+        i = count_word(question)
         if _COUNT_KIND["area"]:
             out[f"phrase_area@{i}"] = _cells_of(cells, objs, "object") + [SINK]
         elif _COUNT_KIND["groups"]:
@@ -192,7 +210,7 @@ def word_links(question: str, task: str, first: int) -> dict[str, list[int]]:
         if words[1] == "shape":  # and the answering head too, not the red object's cells (they mislead it)
             out["answer"] = out["via"]
     if task == "counting" and _COUNT_KIND["via"]:  # ``how many red objects are there ?``: ``objects``
-        out["via"] = [first + words.index("are") - 1]
+        out["via"] = [first + count_word(question)]
         if words[3] == "objects":  # the colour case: the answering head reads the count there too
             out[_COUNT_KIND["kind"]] = out["via"]
     return out
@@ -212,7 +230,7 @@ def aux_targets(scene: Scene, question: str, task: str) -> dict[str, list[float]
     if task == "counting":
         out = {"count": [len(referents(scene, question)) - 2.5]}
         if _COUNT_KIND["via"]:  # the noun phrase holds the count too
-            out[f"phrase_count@{phrases(scene, question)[0][0]}"] = out["count"]
+            out[f"phrase_count@{count_word(question)}"] = out["count"]
         return out
     if task == "attribute" and question.startswith("what shape"):  # the phrase word holds the shape it looked up
         (i, (o,)), = phrases(scene, question)
