@@ -162,6 +162,8 @@ def apply_recipe_switches(args: argparse.Namespace) -> None:
     use_count_groups(args.count_groups)
     if args.count_area and not args.count_head:
         raise SystemExit("--count-area needs --count-head (it changes the tally head's target)")
+    if args.count_area and args.count_groups:
+        raise SystemExit("--count-area and --count-groups are two targets for the same head; choose one")
     use_count_area(args.count_area)
     use_count_at_colour(args.count_at_colour)
     use_qwen_rope(args.rope_theta, args.mrope)
