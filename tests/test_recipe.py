@@ -220,12 +220,7 @@ def test_spread_point_loss_is_the_kl_from_equal_shares():
     """The equal-share pointing loss against a hand computation of KL(uniform || attention)."""
     from pruneware.models.recipe.losses import point_loss
 
-    torch.manual_seed(0)
-    b, n, d = 1, 6, 4
-    attn = _Attn(8, d)
-    h = torch.randn(b, n, 8)
-    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
-    kwargs = {"hidden_states": h, "position_embeddings": (None, None), "attention_mask": mask}
+    attn, h, kwargs = _one_head_inputs()
     cols = torch.tensor([0, 2, 3])
     got = point_loss(attn, (), kwargs, 0, [(0, 5, cols)], 1, spread=True)
     q, k = attn.q_proj(h)[0, 5], attn.k_proj(h)[0]
@@ -264,12 +259,7 @@ def test_grouped_point_loss_is_the_kl_from_equal_group_totals():
     inside a group does not matter, only each group's total."""
     from pruneware.models.recipe.losses import grouped_spread, point_loss
 
-    torch.manual_seed(0)
-    b, n, d = 1, 6, 4
-    attn = _Attn(8, d)
-    h = torch.randn(b, n, 8)
-    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
-    kwargs = {"hidden_states": h, "position_embeddings": (None, None), "attention_mask": mask}
+    attn, h, kwargs = _one_head_inputs()
     cols, groups = torch.tensor([0, 2, 3, 4]), torch.tensor([0, 7, 7, 9])
     got = point_loss(attn, (), kwargs, 0, [(0, 5, cols, groups)], 1)
     q, k = attn.q_proj(h)[0, 5], attn.k_proj(h)[0]
@@ -345,6 +335,16 @@ def test_count_at_colour_moves_the_colour_case_to_the_colour_word():
     assert via_words == [color, PLURALS[shape]]
     _, _, cols = targets["answer"][0]  # the colour case's answering head reads the colour word
     assert [inv[int(ids[0, c])] for c in cols] == [color]
+
+
+def _one_head_inputs():
+    """A 1-sequence, 6-token causal input for :func:`point_loss`: ``(attn, hidden [1, 6, 8], kwargs)``."""
+    torch.manual_seed(0)
+    b, n, d = 1, 6, 4
+    attn = _Attn(8, d)
+    h = torch.randn(b, n, 8)
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool).tril()
+    return attn, h, {"hidden_states": h, "position_embeddings": (None, None), "attention_mask": mask}
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
