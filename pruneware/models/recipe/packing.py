@@ -326,10 +326,11 @@ def collate(samples: list[Packed], keep_bg: float, gen: torch.Generator, label_n
         first = s.image_at
         if _COUNT_KIND["area"]:  # every object cell: its object's log cell count, centred
             obj = s.cells[:, 4]
-            size = torch.bincount(obj, minlength=int(obj.max()) + 1).float()
-            for c in (obj > 0).nonzero().flatten().tolist():
-                if int(where[i, c + first]) >= 0:
-                    targets.setdefault("area", []).append((i, int(where[i, c + first]), size[obj[c]].log()[None] - AREA_MEAN))
+            log_size = torch.bincount(obj, minlength=int(obj.max()) + 1).float().log() - AREA_MEAN  # [objects + 1]
+            on = (obj > 0).nonzero().flatten()  # [k] object cells
+            rows = where[i, on + first]
+            kept = rows >= 0
+            targets.setdefault("area", []).extend(zip([i] * int(kept.sum()), rows[kept].tolist(), log_size[obj[on[kept]]][:, None]))
         turn_start = [int((s.segment == k).nonzero()[0]) for k in range(len(s.tasks))]
 
         def row_of(turn: int, word: str, i=i, s=s, turn_start=turn_start) -> int:
