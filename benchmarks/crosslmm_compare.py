@@ -2,7 +2,9 @@
 
 At the same number of visual tokens per image (e.g. 16 and 64 of 576), trains a V2V adapter by
 distillation on the synthetic train split, then evaluates every variant on a fresh eval split:
-accuracy, and the KL of the next-token distribution against the unpruned model.
+accuracy, and the KL of the next-token distribution against the unpruned model. Every variant
+answers the same questions, so each is also compared with trained CrossLMM question by question:
+the paired difference of accuracy with its 95% interval (``benchmarks/findings.py``'s ``paired``).
 
     python benchmarks/crosslmm_compare.py --model tiny-llava --budgets 16 64 --steps 150 --n 200
 """
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from findings import load_rows, paired  # benchmarks/ is the script's folder, so on sys.path
 
 from pruneware.crosslmm import save_adapter
 from pruneware.crosslmm.train import train
@@ -53,14 +56,20 @@ def main() -> None:
             results = summarize(run_sweep(model, processor, items, variants, out, batch_size=8, seed=args.seed),
                                 variants)
             label = {v: k for k, v in plans.items()} | {"none": "unpruned"}
+            answers = {label[v.split("|")[0]]: by_id for v, by_id in load_rows([str(out)]).items()}
             for r in results:
-                rows.append({"budget": budget, "variant": label[r["plan"]], "accuracy": r["accuracy"],
+                variant = label[r["plan"]]
+                vs = paired(answers["crosslmm (trained)"], answers[variant])
+                rows.append({"budget": budget, "variant": variant, "accuracy": r["accuracy"],
                              "kl": r["kl"], "top1_agreement": r["top1_agreement"],
+                             "trained_minus_this": [round(vs[k], 4) for k in ("diff", "lo", "hi")],
                              "train_s": round(time.time() - start, 1), "final_train_kl": curve[-1]["kl"]})
     print(f"{name}, {args.n} eval questions (seed {args.seed}), adapter: {args.steps} steps")
-    print(f"{'budget':>6}  {'variant':26} {'accuracy':>8} {'KL':>8} {'top-1':>6}")
+    print(f"{'budget':>6}  {'variant':26} {'accuracy':>8} {'KL':>8} {'top-1':>6}  trained - this [95% CI]")
     for r in rows:
-        print(f"{r['budget']:>6}  {r['variant']:26} {r['accuracy']:>8.3f} {r['kl']:>8.4f} {r['top1_agreement']:>6.3f}")
+        d, lo, hi = r["trained_minus_this"]
+        print(f"{r['budget']:>6}  {r['variant']:26} {r['accuracy']:>8.3f} {r['kl']:>8.4f} {r['top1_agreement']:>6.3f}"
+              f"  {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": name, "args": vars(args), "rows": rows}, indent=1))
 
