@@ -411,3 +411,28 @@ def test_saved_hf_folder_pads_left_even_after_an_unpadded_call(tmp_path, arch):
     assert tok.padding_side == "left"
     mask = tok(["is there a red circle?", "how many stars are there?"], padding=True)["attention_mask"]
     assert [row[-1] for row in mask] == [1, 1]
+
+
+def test_average_of_two_checkpoints_is_their_element_wise_mean(tmp_path):
+    from pruneware.models.loading import load_any
+    from pruneware.models.recipe.average import average_state, main
+
+    a, processor = build_tiny("llava", seed=0)
+    b, _ = build_tiny("llava", seed=1)
+    save_hf_folder(a, processor, tmp_path / "a")
+    save_hf_folder(b, processor, tmp_path / "b")
+    main(["--out", str(tmp_path / "soup"), str(tmp_path / "a"), str(tmp_path / "b")])
+    soup = load_any(str(tmp_path / "soup"), device="cpu")[0].state_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(sa[key], sb[key])
+    for k in sa:
+        torch.testing.assert_close(soup[k], (sa[k] + sb[k]) / 2)
+    with pytest.raises(ValueError, match="differ in their tensors"):
+        average_state([{"x": torch.ones(2)}, {"y": torch.ones(2)}])
+    with pytest.raises(ValueError, match="non-float tensor"):
+        average_state([{"n": torch.tensor([1])}, {"n": torch.tensor([2])}])
+    qwen, qproc = build_tiny("qwen2.5-vl", seed=0)
+    save_hf_folder(qwen, qproc, tmp_path / "q")
+    with pytest.raises(SystemExit, match="different config"):
+        main(["--out", str(tmp_path / "bad"), str(tmp_path / "a"), str(tmp_path / "q")])
