@@ -1,6 +1,7 @@
 """Where an embedded model's counting answers go wrong: accuracy of counting questions split by
-the true count, the number of objects in the scene, the referents' sizes and how close their
-centres lie to a cell border (where the "centre cell" is ambiguous), on a held-out split.
+the true count, the number of objects in the scene, the colour asked, how many shapes the referents
+have, the referents' sizes and how close their centres lie to a cell border (where the "centre
+cell" is ambiguous), on a held-out split.
 
     python benchmarks/tiny_models/counting_errors.py tiny-llava 600 5151 2   # model, n, seed, threads
 
@@ -26,11 +27,13 @@ cell = IMAGE_SIZE / 24
 rows = []
 for e, p in zip(examples, res["predictions"]):
     objs = [e.scene.objects[i] for i in referents(e.scene, e.question)]
-    edge = min(0.5 - max(abs((o.x / cell) % 1 - 0.5), abs((o.y / cell) % 1 - 0.5)) for o in objs)
+    edge = np.mean([0.5 - max(abs((o.x / cell) % 1 - 0.5), abs((o.y / cell) % 1 - 0.5)) for o in objs])
     rows.append({
         "ok": p == e.answer, "count": len(objs), "pred": WORDS.get(p, 0), "scene": len(e.scene.objects),
         "by": "colour" if "objects" in e.question else "shape",
-        "edge": edge,  # distance of the referent centre nearest a cell border, in cells (0 = on it)
+        "colour": e.question.split()[2] if "objects" in e.question else "-",
+        "shapes": len({o.shape for o in objs}),  # distinct shapes among the referents
+        "edge": edge,  # referent centres' mean distance to a cell border, in cells (0 = on it)
         "rmin": min(o.r for o in objs), "rspread": max(o.r for o in objs) - min(o.r for o in objs),
     })
 print(sys.argv[1], "counting accuracy", res["accuracy"], "n", len(rows))
@@ -51,6 +54,8 @@ def table(name, key):
 table("true count", lambda r: r["count"])
 table("objects in scene", lambda r: r["scene"])
 table("asked by", lambda r: r["by"])
-table("nearest-border distance (cells)", lambda r: round(min(r["edge"], 0.49) // 0.1 * 0.1, 1))
+table("colour asked (colour questions)", lambda r: r["colour"])
+table("distinct shapes among the referents, by how asked", lambda r: f"{r['by']}-{r['shapes']}")
+table("referents' mean border distance (cells)", lambda r: round(min(r["edge"], 0.49) // 0.1 * 0.1, 1))
 table("smallest referent radius (px)", lambda r: int(r["rmin"] // 5 * 5))
 table("referent radius spread (px)", lambda r: int(min(r["rspread"], 19.9) // 5 * 5))
