@@ -1,6 +1,6 @@
 """Where an embedded model's counting answers go wrong: accuracy of counting questions split by
-the true count, the number of objects in the scene, the colour asked, how many shapes the referents
-have, the referents' sizes and how close their centres lie to a cell border (where the "centre
+the true count, the number of objects in the scene, the colour asked, the count by how the question
+names the referents, the referents' sizes and how close their centres lie to a cell border (where the "centre
 cell" is ambiguous), on a held-out split.
 
     python benchmarks/tiny_models/counting_errors.py tiny-llava 600 5151 2   # model, n, seed, threads
@@ -32,7 +32,6 @@ for e, p in zip(examples, res["predictions"]):
         "ok": p == e.answer, "count": len(objs), "pred": WORDS.get(p, 0), "scene": len(e.scene.objects),
         "by": "colour" if "objects" in e.question else "shape",
         "colour": e.question.split()[2] if "objects" in e.question else "-",
-        "shapes": len({o.shape for o in objs}),  # distinct shapes among the referents
         "edge": edge,  # referent centres' mean distance to a cell border, in cells (0 = on it)
         "rmin": min(o.r for o in objs), "rspread": max(o.r for o in objs) - min(o.r for o in objs),
     })
@@ -55,7 +54,7 @@ table("true count", lambda r: r["count"])
 table("objects in scene", lambda r: r["scene"])
 table("asked by", lambda r: r["by"])
 table("colour asked (colour questions)", lambda r: r["colour"])
-table("distinct shapes among the referents, by how asked", lambda r: f"{r['by']}-{r['shapes']}")
+table("how asked and true count (a colour's referents all differ in shape)", lambda r: f"{r['by']}-{r['count']}")
 table("referents' mean border distance (cells)", lambda r: round(min(r["edge"], 0.49) // 0.1 * 0.1, 1))
 table("smallest referent radius (px)", lambda r: int(r["rmin"] // 5 * 5))
 table("referent radius spread (px)", lambda r: int(min(r["rspread"], 19.9) // 5 * 5))
