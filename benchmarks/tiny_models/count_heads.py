@@ -2,13 +2,16 @@
 
     python benchmarks/tiny_models/count_heads.py tiny-llava 1000            # every head's share on the first token
     python benchmarks/tiny_models/count_heads.py training/tiny-llava/joint17/step-600 1000 3 1   # one head, in detail
+    python benchmarks/tiny_models/count_heads.py tiny-llava 1000 3 1 colour   # models trained with --count-at-colour
 
 Without a layer and head: for every layer and head, the mean attention that the counting phrase word
 (``objects`` in "how many blue objects are there?") and the answering token put on the prompt's first
 token (the sink), by true count 1..4; heads whose mean stays under 0.05 are not printed. With a layer and
 head: that head's sink share at the phrase word by true count (mean, standard deviation, the ideal
 ``1 / (n + 1)``), the model's accuracy per count, and, per referent, the attention on its cells in
-sink units (ideal 1: one centre cell per object, as much as the sink). Never use seed 0 (the reporting split).
+sink units (ideal 1: one centre cell per object, as much as the sink), overall and by the referent's shape.
+With ``colour`` last, colour questions are read at their colour word (``--count-at-colour`` models).
+Never use seed 0 (the reporting split).
 """
 import collections
 import sys
@@ -26,6 +29,7 @@ model, proc = load_any(sys.argv[1], device="cpu")
 model.set_attn_implementation("eager")
 examples = [e for e in make_split("eval", int(sys.argv[2]), 5151) if e.task == "counting"]
 head = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else None
+at_colour = sys.argv[-1] == "colour"
 tok, image_id = proc.tokenizer, model.config.image_token_id
 shares = collections.defaultdict(list)  # (row kind, layer) -> [(count, [heads] sink shares)]
 detail, per_referent, other = [], [], []
@@ -37,6 +41,8 @@ for e in examples:
     first = int((ids == image_id).nonzero()[0])
     words = tok.convert_ids_to_tokens(ids)
     phrase = max(i for i, w in enumerate(words) if w == "are") - 1
+    if at_colour and "objects" in e.question:  # "how many red objects are there?": the colour word
+        phrase -= 1
     refs = referents(e.scene, e.question)
     n = len(refs)
     if head is None:
@@ -47,10 +53,11 @@ for e in examples:
     attn = out.attentions[head[0]][0, head[1], phrase]  # [L]
     sink, cells = float(attn[0]), attn[first : first + 576]
     owner = cell_targets(e.scene, 24)[:, 4] - 1  # object index per cell, -1 background
+    by = "colour question" if "objects" in e.question else "shape question"
     for r in refs:
         mass = cells[owner == r]
-        per_referent.append((float(mass.sum()) / sink, int((mass > 0.3 * sink).sum())))
-    other.append(float(cells[~torch.isin(owner, torch.tensor(refs))].sum()) / sink)
+        per_referent.append((float(mass.sum()) / sink, int((mass > 0.3 * sink).sum()), e.scene.objects[r].shape, by))
+    other.append((float(cells[~torch.isin(owner, torch.tensor(refs))].sum()) / sink, by))
     detail.append((n, sink, tok.decode(out.logits[0, -1].argmax()).strip() == e.answer))
 if head is None:
     for (kind, layer), rows in sorted(shares.items()):
@@ -65,7 +72,15 @@ else:
         s = [x for k, x, _ in detail if k == n]
         hit = [c for k, _, c in detail if k == n]
         print(f"count {n}: {len(s)} q., sink share {np.mean(s):.3f} sd {np.std(s):.3f} (ideal {1 / (n + 1):.3f}), accuracy {np.mean(hit):.2f}")
-    r = np.array([x for x, _ in per_referent])
+    r = np.array([x for x, *_ in per_referent])
     print(f"per referent, attention on its cells / sink: mean {r.mean():.2f} sd {r.std():.2f}; "
-          f"referents with no cell above 0.3 x sink: {np.mean([c == 0 for _, c in per_referent]):.2f}; "
-          f"non-referent cells / sink: mean {np.mean(other):.2f}")  # fmt: skip
+          f"referents with no cell above 0.3 x sink: {np.mean([c == 0 for _, c, *_ in per_referent]):.2f}; "
+          f"non-referent cells / sink: mean {np.mean([x for x, _ in other]):.2f}")  # fmt: skip
+    for by in ("colour question", "shape question"):
+        m = [x for x, _, _, b in per_referent if b == by]
+        rest = np.mean([x for x, b in other if b == by])
+        print(f"  {by:15s} referents {len(m):4d}: attention on its cells / sink mean {np.mean(m):.2f} sd {np.std(m):.2f};"
+              f" non-referent cells / sink per question {rest:.2f}")
+    for shape in sorted({s for _, _, s, _ in per_referent}):
+        m = [x for x, _, s, _ in per_referent if s == shape]
+        print(f"  {shape:9s} referents {len(m):4d}: attention on its cells / sink mean {np.mean(m):.2f} sd {np.std(m):.2f}")
