@@ -303,6 +303,37 @@ def test_count_area_spreads_each_referent_evenly_and_probes_object_sizes():
     assert area_spread(lumpy, [(0, 3, cols, groups)]) > 1.0
 
 
+def test_count_contrast_targets_every_object_and_asks_referents_to_lead_by_a_margin():
+    """With --count-area --count-contrast: a ``phrase_contrast`` item at the tally row covers every
+    object cell of the scene, grouped by object (its referents are the ``phrase_area`` groups);
+    its loss is ``softplus(margin - gap)`` averaged over (referent, other) pairs of objects'
+    mean log-attention, near 0 once every referent leads by far more than the margin."""
+    from pruneware.models.recipe.losses import CONTRAST_MARGIN, contrast_loss
+    from pruneware.models.recipe.packing import use_count_area, use_count_contrast, use_count_head
+
+    def three(on: bool) -> None:
+        use_count_head(on)
+        use_count_area(on)
+        use_count_contrast(on)
+
+    packs, scenes, ids, cells, targets = _repacked_with(three)
+    area = {(i, row): set(g.tolist()) - {0} for i, row, _, g in targets["phrase_area"]}
+    assert targets["phrase_contrast"] and len(targets["phrase_contrast"]) == len(targets["phrase_area"])
+    for i, row, cols, groups in targets["phrase_contrast"]:
+        assert (i, row) in area and area[(i, row)] <= set(groups.tolist())
+        assert set(cols.tolist()) == set((cells[i, :, 4] > 0).nonzero().flatten().tolist())
+        assert (cells[i, cols, 4] == groups).all()
+    cols, groups = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 1, 2, 3])  # object 1 is the referent
+    rivals = {(0, 5): {1}}
+    lead = torch.tensor([[0.0, -1.0, -1.0, -9.0, -11.0]])  # referent -1, others -9 and -11: gaps 8 and 10
+    far = torch.nn.functional.softplus(CONTRAST_MARGIN - torch.tensor([8.0, 10.0])).mean()
+    torch.testing.assert_close(contrast_loss(lead, [(0, 5, cols, groups)], rivals), far)
+    assert far < 0.02
+    level = torch.tensor([[0.0, -3.0, -3.0, -3.0, -3.0]])  # no lead: softplus(margin)
+    torch.testing.assert_close(contrast_loss(level, [(0, 5, cols, groups)], rivals), torch.nn.functional.softplus(torch.tensor(CONTRAST_MARGIN)))
+    assert contrast_loss(level, [(0, 5, cols, groups)], {(0, 5): {1, 2, 3}}) == 0  # no other object: no term
+
+
 def test_count_at_colour_moves_the_colour_case_to_the_colour_word():
     """With --count-at-colour, "how many red objects are there?" tallies, is read and is probed
     at ``red``; "how many stars are there?" stays at ``stars``."""

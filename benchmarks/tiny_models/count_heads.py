@@ -32,7 +32,15 @@ head = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else None
 at_colour = sys.argv[-1] == "colour"
 tok, image_id = proc.tokenizer, model.config.image_token_id
 shares = collections.defaultdict(list)  # (row kind, layer) -> [(count, [heads] sink shares)]
-detail, per_referent, other = [], [], []
+detail, per_referent, other, where = [], [], [], []
+NEIGHBOURS = {"red": ("orange", "purple"), "orange": ("red", "yellow"), "yellow": ("orange", "green"), "green": ("yellow", "blue"), "blue": ("green", "purple"), "purple": ("blue", "red")}
+
+
+def asked_colour(example) -> str | None:
+    """The colour a "how many red objects" question names (None for shape questions)."""
+    return example.question.split()[2] if "objects" in example.question else None
+
+
 for e in examples:
     inputs = proc(text=[build_prompt(proc, e.question)], images=[e.image], return_tensors="pt")
     with torch.no_grad():
@@ -58,6 +66,10 @@ for e in examples:
         mass = cells[owner == r]
         per_referent.append((float(mass.sum()) / sink, int((mass > 0.3 * sink).sum()), e.scene.objects[r].shape, by))
     other.append((float(cells[~torch.isin(owner, torch.tensor(refs))].sum()) / sink, by))
+    is_ref = torch.isin(owner, torch.tensor(refs)).view(1, 1, 24, 24).float()
+    halo = (torch.nn.functional.max_pool2d(is_ref, 3, 1, 1) > 0).flatten() & (owner == -1)  # background next to a referent
+    near_colour = torch.tensor([o >= 0 and e.scene.objects[o].color in NEIGHBOURS.get(asked_colour(e), ()) for o in owner.tolist()])
+    where.append((by, *(float(cells[m].sum()) / sink for m in (halo, (owner == -1) & ~halo, (owner >= 0) & ~is_ref.flatten().bool() & near_colour, (owner >= 0) & ~is_ref.flatten().bool() & ~near_colour))))
     detail.append((n, sink, tok.decode(out.logits[0, -1].argmax()).strip() == e.answer))
 if head is None:
     for (kind, layer), rows in sorted(shares.items()):
@@ -81,6 +93,10 @@ else:
         rest = np.mean([x for x, b in other if b == by])
         print(f"  {by:15s} referents {len(m):4d}: attention on its cells / sink mean {np.mean(m):.2f} sd {np.std(m):.2f};"
               f" non-referent cells / sink per question {rest:.2f}")
+    for by in ("colour question", "shape question"):
+        w = np.array([x[1:] for x in where if x[0] == by]).mean(0)
+        print(f"  {by:15s} non-referent mass / sink per question: background next to a referent {w[0]:.2f}, other background {w[1]:.2f},"
+              f" objects of a neighbouring colour {w[2]:.2f}, other objects {w[3]:.2f}")
     for shape in sorted({s for _, _, s, _ in per_referent}):
         m = [x for x, _, s, _ in per_referent if s == shape]
         print(f"  {shape:9s} referents {len(m):4d}: attention on its cells / sink mean {np.mean(m):.2f} sd {np.std(m):.2f}")

@@ -43,7 +43,7 @@ from .vision import VISION_SPEC
 
 from .common import SELECT_SEED, load_checkpoint, lr_at, optimizer_step, sample, save_checkpoint, train_seed
 from .losses import Probes, install_pointing, set_point_weights
-from .packing import GRID, bg_keep, collate, pack, questions, use_count_area, use_count_at_colour, use_count_groups, use_count_head, use_count_spread, use_count_via
+from .packing import GRID, bg_keep, collate, pack, questions, use_count_area, use_count_at_colour, use_count_contrast, use_count_groups, use_count_head, use_count_spread, use_count_via
 from .qwen_vision import use_qwen_rope
 
 SCENE_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 5.0, "spatial": 1.0, "glyph": 1.0}
@@ -51,7 +51,7 @@ QUESTION_MIX = {"existence": 0.8, "attribute": 1.0, "counting": 1.3, "spatial": 
 POINT = {  # pointing kind -> (layer, head)
     "noun": (2, 0), "object": (2, 0), "relation": (4, 2), "answer": (5, 0), "second": (5, 1), "tally": (5, 0),
     "adjective": (1, 0), "via": (4, 0), "phrase_tally": (3, 1),
-    "phrase_groups": (3, 1), "phrase_area": (3, 1),
+    "phrase_groups": (3, 1), "phrase_area": (3, 1), "phrase_contrast": (3, 1),
 }  # fmt: skip
 AREA_PROBE = (2, 1)  # --count-area: layer and width of the object-size probe on the cells (read by the tally head at layer 3)
 PROBES = {"rel": (4, 4), "where": (5, 4), "order": (6, 1), "count": (6, 1), "lookup": (3, 5), "phrase_count": (3, 1)}  # kind -> (layer, width)
@@ -147,6 +147,7 @@ def add_recipe_switches(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--count-head", action="store_true", help="counting: head 1 of layer 3 tallies at the noun phrase (equal shares, centres + sink)")
     ap.add_argument("--count-groups", action="store_true", help="with --count-head: an equal share per referent object (all its cells) and the sink, not per centre cell")
     ap.add_argument("--count-area", action="store_true", help="with --count-head: each referent's share spread evenly over its cells, plus an object-size probe on the cells")
+    ap.add_argument("--count-contrast", action="store_true", help="with --count-area: each referent's mean attention logit must beat each other object's by a margin")
     ap.add_argument("--count-at-colour", action="store_true", help="counting by colour counts at the colour word, not at 'objects'")
     ap.add_argument("--rope-theta", type=float, help="qwen2.5-vl: the LLM's RoPE base (default 1000; runs before 2026-12-02 used 1e6)")
     ap.add_argument("--mrope", help="qwen2.5-vl: M-RoPE sections t,h,w in rotary pairs (default 1,2,9; before: 4,4,4)")
@@ -165,6 +166,9 @@ def apply_recipe_switches(args: argparse.Namespace) -> None:
     if args.count_area and args.count_groups:
         raise SystemExit("--count-area and --count-groups are two targets for the same head; choose one")
     use_count_area(args.count_area)
+    if args.count_contrast and not args.count_area:
+        raise SystemExit("--count-contrast needs --count-area (its referents are the area target's groups)")
+    use_count_contrast(args.count_contrast)
     use_count_at_colour(args.count_at_colour)
     use_qwen_rope(args.rope_theta, args.mrope)
 

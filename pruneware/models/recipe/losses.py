@@ -8,7 +8,7 @@ import sys
 import torch
 
 
-def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: bool = False, area: bool = False) -> torch.Tensor:
+def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: bool = False, area: bool = False, rivals: dict | None = None) -> torch.Tensor:
     """-log of ``head``'s attention mass on the target columns, averaged over ``items``
     (``(sample, row, columns)``); recomputes that head's post-RoPE q and k only.
 
@@ -22,7 +22,9 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: b
     distribution over the groups to those sums (0 when every group gets an equal total, however
     it is split inside a group). With ``area`` as well, the target is per column instead: each
     column of group ``g`` gets ``1 / (G * size of g)``, so a group is shared evenly by its columns
-    (the KL divergence from that distribution to the attention)."""
+    (the KL divergence from that distribution to the attention). With ``rivals`` (grouped items
+    only) the loss is :func:`contrast_loss` instead, ``rivals`` giving each ``(sample, row)`` its
+    referent groups."""
     h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, L, D]
     cos, sin = kwargs["position_embeddings"]
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -41,6 +43,8 @@ def point_loss(attn, args, kwargs, head: int, items, n_kv_groups: int, spread: b
     logits = (q[bi, 0, ri, :, None] * k[bi, 0].transpose(1, 2)).sum(1) * attn.scaling  # [R, L]
     logits = logits.masked_fill(~mask[bi, 0, ri], float("-inf"))
     logp = logits.log_softmax(-1)
+    if rivals is not None:
+        return contrast_loss(logp, items, rivals)
     if len(items[0]) == 4:
         return area_spread(logp, items) if area else grouped_spread(logp, items)
     look = torch.zeros_like(logp, dtype=torch.bool)
@@ -73,6 +77,27 @@ def area_spread(logp: torch.Tensor, items) -> torch.Tensor:
         w = 1.0 / (len(size) * size[slot].float())  # [k], sums to 1
         terms.append((w * (w.log() - logp[j, cols])).sum())
     return torch.stack(terms).mean()
+
+
+CONTRAST_MARGIN = 4.0  # nats by which a referent's mean logit should beat every other object's
+
+
+def contrast_loss(logp: torch.Tensor, items, referents: dict) -> torch.Tensor:
+    """Mean over (referent, other object) pairs of ``softplus(margin - gap)``, ``gap`` being the
+    difference of the two objects' mean log-attention over their cells: ``logp`` [R, L],
+    ``items[j] = (sample, row, columns [k], groups [k])`` over every object cell of the scene,
+    ``referents[(sample, row)]`` the set of referent groups. Unlike :func:`area_spread`, whose
+    pull on a leak of mass ``m`` onto other objects is only ``-log(1 - m)``, this keeps pulling
+    until each referent stands ``CONTRAST_MARGIN`` nats above each other object."""
+    terms = []
+    for j, (sample, row, cols, groups) in enumerate(items):
+        ids, slot = torch.unique(groups, return_inverse=True)  # [G], [k]
+        mean = torch.zeros(len(ids), dtype=logp.dtype).index_add(0, slot, logp[j, cols]) / torch.bincount(slot).to(logp.dtype)  # [G]
+        is_ref = torch.tensor([int(g) in referents.get((sample, row), ()) for g in ids])
+        if is_ref.any() and (~is_ref).any():
+            gap = mean[is_ref][:, None] - mean[~is_ref][None, :]  # [referents, others]
+            terms.append(torch.nn.functional.softplus(CONTRAST_MARGIN - gap).mean())
+    return torch.stack(terms).mean() if terms else logp.sum() * 0
 
 
 def probe_loss(hidden: torch.Tensor, items, head: torch.nn.Module) -> torch.Tensor:
@@ -112,6 +137,7 @@ class Probes(torch.nn.Module):
 
 SPREAD_KINDS = ("tally", "phrase_tally")  # pointing kinds whose targets share the attention equally
 AREA_KINDS = ("phrase_area",)  # grouped kinds whose groups are shared evenly by their columns
+CONTRAST_KINDS = {"phrase_contrast": "phrase_area"}  # margin kinds -> the kind whose groups are the referents
 POINT_WEIGHTS: dict[str, float] = {}  # kind -> weight of its term (1 when absent); see set_point_weights
 
 
@@ -128,13 +154,16 @@ def install_pointing(layers, points: dict[str, tuple[int, int]], targets: dict, 
     """Forward pre-hooks that append a :func:`point_loss` term to ``terms`` for every pointing
     kind in ``points`` (``kind -> (layer, head)``) whose items are in ``targets`` (which also
     holds the batch's boolean ``mask`` [B, 1, L, L]); kinds in ``SPREAD_KINDS`` use the equal-share
-    loss, and each term is scaled by its kind's ``POINT_WEIGHTS``. Returns the hook handles."""
+    loss, kinds in ``CONTRAST_KINDS`` the margin loss against their partner kind's referents, and each term is scaled by its kind's ``POINT_WEIGHTS``. Returns the hook handles."""
 
     def hook(kind: str, head: int):
         def fn(attn, args, kwargs):
             if targets.get(kind):
                 kw = {**kwargs, "attention_mask": targets["mask"]}
-                term = point_loss(attn, args, kw, head, targets[kind], n_kv_groups, kind in SPREAD_KINDS, kind in AREA_KINDS)
+                rivals = None
+                if kind in CONTRAST_KINDS:  # (sample, row) -> its referent groups (the sink's 0 left out)
+                    rivals = {(i, r): set(g.tolist()) - {0} for i, r, _, g in targets.get(CONTRAST_KINDS[kind], [])}
+                term = point_loss(attn, args, kw, head, targets[kind], n_kv_groups, kind in SPREAD_KINDS, kind in AREA_KINDS, rivals)
                 terms.append(POINT_WEIGHTS.get(kind, 1.0) * term)
 
         return fn

@@ -20,10 +20,10 @@ from pruneware.models.grounding import HEADS, cell_targets, phrases, referents
 # Acceptance rates that bring the packed counting answers close to uniform over one..four
 # (measured over 2000 train scenes of the stage-2 task mix).
 COUNT_ACCEPT = {"one": 0.025, "two": 0.06, "three": 0.35}
-POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via", "phrase_tally", "phrase_groups", "phrase_area")
-GROUPED_KINDS = ("phrase_groups", "phrase_area")  # kinds whose items carry each column's object (``losses.point_loss``)
+POINT_KINDS = ("noun", "object", "answer", "second", "relation", "tally", "adjective", "via", "phrase_tally", "phrase_groups", "phrase_area", "phrase_contrast")
+GROUPED_KINDS = ("phrase_groups", "phrase_area", "phrase_contrast")  # kinds whose items carry each column's object (``losses.point_loss``)
 RELATION_WORDS = ("left", "right", "above", "below")  # the word that names a spatial relation
-_COUNT_KIND = {"kind": "answer", "via": False, "head": False, "groups": False, "area": False, "colour": False}  # counting's pointing; see use_count_*
+_COUNT_KIND = {"kind": "answer", "via": False, "head": False, "groups": False, "area": False, "colour": False, "contrast": False}  # counting's pointing; see use_count_*
 SINK = -2  # the prompt's first token (``USER``), relative to the first image cell (column 0 in any layout)
 GRID = 24
 AREA_MEAN = 2.7  # about the mean log cell count of an object (radius 20-40 px on 14 px cells)
@@ -128,6 +128,14 @@ def use_count_area(on: bool) -> None:
     _COUNT_KIND["area"] = on
 
 
+def use_count_contrast(on: bool) -> None:
+    """When ``on`` (with :func:`use_count_area`), the tally head also gets ``phrase_contrast``
+    targets: every object cell of the scene, so that ``losses.contrast_loss`` can ask each
+    referent's mean attention logit to beat each other object's by a margin (the area target
+    alone barely penalises a small leak onto other objects); the ``--count-contrast`` option."""
+    _COUNT_KIND["contrast"] = on
+
+
 def use_count_at_colour(on: bool) -> None:
     """When ``on``, a counting question that names a colour counts at the colour word (``red`` in
     ``how many red objects are there ?``) instead of at ``objects``: the tally head's query is then
@@ -170,6 +178,8 @@ def pointing(scene: Scene, cells: torch.Tensor, question: str, task: str) -> dic
         i = count_word(question)
         if _COUNT_KIND["area"]:
             out[f"phrase_area@{i}"] = _cells_of(cells, objs, "object") + [SINK]
+            if _COUNT_KIND["contrast"]:
+                out[f"phrase_contrast@{i}"] = _cells_of(cells, list(range(len(scene.objects))), "object")
         elif _COUNT_KIND["groups"]:
             out[f"phrase_groups@{i}"] = _cells_of(cells, objs, "object") + [SINK]
         else:
