@@ -62,6 +62,23 @@ def scenes_batch(seed: int, step: int, size: int, per_image: int, vocab, pack_fn
     return packs, torch.stack([clip_pixels(render(s)) for s in scenes])
 
 
+def lr_groups(model: torch.nn.Module, params: list, text: str) -> list[dict]:
+    """AdamW parameter groups from ``"layers.3.self_attn.q_proj=5,embed_tokens=5"`` (the
+    ``--lr-scale`` option): a parameter whose name contains a key trains at that multiple of the
+    schedule's learning rate (the first matching key wins); the rest at 1. A key that matches no
+    parameter is an error that lists a few valid names."""
+    scales = {k: float(v) for k, _, v in (item.partition("=") for item in filter(None, text.split(",")))}
+    trainable = {id(p) for p in params}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in trainable]
+    for key in scales:
+        if not any(key in n for n, _ in named):
+            raise SystemExit(f"--lr-scale: {key!r} matches no trainable parameter; e.g. {[n for n, _ in named[:3]]}")
+    groups: dict[float, list] = {}
+    for n, p in named:
+        groups.setdefault(next((v for k, v in scales.items() if k in n), 1.0), []).append(p)
+    return [{"params": ps, "scale": scale} for scale, ps in sorted(groups.items())]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vision", type=Path, required=True)
@@ -82,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--count-accept", default="",
                     help="share of counting questions kept per answer, e.g. one=0.006,two=0.015,three=0.1 (four: all)")
     ap.add_argument("--point-weights", default="", help="per-kind pointing weights, e.g. object=10")
+    ap.add_argument("--lr-scale", default="", help="joint phase: learning-rate factors for parameters whose name contains a key, e.g. layers.3.self_attn.q_proj=5")
     ap.add_argument("--arch", choices=["llava", "qwen2.5-vl"], default="llava")
     add_recipe_switches(ap)
     ap.add_argument("--seed", type=int, default=0)
@@ -134,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "joint" and args.aux > 0:
         load_checkpoint(args.language, {"probes": probes}, None)
         params += list(probes.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    groups_ = lr_groups(model, params, args.lr_scale) if args.phase == "joint" else [{"params": params}]
+    opt = torch.optim.AdamW(groups_, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     last_dir = args.out / f"last-{args.phase}"
     start, elapsed, best = 0, 0.0, -1.0
     if args.resume and (last_dir / "meta.json").is_file():

@@ -86,9 +86,9 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], opt: torc
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float) -> None:
-    """One AdamW step at ``lr`` with gradients clipped to norm 1."""
+    """One AdamW step at ``lr`` (times each group's ``scale``, if any) with gradients clipped to norm 1."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("scale", 1.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
