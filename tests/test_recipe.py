@@ -467,3 +467,21 @@ def test_average_of_two_checkpoints_is_their_element_wise_mean(tmp_path):
     save_hf_folder(qwen, qproc, tmp_path / "q")
     with pytest.raises(SystemExit, match="different config"):
         main(["--out", str(tmp_path / "bad"), str(tmp_path / "a"), str(tmp_path / "q")])
+
+
+def test_lr_scale_groups_parameters_by_name_and_refuses_unknown_keys():
+    """``--lr-scale``: parameters whose name contains a key form a group with that factor (the
+    rest factor 1), the optimizer step applies it, and a key matching nothing names valid ones."""
+    from pruneware.models.recipe.assemble import lr_groups
+    from pruneware.models.recipe.common import optimizer_step
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    params = list(model.parameters())
+    groups = lr_groups(model, params, "1.weight=5")
+    assert [(g["scale"], len(g["params"])) for g in groups] == [(1.0, 3), (5.0, 1)]
+    assert groups[1]["params"][0] is model[1].weight
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    optimizer_step(opt, model(torch.ones(1, 2)).sum(), params, 0.01)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.05]
+    with pytest.raises(SystemExit, match="matches no trainable parameter; e.g."):
+        lr_groups(model, params, "nosuch=3")
