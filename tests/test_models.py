@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pruneware import models
-from pruneware.evals.synthetic import Example, Obj, Scene, evaluate, make_split, render
+from pruneware.evals.synthetic import evaluate, fixed_examples, make_split
 from pruneware.evals.synthetic.accuracy import build_prompt
 from pruneware.models.build import build_processor
 
@@ -112,25 +112,6 @@ def _shipped(name: str):
     return models.load(name)
 
 
-def _fixed_examples() -> list[Example]:
-    """Hand-made scenes with unambiguous answers, one per task type (twice)."""
-    bg = {"base": 180, "tint": [0, 0, 0], "kind": "noise", "amp": 10.0, "period": 20.0, "angle": 0.0, "noise_seed": 1}
-    s1 = Scene((Obj("circle", "red", 80, 90, 36, "x"), Obj("triangle", "blue", 250, 240, 34)), bg)
-    s2 = Scene((Obj("star", "yellow", 260, 80, 36), Obj("square", "green", 90, 250, 36, "o"),
-                Obj("square", "purple", 240, 250, 30)), bg)  # fmt: skip
-    qa = [
-        (s1, "is there a red circle?", "yes", "existence"),
-        (s1, "what color is the triangle?", "blue", "attribute"),
-        (s1, "is the red circle left of the blue triangle?", "yes", "spatial"),
-        (s1, "what letter is on the red circle?", "x", "glyph"),
-        (s2, "is there a blue star?", "no", "existence"),
-        (s2, "what shape is the yellow object?", "star", "attribute"),
-        (s2, "how many squares are there?", "two", "counting"),
-        (s2, "what letter is on the green square?", "o", "glyph"),
-    ]
-    return [Example(render(s), q, a, t, f"fixed-{i}", s) for i, (s, q, a, t) in enumerate(qa)]
-
-
 def _below_bar(names: list[str], below: dict[str, str] = BELOW_BAR) -> list:
     """``names`` as params, a strict xfail on those listed in ``below``."""
     return [
@@ -144,7 +125,7 @@ def test_shipped_model_loads_offline_and_answers_one_word(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = _shipped(name)
     assert model.training is False
-    examples = _fixed_examples()[:3]
+    examples = fixed_examples()[:3]
     res = evaluate(model, processor, examples, batch_size=3)
     vocab = set(processor.tokenizer.get_vocab())
     assert all(p in vocab for p in res["predictions"]), res["predictions"]
@@ -153,7 +134,7 @@ def test_shipped_model_loads_offline_and_answers_one_word(name, monkeypatch):
 @pytest.mark.parametrize("name", _below_bar(NAMES, FIXED_BELOW_BAR))
 def test_shipped_model_answers_fixed_questions(name):
     model, processor = _shipped(name)
-    examples = _fixed_examples()
+    examples = fixed_examples()
     res = evaluate(model, processor, examples, batch_size=8)
     wrong = [(e.question, p) for e, p in zip(examples, res["predictions"]) if p != e.answer]
     assert len(wrong) <= 1, f"{name} got {wrong}"

@@ -11,15 +11,12 @@ import sys
 import torch
 
 import pruneware
-from pruneware.evals.synthetic import evaluate, make_split
+from pruneware.evals.synthetic import evaluate, fixed_examples, make_split
 from pruneware.models.loading import load_any
-
-sys.path.insert(0, "tests")
-from test_models import _fixed_examples  # noqa: E402
 
 torch.set_num_threads(1)
 model, processor = load_any(sys.argv[1], device="cpu")
-fixed = _fixed_examples()
+fixed = fixed_examples()
 res = evaluate(model, processor, fixed, batch_size=8)
 print("hand-made questions wrong:", [(e.question, p) for e, p in zip(fixed, res["predictions"]) if p != e.answer])
 examples = make_split("eval", 150, seed=31337)

@@ -9,12 +9,13 @@ Train scene seeds are in ``[0, 10**9)``, eval scene seeds in ``[10**9, 2 * 10**9
 """
 
 from .questions import TASKS, vocabulary
+from .fixed import fixed_examples
 from .scene import COLORS, GLYPHS, IMAGE_SIZE, SHAPES, Obj, Scene, render, sample_scene
 from .split import Example, make_example, make_multi, make_split, scene_seed, split_of
 
 __all__ = [
     "COLORS", "GLYPHS", "IMAGE_SIZE", "SHAPES", "TASKS", "Example", "Obj", "Scene",
-    "evaluate", "make_example", "make_multi", "make_split", "render", "sample_scene",
+    "evaluate", "fixed_examples", "make_example", "make_multi", "make_split", "render", "sample_scene",
     "scene_seed", "split_of", "vocabulary",
 ]  # fmt: skip
 
