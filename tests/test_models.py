@@ -21,7 +21,7 @@ BELOW_BAR: dict[str, str] = {}
 # tiny-qwen2.5-vl passes on this split: 0.966 overall, counting 0.865 (attribute 0.995, existence
 # 1.000, glyph 0.975, spatial 0.995); weights fingerprint dc4c2cc7c75c8167 (joint10, see its card).
 # Models that miss more than one of the eight hand-made questions (both shipped models miss none).
-FIXED_BELOW_BAR: dict[str, str] = {}  # both shipped models answer at least 7 of 8
+FIXED_BELOW_BAR: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", params=list(models.ARCHS))

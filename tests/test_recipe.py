@@ -485,3 +485,13 @@ def test_lr_scale_groups_parameters_by_name_and_refuses_unknown_keys():
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.05]
     with pytest.raises(SystemExit, match="matches no trainable parameter; e.g."):
         lr_groups(model, params, "nosuch=3")
+
+
+def test_lr_scale_is_refused_outside_the_joint_phase(tmp_path, capsys):
+    from pruneware.models.recipe.assemble import main
+
+    with pytest.raises(SystemExit):
+        main(["--vision", str(tmp_path), "--language", str(tmp_path), "--out", str(tmp_path / "o"),
+              "--phase", "project", "--lr-scale", "embed_tokens=5"])
+    assert "--lr-scale applies to --phase joint only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also keep an HF folder OUT/step-N every N steps and at the end, to select on a held-out split")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
+    if args.lr_scale and args.phase != "joint":
+        ap.error("--lr-scale applies to --phase joint only (the project phase trains the tower and projector at one rate)")
     torch.set_num_threads(args.threads)
     apply_mix(args.mix)
     apply_mix(args.scene_mix, SCENE_MIX, "--scene-mix")
