@@ -1,4 +1,4 @@
-"""The staged tiny-model recipe (pruneware/models/recipe): packing, pointing targets, checkpoints."""
+"""The staged tiny-model recipe (recipes/tiny_models): packing, pointing targets, checkpoints."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import torch
 
 from pruneware.evals.synthetic.scene import COLORS
 from pruneware.models.build import build_tiny, build_tokenizer
-from pruneware.models.recipe.common import load_checkpoint, save_checkpoint, save_hf_folder
-from pruneware.models.recipe.language import Stage2, train_batch
-from pruneware.models.recipe.packing import collate
-from pruneware.models.recipe.packing import N_CELLS, pack
-from pruneware.models.recipe.vision import VISION_SPEC
+from recipes.tiny_models.common import load_checkpoint, save_checkpoint, save_hf_folder
+from recipes.tiny_models.language import Stage2, train_batch
+from recipes.tiny_models.packing import collate
+from recipes.tiny_models.packing import N_CELLS, pack
+from recipes.tiny_models.vision import VISION_SPEC
 
 VOCAB = build_tokenizer("llava").get_vocab()
 
@@ -102,8 +102,8 @@ def test_qwen_layout_matches_the_processor_and_hf_rope_index():
     and the M-RoPE positions transformers computes for it; packed turns equal one-question packs."""
     from pruneware.evals.synthetic import render
     from pruneware.models import prompt
-    from pruneware.models.recipe.qwen_language import Stage2Qwen, pack_qwen
-    from pruneware.models.recipe.qwen_vision import build_qwen
+    from recipes.tiny_models.qwen_language import Stage2Qwen, pack_qwen
+    from recipes.tiny_models.qwen_vision import build_qwen
 
     model, processor = build_qwen(0)
     vocab = processor.tokenizer.get_vocab()
@@ -128,7 +128,7 @@ def test_qwen_layout_matches_the_processor_and_hf_rope_index():
 
 
 def test_count_spread_moves_counting_to_the_equal_share_target():
-    from pruneware.models.recipe.packing import use_count_spread
+    from recipes.tiny_models.packing import use_count_spread
 
     try:
         use_count_spread(True)
@@ -170,7 +170,7 @@ def _repacked_with(switch):
 
 def test_count_via_moves_counting_to_the_noun_phrase():
     """With --count-via a counting phrase points at its centres plus the sink, and the answer at it."""
-    from pruneware.models.recipe.packing import use_count_via
+    from recipes.tiny_models.packing import use_count_via
 
     packs, scenes, ids, cells, targets = _repacked_with(use_count_via)
     inv = {v: w for w, v in VOCAB.items()}
@@ -199,8 +199,8 @@ def test_count_head_tallies_centres_and_sink_at_the_noun_phrase():
     """With --count-head each counting question's noun phrase word gets an equal-share target
     over its referents' centre cells and the sink (column 0), one centre per object."""
     from pruneware.models.grounding import referents
-    from pruneware.models.recipe.losses import SPREAD_KINDS
-    from pruneware.models.recipe.packing import use_count_head
+    from recipes.tiny_models.losses import SPREAD_KINDS
+    from recipes.tiny_models.packing import use_count_head
 
     packs, scenes, ids, cells, targets = _repacked_with(use_count_head)
     inv = {v: w for w, v in VOCAB.items()}
@@ -218,7 +218,7 @@ def test_count_head_tallies_centres_and_sink_at_the_noun_phrase():
 
 def test_spread_point_loss_is_the_kl_from_equal_shares():
     """The equal-share pointing loss against a hand computation of KL(uniform || attention)."""
-    from pruneware.models.recipe.losses import point_loss
+    from recipes.tiny_models.losses import point_loss
 
     attn, h, kwargs = _one_head_inputs()
     cols = torch.tensor([0, 2, 3])
@@ -235,7 +235,7 @@ def test_count_groups_tally_each_referent_object_and_the_sink():
     """With --count-head --count-groups the tally head's target holds every cell of each referent
     (grouped by object) plus the sink (group 0): one group per referent and one for the sink."""
     from pruneware.models.grounding import referents
-    from pruneware.models.recipe.packing import use_count_groups, use_count_head
+    from recipes.tiny_models.packing import use_count_groups, use_count_head
 
     def both(on: bool) -> None:
         use_count_head(on)
@@ -257,7 +257,7 @@ def test_count_groups_tally_each_referent_object_and_the_sink():
 def test_grouped_point_loss_is_the_kl_from_equal_group_totals():
     """The grouped loss against KL(uniform over groups || attention summed per group): the split
     inside a group does not matter, only each group's total."""
-    from pruneware.models.recipe.losses import grouped_spread, point_loss
+    from recipes.tiny_models.losses import grouped_spread, point_loss
 
     attn, h, kwargs = _one_head_inputs()
     cols, groups = torch.tensor([0, 2, 3, 4]), torch.tensor([0, 7, 7, 9])
@@ -279,8 +279,8 @@ def test_count_area_spreads_each_referent_evenly_and_probes_object_sizes():
     the batch gets its object's centred log cell count as an ``area`` probe target."""
     import math
 
-    from pruneware.models.recipe.losses import area_spread
-    from pruneware.models.recipe.packing import AREA_MEAN, use_count_area, use_count_head
+    from recipes.tiny_models.losses import area_spread
+    from recipes.tiny_models.packing import AREA_MEAN, use_count_area, use_count_head
 
     def both(on: bool) -> None:
         use_count_head(on)
@@ -308,8 +308,8 @@ def test_count_contrast_targets_every_object_and_asks_referents_to_lead_by_a_mar
     object cell of the scene, grouped by object (its referents are the ``phrase_area`` groups);
     its loss is ``softplus(margin - gap)`` averaged over (referent, other) pairs of objects'
     mean log-attention, near 0 once every referent leads by far more than the margin."""
-    from pruneware.models.recipe.losses import CONTRAST_MARGIN, contrast_loss
-    from pruneware.models.recipe.packing import use_count_area, use_count_contrast, use_count_head
+    from recipes.tiny_models.losses import CONTRAST_MARGIN, contrast_loss
+    from recipes.tiny_models.packing import use_count_area, use_count_contrast, use_count_head
 
     def three(on: bool) -> None:
         use_count_head(on)
@@ -337,7 +337,7 @@ def test_count_contrast_targets_every_object_and_asks_referents_to_lead_by_a_mar
 def test_count_at_colour_moves_the_colour_case_to_the_colour_word():
     """With --count-at-colour, "how many red objects are there?" tallies, is read and is probed
     at ``red``; "how many stars are there?" stays at ``stars``."""
-    from pruneware.models.recipe.packing import use_count_at_colour, use_count_head, use_count_via
+    from recipes.tiny_models.packing import use_count_at_colour, use_count_head, use_count_via
 
     scene = train_batch("test", 0, 1, 6, 6, VOCAB)[1][0]
     color, shape = scene.objects[0].color, scene.objects[0].shape
@@ -393,7 +393,7 @@ class _Attn(torch.nn.Module):
 
 
 def test_point_weights_scale_their_kind_and_reject_unknown_kinds():
-    from pruneware.models.recipe import losses
+    from recipes.tiny_models import losses
 
     try:
         losses.set_point_weights("object=10", ("noun", "object"))
@@ -409,7 +409,7 @@ def test_count_accept_and_scene_mix_rebalance_counting_answers():
     evaluation split asks about one..four about equally; the default training mix does not)."""
     import collections
 
-    from pruneware.models.recipe import language, packing
+    from recipes.tiny_models import language, packing
 
     def counts() -> collections.Counter:
         packs, _ = train_batch("joint", 0, 0, 40, 16, VOCAB)
@@ -446,7 +446,7 @@ def test_saved_hf_folder_pads_left_even_after_an_unpadded_call(tmp_path, arch):
 
 def test_average_of_two_checkpoints_is_their_element_wise_mean(tmp_path):
     from pruneware.models.loading import load_any
-    from pruneware.models.recipe.average import average_state, main
+    from recipes.tiny_models.average import average_state, main
 
     a, processor = build_tiny("llava", seed=0)
     b, _ = build_tiny("llava", seed=1)
@@ -472,8 +472,8 @@ def test_average_of_two_checkpoints_is_their_element_wise_mean(tmp_path):
 def test_lr_scale_groups_parameters_by_name_and_refuses_unknown_keys():
     """``--lr-scale``: parameters whose name contains a key form a group with that factor (the
     rest factor 1), the optimizer step applies it, and a key matching nothing names valid ones."""
-    from pruneware.models.recipe.assemble import lr_groups
-    from pruneware.models.recipe.common import optimizer_step
+    from recipes.tiny_models.assemble import lr_groups
+    from recipes.tiny_models.common import optimizer_step
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     params = list(model.parameters())
@@ -488,7 +488,7 @@ def test_lr_scale_groups_parameters_by_name_and_refuses_unknown_keys():
 
 
 def test_lr_scale_is_refused_outside_the_joint_phase(tmp_path, capsys):
-    from pruneware.models.recipe.assemble import main
+    from recipes.tiny_models.assemble import main
 
     with pytest.raises(SystemExit):
         main(["--vision", str(tmp_path), "--language", str(tmp_path), "--out", str(tmp_path / "o"),

@@ -8,9 +8,7 @@ import json
 import pytest
 
 from pruneware.models import WEIGHTS_DIR
-from pruneware.models.build import build_config
-from pruneware.models.recipe.qwen_vision import QWEN_VISION
-from pruneware.models.recipe.vision import VISION_SPEC
+from pruneware.models.build import SHIPPED_VISION, build_config
 from pruneware.models.tiny_configs import FAMILIES, mrope_section, tiny_config
 
 
@@ -33,8 +31,8 @@ def test_errors_name_the_valid_choices():
 
 
 @pytest.mark.parametrize("name, arch, vision", [
-    ("tiny-llava", "llava", VISION_SPEC),  # trained with a wider vision tower
-    ("tiny-qwen2.5-vl", "qwen2.5-vl", QWEN_VISION),  # 7-px patches at 336 px: 576 tokens
+    ("tiny-llava", "llava", SHIPPED_VISION["llava"]),  # trained with a wider vision tower
+    ("tiny-qwen2.5-vl", "qwen2.5-vl", SHIPPED_VISION["qwen2.5-vl"]),  # 7-px patches at 336 px: 576 tokens
 ])
 def test_embedded_model_configs_are_unchanged(name, arch, vision):
     shipped = json.loads((WEIGHTS_DIR / name / "config.json").read_text())

@@ -6,7 +6,7 @@ Two architectures:
   (576 image tokens, ``vision_feature_select_strategy="default"``) and a Llama LM.
 * ``qwen2.5-vl``: ``Qwen2_5_VLForConditionalGeneration`` with M-RoPE; by default images are
   resized to 448 px, patch 14, 2x2 merge: 256 visual tokens per image (``vision={"patch": 7,
-  "side": 336}`` gives the shipped tiny-qwen2.5-vl's 576; see ``recipe/qwen_vision.py``).
+  "side": 336}`` gives the shipped tiny-qwen2.5-vl's 576; ``SHIPPED_VISION``).
 
 Both tokenizers are ``tokenizers`` WordLevel models over the synthetic benchmark vocabulary.
 """
@@ -65,10 +65,18 @@ LLM = {"hidden": 96, "layers": 8, "heads": 4, "kv_heads": 2, "mlp": 256, "head_d
 # qwen2.5-vl's own defaults: Qwen2.5-VL gives the sections the rotary frequencies in that order, so at base 1e6 and
 # head_dim 24 the width section turns by 0.0024 rad across 24 cells (the LLM cannot tell columns apart); at base
 # 1000 with sections [1, 2, 9] height turns by 13 rad and width by 4.1 rad, while the text dimensions that match
-# words to cells by content stay slow (``recipe/qwen_vision.py``, tiny-qwen2.5-vl's card).
+# words to cells by content stay slow (tiny-qwen2.5-vl's card).
 QWEN_LLM = {"rope_theta": 1000.0, "mrope": [1, 2, 9]}
 VISION = {"hidden": 96, "layers": 2, "heads": 4, "mlp": 192, "patch": 14, "side": QWEN_SIDE}
 # ``patch`` and ``side`` apply to qwen2.5-vl only: (side / patch / 2)^2 visual tokens per image.
+# The vision towers of the two embedded models, by arch: their shipped weights load against
+# ``build_config(arch, vision=SHIPPED_VISION[arch])`` (the training recipe, ``recipes/tiny_models`` in
+# the repository, builds them from here). tiny-llava's tower is wider than the default; tiny-qwen2.5-vl
+# has 7-px patches at 336 px: 576 visual tokens, one per cell of tiny-llava's grid.
+SHIPPED_VISION: dict[str, dict] = {
+    "llava": {"hidden": 128, "layers": 4, "heads": 4, "mlp": 384},
+    "qwen2.5-vl": {"hidden": 96, "layers": 3, "heads": 4, "mlp": 256, "patch": 7, "side": 336},
+}
 
 
 def _check_arch(arch: str) -> None:

@@ -1,7 +1,7 @@
 """Per question kind (attribute by colour / by shape, counting by colour / by shape, ...) accuracy and
 the commonest confusions of an embedded model or checkpoint folder, on a held-out eval split.
 
-    python benchmarks/tiny_models/question_kinds.py tiny-llava 1000 5151 2   # model, n, seed, threads
+    python -m recipes.tiny_models.diagnostics.question_kinds tiny-llava 1000 5151 2   # model, n, seed, threads
 
 Never use seed 0 (the reporting split) to choose anything.
 """

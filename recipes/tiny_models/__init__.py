@@ -1,4 +1,6 @@
-"""The staged training recipe of the embedded tiny models (see ``pruneware/models/cards``).
+"""The staged training recipe of pruneware's embedded tiny models (see ``pruneware/models/cards``).
+
+Run from the root of a clone: ``python -m recipes.tiny_models.<stage>`` (``README.md`` here).
 
 1. ``vision``: the vision tower alone, on dense per-cell labels (colour, shape, glyph, centre).
 2. ``language``: the language model alone, on question answering over ground-truth visual

@@ -1,6 +1,6 @@
 """How many of the 24 x 24 cells an object covers, by shape, on the objects of an eval split (no model).
 
-    python benchmarks/tiny_models/shape_cells.py 600 5151   # counting questions, seed
+    python -m recipes.tiny_models.diagnostics.shape_cells 600 5151   # counting questions, seed
 
 A tally whose mass per object follows covered cells weighs a circle about three stars.
 """

@@ -2,16 +2,16 @@
 colour word to the objects of that colour)? Fits only that head's query and key rows on fixed
 layer-2 inputs of NB-1 packed train batches and reports the attention mass on a held-out batch.
 
-    python benchmarks/tiny_models/fit_pointing_head.py training/tiny-llava/language2/best 2 3e-3 301 16
+    python -m recipes.tiny_models.diagnostics.fit_pointing_head training/tiny-llava/language3/last 2 3e-3 301 16
     #                                                  checkpoint                        head lr  steps batches
 """
 import sys, torch, pathlib
 from pruneware.models.build import build_tiny
-from pruneware.models.recipe.language import Stage2, VISION_SPEC, train_batch
-from pruneware.models.recipe.common import load_checkpoint
-from pruneware.models.recipe.packing import collate
-from pruneware.models.recipe import packing
-from pruneware.models.recipe.losses import point_loss
+from recipes.tiny_models.language import Stage2, VISION_SPEC, train_batch
+from recipes.tiny_models.common import load_checkpoint
+from recipes.tiny_models.packing import collate
+from recipes.tiny_models import packing
+from recipes.tiny_models.losses import point_loss
 from pruneware.evals.synthetic.scene import COLORS
 torch.set_num_threads(1); torch.manual_seed(0)
 model, proc = build_tiny("llava", seed=0, vision=VISION_SPEC)

@@ -1,8 +1,7 @@
 """Where a tiny-llava model's attention goes when it counts, on held-out counting questions (seed 5151).
 
-    python benchmarks/tiny_models/count_heads.py tiny-llava 1000            # every head's share on the first token
-    python benchmarks/tiny_models/count_heads.py training/tiny-llava/joint17/step-600 1000 3 1   # one head, in detail
-    python benchmarks/tiny_models/count_heads.py tiny-llava 1000 3 1 colour   # models trained with --count-at-colour
+    python -m recipes.tiny_models.diagnostics.count_heads tiny-llava 1000            # every head's share on the first token
+    python -m recipes.tiny_models.diagnostics.count_heads tiny-llava 1000 3 1 colour   # models trained with --count-at-colour
 
 Without a layer and head: for every layer and head, the mean attention that the counting phrase word
 (``objects`` in "how many blue objects are there?") and the answering token put on the prompt's first

@@ -1,6 +1,6 @@
 """Stage 3: join stage 1's vision tower and stage 2's language model into one tiny LLaVA.
 
-    python -m pruneware.models.recipe.assemble --vision training/tiny-llava/vision/last \\
+    python -m recipes.tiny_models.assemble --vision training/tiny-llava/vision/last \\
         --language training/tiny-llava/language/best --out training/tiny-llava/joint
 
 Phase ``project`` trains the tower and the projector to reproduce, cell by cell, the visual

@@ -1,8 +1,7 @@
 """Why the colour-keyed tally leaks: how sharply the tally head tells referents from other objects, and whether its
 query knows which colour it was asked (held-out counting questions, seed 5151; never seed 0, the reporting split).
 
-    python benchmarks/tiny_models/tally_query.py tiny-llava              # the shipped model, layer 3 head 1
-    python benchmarks/tiny_models/tally_query.py training/tiny-llava/joint28/step-400 3 1
+    python -m recipes.tiny_models.diagnostics.tally_query tiny-llava              # the shipped model, layer 3 head 1
 
 Three readings of the head (the ``phrase_area`` tally head of ``--count-head --count-area`` models), each split
 into colour questions ("how many red objects", read at the colour word as ``--count-at-colour`` trains it) and

@@ -1,6 +1,6 @@
 """Average the weights of several checkpoints of one training chain (a uniform "model soup").
 
-    python -m pruneware.models.recipe.average --out training/tiny-llava/soup1 \\
+    python -m recipes.tiny_models.average --out training/tiny-llava/soup1 \\
         training/tiny-llava/joint24/step-900 training/tiny-llava/joint25/step-600
 
 Every input is a plain HF folder of the same architecture and config (e.g. ``OUT/step-N`` snapshots

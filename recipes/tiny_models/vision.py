@@ -1,6 +1,6 @@
 """Stage 1: the vision tower alone, on dense per-cell labels.
 
-    python -m pruneware.models.recipe.vision --out training/tiny-llava/vision --steps 2000
+    python -m recipes.tiny_models.vision --out training/tiny-llava/vision --steps 2000
 
 A linear head on the tower's patch features ([B, 576, H], the features LLaVA feeds its
 projector) predicts, for each of the 24 x 24 cells, the colour, shape and glyph of the object
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from pruneware.evals.synthetic import TASKS, render
-from pruneware.models.build import build_tiny
+from pruneware.models.build import SHIPPED_VISION, build_tiny
 from pruneware.models.grounding import HEADS, cell_targets
 
 from .common import SELECT_SEED, clip_pixels, load_checkpoint, lr_at, optimizer_step, sample, save_checkpoint, train_seed
 
 GRID = 24
-VISION_SPEC = {"hidden": 128, "layers": 4, "heads": 4, "mlp": 384}
+VISION_SPEC = SHIPPED_VISION["llava"]  # tiny-llava's tower (pruneware.models.build)
 TASK_MIX = {"existence": 1.0, "attribute": 1.0, "counting": 1.0, "spatial": 1.0, "glyph": 1.5}
 
 

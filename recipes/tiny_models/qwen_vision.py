@@ -1,6 +1,6 @@
 """Stage 1 for tiny-qwen2.5-vl: the Qwen2.5-VL vision tower alone, on per-cell labels.
 
-    python -m pruneware.models.recipe.qwen_vision --out training/tiny-qwen2.5-vl/vision \\
+    python -m recipes.tiny_models.qwen_vision --out training/tiny-qwen2.5-vl/vision \\
         --teacher training/tiny-llava/vision/last --steps 2000
 
 The tower sees the rendered 336-px scene in 7-px patches (a 48 x 48 patch grid); its 2 x 2
@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pruneware.models.build import build_tiny
+from pruneware.models.build import SHIPPED_VISION, build_tiny
 from pruneware.models.grounding import HEADS
 
 from .common import load_checkpoint, lr_at, optimizer_step, save_checkpoint
 from .vision import GRID, VISION_SPEC, batch, build_tower, cell_loss, cell_metrics, features, selection
 
-QWEN_VISION = {"hidden": 96, "layers": 3, "heads": 4, "mlp": 256, "patch": 7, "side": 336}
+QWEN_VISION = SHIPPED_VISION["qwen2.5-vl"]  # tiny-qwen2.5-vl's tower (pruneware.models.build)
 TEMPORAL, MERGE = 2, 2
 
 

@@ -1,7 +1,7 @@
 """Can a linear readout of a tiny-llava model's visual tokens (the LLM's inputs, [576, D] per image)
 mark one cell per object, which an attention tally needs to count exactly?
 
-    python benchmarks/tiny_models/centre_probe.py tiny-llava 300
+    python -m recipes.tiny_models.diagnostics.centre_probe tiny-llava 300
 
 Fits a logistic probe for ``grounding.cell_targets``' centre label (the cell holding an object's
 centre) on 2/3 of ``n`` random train-space scenes (generator seed 777), and reports on the rest: the

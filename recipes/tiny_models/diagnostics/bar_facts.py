@@ -1,6 +1,6 @@
 """The numbers a model card states beside its bar test, for one shipped or candidate model.
 
-    python benchmarks/tiny_models/bar_facts.py tiny-llava
+    python -m recipes.tiny_models.diagnostics.bar_facts tiny-llava
 
 Prints the eight hand-made questions it gets wrong (`tests/test_models.py`) and its accuracy on
 `make_split("eval", 150, seed=31337)` unpruned and keeping 2% of its visual tokens at random before

@@ -1,15 +1,15 @@
 """Linear probe for the identity of a question's colour word, at that word's row, at the inputs of
 layers 0-3 of a stage-2 tiny-llava checkpoint (the query side of colour-keyed attention).
 
-    python benchmarks/tiny_models/colour_word_probes.py training/tiny-llava/language2/best
+    python -m recipes.tiny_models.diagnostics.colour_word_probes training/tiny-llava/language3/last
 """
 import sys, torch, pathlib
 from pruneware.evals.synthetic import make_split
 from pruneware.evals.synthetic.scene import COLORS
 from pruneware.models.build import build_tiny
-from pruneware.models.recipe.language import Stage2, VISION_SPEC
-from pruneware.models.recipe.common import load_checkpoint
-from pruneware.models.recipe.packing import collate, pack
+from recipes.tiny_models.language import Stage2, VISION_SPEC
+from recipes.tiny_models.common import load_checkpoint
+from recipes.tiny_models.packing import collate, pack
 torch.set_num_threads(1)
 model, proc = build_tiny("llava", seed=0, vision=VISION_SPEC)
 net = Stage2(model); load_checkpoint(pathlib.Path(sys.argv[1]), {"net": net}, None); net.eval()

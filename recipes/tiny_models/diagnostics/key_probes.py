@@ -1,7 +1,7 @@
 """Linear probes for colour and shape on object cells, from the residual and from KV head 0's pre-RoPE keys at the
 inputs of layers 0-4 (is the tally head's key side able to tell colours apart?). Held-out counting scenes, seed 5151.
 
-    python benchmarks/tiny_models/key_probes.py tiny-llava
+    python -m recipes.tiny_models.diagnostics.key_probes tiny-llava
 """
 import sys, torch, numpy as np
 from pruneware.evals.synthetic import make_split

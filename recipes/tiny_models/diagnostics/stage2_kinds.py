@@ -1,7 +1,7 @@
 """Per question kind accuracy of a tiny-llava stage-2 checkpoint (the LLM on ground-truth cell
 tokens, all 576 cells), on a held-out eval split: the language model's share of the error.
 
-    python benchmarks/tiny_models/stage2_kinds.py training/tiny-llava/language2/best 600 5151
+    python -m recipes.tiny_models.diagnostics.stage2_kinds training/tiny-llava/language3/last 600 5151
 
 Never use seed 0 (the reporting split) to choose anything.
 """
@@ -11,9 +11,9 @@ import torch
 
 from pruneware.evals.synthetic import make_split
 from pruneware.models.build import build_tiny
-from pruneware.models.recipe.common import load_checkpoint
-from pruneware.models.recipe.language import VISION_SPEC, Stage2
-from pruneware.models.recipe.packing import collate, pack
+from recipes.tiny_models.common import load_checkpoint
+from recipes.tiny_models.language import VISION_SPEC, Stage2
+from recipes.tiny_models.packing import collate, pack
 
 torch.set_num_threads(1)
 model, proc = build_tiny("llava", seed=0, vision=VISION_SPEC)

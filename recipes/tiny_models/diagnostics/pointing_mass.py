@@ -2,15 +2,15 @@
 checkpoint of tiny-llava (ground-truth cell tokens): exp(-mean pointing loss) over 50 questions
 of each kind from a held-out eval split (seed 5151).
 
-    python benchmarks/tiny_models/pointing_mass.py training/tiny-llava/language2/best
+    python -m recipes.tiny_models.diagnostics.pointing_mass training/tiny-llava/language3/last
 """
 import sys, collections, torch, pathlib
 from pruneware.evals.synthetic import make_split
 from pruneware.models.build import build_tiny
-from pruneware.models.recipe.language import Stage2, VISION_SPEC, POINT
-from pruneware.models.recipe.common import load_checkpoint
-from pruneware.models.recipe.packing import collate, pack
-from pruneware.models.recipe.losses import install_pointing
+from recipes.tiny_models.language import Stage2, VISION_SPEC, POINT
+from recipes.tiny_models.common import load_checkpoint
+from recipes.tiny_models.packing import collate, pack
+from recipes.tiny_models.losses import install_pointing
 torch.set_num_threads(1)
 ex = make_split("eval", 600, 5151)
 def qkind(e):

@@ -1,6 +1,6 @@
 """Stage 2: the language model alone, answering questions over ground-truth visual tokens.
 
-    python -m pruneware.models.recipe.language --out training/tiny-llava/language --steps 3000
+    python -m recipes.tiny_models.language --out training/tiny-llava/language --steps 3000
 
 Each of the 576 image cells enters the LLM as a learned embedding of its labels (colour,
 shape, glyph and centre of the object under it, from ``cell_targets``) plus a learned row and

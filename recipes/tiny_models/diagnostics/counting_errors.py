@@ -3,7 +3,7 @@ the true count, the number of objects in the scene, the colour asked, the count 
 names the referents, the referents' sizes and how close their centres lie to a cell border (where the "centre
 cell" is ambiguous), on a held-out split.
 
-    python benchmarks/tiny_models/counting_errors.py tiny-llava 600 5151 2   # model, n, seed, threads
+    python -m recipes.tiny_models.diagnostics.counting_errors tiny-llava 600 5151 2   # model, n, seed, threads
 
 Never use seed 0 (the reporting split) to choose anything.
 """
