@@ -171,33 +171,6 @@ def test_shipped_model_accuracy_bar(name):
     assert res["accuracy"] >= BAR_OVERALL and not low, f"{name}: {res['accuracy']:.3f} overall, low {low}"
 
 
-@pytest.mark.parametrize("arch", list(models.ARCHS))
-def test_packed_training_turns_equal_single_prompts(arch):
-    """Training packs turns behind a block mask; each must compute as a one-question prompt."""
-    from pruneware.models.train import _seed, curriculum, make_batch
-    from pruneware.evals.synthetic import make_multi
-
-    model, processor = models.build_tiny(arch, seed=0)
-    inputs, _, start, _, _, _, (mask, shift) = make_batch(processor, arch, 0, 500, 1, 3, 1000)
-    ids = inputs["input_ids"]
-    if arch == "llava":
-        pos = torch.arange(ids.shape[1])[None] + shift
-    else:
-        rope = model.model.get_rope_index(
-            ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"], attention_mask=inputs["attention_mask"]
-        )
-        pos = rope[0] + shift[None]
-    with torch.no_grad():
-        packed = model(**{**inputs, "attention_mask": mask}, position_ids=pos).logits[0]
-    image, qas, _ = make_multi(_seed(0, 500, 0), 3, *curriculum(500, 1000))
-    name = next(n for n, a in models.MODELS.items() if a == arch)
-    for k, (q, _, _) in enumerate(qas):
-        single = processor(text=[models.prompt(name, q)], images=[image], return_tensors="pt")
-        with torch.no_grad():
-            ref = model(**single).logits[0, -1]
-        torch.testing.assert_close(packed[start[0].nonzero()[k, 0] - 1], ref, atol=1e-5, rtol=1e-4)
-
-
 def test_run_answers_the_bundled_sample_with_and_without_pruning():
     """The main job (`pruneware run`, default model and plan) answers the showcase question."""
     import json

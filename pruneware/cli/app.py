@@ -9,7 +9,7 @@ from pruneware.cli.evaluate import evaluate
 from pruneware.cli.export_bench import export_bench
 from pruneware.cli.listing import models, plans
 from pruneware.cli.run import run
-from pruneware.cli.train import PASS_THROUGH, train_adapter, train_tiny
+from pruneware.cli.train import PASS_THROUGH, train_adapter
 from pruneware.cli.tune import tune
 from pruneware.cli.viz import viz
 
@@ -26,7 +26,6 @@ app.command("viz")(viz)
 app.command("export-bench")(export_bench)
 app.command("plans")(plans)
 app.command("models")(models)
-app.command("train-tiny", context_settings=PASS_THROUGH)(train_tiny)
 app.command("train-adapter", context_settings=PASS_THROUGH)(train_adapter)
 
 

@@ -1,7 +1,9 @@
-"""`pruneware train-tiny` and `pruneware train-adapter`: the training entry points.
+"""`pruneware train-adapter`: the training entry point.
 
-Both forward their options to the module entry points (`python -m pruneware.models.train`,
-`python -m pruneware.crosslmm.train`); `--help` after the command shows them.
+It forwards its options to the module entry point (`python -m pruneware.crosslmm.train`);
+`--help` after the command shows them. The embedded tiny models are trained by the staged
+recipe in the repository, not in the package: `python -m recipes.tiny_models.<stage>` from a
+clone (`recipes/tiny_models/README.md`).
 """
 
 from __future__ import annotations
@@ -9,13 +11,6 @@ from __future__ import annotations
 import typer
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-
-def train_tiny(ctx: typer.Context) -> None:
-    """Train an embedded tiny model on the synthetic benchmark (options: --help)."""
-    from pruneware.models.train import main
-
-    main(list(ctx.args))
 
 
 def train_adapter(ctx: typer.Context) -> None:

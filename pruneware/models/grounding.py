@@ -1,13 +1,15 @@
 """Per-cell scene labels for the auxiliary grounding loss used in training.
 
-Training adds a small linear head on the visual tokens that enter the LLM and asks it to
-predict, for every grid cell, the colour, shape and glyph of the object under the cell centre
-and whether the object's centre lies in the cell. The head is dropped after training; it only
-makes the vision tower and projector learn useful features in hundreds rather than tens of
-thousands of steps.
+The tiny models' training recipe (``recipes/tiny_models`` in the repository, not in the
+package) imports them from here. Training adds a small linear head on the visual tokens that
+enter the LLM and asks it to predict, for every grid cell, the colour, shape and glyph of the
+object under the cell centre and whether the object's centre lies in the cell. The head is
+dropped after training; it only makes the vision tower and projector learn useful features in
+hundreds rather than tens of thousands of steps.
 
 ``referents`` names the objects a question is about; training uses it to supervise one
-attention head (see ``train.py``) to look at those objects from the token that answers.
+attention head (the recipe's pointing losses) to look at those objects from the token that
+answers.
 """
 
 from __future__ import annotations
