@@ -1,6 +1,6 @@
 """CrossLMM on an embedded tiny model: training-free vs trained vs plain pooling vs DivPrune.
 
-At the same number of visual tokens per image (e.g. 16 and 64 of 576), trains a V2V adapter by
+At the same number of visual tokens per image (e.g. 16 and 64 of 576), trains a V2V compressor by
 distillation on the synthetic train split, then evaluates every variant on a fresh eval split:
 accuracy, and the KL of the next-token distribution against the unpruned model. Every variant
 answers the same questions, so each is also compared with trained CrossLMM question by question:
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from findings import load_rows, paired  # benchmarks/ is the script's folder, so on sys.path
 
-from pruneware.crosslmm import save_adapter
-from pruneware.crosslmm.train import train
 from pruneware.evals.runner import Variant, run_sweep, summarize
 from pruneware.evals.synthetic import make_split
+from pruneware.policies.crosslmm.compressor import save_compressor
+from pruneware.tuning.crosslmm import train
 
 
 def main() -> None:
@@ -43,11 +43,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for budget in args.budgets:
             start = time.time()
-            adapter, curve = train(model, processor, budget, args.steps, 8, 3e-3, args.seed, log=lambda s: None)
-            folder = save_adapter(adapter, Path(tmp) / f"b{budget}")
+            compressor, curve = train(model, processor, budget, args.steps, 8, 3e-3, args.seed, log=lambda s: None)
+            folder = save_compressor(compressor, Path(tmp) / f"b{budget}")
             plans = {
                 "crosslmm (training-free)": f"crosslmm@pre:{budget}",
-                "crosslmm (trained)": f"crosslmm[adapter={folder}]@pre:{budget}",
+                "crosslmm (trained)": f"crosslmm[compressor={folder}]@pre:{budget}",
                 "average pooling": f"crosslmm[gate=0.0]@pre:{budget}",
                 "divprune": f"divprune@pre:{budget}",
             }

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pruneware  # noqa: E402
 from pruneware.models.tiny_configs import tiny_config  # noqa: E402
-from pruneware.plan import PlanError  # noqa: E402
+from pruneware.plans import PlanError  # noqa: E402
 
 PRESETS = ("fastv", "adaptinfer", "info-horizon", "crosslmm", "random", "divprune")
 TEXT_TOKENS = 64

@@ -8,7 +8,7 @@ random-weight LLaVA (576 image tokens, the model of cpu_overhead.py), on the CPU
     `int()`, `float()` and `bool()` of a tensor (each is a device sync on a GPU).
 It reports each plan's extra ops and syncs over the unpruned forward, in total and per stage,
 and splits the work by who makes it (torch calls from Python and host syncs, attributed to the
-innermost frame outside torch by `pruneware._profiling`): the policy's own scoring
+innermost frame outside torch by `pruneware.engine.profiling`): the policy's own scoring
 (`pruneware/policies/`, the score kernel and `attention_policy_scores`, which feeds it the
 captured rows) or the engine (the rest of pruneware). The engine's cost per stage is the slope
 over plans of 1 and 3 stages of one kind, so the fixed per-forward work (layout, report) is not
@@ -30,7 +30,7 @@ from cpu_overhead import build_model, make_inputs
 from torch.profiler import ProfilerActivity, profile
 
 import pruneware
-from pruneware._profiling import TorchCallCounter, count_host_syncs
+from pruneware.engine.profiling import TorchCallCounter, count_host_syncs
 
 PLANS = [
     "random@pre:0.25", "random@3:0.25", "fastv@3:0.25", "adaptinfer@1:0.5,adaptinfer@3:0.25,adaptinfer@6:0.1",
@@ -44,7 +44,7 @@ SLOPES = {  # a kind of stage: plans of 1 and 3 such stages (each stage drops to
 
 
 def attribute(model, inputs: dict, plan: str) -> dict:
-    """Torch calls and host syncs of one pruned forward, by owner (see pruneware._profiling)."""
+    """Torch calls and host syncs of one pruned forward, by owner (see pruneware.engine.profiling)."""
     with pruneware.prune(model, plan, seed=0), torch.no_grad():
         model(**inputs)
         calls = TorchCallCounter()

@@ -50,8 +50,8 @@ def _wait_for(path: Path) -> dict:
 def main() -> None:
     import pruneware
     from pruneware.evals.datasets import load_benchmark
-    from pruneware.plan import Plan, PlanError
-    from pruneware.presets import get_preset
+    from pruneware.plans.plan import Plan, PlanError
+    from pruneware.plans.presets import get_preset
     from pruneware.tuning.calibration import Calibration
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -15,10 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from pruneware.plan import Plan, PlanError, Stage
-from pruneware.presets import available_presets
+from pruneware.engine.session import Session, attached_session
+from pruneware.plans import Plan, PlanError, Stage, available_presets
 from pruneware.report import Report
-from pruneware.session import _ACTIVE, Session
 
 __version__ = "0.1.0"
 __all__ = [
@@ -63,7 +62,7 @@ def attach(
 
 def detach(model: nn.Module) -> None:
     """Remove the session attached to `model` and restore it exactly."""
-    session = _ACTIVE.get(model)
+    session = attached_session(model)
     if session is None:
         raise RuntimeError("no pruneware session is attached to this model")
     session.detach()

@@ -1,4 +1,4 @@
-"""Errors shared by the plan grammar and the registries (a module of its own, so that plan.py
+"""Errors shared by the plan grammar and the registries (a module of its own, so that plans/plan.py
 can use the policy registry and the registry can raise PlanError without an import cycle)."""
 
 from __future__ import annotations

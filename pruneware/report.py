@@ -45,7 +45,7 @@ class Report:
         flops_per_sample: per sample, its share of `lm_flops`.
         vision_flops: per image the vision encoder ran on during this call (in the order it
             ran them), the vision side's FLOPs for the input the encoder actually received
-            (see `pruneware.vision_flops`); `resize` on Qwen makes them smaller.
+            (see `pruneware.adapters.vision_flops`); `resize` on Qwen makes them smaller.
     """
 
     stages: list[StageReport] = field(default_factory=list)

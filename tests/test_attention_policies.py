@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pruneware
-from pruneware.presets import get_preset
+from pruneware.plans.presets import get_preset
 from tests.tiny import IMAGE_TOKEN, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
 
 

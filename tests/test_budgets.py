@@ -74,7 +74,7 @@ def test_written_budgets_conflict_with_avg_tokens():
 def test_relative_and_zero_budgets_follow_each_samples_own_counts_in_a_padded_batch(plan):
     """`*r` budgets are ratios of the tokens each sample has left (float32, truncated, as the
     official code computes them), and a 0-token stage drops every visual token, per sample."""
-    from pruneware.plan import Plan
+    from pruneware.plans.plan import Plan
 
     model, _, samples = make("qwen2_5_vl", "image")
     batch = pad_batch(samples)
@@ -92,7 +92,7 @@ def test_relative_and_zero_budgets_follow_each_samples_own_counts_in_a_padded_ba
 
 def test_exact_schedules_refuse_avg_tokens_and_run_once_in_sweeps():
     from pruneware.evals.runner import Variant, variants
-    from pruneware.resolve import accepts_avg_tokens
+    from pruneware.plans import accepts_avg_tokens
 
     model = tiny_llava()
     for name in ("adaptinfer-llava-64", "adaptinfer-qwen2vl-10", "info-horizon-64"):

@@ -10,7 +10,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLayer
 
 import pruneware
-from pruneware.caches import static_length
+from pruneware.engine.kv_caches import static_length
 from tests.reference import pad_batch, uncached_greedy
 from tests.tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
 

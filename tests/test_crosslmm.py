@@ -1,5 +1,5 @@
 """CrossLMM merging: identity at factor 1 / gate 0, M-RoPE positions of the pooled grid,
-uneven grids, padded batches, generation, and the trained adapter's file format."""
+uneven grids, padded batches, generation, and the trained compressor's file format."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import pruneware
-from pruneware.crosslmm import AdapterError, V2VAdapter, load_adapter, save_adapter
+from pruneware.policies.crosslmm.compressor import (
+    CompressorError, V2VCompressor, live_compressor, load_compressor, save_compressor,
+)
 from pruneware.policies.pooling import pool_grid, pooled_shape
 from tests.reference import pad_batch, uncached_greedy
 from tests.test_equivalence import logits, make
@@ -86,66 +88,72 @@ def test_merging_refuses_in_llm_stages():
         pruneware.prune(model, "crosslmm@2:0.25")
 
 
-def test_adapter_round_trip_is_exact(tmp_path):
-    adapter = V2VAdapter(64, 8)
+def test_compressor_round_trip_is_exact(tmp_path):
+    compressor = V2VCompressor(64, 8)
     with torch.no_grad():
-        adapter.gate.fill_(0.3)
-    save_adapter(adapter, tmp_path)
-    loaded = load_adapter(tmp_path, 64)
-    for (name, a), (_, b) in zip(adapter.state_dict().items(), loaded.state_dict().items(), strict=True):
+        compressor.gate.fill_(0.3)
+    save_compressor(compressor, tmp_path)
+    loaded = load_compressor(tmp_path, 64)
+    for (name, a), (_, b) in zip(compressor.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     pooled, tokens = torch.randn(4, 64), torch.randn(16, 64)
-    assert torch.equal(adapter(pooled, tokens), loaded(pooled, tokens))
+    assert torch.equal(compressor(pooled, tokens), loaded(pooled, tokens))
 
 
-def test_trained_adapter_runs_in_a_plan_and_gate_zero_is_pooling(tmp_path):
+@pytest.mark.parametrize("key", ["compressor", "adapter"])  # `adapter=` is the documented older spelling
+def test_trained_compressor_runs_in_a_plan_and_gate_zero_is_pooling(tmp_path, key):
     model, inputs, _ = make("llava")
-    save_adapter(V2VAdapter(64, 8), tmp_path)  # untrained: gate 0
-    with pruneware.prune(model, f"crosslmm[adapter={tmp_path}]@pre:4"):
+    save_compressor(V2VCompressor(64, 8), tmp_path)  # untrained: gate 0
+    with pruneware.prune(model, f"crosslmm[{key}={tmp_path}]@pre:4"):
         trained = logits(model, inputs)
     with pruneware.prune(model, "crosslmm[gate=0.0]@pre:4"):
         pooled = logits(model, inputs)
     torch.testing.assert_close(trained, pooled)
 
 
-def test_bad_adapter_files_get_clear_errors(tmp_path):
+def test_compressor_given_under_both_names_is_refused(tmp_path):
+    model, _, _ = make("llava")
+    with pytest.raises(pruneware.PlanError, match="give the trained compressor once"):
+        pruneware.prune(model, f"crosslmm[compressor={tmp_path};adapter={tmp_path}]@pre:4")
+
+
+def test_bad_compressor_files_get_clear_errors(tmp_path):
     model, inputs, _ = make("llava")
-    with pytest.raises(AdapterError, match="is not a CrossLMM adapter"):
+    with pytest.raises(CompressorError, match="is not a CrossLMM compressor"):
         with pruneware.prune(model, f"crosslmm[adapter={tmp_path / 'missing'}]@pre:4"):
             logits(model, inputs)
-    save_adapter(V2VAdapter(32, 8), tmp_path / "narrow")
-    with pytest.raises(AdapterError, match="width 32, but this model's are 64"):
+    save_compressor(V2VCompressor(32, 8), tmp_path / "narrow")
+    with pytest.raises(CompressorError, match="width 32, but this model's are 64"):
         with pruneware.prune(model, f"crosslmm[adapter={tmp_path / 'narrow'}]@pre:4"):
             logits(model, inputs)
     broken = tmp_path / "broken"
-    save_adapter(V2VAdapter(64, 8), broken)
+    save_compressor(V2VCompressor(64, 8), broken)
     config = json.loads((broken / "crosslmm_adapter.json").read_text())
     config["rank"] = 16
     (broken / "crosslmm_adapter.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterError, match="do not match the config's shapes"):
-        load_adapter(broken, 64)
+    with pytest.raises(CompressorError, match="do not match the config's shapes"):
+        load_compressor(broken, 64)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "crosslmm_adapter.json").write_text("{not json")
     (tmp_path / "junk" / "crosslmm_adapter.safetensors").write_bytes(b"nope")
-    with pytest.raises(AdapterError, match="malformed adapter config"):
-        load_adapter(tmp_path / "junk", 64)
+    with pytest.raises(CompressorError, match="malformed compressor config"):
+        load_compressor(tmp_path / "junk", 64)
 
 
 def test_distillation_lowers_the_kl_on_a_tiny_model():
-    from pruneware.crosslmm.train import answer_kl
+    from pruneware.tuning.crosslmm import answer_kl
 
     model, inputs, _ = make("llava")
     model.requires_grad_(False)
-    adapter = V2VAdapter(64, 8)
-    optimizer = torch.optim.Adam(adapter.parameters(), lr=3e-2)
-    from pruneware.crosslmm import live_adapter
+    compressor = V2VCompressor(64, 8)
+    optimizer = torch.optim.Adam(compressor.parameters(), lr=3e-2)
 
     with torch.no_grad():
         teacher = model(**inputs).logits
     losses = []
-    with live_adapter(adapter) as key:
+    with live_compressor(compressor) as key:
         for _ in range(12):
-            with pruneware.prune(model, f"crosslmm[adapter={key}]@pre:4"):
+            with pruneware.prune(model, f"crosslmm[compressor={key}]@pre:4"):
                 loss = answer_kl(teacher, model(**inputs).logits, [3])
             optimizer.zero_grad()
             loss.backward()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import pruneware
+from pruneware.plans.presets import get_preset
 from pruneware.policies import split_budget
-from pruneware.presets import get_preset
 from tests.official import dart_inputs, official_dart_core
 from tests.reference import kept_positions, pad_batch, record_lm_inputs, reference_logits
 from tests.tiny import IMAGE_TOKEN, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen

@@ -134,7 +134,7 @@ def snap():
             torch.nn.Module.__call__, transformers.LlavaForConditionalGeneration.forward,
             transformers.Qwen2_5_VLForConditionalGeneration.forward, torch.nn.functional.scaled_dot_product_attention)
 before = snap()
-import pruneware, pruneware.session, pruneware.capture, pruneware.policies, pruneware.adapters
+import pruneware, pruneware.engine.session, pruneware.engine.attention_capture, pruneware.policies, pruneware.adapters
 assert snap() == before, "importing pruneware changed global state"
 import sys
 assert "matplotlib" not in sys.modules, "the core engine imported plotting"

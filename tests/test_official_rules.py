@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pruneware
-from pruneware.kernels import _dispatch
+from pruneware.kernels import dispatch
 from tests.official import llava_k, official_kept, qwen_k
 from tests.reference import pad_batch
 from tests.tiny import IMAGE_TOKEN, llava_inputs, qwen_media_inputs, tiny_llava, tiny_qwen2_vl
@@ -76,7 +76,7 @@ def assert_same_kept(ours: list[list[torch.Tensor]], official: list[list[torch.T
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("schedule", list(LLAVA_COUNTS))
 def test_llava_matches_the_official_code(schedule, backend, kernels, monkeypatch):
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, kernels)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, kernels)
     counts = LLAVA_COUNTS[schedule]
     model, samples = llava_case()
     official = [official_kept(model, s, PRUNING_LOC, llava_k(counts), compact=True) for s in samples]

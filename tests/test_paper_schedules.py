@@ -1,7 +1,7 @@
 """The papers' exact schedules: official layers, counts and positions, and their true averages.
 
 The expected values are written out here from the official sources (not read back from
-pruneware.schedules): AdaptInfer-base `score.py` (`pruning_loc`, `sparse_token_dict`),
+pruneware.plans.schedules): AdaptInfer-base `score.py` (`pruning_loc`, `sparse_token_dict`),
 `model_vqa_qwen.py` (`--pruning-loc 0 9 19`), and the Information Horizon paper's schedules.
 """
 
@@ -12,7 +12,7 @@ import torch
 
 import pruneware
 from pruneware import PlanError
-from pruneware.presets import get_preset
+from pruneware.plans.presets import get_preset
 from tests.tiny import llava_inputs, qwen_media_inputs, tiny_llava, tiny_qwen2_vl
 
 # name: (stage layers, counts on 576 visual tokens, positions, depth, true average per layer)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import pruneware
-from pruneware.kernels import _dispatch
+from pruneware.kernels import dispatch
+from pruneware.plans.presets import get_preset
 from pruneware.policies import split_budget
-from pruneware.presets import get_preset
 from tests.official import official_pdrop_kept
 from tests.reference import kept_positions, pad_batch, record_lm_inputs, reference_logits
 from tests.tiny import IMAGE_TOKEN, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
@@ -68,7 +68,7 @@ def test_the_previous_layer_would_pick_other_tokens():
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_llava_matches_the_official_layer_loop(kernels, backend, monkeypatch):
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, kernels)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, kernels)
     model, samples = model_and_samples("llava")
     samples = samples[:2]  # the official code handles one image per sample
     layers, ratios = [2, 3, 5], [0.5, 0.25, 0.125]

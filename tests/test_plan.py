@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pruneware import Plan, PlanError, Stage
-from pruneware.presets import available_presets, get_preset, solve_counts
+from pruneware.plans.avg_tokens import solve_counts
+from pruneware.plans.presets import available_presets, get_preset
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pruneware
-from pruneware.caches import output_cache
+from pruneware.engine.kv_caches import output_cache
 from tests.tiny import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
 
 THREADS = 4

@@ -9,9 +9,9 @@ from transformers.masking_utils import create_causal_mask
 
 import pruneware
 from pruneware import PlanError
+from pruneware.plans.presets import get_preset
 from pruneware.policies import split_budget
 from pruneware.policies.sparsevlm import cluster_and_merge
-from pruneware.presets import get_preset
 from tests.reference import pad_batch, record_lm_inputs
 from tests.tiny import IMAGE_TOKEN, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen, tiny_qwen3_vl
 

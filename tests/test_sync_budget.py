@@ -1,7 +1,7 @@
 """The engine's budget per stage (deterministic counts, no timing): at most 2 host syncs and 40
 torch calls. Reading a tensor's value on the host (`.item()`, `.tolist()`, `.cpu()`, `int()`,
 `float()`, `bool()`) waits for the GPU, and at batch 1 every wait and every launch shows in time
-to first token. A policy's own scoring is not counted (see `pruneware._profiling` for who owns a
+to first token. A policy's own scoring is not counted (see `pruneware.engine.profiling` for who owns a
 call); the engine's cost per stage is the slope over plans of 1 and 3 stages."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pruneware
-from pruneware._profiling import TorchCallCounter, count_host_syncs
+from pruneware.engine.profiling import TorchCallCounter, count_host_syncs
 from tests.tiny import llava_inputs, tiny_llava
 
 

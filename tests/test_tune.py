@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import pruneware
 from pruneware.cli import app
 from pruneware.models import available, load
-from pruneware.plan import Plan
+from pruneware.plans.plan import Plan
 from pruneware.tuning import Budget, BudgetError, CalibrationError
 from pruneware.tuning.budget import CostModel, cost_model
 from pruneware.tuning.calibration import default_calibration

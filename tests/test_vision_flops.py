@@ -8,8 +8,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pruneware
-from pruneware.evals.runner import _vision_flops
-from pruneware.vision_flops import input_vision_flops, llava_image_flops, qwen_image_flops
+from pruneware.adapters import adapter_for
+from pruneware.adapters.vision_flops import llava_image_flops
+from pruneware.evals.runner import sample_vision_flops
 from tests.tiny import (
     llava_inputs, llava_next_inputs, qwen_inputs, tiny_llava, tiny_llava_next, tiny_qwen, tiny_qwen2_vl, tiny_qwen3_vl,
 )  # fmt: skip
@@ -36,14 +37,14 @@ def test_llava_count_equals_the_flop_counter():
     model = tiny_llava(attn="eager")  # torch's counter skips the CPU sdpa kernel; the arithmetic is the same
     inputs = llava_inputs(model, [(3, 2, 4)])
     measured = _counted(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]))
-    assert input_vision_flops(model.config, inputs) == [pytest.approx(measured / 2)] * 2
+    assert adapter_for(model).input_vision_flops(inputs) == [pytest.approx(measured / 2)] * 2
 
 
 def test_llava_next_count_equals_the_flop_counter_per_image():
     model = tiny_llava_next(attn="eager")
     sizes = [(84, 84), (42, 84), (28, 28)]  # 5, 3 and 3 tiles of 28 px (base + the best pinpoint's)
     inputs = llava_next_inputs(model, [(3, sizes[:2], 2), (2, sizes[2:], 4)])
-    per_image = input_vision_flops(model.config, inputs)
+    per_image = adapter_for(model).input_vision_flops(inputs)
     assert len(per_image) == 3 and per_image[0] > per_image[1] == per_image[2] > 0
     for i, flops in enumerate(per_image):
         one = {k: inputs[k][i : i + 1] for k in ("pixel_values", "image_sizes")}
@@ -65,7 +66,7 @@ def test_qwen_count_equals_the_flop_counter(build, grids):
         model.config.vision_config.fullatt_block_indexes = [1]
         model = type(model)(model.config).eval()
     inputs = qwen_inputs(model, [(2, grids, 3)])
-    per_image = input_vision_flops(model.config, inputs)
+    per_image = adapter_for(model).input_vision_flops(inputs)
     measured = _counted(lambda: model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
     assert sum(per_image) == pytest.approx(measured)
     for (h, w), flops in zip(grids, per_image, strict=True):
@@ -78,9 +79,9 @@ def test_qwen25_windows_cost_less_than_full_attention():
     model = tiny_qwen()
     vc = model.config.vision_config
     vc.fullatt_block_indexes = [0]
-    full = qwen_image_flops("qwen2_5_vl", vc, 1, 16, 16)
+    full = adapter_for(model).image_flops(1, 16, 16)
     vc.fullatt_block_indexes = [5]  # the one block is windowed now (8x8 merged units in 2x2 windows)
-    windowed = qwen_image_flops("qwen2_5_vl", vc, 1, 16, 16)
+    windowed = adapter_for(model).image_flops(1, 16, 16)
     d = vc.hidden_size
     assert full - windowed == 4 * 256**2 * d - 16 * 4 * 16**2 * d
 
@@ -90,7 +91,7 @@ def test_reports_record_what_the_tower_ran_on():
     unpruned tower's, on Qwen and on LLaVA (whose `resize` pools after the tower)."""
     model = tiny_qwen()
     inputs = qwen_inputs(model, [(3, [(12, 16)], 4), (2, [(8, 8)], 5)])
-    unpruned = input_vision_flops(model.config, inputs)
+    unpruned = adapter_for(model).input_vision_flops(inputs)
     for plan in ("divprune@pre:0.25", "fastv@2:0.25"):
         with pruneware.prune(model, plan) as run, torch.no_grad():
             model(**inputs)
@@ -99,18 +100,18 @@ def test_reports_record_what_the_tower_ran_on():
         model(**inputs)
     resized = run.report.vision_flops
     assert [k.numel() for k in run.report.stages[0].kept] == [12, 4]  # 3x4 and 2x2 token grids
-    vc = model.config.vision_config
-    assert resized == [qwen_image_flops("qwen2_5_vl", vc, 1, 6, 8), qwen_image_flops("qwen2_5_vl", vc, 1, 4, 4)]
+    adapter = adapter_for(model)
+    assert resized == [adapter.image_flops(1, 6, 8), adapter.image_flops(1, 4, 4)]
     assert all(r < u for r, u in zip(resized, unpruned, strict=True))
-    assert _vision_flops(run.report, 0, inputs, model) == resized[0]
-    assert _vision_flops(None, 1, inputs, model) == unpruned[1]  # the unpruned row, from the inputs
+    assert sample_vision_flops(run.report, 0, inputs, model) == resized[0]
+    assert sample_vision_flops(None, 1, inputs, model) == unpruned[1]  # the unpruned row, from the inputs
 
     llava = tiny_llava()
     inputs = llava_inputs(llava, [(3, 1, 4), (2, 1, 6)])
     for plan in ("resize@pre:4", "divprune@pre:4"):
         with pruneware.prune(llava, plan) as run, torch.no_grad():
             llava(**inputs)
-        assert run.report.vision_flops == input_vision_flops(llava.config, inputs) == [llava_image_flops(llava.config, 56, 56)] * 2
+        assert run.report.vision_flops == adapter_for(llava).input_vision_flops(inputs) == [llava_image_flops(llava.config, 56, 56)] * 2
 
 
 def test_generate_reports_the_prefill_towers_once():
@@ -119,7 +120,7 @@ def test_generate_reports_the_prefill_towers_once():
     with pruneware.prune(model, "resize@pre:0.5") as run, torch.no_grad():
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert len(run.report.vision_flops) == 1
-    assert run.report.vision_flops[0] < input_vision_flops(model.config, inputs)[0]
+    assert run.report.vision_flops[0] < adapter_for(model).input_vision_flops(inputs)[0]
 
 
 def test_eval_table_shows_vision_flops():

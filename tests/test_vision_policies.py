@@ -248,7 +248,7 @@ def test_flash_packed_call_scores_each_image_alone():
 @pytest.mark.parametrize("policy", ["fastervlm", "visionzip", "resize"])
 def test_the_vllm_plugin_refuses_vision_side_policies(policy):
     from pruneware.integrations.vllm.spec import check_stage
-    from pruneware.plan import Stage
+    from pruneware.plans.plan import Stage
 
     with pytest.raises(pruneware.PlanError, match="does not hook; pre-LLM policies: divprune, random, crosslmm"):
         check_stage(Stage(policy, "pre", 0.5))

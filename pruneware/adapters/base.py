@@ -160,6 +160,16 @@ class Adapter:
         scores [n] and keys [n, d] (row-major over the token grid)."""
         raise NotImplementedError
 
+    # vision-side FLOPs (the formulas are in vision_flops.py) -----------------------------
+    def tower_call_flops(self, args: tuple, kwargs: dict[str, Any]) -> list[float]:
+        """Per image, the FLOPs of one call of `vision_encoder()` on the inputs it received
+        ([] where a call does not show them per image)."""
+        return []
+
+    def input_vision_flops(self, inputs: dict[str, Any]) -> list[float]:
+        """Per image, the vision-side FLOPs of a processor's `inputs` run unpruned."""
+        return []
+
     def injection_layers(self) -> int:
         """n: the model adds features to the visual tokens after each of decoder layers 0..n-1."""
         return 0

@@ -9,6 +9,7 @@ import torch
 from pruneware.adapters.base import Adapter, VisualLayout
 from pruneware.adapters.registry import register_adapter
 from pruneware.adapters.vision import cls_attention
+from pruneware.adapters.vision_flops import llava_image_flops
 from pruneware.errors import PlanError
 
 
@@ -45,6 +46,17 @@ class LlavaAdapter(Adapter):
         if constants is None:
             constants = self._constants = (self.config.image_token_id, self.tokens_per_image(), self.grid())
         return constants
+
+    def tower_call_flops(self, args: tuple, kwargs: dict[str, Any]) -> list[float]:
+        # pixel_values [n, C, H, W]: one entry per image
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if pixels is None:
+            return []
+        return [llava_image_flops(self.config, pixels.shape[-2], pixels.shape[-1])] * pixels.shape[0]
+
+    def input_vision_flops(self, inputs: dict[str, Any]) -> list[float]:
+        pixels = inputs.get("pixel_values")
+        return [] if pixels is None else self.tower_call_flops((pixels,), {})
 
     def vision_encoder(self) -> torch.nn.Module:
         return self.base_model.vision_tower

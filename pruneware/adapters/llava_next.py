@@ -27,6 +27,7 @@ import torch
 
 from pruneware.adapters.base import Adapter, VisualItem, VisualLayout, items_to_layout
 from pruneware.adapters.registry import register_adapter
+from pruneware.adapters.vision_flops import llava_next_flops
 
 
 @register_adapter
@@ -46,6 +47,10 @@ class LlavaNextAdapter(Adapter):
     def _base_tokens(self) -> int:
         h, w = self.base_grid()
         return h * w + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+
+    def input_vision_flops(self, inputs: dict[str, Any]) -> list[float]:
+        # a tower call sees the tiles of the whole batch flattened: counted from the inputs only
+        return llava_next_flops(self.config, inputs.get("pixel_values"), inputs.get("image_sizes"))
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
         if not bool((input_ids == self.config.image_token_id).any()):

@@ -10,11 +10,19 @@ import torch
 
 from pruneware.adapters.qwen_common import QwenVLAdapter
 from pruneware.adapters.registry import register_adapter
+from pruneware.adapters.vision_flops import QwenTower
 
 
 @register_adapter
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     model_types = ("qwen2_5_vl",)
+
+    def tower_shape(self) -> QwenTower:
+        """A gated MLP; blocks not in `fullatt_block_indexes` attend within windows."""
+        vc = self.config.vision_config
+        window_units = vc.window_size // vc.spatial_merge_size // vc.patch_size
+        return QwenTower(vc.hidden_size, vc.intermediate_size, vc.out_hidden_size, 3,
+                         tuple(vc.fullatt_block_indexes), window_units)  # fmt: skip
 
     def video_time_interval(self, video: int, second_per_grid_ts: torch.Tensor | None) -> float:
         """tokens_per_second x seconds per grid step, as in the model's `get_rope_index`."""

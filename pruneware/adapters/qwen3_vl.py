@@ -18,12 +18,18 @@ from typing import Any
 from pruneware.adapters.base import VisualInjections
 from pruneware.adapters.qwen_common import QwenVLAdapter
 from pruneware.adapters.registry import register_adapter
+from pruneware.adapters.vision_flops import QwenTower
 
 
 @register_adapter
 class Qwen3VLAdapter(QwenVLAdapter):
     supports_merging = False  # DeepStack features belong to the original tokens, not to merged ones
     model_types = ("qwen3_vl",)
+
+    def tower_shape(self) -> QwenTower:
+        vc = self.config.vision_config  # one PatchMerger, plus one per DeepStack layer
+        mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ())
+        return QwenTower(vc.hidden_size, vc.intermediate_size, vc.out_hidden_size, mergers=mergers)
 
     def injection_layers(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes)

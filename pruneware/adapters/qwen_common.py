@@ -17,6 +17,7 @@ import torch
 
 from pruneware.adapters.base import Adapter, VisualItem, VisualLayout, items_to_layout
 from pruneware.adapters.vision import bin_firsts, mean_attention_received
+from pruneware.adapters.vision_flops import QwenTower, qwen_image_flops
 
 MODALITIES = ("image", "video")
 
@@ -39,6 +40,26 @@ class QwenVLAdapter(Adapter):
 
     def vision_encoder(self) -> torch.nn.Module:
         return self.base_model.visual
+
+    def tower_shape(self) -> QwenTower:
+        """The vision tower's widths for its FLOPs (Qwen2.5-VL and Qwen3-VL; Qwen2-VL overrides)."""
+        vc = self.config.vision_config
+        return QwenTower(vc.hidden_size, vc.intermediate_size, vc.out_hidden_size)
+
+    def image_flops(self, t: int, h: int, w: int) -> float:
+        """The vision tower on one image or video of (t, h, w) patches."""
+        return qwen_image_flops(self.config.vision_config, self.tower_shape(), t, h, w)
+
+    def tower_call_flops(self, args: tuple, kwargs: dict[str, Any]) -> list[float]:
+        # args (pixel_values, grid_thw) or grid_thw by keyword: one entry per grid row
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            return []
+        return [self.image_flops(t, h, w) for t, h, w in grid.tolist()]
+
+    def input_vision_flops(self, inputs: dict[str, Any]) -> list[float]:
+        grids = [g for g in (inputs.get("image_grid_thw"), inputs.get("video_grid_thw")) if g is not None]
+        return self.tower_call_flops((None, torch.cat(grids)), {}) if grids else []
 
     def vision_score_attention(self) -> torch.nn.Module:
         """The attention of the last full-attention ViT block (Qwen2.5-VL's others are windowed)."""

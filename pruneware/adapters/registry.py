@@ -21,6 +21,14 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def unsupported_config(config) -> str | None:
+    """None when a model of `config` has an adapter; else why not, naming the supported types."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in _ADAPTERS:
+        return None
+    return f"has model_type {model_type!r}; pruneware supports {', '.join(supported_model_types())}"
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for `model`, or a TypeError naming the supported model types."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -19,7 +19,7 @@ from pruneware.evals.metrics import kv_cache_bytes
 from pruneware.cli.common import (
     UserError, check_minimum, device_name, emit_json, load_model, parse_list, split_plans, user_errors,
 )
-from pruneware.resolve import accepts_avg_tokens
+from pruneware.plans import accepts_avg_tokens
 
 SHAPES = {
     "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -21,12 +21,11 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from pruneware.crosslmm import AdapterError
-    from pruneware.plan import PlanError
-
     from pruneware.models.loading import ModelLoadError
+    from pruneware.plans import PlanError
+    from pruneware.policies.crosslmm.compressor import CompressorError
 
-    types: list[type[BaseException]] = [UserError, PlanError, AdapterError, ModelLoadError, FileNotFoundError]
+    types: list[type[BaseException]] = [UserError, PlanError, CompressorError, ModelLoadError, FileNotFoundError]
     try:
         from pruneware.evals.datasets import DatasetError
 
@@ -132,7 +131,7 @@ def split_plans(text: str) -> list[str]:
 
 
 def _one_written_plan(text: str) -> bool:
-    from pruneware.plan import Plan, PlanError, writes_budgets
+    from pruneware.plans import Plan, PlanError, writes_budgets
 
     parts = [p.strip() for p in text.split(",")]
     if not all("@" in p and writes_budgets(p) for p in parts):

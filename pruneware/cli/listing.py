@@ -14,7 +14,7 @@ def plans(json_out: bool = typer.Option(False, "--json")) -> None:
     """List policies, presets and supported model families."""
     from pruneware.adapters import supported_model_types
     from pruneware.policies import available
-    from pruneware.presets import available_presets
+    from pruneware.plans.presets import available_presets
 
     policies = [
         {"name": n, "description": c.description, "pre": c.pre_llm, "in_llm": not c.merges or c.recycles,

@@ -1,6 +1,6 @@
 """`pruneware train-adapter`: the training entry point.
 
-It forwards its options to the module entry point (`python -m pruneware.crosslmm.train`);
+It forwards its options to the module entry point (`python -m pruneware.tuning.crosslmm`);
 `--help` after the command shows them. The embedded tiny models are trained by the staged
 recipe in the repository, not in the package: `python -m recipes.tiny_models.<stage>` from a
 clone (`recipes/tiny_models/README.md`).
@@ -14,7 +14,7 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 
 def train_adapter(ctx: typer.Context) -> None:
-    """Train a CrossLMM V2V adapter by distillation (options: --help)."""
-    from pruneware.crosslmm.train import main
+    """Train a CrossLMM V2V compressor by distillation (options: --help)."""
+    from pruneware.tuning.crosslmm import main
 
     main(list(ctx.args))

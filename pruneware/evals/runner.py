@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 import pruneware
-from pruneware.plan import PlanError
+from pruneware.adapters import adapter_for
+from pruneware.plans import PlanError, accepts_avg_tokens
 from pruneware.report import lm_flops_per_sample
-from pruneware.resolve import accepts_avg_tokens
-from pruneware.vision_flops import input_vision_flops
 
 NONE = "none"
 
@@ -70,7 +69,8 @@ def item_score(bench: str, prediction: str, item: Any) -> float:
     return metrics.exact_match(prediction, answers)
 
 
-def _inputs(processor, items: Sequence[Any], device) -> dict:
+def prompt_inputs(processor, items: Sequence[Any], device) -> dict:
+    """The processor's left-padded batch for `items` (each with `question` and `image`), on `device`."""
     from pruneware.evals.synthetic.accuracy import build_prompt
 
     tok = processor.tokenizer
@@ -150,7 +150,7 @@ def run_sweep(
             pending = [v for v in plan_variants if any((v.key, str(it.id)) not in done for it in batch)]
             if not pending:
                 continue
-            inputs = _inputs(processor, batch, device)
+            inputs = prompt_inputs(processor, batch, device)
             ref_logits, ref_answers, ref_ms = timed_answers(model, processor, inputs, max_new_tokens)
             for variant in pending:
                 if variant.key in skipped:
@@ -181,7 +181,7 @@ def run_sweep(
                         "kl": round(float(kl[b]), 6),
                         "visual_tokens": _visual_tokens(report, b, inputs, model),
                         "flops": _flops(report, b, inputs, model),
-                        "vision_flops": _vision_flops(report, b, inputs, model),
+                        "vision_flops": sample_vision_flops(report, b, inputs, model),
                         "prefill_ms": round(ms / len(batch), 3),
                     }
                     sink.write(json.dumps(row) + "\n")
@@ -211,13 +211,16 @@ def _flops(report, b: int, inputs: dict, model) -> float:
     return lm_flops_per_sample([[tokens]] * config.num_hidden_layers, config)[0]
 
 
-def _vision_flops(report, b: int, inputs: dict, model) -> float:
+def sample_vision_flops(report, b: int, inputs: dict, model) -> float:
     """Sample b's vision-side FLOPs per image, for the input the vision encoder actually ran on
-    (see pruneware.vision_flops). With one image per sample (every bundled benchmark) it is that
-    image's; otherwise the batch's mean per image."""
+    (see pruneware.adapters.vision_flops). With one image per sample (every bundled benchmark) it
+    is that image's; otherwise the batch's mean per image."""
     per_image = report.vision_flops if report is not None and report.vision_flops else None
     if per_image is None:
-        per_image = input_vision_flops(model.config, inputs)
+        try:
+            per_image = adapter_for(model).input_vision_flops(inputs)
+        except TypeError:  # a model without an adapter (an unpruned baseline): its vision side is not counted
+            per_image = []
     if not per_image:
         return 0.0
     if len(per_image) == inputs["input_ids"].shape[0]:

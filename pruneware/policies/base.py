@@ -47,7 +47,7 @@ class StageInput:
             torch.Generator with it per sample, so a sample's draw does not depend on the batch.
         layer: the decoder layer the stage runs before (0 for `pre`).
         vision_scores, vision_keys, vision_grids: what the vision tower gave a `pre` stage
-            whose policy asks for it in `vision` (see `pruneware.vision_side`).
+            whose policy asks for it in `vision` (see `pruneware.engine.vision_tower_reads`).
     """
 
     hidden: torch.Tensor

@@ -7,7 +7,7 @@ Plain downsampling to the same token count beats many compression methods on Qwe
     tower at the resolution whose token count fits its budget, the processor's `smart_resize`
     rule with `max_pixels` = budget x (patch x merge)^2, so the tower does less work too. The
     session resamples the processed patches inside the tower's call (see
-    `pruneware.vision_side`), which works under `run`, `eval`, `bench` and any caller's own
+    `pruneware.engine.vision_tower_reads`), which works under `run`, `eval`, `bench` and any caller's own
     processor; this `pre` stage then keeps the tower's tokens, which get the M-RoPE positions
     of their smaller grid, exactly as if the image had been given at that size.
   - Fixed-resolution towers (LLaVA-1.5 at 336 px): the 24x24 grid of projected tokens is

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pruneware.errors import PlanError
-from pruneware.plan import Plan
+from pruneware.plans.plan import Plan
 from pruneware.report import layer_flops
 
 KINDS = ("avg_tokens", "flops_ratio", "latency_ms")

@@ -22,7 +22,7 @@ import torch
 import pruneware
 from pruneware.adapters import adapter_for
 from pruneware.errors import PlanError
-from pruneware.plan import Plan
+from pruneware.plans.plan import Plan
 
 REPORTING_SPLIT_PREFIX = "eval-"  # ids of the synthetic eval split: the split results are reported on
 
@@ -75,7 +75,7 @@ class Calibration:
 
     def __init__(self, model, processor, items: Sequence[Any], *, bench: str = "synthetic", batch_size: int = 32,
                  seed: int = 0, accuracy_weight: float = 1.0) -> None:
-        from pruneware.evals.runner import _inputs
+        from pruneware.evals.runner import prompt_inputs
 
         if not items:
             raise CalibrationError("the calibration set is empty: give at least one question")
@@ -85,7 +85,7 @@ class Calibration:
         self.bench, self.seed, self.accuracy_weight = bench, seed, accuracy_weight
         self.adapter = adapter_for(model)
         device = next(model.parameters()).device
-        self.batches = [_inputs(processor, self.items[i:i + batch_size], device)
+        self.batches = [prompt_inputs(processor, self.items[i:i + batch_size], device)
                         for i in range(0, len(self.items), batch_size)]
         ids = set(self.adapter.visual_token_ids())
         self.samples: list[tuple[int, int]] = []  # (visual, text) tokens per question
@@ -154,13 +154,13 @@ class Calibration:
     @torch.inference_mode()
     def prefill_ms(self, plan: Plan | None, examples: int = 2) -> float:
         """Mean over the first `examples` questions of one batch-1 prefill, in ms."""
-        from pruneware.evals.runner import _inputs
+        from pruneware.evals.runner import prompt_inputs
         from pruneware.tuning.budget import time_ms
 
         device = next(self.model.parameters()).device
         total = 0.0
         for item in self.items[:examples]:
-            inputs = _inputs(self.processor, [item], device)
+            inputs = prompt_inputs(self.processor, [item], device)
             if plan is None:
                 total += time_ms(lambda: self.model(**inputs))
             else:

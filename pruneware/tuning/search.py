@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pruneware.plan import Plan, Stage
+from pruneware.plans.plan import Plan, Stage
 from pruneware.tuning.budget import CostModel
 
 PROFILE_RATIOS = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pruneware
 from pruneware.errors import PlanError
-from pruneware.plan import Plan, Stage
+from pruneware.plans.plan import Plan, Stage
+from pruneware.plans.presets import ExactPreset, available_presets
 from pruneware.policies import available as available_policies
 from pruneware.policies import get_policy
-from pruneware.presets import ExactPreset, available_presets
 from pruneware.tuning import search as S
 from pruneware.tuning.budget import Budget, BudgetError, CostModel, cost_model
 from pruneware.tuning.calibration import Calibration, Measurement, check_not_reporting, default_calibration

@@ -7,7 +7,7 @@ import torch
 
 import pruneware
 from pruneware.evals.datasets import load_benchmark
-from pruneware.evals.runner import _inputs, timed_answers
+from pruneware.evals.runner import prompt_inputs, timed_answers
 from pruneware.models import build_tiny
 
 
@@ -18,7 +18,7 @@ def test_timed_answers_equal_a_forward_and_a_plain_generate(family, plan):
     the answers equal a separate greedy ``generate``, unpruned and under a plan."""
     model, processor = build_tiny(family, seed=0)
     items = load_benchmark("synthetic", limit=3, seed=5)
-    inputs = _inputs(processor, items, torch.device("cpu"))
+    inputs = prompt_inputs(processor, items, torch.device("cpu"))
     assert (inputs["attention_mask"] == 0).any()  # left padding is exercised
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else processor.tokenizer.eos_token_id
 

@@ -21,7 +21,7 @@ from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group  # noqa: E
 import pruneware.integrations.vllm as plugin  # noqa: E402
 from pruneware.integrations.vllm.spec import spec_from_config  # noqa: E402
 from pruneware.integrations.vllm.tiny import model_config, write_tiny_llava, write_tiny_qwen  # noqa: E402
-from pruneware.plan import PlanError  # noqa: E402
+from pruneware.plans import PlanError  # noqa: E402
 
 LLAVA = "PrunewareLlavaForConditionalGeneration"
 QWEN = "PrunewareQwen2_5_VLForConditionalGeneration"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pruneware.kernels.divprune as divprune
-from pruneware.kernels import _dispatch
+from pruneware.kernels import dispatch
 from pruneware.kernels.divprune import cpu, reference
 from pruneware.kernels.divprune import triton as fused
 from tests.official import official_divprune
@@ -44,7 +44,7 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
         if CUDA:
             pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
         pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
 
 
 @pytest.mark.parametrize("n, k", [(24, 6), (63, 16), (577, 144)])
@@ -91,7 +91,7 @@ def test_half_precision_inputs_select_in_float32(interpret):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("shape", [*SHAPES, (8, 2880, 4096, 720), (2, 5000, 128, 1250)], ids=str)
 def test_triton_cuda_matches_reference(shape, monkeypatch, nan_poison):
-    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
     g, n, d, k = shape
     x = features(g, n, d).cuda()
     assert torch.equal(divprune.max_min_diverse(x, k), reference.max_min_diverse(x, k))
@@ -127,7 +127,7 @@ def test_triton_names_its_size_limit(monkeypatch, interpret):
 
 @pytest.mark.parametrize("forced, used", [("", "cpu"), ("reference", "reference"), ("triton", "triton")])
 def test_dispatch(forced, used, monkeypatch):
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, forced)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, forced)
     calls = []
     for name, module in (("cpu", cpu), ("reference", reference), ("triton", fused)):
         monkeypatch.setattr(module, "max_min_diverse", lambda x, k, name=name: calls.append(name))

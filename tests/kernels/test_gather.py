@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pruneware.kernels.gather as gather
-from pruneware.kernels import _dispatch
+from pruneware.kernels import dispatch
 from pruneware.kernels.gather import reference
 from pruneware.kernels.gather import triton as fused
 
@@ -94,7 +94,7 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
         if CUDA:
             pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
         pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=str)
@@ -114,15 +114,15 @@ def test_triton_interpreted_matches_reference(case: Case, interpret, nan_poison)
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_cuda_matches_reference(case: Case, monkeypatch, nan_poison) -> None:
-    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
-    assert _dispatch.choose_backend(torch.ones(1, device="cuda")) == "triton"
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert dispatch.choose_backend(torch.ones(1, device="cuda")) == "triton"
     check_against_reference(case, "cuda")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_triton_cuda_large_batch(monkeypatch, nan_poison) -> None:
     """Many programs per tensor, as in the benchmark shapes (scaled down)."""
-    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
     check_against_reference(Case(16, 2944, 736, 4096, 128, torch.bfloat16, broadcast=True, planes=3), "cuda")
 
 
@@ -138,11 +138,11 @@ def triton_device(request, monkeypatch) -> str:
     if request.param == "cuda":
         if not CUDA:
             pytest.skip("needs a CUDA device")
-        monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+        monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
         return "cuda"
     if not fused._INTERPRETED:
         pytest.skip("Triton compiles for CUDA in this process")
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     return "cpu"
 
 
@@ -219,7 +219,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("bad,message", BAD_INPUTS, ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_inputs_raise_clear_errors(bad, message, backend, monkeypatch) -> None:
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, backend)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, backend)
     args = dict(index=torch.zeros(2, 3, dtype=torch.long), tensors=(torch.ones(2, 9, 4),), positions=None)
     args.update(bad)
     with pytest.raises(ValueError, match=message):
@@ -237,9 +237,9 @@ def test_device_mismatch_and_cpu_without_interpreter(monkeypatch) -> None:
 
 def test_dispatch_picks_reference_on_cpu_unless_forced(monkeypatch) -> None:
     index, hidden = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 2, 3)
-    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
-    assert _dispatch.choose_backend(index, hidden, None) == "reference"
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert dispatch.choose_backend(index, hidden, None) == "reference"
     if CUDA:
-        assert _dispatch.choose_backend(index.cuda(), hidden.cuda()) == "triton"
-        monkeypatch.setenv(_dispatch.BACKEND_ENV, "reference")
-        assert _dispatch.choose_backend(index.cuda(), hidden.cuda()) == "reference"
+        assert dispatch.choose_backend(index.cuda(), hidden.cuda()) == "triton"
+        monkeypatch.setenv(dispatch.BACKEND_ENV, "reference")
+        assert dispatch.choose_backend(index.cuda(), hidden.cuda()) == "reference"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pruneware.kernels.scores as scores
-from pruneware.kernels import _dispatch
+from pruneware.kernels import dispatch
 from pruneware.kernels.scores import reference
 from pruneware.kernels.scores import triton as fused
 
@@ -150,7 +150,7 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
         if CUDA:
             pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
         pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
 
 
 @pytest.mark.parametrize("case", NAIVE_CASES, ids=str)
@@ -182,8 +182,8 @@ def test_triton_interpreted_matches_reference(case: Case, interpret, nan_poison)
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 def test_triton_cuda_matches_reference(case: Case, monkeypatch, nan_poison) -> None:
-    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
-    assert _dispatch.choose_backend(torch.ones(1, device="cuda")) == "triton"
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert dispatch.choose_backend(torch.ones(1, device="cuda")) == "triton"
     check_against_reference(case, "cuda")
 
 
@@ -217,7 +217,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("bad,message", BAD_INPUTS, ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_inputs_raise_clear_errors(bad, message, backend, monkeypatch) -> None:
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, backend)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, backend)
     args = dict(q=torch.ones(2, 4, 3, 16), k=torch.ones(2, 2, 63, 16), weights=torch.ones(2, 3))
     args.update(bad)
     q, k, w = args.pop("q"), args.pop("k"), args.pop("weights")
@@ -241,23 +241,23 @@ def test_triton_backend_limits_are_explained(monkeypatch) -> None:
 
 def test_dispatch_follows_device_and_environment(monkeypatch) -> None:
     cpu = torch.ones(1)
-    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
-    assert _dispatch.choose_backend(cpu, None) == "reference"
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
-    assert _dispatch.choose_backend(cpu) == "triton"
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, "Reference")
-    assert _dispatch.choose_backend(cpu) == "reference"
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, "fast")
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert dispatch.choose_backend(cpu, None) == "reference"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    assert dispatch.choose_backend(cpu) == "triton"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "Reference")
+    assert dispatch.choose_backend(cpu) == "reference"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "fast")
     with pytest.raises(ValueError, match=r"PRUNEWARE_KERNELS='fast' is not a valid .* reference, triton"):
-        _dispatch.choose_backend(cpu)
+        dispatch.choose_backend(cpu)
     if CUDA:
-        monkeypatch.setenv(_dispatch.BACKEND_ENV, "reference")
-        assert _dispatch.choose_backend(torch.ones(1, device="cuda")) == "reference"
+        monkeypatch.setenv(dispatch.BACKEND_ENV, "reference")
+        assert dispatch.choose_backend(torch.ones(1, device="cuda")) == "reference"
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_no_query_rows_give_zero_scores(backend, monkeypatch) -> None:
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, backend)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, backend)
     q, k, w = torch.ones(1, 2, 0, 16), torch.ones(1, 2, 9, 16), torch.ones(1, 0)
     q, k, w = q.to(DEVICE), k.to(DEVICE), w.to(DEVICE)
     pos = torch.ones(1, 0, dtype=torch.long, device=DEVICE)

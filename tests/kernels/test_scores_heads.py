@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pruneware.kernels.scores as scores
-from pruneware.kernels import _dispatch
+from pruneware.kernels import dispatch
 from pruneware.kernels.scores import reference
 from pruneware.kernels.scores import triton as fused
 
@@ -80,7 +80,7 @@ def test_row_weights_equal_per_head_weights_repeated():
 def test_triton_per_head_matches_reference(case, monkeypatch, nan_poison):
     if not fused._INTERPRETED:
         pytest.skip("the CUDA run of this file covers the compiled kernel")
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     inputs = make(*case)
     for per_head in (False, True):
         s, qq = scores.attention_scores(**inputs, return_query_block=True, per_head_block=per_head)
@@ -97,7 +97,7 @@ def test_triton_per_head_matches_reference(case, monkeypatch, nan_poison):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_cuda_per_head_matches_reference(case, monkeypatch):
-    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
     inputs = {n: t.cuda() for n, t in make(*case).items()}
     s, qq = scores.attention_scores(**inputs, return_query_block=True, per_head_block=True)
     ref_s, ref_qq = reference.attention_scores(**inputs, return_query_block=True, per_head_block=True)
@@ -107,7 +107,7 @@ def test_triton_cuda_per_head_matches_reference(case, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bad_per_head_shapes_are_named(backend, monkeypatch):
-    monkeypatch.setenv(_dispatch.BACKEND_ENV, backend)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, backend)
     q, k = torch.ones(2, 4, 3, 16), torch.ones(2, 2, 9, 16)
     with pytest.raises(ValueError, match=r"\[B, T\] = \[2, 3\] or \[B, H, T\] = \[2, 4, 3\], got .* \[2, 2, 3\]"):
         scores.attention_scores(q, k, torch.ones(2, 2, 3))

@@ -52,7 +52,7 @@ def split_of(scene_seed_value: int) -> Split:
     return "train" if scene_seed_value < SEED_SPACE else "eval"
 
 
-def _scene_for(task: str, rng: np.random.Generator, max_objects: int) -> Scene:
+def scene_for(task: str, rng: np.random.Generator, max_objects: int) -> Scene:
     """A scene biased so that ``task`` has a question with a spread of answers."""
     if task == "counting":
         kind = "shape" if rng.random() < 0.5 else "color"
@@ -65,13 +65,16 @@ def _scene_for(task: str, rng: np.random.Generator, max_objects: int) -> Scene:
     return sample_scene(rng, n, glyph_prob=0.9 if task == "glyph" else 0.5)
 
 
+_scene_for = scene_for  # the old private name, until recipes/tiny_models/common.py imports `scene_for`
+
+
 def make_example(split: Split, seed_value: int, task: str, max_objects: int = MAX_OBJECTS) -> Example:
     """The example of ``task`` for one scene seed (resampling scenes that cannot host it)."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
     rng = np.random.default_rng(seed_value)
     for _ in range(100):
-        scene = _scene_for(task, rng, max_objects)
+        scene = scene_for(task, rng, max_objects)
         qa = GENERATORS[task](scene, rng)
         if qa is not None:
             return Example(render(scene), qa[0], qa[1], task, f"{split}-{seed_value}-{task}", scene)
@@ -109,7 +112,7 @@ def make_multi(
     weights = task_weights or {t: 1.0 for t in TASKS}
     names = [t for t in TASKS if weights.get(t, 0) > 0]
     p = np.array([weights[t] for t in names], dtype=np.float64)
-    scene = _scene_for(str(rng.choice(names, p=p / p.sum())), rng, max_objects)
+    scene = scene_for(str(rng.choice(names, p=p / p.sum())), rng, max_objects)
     out: list[tuple[str, str, str]] = []
     seen: set[str] = set()
     for _ in range(3 * n_questions):

@@ -67,7 +67,7 @@ class ModelArgs:
             if values["batch_size"] < 1:
                 raise ModelArgsError(f"batch_size must be an integer >= 1, got {kwargs['batch_size']!r}")
         if "avg_tokens" in values and values.get("plan", NO_PLAN) != NO_PLAN:
-            from pruneware.resolve import accepts_avg_tokens
+            from pruneware.plans import accepts_avg_tokens
 
             if not accepts_avg_tokens(values["plan"]):
                 raise ModelArgsError(
@@ -100,14 +100,14 @@ def load_model(args: ModelArgs):
     """`(model, processor)` in eval mode: an embedded name, a local folder or a hub id.
 
     Embedded models load from package data; a hub id goes through `from_pretrained`, which
-    honours `HF_HUB_OFFLINE=1`. The family is picked by `config.model_type`, and a model
-    pruneware has no adapter for is refused before any request runs.
+    honours `HF_HUB_OFFLINE=1`. The family is picked from the config (see `pruneware.adapters`),
+    and a model pruneware has no adapter for is refused before any request runs.
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from pruneware import models
-    from pruneware.adapters.registry import adapter_for, supported_model_types
+    from pruneware.adapters.registry import adapter_for, unsupported_config
 
     if args.pretrained in models.MODELS:
         source, local = str(models.path(args.pretrained)), True
@@ -119,12 +119,11 @@ def load_model(args: ModelArgs):
         kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.attn_implementation is not None:
         kwargs["attn_implementation"] = args.attn_implementation
-    model_type = AutoConfig.from_pretrained(source, **({"local_files_only": True} if local else {})).model_type
-    if model_type not in supported_model_types():
-        raise ModelArgsError(f"pretrained={args.pretrained} has model_type {model_type!r}; pruneware supports "
-                             f"{', '.join(supported_model_types())}")  # fmt: skip
+    problem = unsupported_config(AutoConfig.from_pretrained(source, **({"local_files_only": True} if local else {})))
+    if problem is not None:
+        raise ModelArgsError(f"pretrained={args.pretrained} {problem}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).to(device).eval()
     processor = AutoProcessor.from_pretrained(source, **({"local_files_only": True} if local else {}))
-    adapter_for(model)  # a supported model_type whose class lacks the expected layout: TypeError
+    adapter_for(model)  # a supported family whose class lacks the expected layout: TypeError
     return model, processor

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pruneware.integrations.vllm import ENV_PLAN
-from pruneware.plan import Plan, PlanError, Stage
+from pruneware.plans.plan import Plan, PlanError, Stage
 from pruneware.policies import Policy, build_policy, get_policy
 from pruneware.policies.pooling import pooled_shape
 
@@ -108,7 +108,7 @@ def check_stage(stage: Stage) -> None:
 
 def parse_stage(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> Stage:
     """The single `pre` stage of a plan string or preset name, checked for vLLM."""
-    from pruneware.presets import available_presets, get_preset
+    from pruneware.plans.presets import available_presets, get_preset
 
     text = text.strip()
     if "@" not in text and text in available_presets():

@@ -6,14 +6,14 @@ Three paths, one result, bit for bit:
     more than the step's work);
   - ``reference.py``: the rule in plain torch, the truth the others are tested against.
 ``PRUNEWARE_KERNELS=reference`` forces the reference and ``=triton`` the kernel (see
-:mod:`pruneware.kernels._dispatch`). The Triton module is imported only when used.
+:mod:`pruneware.kernels.dispatch`). The Triton module is imported only when used.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._dispatch import choose_backend, forced_backend
+from ..dispatch import choose_backend, forced_backend
 
 __all__ = ["max_min_diverse"]
 

@@ -2,7 +2,7 @@
 
 ``attention_scores`` runs the fused Triton kernel on CUDA tensors and the
 plain-torch reference elsewhere; ``PRUNEWARE_KERNELS=reference|triton``
-overrides the choice (see :mod:`pruneware.kernels._dispatch`). The Triton
+overrides the choice (see :mod:`pruneware.kernels.dispatch`). The Triton
 module is imported only when used, so importing this package never needs a
 GPU or Triton.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import choose_backend
+from ..dispatch import choose_backend
 
 __all__ = ["attention_scores"]
 

@@ -7,7 +7,7 @@ contexts (importing this module patches nothing).
 Who makes a call is read from the innermost Python frame outside torch:
   - "policy": a policy's own scoring: `pruneware/policies/`, the score kernel, and
     `attention_policy_scores`, which feeds that kernel the captured rows;
-  - "engine": any other pruneware code (session, levels, masks, selection, the gather kernel...);
+  - "engine": any other pruneware code (session, levels, masks, the stage runner, the gather kernel...);
   - "model": everything else (transformers' own code, the caller).
 """
 
@@ -29,9 +29,9 @@ SYNC_METHODS = ("item", "tolist", "cpu", "__int__", "__float__", "__bool__", "__
 # Torch calls that read metadata only: no op, no launch.
 METADATA_CALLS = ("__get__", "shape", "dtype", "device", "is_cuda", "numel", "dim", "size", "__len__", "ndim",
                   "is_floating_point")
-PACKAGE_DIR = os.path.dirname(__file__) + os.sep  # pruneware's own files, wherever it is installed
+PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # pruneware's own files, wherever it is installed
 POLICY_DIRS = tuple(os.path.join(PACKAGE_DIR, *part.split("/")) + os.sep for part in ("policies", "kernels/scores"))
-POLICY_FUNCTIONS = ("attention_policy_scores",)  # selection.py: a policy's attention scores from q, k
+POLICY_FUNCTIONS = ("attention_policy_scores",)  # engine/stage_runner.py: a policy's attention scores from q, k
 
 
 def owner(stack: list[traceback.FrameSummary]) -> str:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from pruneware.adapters import VisualInjections, VisualLayout
-from pruneware.levels import Level
-from pruneware.plan import Plan, Stage
+from pruneware.engine.levels import Level
+from pruneware.plans.plan import Plan, Stage
 from pruneware.report import Report
 
 _ids = count()
@@ -73,7 +73,7 @@ class RequestState:
     rewritten: bool = False
     q_length: int = 0
     injections: VisualInjections | None = None
-    static_len: int | None = None  # a static cache's max_cache_len (see caches.py)
+    static_len: int | None = None  # a static cache's max_cache_len (see kv_caches.py)
     lm_embeds: torch.Tensor | None = None  # [B, L0, D] the LM's prefill input, while a policy rates text
     raters: torch.Tensor | None = None  # [B, L0] bool rater slots (policies with `rates_text`), prefill only
 
@@ -161,7 +161,7 @@ class RequestTracker:
         return seen
 
     def saw_vision_read(self, read: Any) -> None:
-        """What a vision-side hook read from one encoder call (see `pruneware.vision_side`)."""
+        """What a vision-side hook read from one encoder call (see `pruneware.engine.vision_tower_reads`)."""
         self._vision_reads.set((*self._vision_reads.get(), read))
 
     def take_vision_reads(self) -> list[Any]:

@@ -3,7 +3,7 @@
 A policy with `attention_layer = "own"` ranks tokens by the attention layer K itself would
 compute, before the stage at K prunes its input. The session calls layer K's attention module
 on the level's states (through the layer's input norm, with the layer's mask and RoPE, without
-the cache); the registered capture (see capture.py) scores the query rows from q and k and
+the cache); the registered capture (see attention_capture.py) scores the query rows from q and k and
 raises `PreviewDone`, so the attention product, the output projection and any cache update
 never run. The model's own projections, norms and RoPE produce q and k, for every family.
 """

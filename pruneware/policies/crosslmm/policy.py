@@ -8,8 +8,9 @@ Modes (plan parameters in brackets):
   - training-free (default): `refined = pooled + gate * (attend(pooled, originals) - pooled)`,
     parameter-free scaled dot-product attention in the embedding space; `gate` in [0, 1]
     (default 0.5; 0 is plain average pooling).
-  - trained: `adapter=DIR` loads V2V projections trained by `python -m pruneware.crosslmm.train`
-    (`refined = pooled + tanh(g) * attention(Wq pooled, Wk x, Wv x)`, g initialised to 0).
+  - trained: `compressor=DIR` (or its older spelling `adapter=DIR`) loads the V2V projections
+    trained by `pruneware train-adapter` (`python -m pruneware.tuning.crosslmm`, see compressor.py):
+    `refined = pooled + tanh(g) * attention(Wq pooled, Wk x, Wv x)`, g initialised to 0.
 The pooled grid is `factor` x `factor` bins (`factor=3`), or the largest grid of the image's
 aspect within the stage's per-image budget. Runs at `pre` only.
 
@@ -37,19 +38,27 @@ class CrossLMMPolicy(Policy):
     description = "CrossLMM: grid pooling + V2V cross-attention refinement (training-free or trained)."
     factor: int | None = None
     gate: float = 0.5
-    adapter: str | None = None
+    compressor: str | None = None
+    adapter: str | None = None  # the older name of `compressor`, kept for plans that use it
 
     def __post_init__(self) -> None:
         if self.factor is not None and (not isinstance(self.factor, int) or self.factor < 1):
             raise TypeError(f"factor must be an integer >= 1, got {self.factor!r}")
         if not 0.0 <= float(self.gate) <= 1.0:
             raise TypeError(f"gate must be in [0, 1], got {self.gate!r}")
+        if self.compressor is not None and self.adapter is not None:
+            raise TypeError("give the trained compressor once: compressor=DIR (adapter=DIR is its older name)")
+
+    @property
+    def compressor_dir(self) -> str | None:
+        """The trained compressor's directory (or live key), under either name; None: training-free."""
+        return self.compressor if self.compressor is not None else self.adapter
 
     def _refine(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if self.adapter is not None:
-            from pruneware.crosslmm.modules import load_adapter
+        if self.compressor_dir is not None:
+            from pruneware.policies.crosslmm.compressor import load_compressor  # safetensors: only when used
 
-            module = load_adapter(self.adapter, tokens.shape[-1])
+            module = load_compressor(self.compressor_dir, tokens.shape[-1])
             return module(pooled, tokens)
         if self.gate == 0:
             return pooled

@@ -1,5 +1,8 @@
 """Vision-side FLOPs: the vision encoder and its projector into the language model, per image.
 
+The formulas; each adapter applies its family's (`Adapter.tower_call_flops`,
+`Adapter.input_vision_flops`).
+
 Counted analytically from the model's config and the patches the encoder actually receives,
 the same way `pruneware.report.layer_flops` counts the language model: 2 FLOPs per multiply-add
 of every linear layer and convolution, and 4 * n^2 * width per full (bidirectional) attention
@@ -20,7 +23,7 @@ over n tokens (QK^T and PV); norms, activations and RoPE are not counted.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -51,50 +54,44 @@ def _window_sizes(units_h: int, units_w: int, window_units: int) -> list[int]:
     return [a * b for a in hs for b in ws]
 
 
-def qwen_image_flops(model_type: str, vc, t: int, h: int, w: int) -> float:
-    """A Qwen vision tower on one image or video of (t, h, w) patches."""
+@dataclass(frozen=True)
+class QwenTower:
+    """What differs between the Qwen vision towers (each adapter reads it from the config).
+
+    width, intermediate, out: block width, MLP width, merger output width; mlp_mats: 2, or 3
+    for a gated MLP (Qwen2.5-VL); full_blocks: the blocks that attend over the whole image
+    (None: all), the others within windows of `window_units` merged units (Qwen2.5-VL);
+    mergers: PatchMergers run on the merged tokens (Qwen3-VL's DeepStack adds some).
+    """
+
+    width: int
+    intermediate: int
+    out: int
+    mlp_mats: int = 2
+    full_blocks: tuple[int, ...] | None = None
+    window_units: int = 0
+    mergers: int = 1
+
+
+def qwen_image_flops(vc, tower: QwenTower, t: int, h: int, w: int) -> float:
+    """A Qwen vision tower (`vc`: its vision config) on one image or video of (t, h, w) patches."""
     n = t * h * w
     merge = vc.spatial_merge_size
     unit = merge * merge
     patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-    if model_type == "qwen2_vl":
-        d, inter, out, mlp_mats = vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), vc.hidden_size, 2
-    else:
-        d, inter, out = vc.hidden_size, vc.intermediate_size, vc.out_hidden_size
-        mlp_mats = 3 if model_type == "qwen2_5_vl" else 2  # Qwen2.5-VL's MLP is gated
+    d = tower.width
     flops = _linear(n, patch_in, d)
     full = t * _attention(h * w, d)  # one attention sequence per temporal step (HF's cu_seqlens)
     full_blocks, windowed = set(range(vc.depth)), full
-    if model_type == "qwen2_5_vl":  # blocks not in fullatt_block_indexes attend within windows
-        full_blocks = set(vc.fullatt_block_indexes)
-        window_units = vc.window_size // merge // vc.patch_size
-        windowed = t * sum(_attention(s * unit, d) for s in _window_sizes(h // merge, w // merge, window_units))
-    dense = _linear(n, d, 4 * d) + mlp_mats * _linear(n, d, inter)
+    if tower.full_blocks is not None:  # blocks not in full_blocks attend within windows
+        full_blocks = set(tower.full_blocks)
+        sizes = _window_sizes(h // merge, w // merge, tower.window_units)
+        windowed = t * sum(_attention(s * unit, d) for s in sizes)
+    dense = _linear(n, d, 4 * d) + tower.mlp_mats * _linear(n, d, tower.intermediate)
     flops += sum(dense + (full if i in full_blocks else windowed) for i in range(vc.depth))
-    mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ()) if model_type == "qwen3_vl" else 1
     merged = n / unit
-    flops += mergers * (_linear(merged, d * unit, d * unit) + _linear(merged, d * unit, out))
+    flops += tower.mergers * (_linear(merged, d * unit, d * unit) + _linear(merged, d * unit, tower.out))
     return flops
-
-
-def tower_call_flops(config, args: tuple, kwargs: dict[str, Any]) -> list[float]:
-    """Per image, the FLOPs of one call of the vision encoder on the inputs it received.
-
-    Qwen: args (pixel_values, grid_thw) or grid_thw by keyword, one entry per grid row.
-    LLaVA: pixel_values [n, C, H, W], one entry per image.
-    """
-    model_type = config.model_type
-    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        if grid is None:
-            return []
-        return [qwen_image_flops(model_type, config.vision_config, t, h, w) for t, h, w in grid.tolist()]
-    if model_type == "llava":
-        pixels = args[0] if args else kwargs.get("pixel_values")
-        if pixels is None:
-            return []
-        return [llava_image_flops(config, pixels.shape[-2], pixels.shape[-1])] * pixels.shape[0]
-    return []
 
 
 def llava_image_flops(config, height: int, width: int) -> float:
@@ -107,20 +104,7 @@ def llava_image_flops(config, height: int, width: int) -> float:
     return clip_image_flops(vc, width_in, config.text_config.hidden_size, n_patches, selected)
 
 
-def input_vision_flops(config, inputs: dict[str, Any]) -> list[float]:
-    """Per image, the vision-side FLOPs of a processor's `inputs` run unpruned."""
-    if config.model_type == "llava":
-        pixels = inputs.get("pixel_values")
-        return [] if pixels is None else tower_call_flops(config, (pixels,), {})
-    if config.model_type == "llava_next":
-        return _llava_next_flops(config, inputs.get("pixel_values"), inputs.get("image_sizes"))
-    grids = [g for g in (inputs.get("image_grid_thw"), inputs.get("video_grid_thw")) if g is not None]
-    if not grids:
-        return []
-    return tower_call_flops(config, (None, torch.cat(grids)), {})
-
-
-def _llava_next_flops(config, pixels: torch.Tensor | None, image_sizes: torch.Tensor | None) -> list[float]:
+def llava_next_flops(config, pixels: torch.Tensor | None, image_sizes: torch.Tensor | None) -> list[float]:
     """Per image, LLaVA-NeXT's tiles times one tile's LLaVA-1.5 cost; ``pixels`` [B, tiles, C, H, W]
     (padded over tiles), ``image_sizes`` [B, 2] (height, width)."""
     if pixels is None or image_sizes is None:

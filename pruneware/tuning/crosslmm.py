@@ -1,10 +1,11 @@
-"""Train a CrossLMM V2V adapter by distillation against the frozen unpruned model.
+"""Train CrossLMM's V2V compressor by distillation against the frozen unpruned model.
 
-    python -m pruneware.crosslmm.train --model tiny-llava --budget 16 --steps 150 --out runs/crosslmm-16
+    pruneware train-adapter --model tiny-llava --budget 16 --steps 150 --out runs/crosslmm-16
+    python -m pruneware.tuning.crosslmm ...   (the same)
 
 The loss is the KL divergence, on the answer tokens, from the unpruned model's next-token
 distribution to the pruned model's, over a calibration set drawn from the synthetic train split
-(prompt + answer, teacher forcing). Only the adapter is trained; the model stays frozen.
+(prompt + answer, teacher forcing). Only the compressor is trained; the model stays frozen.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 import pruneware
-from pruneware.crosslmm.modules import V2VAdapter, live_adapter, save_adapter
+from pruneware.policies.crosslmm.compressor import V2VCompressor, live_compressor, save_compressor
 
 
 def calibration_batch(processor, examples) -> tuple[dict, list[int]]:
@@ -49,17 +50,17 @@ def answer_kl(teacher: torch.Tensor, student: torch.Tensor, lengths: list[int]) 
 
 
 def train(model, processor, budget: int, steps: int, batch: int, lr: float, seed: int, rank: int = 32,
-          log=print) -> tuple[V2VAdapter, list[dict]]:
+          log=print) -> tuple[V2VCompressor, list[dict]]:
     from pruneware.evals.synthetic import make_split
 
     torch.manual_seed(seed)
     model.requires_grad_(False)
     dim = model.config.get_text_config().hidden_size
-    adapter = V2VAdapter(dim, rank)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
+    compressor = V2VCompressor(dim, rank)
+    optimizer = torch.optim.AdamW(compressor.parameters(), lr=lr, weight_decay=0.0)
     curve = []
-    with live_adapter(adapter) as key:
-        plan = f"crosslmm[adapter={key}]@pre:{budget}"
+    with live_compressor(compressor) as key:
+        plan = f"crosslmm[compressor={key}]@pre:{budget}"
         for step in range(steps):
             examples = make_split("train", batch, seed=seed * 100_003 + step)
             inputs, lengths = calibration_batch(processor, examples)
@@ -72,9 +73,9 @@ def train(model, processor, budget: int, steps: int, batch: int, lr: float, seed
             loss.backward()
             optimizer.step()
             if step % 10 == 0 or step == steps - 1:
-                curve.append({"step": step, "kl": round(loss.item(), 5), "gate": round(torch.tanh(adapter.gate).item(), 4)})
-                log(f"step {step:4d}  kl {loss.item():.4f}  gate {torch.tanh(adapter.gate).item():+.3f}")
-    return adapter.eval(), curve
+                curve.append({"step": step, "kl": round(loss.item(), 5), "gate": round(torch.tanh(compressor.gate).item(), 4)})
+                log(f"step {step:4d}  kl {loss.item():.4f}  gate {torch.tanh(compressor.gate).item():+.3f}")
+    return compressor.eval(), curve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,10 +93,10 @@ def main(argv: list[str] | None = None) -> None:
 
     model, processor = load_any(args.model)
     start = time.time()
-    adapter, curve = train(model, processor, args.budget, args.steps, args.batch, args.lr, args.seed, args.rank)
+    compressor, curve = train(model, processor, args.budget, args.steps, args.batch, args.lr, args.seed, args.rank)
     meta = {"model": args.model, "budget": args.budget, "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "seed": args.seed, "seconds": round(time.time() - start, 1), "curve": curve}
-    out = save_adapter(adapter, args.out, {"training": meta})
+    out = save_compressor(compressor, args.out, {"training": meta})
     print(json.dumps({"saved": str(out), **{k: v for k, v in meta.items() if k != "curve"}}))
     Path(args.out, "curve.json").write_text(json.dumps(curve, indent=1))
 

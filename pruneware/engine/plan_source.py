@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pruneware.adapters import Adapter
-from pruneware.plan import Plan, PlanError, writes_budgets
+from pruneware.plans.plan import Plan, PlanError, writes_budgets
+from pruneware.plans.presets import ExactPreset, Preset, available_presets, user_template
 from pruneware.policies import Policy, build_policy
-from pruneware.presets import ExactPreset, Preset, StageTemplate, available_presets
 
 NOMINAL_VISUAL_TOKENS = 576  # used only to validate a lazily solved plan before the first input
 _MAX_SOLVED = 512
@@ -47,7 +47,7 @@ class PlanSource:
                     f"({', '.join(sorted(available_presets()))}), or leave the budgets out (e.g. 'divprune@pre,random@4')"
                 )
             else:
-                source = cls(adapter, None, _template_of(parsed, n_layers), avg_tokens)
+                source = cls(adapter, None, user_template(parsed, n_layers), avg_tokens)
         else:
             raise PlanError(f"plan must be a plan string, a Plan or a preset name, got {type(plan).__name__}")
         source._check(source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False))
@@ -145,34 +145,3 @@ class PlanSource:
             if stage.where == layer:
                 return i
         return None
-
-
-def accepts_avg_tokens(plan: str) -> bool:
-    """True for a scaled preset's name or a plan string without written budgets: `avg_tokens`
-    solves it. A paper's exact schedule (an `ExactPreset`) writes its own budgets: False."""
-    preset = available_presets().get(plan.strip())
-    if preset is not None:
-        return not isinstance(preset, ExactPreset)
-    return not writes_budgets(plan)
-
-
-def _template_of(plan: Plan, n_layers: int) -> Preset:
-    """A plan's stages as a template whose counts decay geometrically with stage order."""
-    plan.validate_for(n_layers, "1d")
-    stages = tuple(
-        StageTemplate(
-            s.policy, None if s.where == "pre" else round(s.layer * 32 / n_layers) or 1, 0.5, float(i + 1), s.positions
-        )
-        for i, s in enumerate(plan.stages)
-    )
-    return _FixedLayers(str(plan), stages, "user plan", wheres=tuple(s.where for s in plan.stages))
-
-
-@dataclass(frozen=True)
-class _FixedLayers(Preset):
-    """A template that keeps the user's exact layers instead of scaling them."""
-
-    wheres: tuple = ()
-
-    def layers(self, n_layers: int, rope: str = "1d") -> list[int | None]:
-        return [None if w == "pre" else w for w in self.wheres]

@@ -10,8 +10,8 @@ Hooks (all removed on exit, errors included):
     selects and slices the hidden states; at every layer of a pruned level it slices the
     cos/sin tables, position ids and mask rows/columns that the model loop passes full-size
     (once per level per forward, memoised), and at decode remaps the mask columns;
-  - while a stage needs attention rows, a registered attention function (see capture.py); a
-    stage ranked by its own layer's attention previews that layer first (see preview.py).
+  - while a stage needs attention rows, a registered attention function (see attention_capture.py); a
+    stage ranked by its own layer's attention previews that layer first (see attention_preview.py).
 The session holds no run-time state: each call's lives in a `RequestState` (see request.py).
 """
 
@@ -24,26 +24,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruneware import masks
 from pruneware.adapters import Adapter, adapter_for
-from pruneware.caches import cache_of, output_cache, padding_of, static_length, unwrap_mask
-from pruneware.capture import AttentionCapture
+from pruneware.engine import masks
+from pruneware.engine.attention_capture import AttentionCapture
+from pruneware.engine.attention_preview import PreviewDone, run_preview
+from pruneware.engine.kv_caches import cache_of, output_cache, padding_of, static_length, unwrap_mask
+from pruneware.engine.layer_inputs import level_kwargs
+from pruneware.engine.levels import Level, as_root, next_level, root_level, write_visual
+from pruneware.engine.plan_source import NOMINAL_VISUAL_TOKENS, PlanSource
+from pruneware.engine.pre_llm import decode_inputs, prune_inputs
+from pruneware.engine.request import RequestState, RequestTracker
+from pruneware.engine.stage_runner import Selection, attention_policy_scores, run_stage
+from pruneware.engine.vision_tower_reads import VisionSide, reads_to_positions, resize_budget, vision_needs
 from pruneware.kernels.gather import gather_rows
-from pruneware.layer_inputs import level_kwargs
-from pruneware.levels import Level, as_root, next_level, root_level, write_visual
-from pruneware.plan import Plan, PlanError, Stage
+from pruneware.plans.plan import Plan, PlanError, Stage
 from pruneware.policies import AttentionPolicy
-from pruneware.prestage import decode_inputs, prune_inputs
-from pruneware.preview import PreviewDone, run_preview
 from pruneware.report import Report, finish_report
-from pruneware.request import RequestState, RequestTracker
-from pruneware.resolve import NOMINAL_VISUAL_TOKENS, PlanSource
-from pruneware.selection import Selection, attention_policy_scores, run_stage
-from pruneware.vision_flops import tower_call_flops
-from pruneware.vision_side import VisionSide, reads_to_positions, resize_budget, vision_needs
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+
+
+def attached_session(model: nn.Module) -> Session | None:
+    """The session installed on `model` (by `prune` or `attach`), or None."""
+    return _ACTIVE.get(model)
 
 
 class Session:
@@ -136,7 +140,7 @@ class Session:
         self.detach()
 
     def _install_vision(self) -> None:
-        """Hooks on the vision tower when the `pre` policy reads it (see vision_side.py)."""
+        """Hooks on the vision tower when the `pre` policy reads it (see vision_tower_reads.py)."""
         read, resize = self._vision_reads
         if read or resize:
             budget = resize_budget(self.source) if resize else None
@@ -148,7 +152,7 @@ class Session:
         self._requests.saw_vision(output, self.adapter.vision_grid(args, kwargs))
 
     def _on_encoder_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self._requests.saw_tower_input(tower_call_flops(self.model.config, args, kwargs))
+        self._requests.saw_tower_input(self.adapter.tower_call_flops(args, kwargs))
 
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._requests.enter()
@@ -281,7 +285,7 @@ class Session:
         return args
 
     def _preview_attention(self, state: RequestState, layer: int, parent: Level, hidden: torch.Tensor, kwargs) -> None:
-        """Score layer `layer`'s own attention rows on its unpruned input (see preview.py)."""
+        """Score layer `layer`'s own attention rows on its unpruned input (see attention_preview.py)."""
         if not parent.identity:
             kwargs = {**kwargs, **self._sliced_kwargs(state, parent, layer, kwargs)}
         state.preview = layer

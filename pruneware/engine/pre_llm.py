@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from pruneware import masks
 from pruneware.adapters import Adapter
+from pruneware.engine import masks
+from pruneware.engine.levels import Level
+from pruneware.engine.request import RequestState
+from pruneware.engine.stage_runner import Selection
 from pruneware.kernels.gather import gather_rows
-from pruneware.levels import Level
-from pruneware.plan import Stage
-from pruneware.request import RequestState
-from pruneware.selection import Selection
+from pruneware.plans.plan import Stage
 
 
 @dataclass

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from pruneware import masks
+from pruneware.engine import masks
+from pruneware.engine.levels import Level
 from pruneware.kernels.gather import gather_rows
-from pruneware.levels import Level
 
 
 def level_kwargs(

@@ -23,7 +23,8 @@ OnAttention = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], None]
 _ids = count()
 
 
-def _original_function(name: str, module: nn.Module) -> Callable:
+def original_function(name: str, module: nn.Module) -> Callable:
+    """The attention function registered as `name` (the backend a capture wraps) for `module`."""
     if name != "eager":
         return AttentionInterface._global_mapping[name]  # checked in AttentionCapture.__init__
     # Eager attention lives in each modeling file, next to the attention module.
@@ -58,7 +59,7 @@ class AttentionCapture:
     def _attention(self, module: nn.Module, query, key, value, attention_mask, **kwargs):
         if getattr(module, "layer_idx", None) is not None:
             self.on_attention(module, query, key, attention_mask)
-        return _original_function(self.original, module)(module, query, key, value, attention_mask, **kwargs)
+        return original_function(self.original, module)(module, query, key, value, attention_mask, **kwargs)
 
     def install(self) -> None:
         mask_fn = AttentionMaskInterface._global_mapping.get(self.original)

@@ -13,7 +13,7 @@ from functools import cached_property, lru_cache
 
 import torch
 
-from pruneware.plan import Stage
+from pruneware.plans.plan import Stage
 
 
 @dataclass(eq=False)

@@ -3,7 +3,7 @@
 Installed by a Session for its lifetime when a plan's `pre` policy declares `vision_reads`
 (and removed with it):
   - a registered attention function wraps the vision tower's backend (sdpa, flash, eager), as
-    capture.py does for the language model; at the adapter's score layer it reduces q and k to
+    attention_capture.py does for the language model; at the adapter's score layer it reduces q and k to
     one score and one head-averaged key per patch, with the scores kernel (no L x L matrix);
   - a pre-hook and a forward hook on the vision encoder delimit one call: at its end the
     adapter puts what the call read in image order, and the request tracker keeps it until
@@ -29,10 +29,10 @@ from torch import nn
 
 from pruneware.adapters import Adapter
 from pruneware.adapters.vision import resized_grid
-from pruneware.capture import AttentionCapture, _original_function
+from pruneware.engine.attention_capture import AttentionCapture, original_function
+from pruneware.engine.plan_source import PlanSource
+from pruneware.engine.request import RequestTracker
 from pruneware.errors import PlanError
-from pruneware.request import RequestTracker
-from pruneware.resolve import PlanSource
 
 _ids = count()
 
@@ -63,7 +63,7 @@ class VisionAttentionCapture(AttentionCapture):
 
     def _attention(self, module: nn.Module, query, key, value, attention_mask, **kwargs):
         self.on_attention(module, query, key, kwargs)
-        return _original_function(self.original, module)(module, query, key, value, attention_mask, **kwargs)
+        return original_function(self.original, module)(module, query, key, value, attention_mask, **kwargs)
 
 
 def vision_needs(source: PlanSource, adapter: Adapter) -> tuple[bool, bool]:

@@ -1,5 +1,5 @@
 """Named plans: presets whose layers scale with model depth, the papers' exact schedules, and
-the `avg_tokens` budget solver.
+the templates `avg_tokens` solves (a preset, or a user's plan without budgets).
 
 A preset is a list of stage templates whose layers are given for a reference depth (32, the
 depth of LLaVA-1.5-7B) and scaled to the model's depth; a preset may carry a variant for
@@ -7,7 +7,7 @@ M-RoPE (Qwen) models with its own reference depth, where the paper ran one. Stag
 follow the paper's code on 1-D RoPE models (`compact` where it re-indexes) and are always
 `keep` on M-RoPE models. With `avg_tokens=N`, the per-stage counts are solved so that the
 average number of visual tokens over all decoder layers truly is N. The papers' own schedules
-(`pruneware.schedules`) are presets too, exact and unscaled: `adaptinfer-llava-64` is the
+(`pruneware.plans.schedules`) are presets too, exact and unscaled: `adaptinfer-llava-64` is the
 AdaptInfer paper's "64", which computes 82.9 visual tokens per layer on LLaVA-1.5-7B.
 """
 
@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pruneware.plan import Plan, PlanError, PositionsMode, Stage
+from pruneware.plans.avg_tokens import solve_counts
+from pruneware.plans.plan import Plan, PlanError, PositionsMode, Stage, writes_budgets
+from pruneware.plans.schedules import SCHEDULES, Schedule
 from pruneware.policies.sparsevlm import tokens_after as sparsevlm_tokens_after
-from pruneware.schedules import SCHEDULES, Schedule
 
 REFERENCE_DEPTH = 32
 
@@ -122,48 +123,6 @@ class ExactPreset(Preset):
         return self.plan
 
 
-def _average(
-    layers: list[int], counts: list[int], n_visual: int, n_layers: int,
-    after: Callable[[int, int], int] | None = None,
-) -> float:
-    total, current, start = 0.0, n_visual, 0
-    for layer, count in zip(layers, counts, strict=True):
-        total += current * (layer - start)
-        current, start = (count if after is None else after(current, count)), layer
-    return (total + current * (n_layers - start)) / n_layers
-
-
-def solve_counts(
-    layers: list[int], decays: list[float], n_visual: int, n_layers: int, avg_tokens: float, name: str = "plan",
-    after: Callable[[int, int], int] | None = None,
-) -> list[int]:
-    """Per-stage counts `round(n_visual * s**decay)` whose layer average is closest to `avg_tokens`
-    (`after`: the tokens a stage leaves, see `Preset.after`)."""
-
-    def counts_for(scale: float) -> list[int]:
-        out, previous = [], n_visual
-        for d in decays:
-            previous = max(1, min(previous, round(n_visual * scale**d)))
-            out.append(previous)
-        return out
-
-    lowest = _average(layers, [1] * len(layers), n_visual, n_layers, after)
-    if not lowest <= avg_tokens <= n_visual:
-        raise PlanError(
-            f"avg_tokens={avg_tokens} is out of reach for preset {name!r} with {n_visual} visual tokens "
-            f"and {n_layers} layers: choose a value in [{lowest:.1f}, {n_visual}]"
-        )
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if _average(layers, counts_for(mid), n_visual, n_layers, after) < avg_tokens:
-            lo = mid
-        else:
-            hi = mid
-    best = min((counts_for(lo), counts_for(hi)), key=lambda c: abs(_average(layers, c, n_visual, n_layers, after) - avg_tokens))
-    return best
-
-
 _PRESETS: dict[str, Preset] = {}
 
 
@@ -183,6 +142,37 @@ def get_preset(name: str) -> Preset:
 
 def available_presets() -> dict[str, Preset]:
     return dict(_PRESETS)
+
+
+def accepts_avg_tokens(plan: str) -> bool:
+    """True for a scaled preset's name or a plan string without written budgets: `avg_tokens`
+    solves it. A paper's exact schedule (an `ExactPreset`) writes its own budgets: False."""
+    preset = available_presets().get(plan.strip())
+    if preset is not None:
+        return not isinstance(preset, ExactPreset)
+    return not writes_budgets(plan)
+
+
+def user_template(plan: Plan, n_layers: int) -> Preset:
+    """A plan's stages as a template whose counts decay geometrically with stage order."""
+    plan.validate_for(n_layers, "1d")
+    stages = tuple(
+        StageTemplate(
+            s.policy, None if s.where == "pre" else round(s.layer * 32 / n_layers) or 1, 0.5, float(i + 1), s.positions
+        )
+        for i, s in enumerate(plan.stages)
+    )
+    return FixedLayers(str(plan), stages, "user plan", wheres=tuple(s.where for s in plan.stages))
+
+
+@dataclass(frozen=True)
+class FixedLayers(Preset):
+    """A template that keeps the user's exact layers instead of scaling them."""
+
+    wheres: tuple = ()
+
+    def layers(self, n_layers: int, rope: str = "1d") -> list[int | None]:
+        return [None if w == "pre" else w for w in self.wheres]
 
 
 register_preset(Preset("fastv", (StageTemplate("fastv", 2, 0.5),), "FastV: last-token attention at layer K-1, prune at K=2/32."))

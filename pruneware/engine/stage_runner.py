@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pruneware.engine.levels import Level
 from pruneware.kernels.gather import gather_rows
 from pruneware.kernels.scores import attention_scores
-from pruneware.levels import Level
-from pruneware.plan import Stage
+from pruneware.plans.plan import Stage
 from pruneware.policies import AttentionPolicy, MergeResult, Policy, StageInput
 from pruneware.policies.base import TextRows
 from pruneware.report import StageReport
