@@ -1,7 +1,7 @@
 """Eight hand-made questions with unambiguous answers: a quick sanity check of a trained model.
 
 Two scenes on a plain noise background, each task type asked at least once. The shipped tiny
-models' tests (`tests/test_models.py`) and their cards count how many of these a model misses.
+models' tests (`tests/models/test_models.py`) and their cards count how many of these a model misses.
 """
 
 from __future__ import annotations

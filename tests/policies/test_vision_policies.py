@@ -257,7 +257,7 @@ def test_the_vllm_plugin_refuses_vision_side_policies(policy):
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 @pytest.mark.parametrize("plan", ["fastervlm@pre:0.5", "visionzip@pre:0.5", "resize@pre:0.5"])
 def test_vision_side_sessions_restore_the_model_exactly(family, plan):
-    from tests.test_lifecycle import fingerprint
+    from tests.engine.test_lifecycle import fingerprint
 
     model, inputs = make(family, "sdpa")
     expected = model(**inputs).logits  # the first forward installs transformers' own capture hooks

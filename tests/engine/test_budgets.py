@@ -8,8 +8,8 @@ import torch
 
 import pruneware
 from tests.reference import pad_batch
-from tests.test_equivalence import logits
-from tests.test_families import make
+from tests.adapters.test_families import make
+from tests.engine.test_equivalence import logits
 from tests.tiny import llava_inputs, qwen_media_inputs, tiny_llava
 
 

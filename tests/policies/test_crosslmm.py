@@ -14,7 +14,7 @@ from pruneware.policies.crosslmm.compressor import (
 )
 from pruneware.policies.pooling import pool_grid, pooled_shape
 from tests.reference import pad_batch, uncached_greedy
-from tests.test_equivalence import logits, make
+from tests.engine.test_equivalence import logits, make
 from tests.tiny import qwen_inputs, tiny_qwen
 
 

@@ -9,6 +9,7 @@ import pruneware
 from pruneware.evals.synthetic import evaluate, make_split
 from pruneware.models import MODELS, available, load
 
+pytestmark = pytest.mark.slow  # 150 questions per model, unpruned and pruned
 
 # A shipped checkpoint that answers mostly from priors loses less than 20 points. Measured on
 # this split; the bar stays. (tiny-llava: unpruned 0.947, 2% random 0.373, -57 points;

@@ -163,6 +163,7 @@ def test_shipped_weights_are_small_safetensors(name):
     assert models.card(name).startswith("# ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _below_bar(NAMES))
 def test_shipped_model_accuracy_bar(name):
     model, processor = _shipped(name)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the whole GPU suite, interpreted, in a subprocess
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"llava-1.5-7b", "llava-next-7b-len", "qwen2.5-vl-7b"}
 RUN_KEYS = {"ttft_ms", "prefill_ms", "ttft_all_ms", "peak_mem_bytes", "kv_cache_bytes"}
 PLAN_KEYS = RUN_KEYS | {"preset", "avg_tokens", "plan", "kept_per_stage", "avg_visual_tokens", "tokens_per_layer",

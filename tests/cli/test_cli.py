@@ -162,6 +162,7 @@ def test_user_mistakes_get_one_line_and_exit_code_2(model_dir, args, message, tm
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_real_subprocess(model_dir):
     result = subprocess.run(
         [sys.executable, "-m", "pruneware.cli", "run", "--model", model_dir, "--max-new-tokens", "2", "--json"],

@@ -127,7 +127,7 @@ def test_eval_table_shows_vision_flops():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("eval_table", Path(__file__).parents[1] / "benchmarks" / "eval_table.py")
+    spec = importlib.util.spec_from_file_location("eval_table", Path(__file__).parents[2] / "benchmarks" / "eval_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     row = {"plan": "resize", "avg_tokens": 64, "plans_run": ["resize@pre:64"], "avg_visual_tokens": 64, "n": 10,

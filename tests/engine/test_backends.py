@@ -15,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 import pruneware
 from tests.reference import pad_batch, uncached_greedy
-from tests.test_equivalence import logits, make
+from tests.engine.test_equivalence import logits, make
 
 NAME = "cpu_flash_attention_2"
 

@@ -14,7 +14,7 @@ import torch
 import pruneware
 from pruneware.adapters import adapter_for
 from tests.reference import pad_batch, record_lm_inputs, reference_logits, uncached_greedy
-from tests.test_equivalence import logits
+from tests.engine.test_equivalence import logits
 from tests.tiny import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
