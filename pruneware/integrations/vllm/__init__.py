@@ -52,6 +52,9 @@ ARCHITECTURES = {
     ),
 }
 
+# Base architectures with 1-D RoPE, served through vLLM's per-request M-RoPE positions.
+ONE_AXIS_ROPE = ("LlavaForConditionalGeneration",)
+
 logger = logging.getLogger("vllm.pruneware")  # under vLLM's logger, so its handlers show it
 
 
@@ -101,11 +104,18 @@ def register() -> None:
         logger.warning("%s; pruned architectures are not registered.", err)
         return
     from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from pruneware.integrations.vllm.positions import OneAxisMRoPE
 
     for base, (pruned, target) in ARCHITECTURES.items():
         ModelRegistry.register_model(pruned, target)
         if requested:
             ModelRegistry.register_model(base, target)
+        if base in ONE_AXIS_ROPE:  # 1-D RoPE models get per-request positions (see positions.py)
+            MODELS_CONFIG_MAP[pruned] = OneAxisMRoPE
+            if requested:
+                MODELS_CONFIG_MAP[base] = OneAxisMRoPE
 
 
 __all__ = ["ARCHITECTURES", "ENV_PLAN", "MIN_VLLM", "VllmVersionError", "check_vllm_version", "register"]

@@ -2,9 +2,11 @@
 
 A subclass of vLLM's LlavaForConditionalGeneration with its own multimodal processor: each
 image's placeholder count is the stage's budget for the vision tower's (g x g) patch grid, and
-`embed_multimodal` returns exactly those rows. Positions are 1-D: the prompt itself is shorter,
-so the kept tokens take consecutive positions (what the plan grammar calls `compact`).
-Only CLIP/SigLIP towers (a fixed square grid) are supported; Pixtral-HF is refused.
+`embed_multimodal` returns exactly those rows. Positions are those of the HF path (see
+`positions`): each kept token at its original 1-D position and the text after the image where it
+was, or consecutive positions under `compact`; they are served through vLLM's per-request M-RoPE
+path with every rotary pair on one axis. Only CLIP/SigLIP towers (a fixed square grid) are
+supported; Pixtral-HF is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pruneware.integrations.vllm import check_vllm_version
 
 check_vllm_version()  # before the vllm imports below, which older versions lack
 
+import numpy as np
 from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -27,10 +30,18 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalKwargsItems
+from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
+from pruneware.integrations.vllm.positions import (
+    ItemBlock,
+    PositionOffsets,
+    attach_offsets,
+    kept_offsets,
+    request_positions,
+)
 from pruneware.integrations.vllm.prune import prune_item
 from pruneware.integrations.vllm.spec import PruneSpec, refuse_tower_lora, require_spec, square_grid
 
@@ -99,7 +110,7 @@ def _build_info(ctx: InputProcessingContext) -> PrunewareLlavaProcessingInfo:
 @MULTIMODAL_REGISTRY.register_processor(
     PrunewareLlavaMultiModalProcessor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
 )
-class PrunewareLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class PrunewareLlavaForConditionalGeneration(PositionOffsets, LlavaForConditionalGeneration, SupportsMRoPE):
     """LLaVA whose image embeddings are pruned (or pooled) before the language model."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -109,9 +120,14 @@ class PrunewareLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         refuse_tower_lora(vllm_config, ARCHITECTURE)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pruneware = spec
+        vision = config.vision_config
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        # Tokens of an unpruned image: the span the text after it skips in the HF path.
+        self.full_image_tokens = (vision.image_size // vision.patch_size) ** 2 + (strategy == "full")
 
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...] | list:
-        """One tensor per image: [k, D], the kept rows in original order (or the pooled rows)."""
+        """One tensor per image: [k, D + OFFSET_CHANNELS], the kept rows in original order (or
+        the pooled rows), each with its original index within the image (`positions`)."""
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
@@ -123,6 +139,19 @@ class PrunewareLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         out = []
         for i, item in enumerate(embeds):
             grid = (1, *square_grid(item.shape[0]))
-            rows, _ = prune_item(self.pruneware, item, grid, None if vision is None else vision[i])
-            out.append(rows)
+            rows, keep = prune_item(self.pruneware, item, grid, None if vision is None else vision[i])
+            if self.pruneware.stage.positions == "compact":
+                keep = torch.zeros_like(keep)
+            out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=True)))
         return tuple(out)
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        """[3, L] positions (three equal rows) and the decode delta: every image spans its full
+        token count; its slots sit at its start until `forward` adds each kept token's index."""
+        blocks = [
+            ItemBlock(f.mm_position.offset, np.zeros((3, f.mm_position.length), dtype=np.int64), self.full_image_tokens)
+            for f in mm_features
+        ]
+        return request_positions(len(input_tokens), blocks, self.pruneware.stage.positions == "compact")

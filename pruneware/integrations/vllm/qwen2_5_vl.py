@@ -5,10 +5,12 @@ emits that many `<|image_pad|>` / `<|video_pad|>` tokens per image or per frame,
 for profiling (`_get_vision_info` feeds the max-token and dummy-input computations), and
 `embed_multimodal` returns exactly those rows, frame by frame.
 
-M-RoPE positions use the pseudo-grid of each frame's layout (see the package docstring for why
-not EVS's position channels): kept token i of frame f sits at
+M-RoPE positions are those of the HF path (see `positions`): a kept token keeps its original
+(t, row, col) and the text after an item starts where it would after the full item; merged
+(pooled) tokens sit on their pooled grid, kept token i of frame f at
     (t, h, w) = (int(f * second_per_grid_t * tokens_per_second), i // cols, i % cols)
-after the text before it, and the next text starts at the block's largest position + 1.
+and the text after starts max(rows, cols) further on, as `Adapter.merged_positions` lays them out;
+`compact` numbers every token consecutively on all three axes.
 Encoder CUDA graphs are turned off for this class: their replay path skips `embed_multimodal`.
 """
 
@@ -38,6 +40,15 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
+from pruneware.integrations.vllm.positions import (
+    ItemBlock,
+    PositionOffsets,
+    attach_offsets,
+    frame_times,
+    grid_extent,
+    kept_offsets,
+    request_positions,
+)
 from pruneware.integrations.vllm.prune import prune_item
 from pruneware.integrations.vllm.spec import FrameLayout, PruneSpec, refuse_tower_lora, require_spec
 
@@ -106,7 +117,7 @@ class PrunewareQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     info=PrunewareQwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class PrunewareQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class PrunewareQwen2_5_VLForConditionalGeneration(PositionOffsets, Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL whose image and video embeddings are pruned (or pooled) per frame."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -120,7 +131,8 @@ class PrunewareQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         return replace(super().get_encoder_cudagraph_config(), modalities=[], max_frames_per_video=1)
 
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...] | list:
-        """One tensor per item, in the order vLLM passed them: [T*k, D], frame by frame."""
+        """One tensor per item, in the order vLLM passed them: [T*k, D + OFFSET_CHANNELS], frame
+        by frame, each kept row with its (0, row, col) in its frame (`positions`)."""
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         merge = self.visual.spatial_merge_size
         out: list[torch.Tensor] = []
@@ -130,17 +142,19 @@ class PrunewareQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             process = self._process_image_input if modality == "image" else self._process_video_input
             embeds = process(item_input)
             for item, (frames, height, width) in zip(embeds, item_input[f"{modality}_grid_thw"].tolist(), strict=True):
-                rows, _ = prune_item(self.pruneware, item, (frames, height // merge, width // merge))
-                out.append(rows)
+                grid = (frames, height // merge, width // merge)
+                rows, keep = prune_item(self.pruneware, item, grid)
+                if self.pruneware.policy.merges or self.pruneware.stage.positions == "compact":
+                    keep = torch.zeros_like(keep)  # their positions are fixed at scheduling
+                out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=False)))
         return tuple(out) if out else []
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
     ) -> tuple[torch.Tensor, int]:
-        """[3, L] positions and the decode delta, with each frame's kept tokens on its pseudo-grid."""
+        """[3, L] positions and the decode delta (see the module docstring)."""
         lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
-        parts: list[np.ndarray] = []
-        cursor, next_position = 0, 0
+        blocks = []
         for offset, frames, rows, cols, t_factor in self.iter_mm_grid_thw(mm_features):
             layout = self.pruneware.frame(rows, cols)
             if lengths[offset] != frames * layout.count:
@@ -148,18 +162,12 @@ class PrunewareQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
                     f"item at offset {offset} has {lengths[offset]} placeholders, but the plan "
                     f"{self.pruneware.stage} keeps {frames * layout.count}: the prompt was processed with another plan"
                 )
-            text = offset - cursor
-            parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-            block = pseudo_grid_positions(layout, frames, t_factor) + next_position + text
-            parts.append(block)
-            next_position = int(block.max()) + 1
-            cursor = offset + frames * layout.count
-        if cursor < len(input_tokens):
-            text = len(input_tokens) - cursor
-            parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-        positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
-        delta = int(positions.max()) + 1 - len(input_tokens) if positions.size else 0
-        return torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)), delta
+            if self.pruneware.policy.merges:
+                slots, extent = pseudo_grid_positions(layout, frames, t_factor), max(layout.rows, layout.cols)
+            else:
+                slots, extent = frame_times(frames, layout.count, t_factor), grid_extent(frames, rows, cols, t_factor)
+            blocks.append(ItemBlock(offset, slots, extent))
+        return request_positions(len(input_tokens), blocks, self.pruneware.stage.positions == "compact")
 
 
 def pseudo_grid_positions(layout: FrameLayout, frames: int, t_factor: float = 1.0) -> np.ndarray:
