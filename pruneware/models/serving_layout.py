@@ -141,6 +141,15 @@ def widen_hidden(state: dict[str, torch.Tensor], config: Any, new: int) -> dict[
     return out
 
 
+def to_serving_layout(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """`state` (keys as transformers writes them) in the serving layout; `config` is updated in
+    place. With an empty `state`, converts the config alone."""
+    text = config.text_config
+    width = text.num_attention_heads * max(SERVING_HEAD_DIM, text.hidden_size // text.num_attention_heads)
+    state = widen_heads(widen_hidden(state, config, width), text)
+    return hub_key_names(state, config.model_type)
+
+
 def convert_checkpoint(folder: str | Path) -> bool:
     """Rewrite the HF checkpoint in `folder` (config.json, model.safetensors) in place in the
     serving layout. Returns False, changing nothing, when it is already in that layout.
@@ -151,10 +160,7 @@ def convert_checkpoint(folder: str | Path) -> bool:
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     state = load_file(folder / "model.safetensors")
-    text = config.text_config
-    widened = widen_hidden(state, config, text.num_attention_heads * max(SERVING_HEAD_DIM, text.hidden_size // text.num_attention_heads))
-    widened = widen_heads(widened, text)
-    renamed = hub_key_names(widened, config.model_type)
+    renamed = to_serving_layout(state, config)
     if renamed.keys() == state.keys() and all(renamed[k] is state[k] for k in state):
         return False
     save_file({k: v.contiguous() for k, v in renamed.items()}, folder / "model.safetensors", metadata={"format": "pt"})
@@ -162,4 +168,4 @@ def convert_checkpoint(folder: str | Path) -> bool:
     return True
 
 
-__all__ = ["SERVING_HEAD_DIM", "convert_checkpoint", "hub_key_names", "widen_heads", "widen_hidden"]
+__all__ = ["SERVING_HEAD_DIM", "convert_checkpoint", "hub_key_names", "to_serving_layout", "widen_heads", "widen_hidden"]

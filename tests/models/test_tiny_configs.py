@@ -9,6 +9,7 @@ import pytest
 
 from pruneware.models import WEIGHTS_DIR
 from pruneware.models.build import SHIPPED_VISION, build_config
+from pruneware.models.serving_layout import to_serving_layout
 from pruneware.models.tiny_configs import FAMILIES, mrope_section, tiny_config
 
 
@@ -36,7 +37,9 @@ def test_errors_name_the_valid_choices():
 ])
 def test_embedded_model_configs_are_unchanged(name, arch, vision):
     shipped = json.loads((WEIGHTS_DIR / name / "config.json").read_text())
-    built = json.loads(build_config(arch, vision=vision).to_json_string())
+    config = build_config(arch, vision=vision)
+    to_serving_layout({}, config)  # shipped in the layout vLLM serves (pruneware.models.serving_layout)
+    built = json.loads(config.to_json_string())
     for key in ("architectures", "dtype", "transformers_version"):
         shipped.pop(key, None), built.pop(key, None)
     assert built == shipped
