@@ -53,6 +53,10 @@ class Adapter:
     rope: ClassVar[Literal["1d", "mrope"]] = "1d"
     supports_merging: ClassVar[bool] = True  # merging policies (crosslmm) can run at `pre`
     resizes_pixels: ClassVar[bool] = False  # `resize` can lower the vision tower's input resolution
+    # vLLM derives this family's head size as hidden_size / num_heads, ignoring `head_dim`
+    # (vllm/model_executor/models/qwen2.py), so a checkpoint re-parametrised for another head size
+    # must widen the residual stream too (pruneware.models.serving_layout).
+    vllm_head_dim_from_width: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

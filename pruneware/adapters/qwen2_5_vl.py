@@ -16,6 +16,7 @@ from pruneware.adapters.vision_flops import QwenTower
 @register_adapter
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     model_types = ("qwen2_5_vl",)
+    vllm_head_dim_from_width = True
 
     def tower_shape(self) -> QwenTower:
         """A gated MLP; blocks not in `fullatt_block_indexes` attend within windows."""

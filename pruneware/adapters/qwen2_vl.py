@@ -13,6 +13,7 @@ from pruneware.adapters.vision_flops import QwenTower
 @register_adapter
 class Qwen2VLAdapter(QwenVLAdapter):
     model_types = ("qwen2_vl",)
+    vllm_head_dim_from_width = True
 
     def tower_shape(self) -> QwenTower:
         vc = self.config.vision_config  # Qwen2-VL's blocks are `embed_dim` wide, its merger outputs `hidden_size`

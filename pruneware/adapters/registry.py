@@ -29,6 +29,14 @@ def unsupported_config(config) -> str | None:
     return f"has model_type {model_type!r}; pruneware supports {', '.join(supported_model_types())}"
 
 
+def adapter_class(config) -> type[Adapter]:
+    """The adapter class for a model of `config`, or a TypeError naming the supported types."""
+    reason = unsupported_config(config)
+    if reason is not None:
+        raise TypeError(f"the model {reason}")
+    return _ADAPTERS[config.model_type]
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for `model`, or a TypeError naming the supported model types."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

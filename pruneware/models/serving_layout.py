@@ -2,12 +2,14 @@
 
 Three changes, none of which changes the model's function:
 
-- **Width.** vLLM's Qwen2 language model (used by Qwen2-VL and Qwen2.5-VL) derives its head
-  size as hidden_size / num_heads and ignores `head_dim`, so the residual stream is widened
-  to num_heads x 32 first: the new dims are zero in the embeddings and in everything that
+- **Width** (only for families whose adapter sets `vllm_head_dim_from_width`). vLLM's Qwen2
+  language model (used by Qwen2-VL and Qwen2.5-VL) derives its head size as hidden_size /
+  num_heads and ignores `head_dim`, so the residual stream is widened to num_heads x 32 first: the new dims are zero in the embeddings and in everything that
   writes to the stream, and zero-weighted in everything that reads it. An RMSNorm then sees
   the same values plus zeros, so its mean square shrinks by H/H'; its weights are scaled by
-  sqrt(H/H') and its eps by H/H', which gives back the same output exactly.
+  sqrt(H/H') and its eps by H/H', which gives back the same output exactly. What is not
+  unchanged: anything that reads the width itself, such as the 1/sqrt(D) scale of CrossLMM's
+  training-free attention over the visual embeddings (D = 128 instead of 96).
 
 - **Head size.** vLLM's CPU attention takes head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224,
   256 and 512 only (`vllm/v1/attention/backends/cpu_attn.py`). A language model with head size
@@ -144,9 +146,13 @@ def widen_hidden(state: dict[str, torch.Tensor], config: Any, new: int) -> dict[
 def to_serving_layout(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     """`state` (keys as transformers writes them) in the serving layout; `config` is updated in
     place. With an empty `state`, converts the config alone."""
+    from pruneware.adapters import adapter_class
+
     text = config.text_config
-    width = text.num_attention_heads * max(SERVING_HEAD_DIM, text.hidden_size // text.num_attention_heads)
-    state = widen_heads(widen_hidden(state, config, width), text)
+    if adapter_class(config).vllm_head_dim_from_width:
+        width = text.num_attention_heads * max(SERVING_HEAD_DIM, text.hidden_size // text.num_attention_heads)
+        state = widen_hidden(state, config, width)
+    state = widen_heads(state, text)
     return hub_key_names(state, config.model_type)
 
 
