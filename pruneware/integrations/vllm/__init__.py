@@ -1,4 +1,8 @@
-"""vLLM plugin: pre-LLM visual-token pruning for LLaVA and Qwen2.5-VL.
+"""vLLM plugin: pre-LLM visual-token pruning for LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+
+- LLaVA-NeXT (`llava_next`): the budget applies to an image's base + anyres grids as in the HF path (split between them); newline rows are kept; selection policies only.
+- Qwen2-VL (`qwen2_vl`): as Qwen2.5-VL, per image and per frame (no window attention, t_factor 1).
+- Qwen3-VL (`qwen3_vl`): per image and per frame; kept rows carry their DeepStack channels; selection policies only.
 
 Turn it on in one of two ways (without either, vLLM behaves exactly as before):
 
@@ -50,10 +54,22 @@ ARCHITECTURES = {
         "PrunewareQwen2_5_VLForConditionalGeneration",
         "pruneware.integrations.vllm.qwen2_5_vl:PrunewareQwen2_5_VLForConditionalGeneration",
     ),
+    "LlavaNextForConditionalGeneration": (
+        "PrunewareLlavaNextForConditionalGeneration",
+        "pruneware.integrations.vllm.llava_next:PrunewareLlavaNextForConditionalGeneration",
+    ),
+    "Qwen2VLForConditionalGeneration": (
+        "PrunewareQwen2VLForConditionalGeneration",
+        "pruneware.integrations.vllm.qwen2_vl:PrunewareQwen2VLForConditionalGeneration",
+    ),
+    "Qwen3VLForConditionalGeneration": (
+        "PrunewareQwen3VLForConditionalGeneration",
+        "pruneware.integrations.vllm.qwen3_vl:PrunewareQwen3VLForConditionalGeneration",
+    ),
 }
 
 # Base architectures with 1-D RoPE, served through vLLM's per-request M-RoPE positions.
-ONE_AXIS_ROPE = ("LlavaForConditionalGeneration",)
+ONE_AXIS_ROPE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
 logger = logging.getLogger("vllm.pruneware")  # under vLLM's logger, so its handlers show it
 

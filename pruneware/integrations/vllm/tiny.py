@@ -87,6 +87,89 @@ def write_tiny_qwen(path: str | Path) -> Path:
     return path
 
 
+# Engine-sized checkpoints for the real (CPU) vLLM engine: its CPU attention needs head sizes in
+# {32, 64, 80, ...}, and vLLM's Qwen2 derives the head size as hidden / heads.
+ENGINE_TEXT = dict(layers=2, hidden=128, heads=4, kv_heads=2, mlp=256, vocab=len(VOCAB))
+
+
+def _qwen_ids() -> dict[str, int]:
+    ids = {role: VOCAB[f"<|{role}|>"] for role in ("vision_start", "vision_end")}
+    return ids | {"image": VOCAB["<|image_pad|>"], "video": VOCAB["<|video_pad|>"]}
+
+
+def write_tiny_llava_next(path: str | Path, tile: int = 56) -> Path:
+    """A LLaVA-NeXT with (tile/14)^2-patch tiles (4x4 at 56 px) and anyres up to 2x2 tiles."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from pruneware.models.tiny_configs import tiny_config
+
+    path = Path(path)
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    config = tiny_config(
+        "llava-next", **ENGINE_TEXT, text={"pad_token_id": 0}, ids={"image": VOCAB["<image>"]},
+        vision={"image_size": tile, "hidden_size": 64, "intermediate_size": 128, "hidden_act": "gelu"},
+        vision_feature_layer=-1, vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+    )
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    config.save_pretrained(path)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints,
+    )
+    LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=_tokenizer(), patch_size=14,
+        vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+    ).save_pretrained(path)
+    return path
+
+
+def write_tiny_qwen_family(path: str | Path, family: str) -> Path:
+    """A Qwen2-VL or Qwen3-VL (`family`: "qwen2-vl", "qwen3-vl") with patch 14, merge 2."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
+
+    from pruneware.models.tiny_configs import tiny_config
+
+    path = Path(path)
+    text = {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
+    vision: dict[str, Any] = {"num_heads": 2}
+    if family == "qwen2-vl":
+        vision |= {"embed_dim": 64}
+        arch, processor_cls = "Qwen2VLForConditionalGeneration", transformers.Qwen2VLProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor as video_cls
+    else:
+        text |= {"head_dim": 32}
+        vision |= {"hidden_size": 64, "intermediate_size": 128}
+        arch, processor_cls = "Qwen3VLForConditionalGeneration", transformers.Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as video_cls
+    config = tiny_config(family, **ENGINE_TEXT, text=text, vision=vision, ids=_qwen_ids(),
+                         bos_token_id=None, eos_token_id=None)
+    config.architectures = [arch]
+    config.save_pretrained(path)
+    kwargs = dict(size=QWEN_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor_cls(
+        image_processor=Qwen2VLImageProcessor(**kwargs), video_processor=video_cls(**kwargs), tokenizer=_tokenizer(),
+    ).save_pretrained(path)
+    return path
+
+
+def write_random_weights(path: str | Path, seed: int = 0, std: float = 0.1) -> Path:
+    """Save seeded random weights for the checkpoint config in `path` (N(0, std) matrices and
+    embeddings, transformers' init elsewhere): outputs that depend on the input, unlike vLLM's
+    `load_format="dummy"` (uniform +-1e-3)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() >= 2 or name.endswith("image_newline"):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    model.save_pretrained(path)
+    return path
+
+
 def model_config(path: str | Path, hf_overrides: dict | None = None, **kwargs: Any):
     """A vLLM ModelConfig for a tiny checkpoint (float32, short context)."""
     from vllm.config import ModelConfig
