@@ -170,6 +170,8 @@ class PrunewareQwen3VLForConditionalGeneration(PositionOffsets, Qwen3VLForCondit
     ) -> tuple[torch.Tensor, int]:
         """[3, L] positions and the decode delta: one block per image or video frame."""
         config = self.config
+        # vLLM yields an image's full grid size as its token count; its placeholders are the span
+        images = {f.mm_position.offset: f.mm_position.length for f in mm_features if f.modality == "image"}
         blocks = []
         for offset, rows, cols, placeholders in self._iter_mm_grid_hw(
             input_tokens, mm_features, video_token_id=config.video_token_id,
@@ -177,6 +179,7 @@ class PrunewareQwen3VLForConditionalGeneration(PositionOffsets, Qwen3VLForCondit
             spatial_merge_size=config.vision_config.spatial_merge_size,
         ):
             count = self.pruneware.frame(rows, cols).count
+            placeholders = images.get(offset, placeholders)
             if placeholders != count:
                 raise RuntimeError(
                     f"frame at offset {offset} has {placeholders} placeholders, but the plan "
