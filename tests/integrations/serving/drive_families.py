@@ -79,8 +79,7 @@ def run(args: dict) -> dict:
     params = SamplingParams(max_tokens=args.get("max_tokens", 6), temperature=0.0)
     results = []
     for plan in args["plans"]:
-        # mm_processor_cache_gb=0: the processor cache outlives an LLM in this process and would
-        # hand the next plan the previous plan's placeholder counts for the same images.
+        # mm_processor_cache_gb=0: every plan processes the same images afresh (no cached items).
         engine = {"max_model_len": 1024, "mm_processor_cache_gb": 0} | args.get("engine", {})
         llm = build_llm(str(folder), plan, seed=0, **engine)
         reqs = requests(family)
