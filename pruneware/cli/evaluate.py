@@ -43,32 +43,47 @@ def evaluate(
     data: str = typer.Option(None, help="Local file or folder for jsonl and the public benchmarks."),
     plans: str = typer.Option("none,fastv,adaptinfer,divprune,random,info-horizon,crosslmm",
                               help="Plans or presets, ','-separated (';' if a plan has several stages; one complete multi-stage plan, such as `tune` prints, needs none)."),
-    avg_tokens: str = typer.Option("64,128,192", "--avg-tokens", help="Budgets for presets: average visual tokens per layer (explicit plans run once at their own)."),
+    avg_tokens: str = typer.Option(None, "--avg-tokens", help="Budgets for presets: average visual tokens per layer (explicit plans run once at their own). Default 64,128,192; hf engine only."),
     limit: int = typer.Option(None, help="Examples (synthetic default: 200)."),
     seed: int = typer.Option(0, help="Seed: a fresh synthetic split, and random policies."),
     batch_size: int = typer.Option(8, "--batch-size"),
     out: str = typer.Option("runs/eval", help="Output folder: rows.jsonl (resumable), results.json, plots."),
     download: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json", help="stdout is one JSON object with a `results` list."),
+    engine: str = typer.Option("hf", help="hf (pruneware's HF wrapper) or vllm (a vLLM engine with the plugin; `pre` plans only)."),
 ) -> None:
     """Sweep plans and budgets over a benchmark: accuracy, fidelity, tokens, FLOPs, latency."""
     from pruneware.evals.plots import plot_sweep
     from pruneware.evals.runner import run_sweep, summarize, variants
 
+    if engine not in ("hf", "vllm"):
+        raise UserError(f"--engine must be hf or vllm, got {engine!r}")
     plan_list = split_plans(plans)
-    budgets = parse_list(avg_tokens, float, minimum=1, option="--avg-tokens")
+    if engine == "vllm" and avg_tokens is not None:
+        raise UserError("--avg-tokens is not supported with --engine vllm (the plugin keeps a fixed count per image): "
+                        "write the budget into the plan, e.g. divprune@pre:64 or random@pre:0.25")
+    budgets = parse_list(avg_tokens or "64,128,192", float, minimum=1, option="--avg-tokens")
     items = _items(bench, data, limit, seed)  # a bad dataset fails before the model loads
-    vlm, processor, name = load_model(model, download)
-    import pruneware
-    from pruneware.models.loading import weights_fingerprint
-
-    for plan in plan_list:  # fail on a malformed plan before any work (budgets are checked per input)
-        if plan != "none":
-            pruneware.prune(vlm, plan)
-    sweep = variants(plan_list, budgets)
     out_dir = Path(out)
-    weights = weights_fingerprint(vlm)
-    claim_out_folder(out_dir, {"model": name, "weights": weights, "bench": bench, "data": data})
+    if engine == "vllm":
+        from pruneware.cli.common import DEFAULT_MODEL
+        from pruneware.evals.vllm_engine import check_plans, files_fingerprint, run_sweep_vllm, stdout_to_stderr
+
+        name = model or DEFAULT_MODEL
+        weights = files_fingerprint(check_plans(name, plan_list, seed))  # the plugin's PlanError, before any engine
+        sweep = variants(plan_list, [])
+        claim_out_folder(out_dir, {"model": name, "weights": weights, "bench": bench, "data": data, "engine": engine})
+    else:
+        vlm, processor, name = load_model(model, download)
+        import pruneware
+        from pruneware.models.loading import weights_fingerprint
+
+        for plan in plan_list:  # fail on a malformed plan before any work (budgets are checked per input)
+            if plan != "none":
+                pruneware.prune(vlm, plan)
+        sweep = variants(plan_list, budgets)
+        weights = weights_fingerprint(vlm)
+        claim_out_folder(out_dir, {"model": name, "weights": weights, "bench": bench, "data": data})
     console = Console(stderr=True)
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                TimeRemainingColumn())
@@ -79,26 +94,34 @@ def evaluate(
             progress.update(task, completed=done, total=total)
 
         skipped: dict[str, str] = {}
-        rows = run_sweep(vlm, processor, items, sweep, out_dir / "rows.jsonl", batch_size, seed,
-                         bench=bench, on_progress=on_progress, skipped=skipped)
+        if engine == "vllm":
+            with stdout_to_stderr():  # vLLM's logs would break `--json`
+                rows = run_sweep_vllm(name, items, sweep, out_dir / "rows.jsonl", seed, bench=bench, on_progress=on_progress)
+        else:
+            rows = run_sweep(vlm, processor, items, sweep, out_dir / "rows.jsonl", batch_size, seed,
+                             bench=bench, on_progress=on_progress, skipped=skipped)
     ids = {str(it.id) for it in items}
     results = summarize([r for r in rows if r["id"] in ids], sweep, items, bench)
-    payload = {"model": name, "weights": weights, "bench": bench, "n_examples": len(items), "seed": seed, "results": results,
-               "skipped": skipped}
+    payload = {"model": name, "weights": weights, "bench": bench, "n_examples": len(items), "seed": seed, "engine": engine,
+               "results": results, "skipped": skipped}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
     payload["plots"] = [str(p) for p in plot_sweep(results, out_dir)]
     if json_out:
         emit_json(payload)
         return
-    table = Table(title=f"{name} on {bench} ({len(items)} examples)")
-    for column in ("plan", "avg tokens", "accuracy", "relative", "visual/layer", "LM GFLOPs", "vision GFLOPs",
-                   "prefill ms", "KL"):
+    table = Table(title=f"{name} on {bench} ({len(items)} examples, {engine})")
+    for column in ("plan", "avg tokens", "accuracy", "relative", "visual/layer", "prompt tokens", "LM GFLOPs",
+                   "vision GFLOPs", "prefill ms", "KL", "answer agreement"):
         table.add_column(column, justify="right")
+
+    def cell(value: float | None, fmt: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value / scale, fmt)
+
     for r in results:
-        table.add_row(r["plan"], "-" if r["avg_tokens"] is None else f"{r['avg_tokens']:g}", f"{r['accuracy']:.3f}",
-                      "-" if r["relative_accuracy"] is None else f"{r['relative_accuracy']:.3f}",
-                      f"{r['avg_visual_tokens']:.1f}", f"{r['flops'] / 1e9:.3f}",
-                      f"{r['vision_flops'] / 1e9:.3f}", f"{r['prefill_ms']:.1f}", f"{r['kl']:.4f}")
+        table.add_row(r["plan"], cell(r["avg_tokens"], "g"), f"{r['accuracy']:.3f}", cell(r["relative_accuracy"], ".3f"),
+                      cell(r["avg_visual_tokens"], ".1f"), cell(r["avg_prompt_tokens"], ".1f"), cell(r["flops"], ".3f", 1e9),
+                      cell(r["vision_flops"], ".3f", 1e9), cell(r["prefill_ms"], ".1f"), cell(r["kl"], ".4f"),
+                      cell(r["answer_agreement"], ".3f"))
     Console().print(table)
     for key, reason in skipped.items():
         Console(stderr=True).print(f"skipped {key.replace('|', ' at avg_tokens=')}: {reason}")

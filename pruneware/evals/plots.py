@@ -21,6 +21,8 @@ def plot_sweep(results: list[dict], out_dir: str | Path) -> list[Path]:
     paths = []
     for key, label, name in (("accuracy", "accuracy", "accuracy_vs_tokens.png"),
                              ("prefill_ms", "prefill latency per example (ms)", "latency_vs_tokens.png")):
+        if any(r.get(key) is None for r in results):  # not measured (vLLM rows have no prefill latency)
+            continue
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for plan, rows in sorted(series.items()):
             rows = sorted(rows, key=lambda r: r["avg_visual_tokens"])

@@ -258,7 +258,11 @@ def summarize(rows: Sequence[dict], plan_variants: Sequence[Variant], items: Seq
         group = by_variant.get(v.key, [])
         if not group:
             continue
-        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
+        def mean(key: str, digits: int | None = None) -> float | None:  # None: no row measured it (vLLM rows)
+            values = [r[key] for r in group if r.get(key) is not None]
+            value = sum(values) / len(values) if values else None
+            return value if value is None or digits is None else round(value, digits)
+
         tasks: dict[str, list[bool]] = defaultdict(list)
         for r in group:
             tasks[r["task"]].append(r["score"])
@@ -271,13 +275,15 @@ def summarize(rows: Sequence[dict], plan_variants: Sequence[Variant], items: Seq
             "plans_run": sorted({r.get("plan", v.plan) for r in group}),  # per-sample budgets may differ
             "accuracy": round(accuracy, 4),
             "relative_accuracy": round(accuracy / base_acc, 4) if base_acc else None,
-            "avg_visual_tokens": round(mean("visual_tokens"), 2),
+            "avg_visual_tokens": mean("visual_tokens", 2),
+            "avg_prompt_tokens": mean("prompt_tokens", 2),  # vLLM rows only
             "flops": mean("flops"),
-            "vision_flops": sum(r.get("vision_flops", 0.0) for r in group) / len(group),  # rows of older runs lack it
-            "prefill_ms": round(mean("prefill_ms"), 3),
-            "top1_agreement": round(mean("top1_agrees"), 4),
-            "answer_agreement": round(mean("answer_agrees"), 4),
-            "kl": round(mean("kl"), 6),
+            "vision_flops": None if all(r.get("flops") is None for r in group)  # rows of older runs lack it: 0
+            else sum(r.get("vision_flops") or 0.0 for r in group) / len(group),
+            "prefill_ms": mean("prefill_ms", 3),
+            "top1_agreement": mean("top1_agrees", 4),
+            "answer_agreement": mean("answer_agrees", 4),
+            "kl": mean("kl", 6),
             "per_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(tasks.items())},
             "main_metric": None if main is None else {"name": main["metric"], "score": main["score"]},
         })
