@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device run for issue 6: the gather and score kernel tests on CUDA, then the GPU suite.
 # Everything lands in $OUT (env.txt, kernel_tests.txt, gpu_suite.txt, gpu_suite.json, status.txt).
-# Budget: kernel tests <= 150 s, suite <= 380 s (it aims at under 6 minutes): run with a
-# 590 s limit, e.g.  run(command="bash benchmarks/device_check.sh", timeout_s=590).
+# Budget: kernel tests <= 150 s, suite <= 380 s (it aims at under 6 minutes), then the vLLM serving
+# benchmark on random-weight 7B shapes with whatever is left of 585 s (vllm_serving_*.txt/json;
+# "vllm not installed" when the machine has no vllm): run with a 590 s limit, e.g.
+#   run(command="bash benchmarks/device_check.sh", timeout_s=590).
 set -u
 OUT=${OUT:-$(mktemp -d)}
 cd "$(dirname "$0")/.."
@@ -36,4 +38,23 @@ timeout 380 "$PY" benchmarks/gpu_suite.py --json "$OUT/gpu_suite.json" --max-sec
 rc=$?
 status "gpu suite rc=$rc"
 tail -n 60 "$OUT/gpu_suite.txt"
+
+# vLLM serving with the plugin, random weights of the real shapes (--load-format dummy; the config
+# folders are written offline by benchmarks/serving_shapes.py). Each model gets the time left.
+VLLM_BIN="$(dirname "$PY")/vllm"
+[ -x "$VLLM_BIN" ] || VLLM_BIN="$(command -v vllm || true)"
+if [ -z "$VLLM_BIN" ] || ! "$PY" -c "import vllm" 2>/dev/null; then
+  status "vllm serving: vllm not installed (no vllm next to $PY or on PATH): not run"
+else
+  for shape in llava-1.5-7b qwen2.5-vl-7b; do
+    left=$((585 - SECONDS))
+    if [ "$left" -lt 150 ]; then status "vllm serving $shape: skipped, only ${left} s of the budget left"; continue; fi
+    shapes=$("$PY" benchmarks/serving_shapes.py "$shape" "$(mktemp -d)/$shape")
+    timeout --kill-after=20 $((left - 25)) "$PY" benchmarks/vllm_serving.py --model "$shapes" --load-format dummy \
+      --vllm-bin "$VLLM_BIN" --plans none,divprune@pre:64 --concurrency 1,8,32 --requests 64 --requests-at-1 8 \
+      --ready-timeout 240 --json "$OUT/vllm_serving_$shape.json" >"$OUT/vllm_serving_$shape.txt" 2>&1
+    rc=$?
+    status "vllm serving $shape rc=$rc (table in $OUT/vllm_serving_$shape.txt)"
+  done
+fi
 cat "$OUT/status.txt"

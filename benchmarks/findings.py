@@ -51,7 +51,7 @@ def paired(a: dict[str, dict], b: dict[str, dict]) -> dict:
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
     half = 1.96 * sd / math.sqrt(n)
     acc = lambda rows: sum(rows[i]["score"] for i in ids) / n  # noqa: E731
-    kl = lambda rows: sum(rows[i]["kl"] for i in ids) / n  # noqa: E731
+    kl = lambda rows: None if any(rows[i].get("kl") is None for i in ids) else sum(rows[i]["kl"] for i in ids) / n  # noqa: E731
     return {"n": n, "a": acc(a), "b": acc(b), "diff": mean, "lo": mean - half, "hi": mean + half, "kl_a": kl(a), "kl_b": kl(b)}
 
 
