@@ -1,5 +1,6 @@
 """The pruned vLLM models on CPU: placeholder counts (prompts and profiling), embed_multimodal
-rows against the unpruned embedding, and Qwen2.5-VL M-RoPE positions.
+rows against the unpruned embedding, and positions: the kept tokens' final positions (scheduled
+positions plus the offsets `embed_multimodal` carries) against vLLM's own unpruned positions.
 
 Expected kept indices are derived independently of the plugin's plumbing: from the unpruned
 embedding of vLLM's own base class (called on the same weights), frame by frame.
@@ -17,12 +18,15 @@ pytest.importorskip("vllm", reason="vllm is not importable: run .ci/install_vllm
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from vllm.model_executor.models.llava import LlavaForConditionalGeneration as VllmLlava  # noqa: E402
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as VllmQwen  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.encoder_budget import get_mm_max_toks_per_item  # noqa: E402
 from vllm.multimodal.inputs import MultiModalFeatureSpec  # noqa: E402
 from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
 
 from pruneware.integrations.vllm import register  # noqa: E402
+from pruneware.integrations.vllm.positions import split_offsets  # noqa: E402
 from pruneware.integrations.vllm.spec import PruneSpec, parse_stage  # noqa: E402
 from pruneware.integrations.vllm.tiny import cpu_model, model_config, write_tiny_llava, write_tiny_qwen  # noqa: E402
 from pruneware.policies.divprune import max_min_diverse  # noqa: E402
@@ -56,13 +60,14 @@ def _lengths(out, modality: str) -> list[int]:
     return [p.length for p in out["mm_placeholders"][modality]]
 
 
-def _embed(model, out, method=None) -> list[torch.Tensor]:
-    """Run embed_multimodal the way the model runner does: batched per modality."""
+def _embed(model, out, method=None, raw: bool = False) -> list[torch.Tensor]:
+    """Run embed_multimodal the way the model runner does: batched per modality. The plugin's
+    rows lose their position-offset channels unless `raw`."""
     items = [(m, item) for m in out["mm_kwargs"] for item in out["mm_kwargs"][m]]
     rows = []
     for _, _, batch in group_and_batch_mm_kwargs(items, device="cpu"):
         rows += list((method or type(model).embed_multimodal)(model, **batch))
-    return rows
+    return rows if method is not None or raw else [split_offsets(r)[0] for r in rows]
 
 
 def _random_keep(n_frames: int, per_frame: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -145,7 +150,7 @@ def test_llava_embed_returns_the_kept_rows_in_order(tiny, llava, plan, text):
     spec = plan(llava, text, "1d")
     processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["llava"], LLAVA, text))
     out = processor("w1 <image> w2 <image>", processor.info.parse_mm_data({"image": _images(2)}))
-    base = type(llava).__mro__[1]  # vLLM's LlavaForConditionalGeneration
+    base = VllmLlava
     rows = _embed(llava, out)
     full = _embed(llava, out, base.embed_multimodal)  # [36, D] per image, unpruned
     k = spec.frame(6, 6).count
@@ -170,7 +175,7 @@ def test_llava_crosslmm_returns_pooled_rows(tiny, llava, plan, budget, grid):
     processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["llava"], LLAVA, text))
     out = processor("<image> w1", processor.info.parse_mm_data({"image": _images(1)}))
     rows = _embed(llava, out)[0]
-    full = _embed(llava, out, type(llava).__mro__[1].embed_multimodal)[0]
+    full = _embed(llava, out, VllmLlava.embed_multimodal)[0]
     pooled = torch.nn.functional.adaptive_avg_pool2d(full.T.reshape(1, -1, 6, 6), grid)  # [1, D, *grid]
     torch.testing.assert_close(rows, pooled.reshape(full.shape[1], -1).T)
 
@@ -181,7 +186,7 @@ def test_qwen_embed_prunes_images_and_each_frame(tiny, qwen, plan, text):
     processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, text))
     out = processor(QWEN_PROMPT, processor.info.parse_mm_data({"image": _images(1), "video": [_video()]}))
     rows = _embed(qwen, out)
-    full = _embed(qwen, out, type(qwen).__mro__[1].embed_multimodal)
+    full = _embed(qwen, out, VllmQwen.embed_multimodal)
     for got, ref, (frames, rows_, cols), length in zip(
         rows, full, [(1, 3, 4), (2, 2, 3)], _lengths(out, "image") + _lengths(out, "video"), strict=True
     ):
@@ -205,35 +210,100 @@ def _features(out) -> list[MultiModalFeatureSpec]:
     ]
 
 
-def test_qwen_positions_follow_the_pseudo_grid(tiny, qwen, plan):
-    plan(qwen, "divprune@pre:0.5", "mrope")
-    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, "divprune@pre:0.5"))
+def _final_positions(model, out) -> tuple[torch.Tensor, int]:
+    """[3, L] positions the first layer sees for a processed prompt, and the decode delta: the
+    scheduled positions plus the offsets embed_multimodal carries, through the model's own
+    embed_input_ids / forward hand-over."""
+    ids = out["prompt_token_ids"]
+    positions, delta = model.get_mrope_input_positions(ids, _features(out))
+    placeholders = [p for m in out["mm_kwargs"] for p in out["mm_placeholders"][m]]
+    rows = [r for _, r in sorted(zip([p.offset for p in placeholders], _embed(model, out, raw=True)), key=lambda x: x[0])]
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    for p in placeholders:
+        mask[p.offset : p.offset + p.length] = True
+    model.embed_input_ids(torch.tensor(ids), rows, is_multimodal=mask)
+    offsets, model._pending_offsets = model._pending_offsets, None
+    return positions + offsets.T, delta
+
+
+def _expected_positions(full_out, full_positions, pruned_out, keeps) -> torch.Tensor:
+    """The unpruned prompt's positions at the pruned prompt's tokens: text maps to text, an item's
+    slots to its kept original tokens (`keeps`, one index tensor per item in prompt order)."""
+    def spans(out):
+        return sorted((p.offset, p.length) for m in out["mm_kwargs"] for p in out["mm_placeholders"][m])
+
+    index, cursor_full = [], 0
+    for _, (full_offset, full_length), keep in zip(spans(pruned_out), spans(full_out), keeps, strict=True):
+        index += range(cursor_full, full_offset)
+        index += (full_offset + keep).tolist()
+        cursor_full = full_offset + full_length
+    index += range(cursor_full, len(full_out["prompt_token_ids"]))
+    assert len(index) == len(pruned_out["prompt_token_ids"])
+    return full_positions[:, index]
+
+
+@pytest.mark.parametrize("text", ["random@pre:2", "random@pre:1.0"])
+def test_qwen_kept_tokens_keep_their_original_positions(tiny, qwen, plan, text):
+    spec = plan(qwen, text, "mrope")
+    data = {"image": _images(1), "video": [_video()]}
+    pruned = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, text))
+    full = MULTIMODAL_REGISTRY.create_processor(model_config(tiny["qwen"]))
+    out, full_out = pruned(QWEN_PROMPT, pruned.info.parse_mm_data(data)), full(QWEN_PROMPT, full.info.parse_mm_data(data))
+    want, want_delta = VllmQwen.get_mrope_input_positions(qwen, full_out["prompt_token_ids"], _features(full_out))
+    keeps = [_random_keep(frames, r * c, spec.frame(r, c).count) for frames, r, c in [(1, 3, 4), (2, 2, 3)]]
+    got, delta = _final_positions(qwen, out)
+    assert torch.equal(got, _expected_positions(full_out, want, out, keeps))
+    # Decoding continues where it would after the unpruned prompt.
+    assert delta == want_delta + len(full_out["prompt_token_ids"]) - len(out["prompt_token_ids"])
+
+
+def test_qwen_pooled_tokens_sit_on_their_pooled_grid(tiny, qwen, plan):
+    # As the HF adapter lays merged tokens out (Adapter.merged_positions): frame f of a pooled
+    # rows x cols grid at (t(f), row, col) from the item's start; the next text starts
+    # max(rows, cols) further on.
+    spec = plan(qwen, "crosslmm@pre:0.5", "mrope")
+    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, "crosslmm@pre:0.5"))
     out = processor(QWEN_PROMPT, processor.info.parse_mm_data({"image": _images(1), "video": [_video()]}))
     ids = out["prompt_token_ids"]
-    positions, delta = qwen.get_mrope_input_positions(ids, _features(out))
-    # Worked by hand. Image: 3x4 tokens keep 6 on a 2x3 grid. Video: 2 frames of 2x3 keep 3
-    # each on a 2x2 grid; frame f sits at t = f * (2 frames / 2 fps) * tokens_per_second.
+    positions, delta = _final_positions(qwen, out)
     tps = int(qwen.config.vision_config.tokens_per_second)
+    image, video = spec.frame(3, 4), spec.frame(2, 3)
     text = lambda start, n: [[start + i] * 3 for i in range(n)]  # noqa: E731
     expected = text(0, 2)  # w1 <vision_start>
-    expected += [[2, 2 + r, 2 + c] for r in range(2) for c in range(3)]  # image, max 4
-    expected += text(5, 4)  # <vision_end> w2 w3 <vision_start>: 5..8
-    expected += [[9 + f * tps, 9 + r, 9 + c] for f in range(2) for r, c in [(0, 0), (0, 1), (1, 0)]]
-    after = 9 + max(tps, 1) + 1
+    expected += [[2, 2 + r, 2 + c] for r in range(image.rows) for c in range(image.cols)]
+    start = 2 + max(image.rows, image.cols)
+    expected += text(start, 4)  # <vision_end> w2 w3 <vision_start>
+    start += 4
+    expected += [[start + f * tps, start + r, start + c] for f in range(2) for r in range(video.rows) for c in range(video.cols)]
+    after = start + max(video.rows, video.cols)
     expected += text(after, 2)  # <vision_end> w4
-    assert len(ids) == len(expected)
     assert positions.T.tolist() == expected
     assert delta == after + 2 - len(ids)
 
 
-def test_qwen_keep_all_positions_match_vllm(tiny, qwen, plan):
-    plan(qwen, "random@pre:1.0", "mrope")
-    processor = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, "random@pre:1.0"))
-    out = processor(QWEN_PROMPT, processor.info.parse_mm_data({"image": _images(1), "video": [_video()]}))
-    ids, features = out["prompt_token_ids"], _features(out)
-    got = qwen.get_mrope_input_positions(ids, features)
-    want = type(qwen).__mro__[1].get_mrope_input_positions(qwen, ids, features)
-    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+@pytest.mark.parametrize("text", ["random@pre:7", "crosslmm@pre:9", "random@pre:7:compact"])
+def test_llava_kept_tokens_keep_their_original_positions(tiny, llava, plan, text):
+    spec = plan(llava, text, "1d")
+    data = {"image": _images(2)}
+    prompt = "w1 <image> w2 <image> w3"
+    pruned = MULTIMODAL_REGISTRY.create_processor(_config(tiny["llava"], LLAVA, text))
+    full = MULTIMODAL_REGISTRY.create_processor(model_config(tiny["llava"]))
+    out, full_out = pruned(prompt, pruned.info.parse_mm_data(data)), full(prompt, full.info.parse_mm_data(data))
+    got, delta = _final_positions(llava, out)
+    length = len(out["prompt_token_ids"])
+    if spec.stage.positions == "compact":
+        assert torch.equal(got, torch.arange(length).expand(3, -1)) and delta == 0
+        return
+    if spec.policy.merges:  # each pooled token stands at the original token its window starts at
+        from pruneware.integrations.vllm.prune import prune_item
+
+        keep = prune_item(spec, torch.randn(36, 8), (1, 6, 6))[1]
+        keeps = [keep, keep]
+    else:
+        keeps = [_random_keep(1, 36, 7)] * 2
+    full_positions = torch.arange(len(full_out["prompt_token_ids"])).expand(3, -1)
+    assert torch.equal(got, _expected_positions(full_out, full_positions, out, keeps))
+    assert delta == len(full_out["prompt_token_ids"]) - length
 
 
 def test_qwen_encoder_cuda_graphs_are_off(qwen):

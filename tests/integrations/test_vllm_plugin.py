@@ -40,11 +40,15 @@ def registry(monkeypatch):
 
     monkeypatch.delenv(plugin.ENV_PLAN, raising=False)
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    saved = dict(ModelRegistry.models)
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    saved, saved_hooks = dict(ModelRegistry.models), dict(MODELS_CONFIG_MAP)
     utils._MODEL_ARCH_BY_HASH.clear()  # vLLM memoises model dir -> class per process
     yield ModelRegistry
     ModelRegistry.models.clear()
     ModelRegistry.models.update(saved)
+    MODELS_CONFIG_MAP.clear()
+    MODELS_CONFIG_MAP.update(saved_hooks)
     utils._MODEL_ARCH_BY_HASH.clear()
 
 
@@ -73,9 +77,10 @@ def test_entry_point_is_discovered_and_filtered_by_vllm_plugins(registry, monkey
 def test_register_is_reentrant_and_lazy(registry):
     base = {name: registry.models[name] for name in plugin.ARCHITECTURES}
     plugin.register()
-    first = {name: registry.models[name] for name in (LLAVA, QWEN)}
+    pruned_names = [pruned for pruned, _ in plugin.ARCHITECTURES.values()]
+    first = {name: registry.models[name] for name in pruned_names}
     plugin.register()
-    assert {name: registry.models[name] for name in (LLAVA, QWEN)} == first
+    assert {name: registry.models[name] for name in pruned_names} == first
     for name, (pruned, target) in plugin.ARCHITECTURES.items():
         module, cls = target.split(":")
         assert (first[pruned].module_name, first[pruned].class_name) == (module, cls)  # a lazy entry
@@ -161,10 +166,10 @@ def test_evs_video_pruning_is_refused(registry, tiny):
 
 
 def test_old_vllm_versions_get_a_clear_message(registry, monkeypatch, caplog):
-    for ok in ("0.33.0", "0.33.1", "0.34.0.dev12+gabc", "1.0.0"):
+    for ok in ("0.32.0", "0.33.0", "0.33.1", "0.34.0.dev12+gabc", "1.0.0"):
         plugin.check_vllm_version(ok)
-    with pytest.raises(plugin.VllmVersionError, match=r"needs vllm>=0.33 .*found vllm 0\.32\.1.*pip install"):
-        plugin.check_vllm_version("0.32.1")
+    with pytest.raises(plugin.VllmVersionError, match=r"needs vllm>=0.32 .*found vllm 0\.31\.1.*pip install"):
+        plugin.check_vllm_version("0.31.1")
 
     monkeypatch.setattr(plugin, "installed_vllm_version", lambda: "0.31.0")
     calls = []
