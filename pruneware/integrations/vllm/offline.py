@@ -31,18 +31,20 @@ def model_folder(model: str) -> str:
     return str(models.path(model)) if model in models.MODELS else model
 
 
-def hf_overrides(folder: str, plan: str | None, seed: int = 0) -> dict[str, Any]:
-    """The `hf_overrides` that turn the plugin on for `plan` (empty for None: the base model)."""
+def hf_overrides(folder: str, plan: str | None, seed: int = 0, avg_tokens: float | None = None) -> dict[str, Any]:
+    """The `hf_overrides` that turn the plugin on for `plan` (empty for None: the base model);
+    with `avg_tokens`, `plan` is a preset or a plan without budgets, solved per image."""
     if plan is None or plan == "none":
         return {}
     config = Path(folder) / "config.json"
     base = json.loads(config.read_text())["architectures"][0] if config.is_file() else None
     if base not in ARCHITECTURES:
         raise ValueError(f"the vLLM plugin prunes {sorted(ARCHITECTURES)}; {folder} is {base!r}")
-    return {"architectures": [ARCHITECTURES[base][0]], CONFIG_KEY: {"plan": plan, "seed": seed}}
+    options = {"plan": plan, "seed": seed} | ({} if avg_tokens is None else {"avg_tokens": avg_tokens})
+    return {"architectures": [ARCHITECTURES[base][0]], CONFIG_KEY: options}
 
 
-def build_llm(model: str, plan: str | None = None, seed: int = 0, **engine_kwargs: Any):
+def build_llm(model: str, plan: str | None = None, seed: int = 0, avg_tokens: float | None = None, **engine_kwargs: Any):
     """A vLLM `LLM` for `model` with `plan` applied by the plugin (None or "none": unpruned)."""
     from vllm import LLM
     from vllm.platforms import current_platform
@@ -50,7 +52,7 @@ def build_llm(model: str, plan: str | None = None, seed: int = 0, **engine_kwarg
     folder = model_folder(model)
     kwargs = (CPU_DEFAULTS if current_platform.is_cpu() else {}) | {"seed": seed}
     kwargs |= engine_kwargs
-    return LLM(folder, hf_overrides=hf_overrides(folder, plan, seed), **kwargs)
+    return LLM(folder, hf_overrides=hf_overrides(folder, plan, seed, avg_tokens), **kwargs)
 
 
 def chat_prompt(processor: Any, question: str, modality: str = "image") -> str:

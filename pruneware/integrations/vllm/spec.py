@@ -24,7 +24,7 @@ from pruneware.policies import Policy, build_policy, get_policy
 from pruneware.policies.pooling import pooled_shape
 
 CONFIG_KEY = "pruneware"  # hf_overrides={"pruneware": {"plan": ..., "seed": ...}}
-CONFIG_FIELDS = ("plan", "seed")
+CONFIG_FIELDS = ("plan", "seed", "avg_tokens")
 SEED_STRIDE = 1_000_003  # the HF session derives stage i's seed as seed * SEED_STRIDE + i
 
 IN_LLM_REFUSAL = (
@@ -52,15 +52,26 @@ class FrameLayout:
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """One pre-LLM stage as the vLLM plugin runs it. `policy` is built from the stage's params."""
+    """One pre-LLM stage as the vLLM plugin runs it. `policy` is built from the stage's params.
+
+    With `avg_tokens`, `template` (a preset, or a plan without budgets) is solved per frame for
+    that frame's own token count, as the HF session solves it per sample; for a single `pre`
+    stage the solution keeps `avg_tokens` tokens (rounded), and an item with fewer tokens than
+    that is refused with the solver's error.
+    """
 
     stage: Stage
     seed: int = 0
+    avg_tokens: float | None = None
+    template: Any = field(default=None, repr=False, compare=False)
+    n_layers: int = 32
+    rope: Literal["1d", "mrope"] = "1d"
     policy: Policy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_stage(self.stage)
         object.__setattr__(self, "policy", build_policy(self.stage))
+        object.__setattr__(self, "_solved", {})
 
     @property
     def stage_seed(self) -> int:
@@ -68,7 +79,14 @@ class PruneSpec:
 
     def budget(self, rows: int, cols: int) -> int:
         """The stage's budget for one frame: what the policy is asked to keep (or pool into)."""
-        return self.stage.keep_count(rows * cols)
+        n = rows * cols
+        if self.avg_tokens is None:
+            return self.stage.keep_count(n)
+        solved = self._solved.get(n)  # type: ignore[attr-defined]
+        if solved is None:
+            plan = self.template.build(self.n_layers, self.avg_tokens, n, self.rope)
+            solved = self._solved[n] = plan.stages[0].keep_count(n)  # type: ignore[attr-defined]
+        return solved
 
     def frame(self, rows: int, cols: int) -> FrameLayout:
         """The layout of one frame of `rows` x `cols` tokens (after the model's spatial merge)."""
@@ -104,6 +122,29 @@ def check_stage(stage: Stage) -> None:
         )
     if stage.budget == 0:
         raise PlanError(f"stage {stage}: vLLM needs at least one placeholder token per item; use a budget >= 1")
+
+
+def avg_tokens_template(text: str, avg_tokens: float, n_layers: int, rope: Literal["1d", "mrope"]) -> tuple[Stage, Any]:
+    """(the stage, the template solved per frame) for a preset or budget-free plan + avg_tokens."""
+    from pruneware.plans import available_presets, writes_budgets
+    from pruneware.plans.presets import user_template
+
+    text = text.strip()
+    presets = available_presets()
+    if "@" not in text and text in presets:
+        template = presets[text]
+    elif writes_budgets(text):
+        raise PlanError(
+            f"plan {text!r} sets its own budgets, which conflict with avg_tokens={avg_tokens:g}: drop avg_tokens, "
+            "or leave the budget out (e.g. 'divprune@pre')"
+        )
+    else:
+        template = user_template(Plan.parse(text), n_layers)
+    for stage in template.build(n_layers, rope=rope).stages:
+        check_stage(stage)  # before solving: "pre only" is the message that matters here
+    probe = template.build(n_layers, avg_tokens, max(576, math.ceil(avg_tokens)), rope)
+    probe.validate_for(n_layers, rope)
+    return probe.stages[0], template
 
 
 def parse_stage(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> Stage:
@@ -142,7 +183,13 @@ def spec_from_config(hf_config: Any, rope: Literal["1d", "mrope"]) -> PruneSpec 
         raise PlanError(f"hf_overrides[{CONFIG_KEY!r}]['seed'] must be an integer, got {seed!r}")
     text_config = getattr(hf_config, "text_config", hf_config)
     n_layers = int(getattr(text_config, "num_hidden_layers", 32))
-    return PruneSpec(parse_stage(str(plan), n_layers, rope), seed)
+    avg_tokens = options.get("avg_tokens")
+    if avg_tokens is None:
+        return PruneSpec(parse_stage(str(plan), n_layers, rope), seed)
+    if isinstance(avg_tokens, bool) or not isinstance(avg_tokens, int | float) or avg_tokens < 1:
+        raise PlanError(f"hf_overrides[{CONFIG_KEY!r}]['avg_tokens'] must be a number >= 1, got {avg_tokens!r}")
+    stage, template = avg_tokens_template(str(plan), float(avg_tokens), n_layers, rope)
+    return PruneSpec(stage, seed, float(avg_tokens), template, n_layers, rope)
 
 
 def require_spec(hf_config: Any, architecture: str, rope: Literal["1d", "mrope"]) -> PruneSpec:

@@ -54,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(model_folder: str, plan: str | None, port: int, seed: int = 0) -> list[str]:
+def serve_command(model_folder: str, plan: str | None, port: int, seed: int = 0, avg_tokens: float | None = None) -> list[str]:
     """`vllm serve` on 127.0.0.1 with the plugin turned on for `plan` by --hf-overrides.
 
     Started as `python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs): the
@@ -67,17 +67,18 @@ def serve_command(model_folder: str, plan: str | None, port: int, seed: int = 0)
         "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.15", "--seed", str(seed),
         "--uvicorn-log-level", "warning", "--served-model-name", "served",
     ]
-    overrides = hf_overrides(model_folder, plan, seed)
+    overrides = hf_overrides(model_folder, plan, seed, avg_tokens)
     return command + (["--hf-overrides", json.dumps(overrides)] if overrides else [])
 
 
 class Server:
     """A `vllm serve` process, started and stopped by a test (context manager)."""
 
-    def __init__(self, model_folder: str, plan: str | None, startup_timeout: float = 400) -> None:
+    def __init__(self, model_folder: str, plan: str | None, startup_timeout: float = 400,
+                 avg_tokens: float | None = None, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = serve_command(model_folder, plan, self.port)
+        self.command = serve_command(model_folder, plan, self.port, avg_tokens=avg_tokens) + list(extra)
         self.timeout = startup_timeout
         self.log = None
         self.proc: subprocess.Popen | None = None

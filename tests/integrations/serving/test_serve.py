@@ -89,3 +89,25 @@ def test_a_plan_vllm_cannot_serve_is_refused_at_startup(vllm_python, plan, messa
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
+
+
+def test_qwen_server_solves_avg_tokens_per_image_and_refuses_an_unreachable_one(vllm_python):
+    """tiny-qwen2.5-vl under `divprune` with avg_tokens=64: a 336-px image (576 tokens) keeps 64,
+    answering as the offline engine does with `divprune@pre:64`; an image the request asks to
+    process at 56 x 56 px (4 x 4 tokens) cannot reach 64 and gets a clear error; the server keeps
+    serving."""
+    name = "tiny-qwen2.5-vl"
+    offline = run_driver(vllm_python, "tests.integrations.serving.drive_offline",
+                         {"model": name, "plans": ["divprune@pre:64"], "n": 4})["divprune@pre:64"]
+    items = make_split("eval", 4, seed=0)
+    with Server(model_folder(name), "divprune", avg_tokens=64, extra=("--trust-request-mm-kwargs",)) as server:
+        small = chat_body(items[0].question, png_data_url(items[0].image))
+        small["mm_processor_kwargs"] = {"size": {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}}
+        status, body = post_json(server.url + "/v1/chat/completions", small)
+        assert status == 400, body
+        assert "avg_tokens=64" in str(body) and "out of reach" in str(body)
+        for item, answer, length in zip(items, offline["answers"], offline["prompt_lengths"], strict=True):
+            status, body = post_json(server.url + "/v1/chat/completions", chat_body(item.question, png_data_url(item.image)))
+            assert status == 200, body
+            assert normalize(body["choices"][0]["message"]["content"]) == answer
+            assert body["usage"]["prompt_tokens"] == length
