@@ -138,7 +138,7 @@ class Adapter:
         """
         raise NotImplementedError
 
-    # the vision tower, for pre-LLM policies that read it (fastervlm, visionzip, resize) ----
+    # the vision tower, for pre-LLM policies that read it (`Needs.vision`) ----
     def vision_encoder(self) -> nn.Module | None:
         """The module one call of which encodes a batch of images (None: not supported)."""
         return None
@@ -146,8 +146,8 @@ class Adapter:
     def vision_score_attention(self) -> nn.Module:
         """The vision attention module whose rows vision-side policies read."""
         raise PlanError(
-            f"{type(self).__name__} cannot read its vision tower's attention; vision-side policies "
-            "(fastervlm, visionzip) support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
+            f"{type(self).__name__} cannot read its vision tower's attention; policies that read it "
+            "support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
         )
 
     def vision_call_scores(

@@ -17,8 +17,8 @@ def plans(json_out: bool = typer.Option(False, "--json")) -> None:
     from pruneware.plans.presets import available_presets
 
     policies = [
-        {"name": n, "description": c.description, "pre": c.pre_llm, "in_llm": not c.merges or c.recycles,
-         "needs_attention": c.needs_attention} for n, c in sorted(available().items())
+        {"name": n, "description": c.description, "pre": c.needs.pre, "in_llm": c.needs.llm,
+         "needs_attention": c.needs.attention is not None} for n, c in sorted(available().items())
     ]
     presets = [
         {"name": n, "description": p.description, "plan_32_layers": str(p.build(32))}

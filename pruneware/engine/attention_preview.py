@@ -1,6 +1,6 @@
 """Previewing a decoder layer's attention on its unpruned input (PyramidDrop's ranking).
 
-A policy with `attention_layer = "own"` ranks tokens by the attention layer K itself would
+A policy with `Needs(attention="own")` ranks tokens by the attention layer K itself would
 compute, before the stage at K prunes its input. The session calls layer K's attention module
 on the level's states (through the layer's input norm, with the layer's mask and RoPE, without
 the cache); the registered capture (see attention_capture.py) scores the query rows from q and k and

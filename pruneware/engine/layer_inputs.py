@@ -8,13 +8,32 @@ sequence; every layer of a pruned level needs the rows and columns of its kept s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pruneware.engine import masks
 from pruneware.engine.levels import Level
 from pruneware.kernels.gather import gather_rows
+
+if TYPE_CHECKING:
+    from pruneware.engine.request import RequestState
+
+
+def memoised_level_kwargs(
+    state: RequestState, level: Level, group: Any, kwargs: dict[str, Any], rotary: Callable, kind: masks.MaskKind,
+) -> dict[str, Any]:
+    """`level_kwargs` for a layer of `group` (layers of a group share mask and RoPE), computed
+    once per level per forward."""
+    key = ("kwargs", group)
+    if key not in level.cache:
+        decode = state.decode
+        level.cache[key] = level_kwargs(
+            level, kwargs, kind=kind, compact=level.stage.positions == "compact", rotary=rotary,
+            decoding=decode.active, level0_length=state.levels[0].length, past0=decode.past0,
+            q_length=decode.q_length, static_len=state.static_len,
+        )
+    return level.cache[key]  # type: ignore[return-value]
 
 
 def level_kwargs(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pruneware.adapters import Adapter
 from pruneware.plans.plan import Plan, PlanError, writes_budgets
 from pruneware.plans.presets import ExactPreset, Preset, available_presets, user_template
-from pruneware.policies import Policy, build_policy
+from pruneware.policies import Policy, build_policy, policy_names
 
 NOMINAL_VISUAL_TOKENS = 576  # used only to validate a lazily solved plan before the first input
 _MAX_SOLVED = 512
@@ -56,32 +56,34 @@ class PlanSource:
     def _check(self, plan: Plan) -> None:
         plan.validate_for(self.adapter.n_layers, self.adapter.rope)
         for i, stage in enumerate(plan.stages):
-            policy = self.policy(plan, i)
-            if stage.where == "pre" and not policy.pre_llm:
+            needs = self.policy(plan, i).needs
+            if stage.where == "pre" and not needs.pre:
+                reason = "needs attention rows from inside the language model" if needs.attention else "runs only in it"
                 raise PlanError(
-                    f"stage {stage}: {stage.policy!r} needs attention rows from inside the language model, "
-                    "so it cannot run at 'pre'; give a layer K >= 1"
+                    f"stage {stage}: {stage.policy!r} {reason}, so it cannot run at 'pre'; give a layer K >= 1"
                 )
-            if policy.merges and not self.adapter.supports_merging:
+            if needs.merges and not self.adapter.supports_merging:
                 raise PlanError(
                     f"stage {stage}: {type(self.adapter).__name__} cannot run merging policies ({stage.policy!r}); "
-                    "use a selection policy: random, divprune, fastv, adaptinfer, vision-score, fastervlm"
+                    f"use a selection policy: {policy_names(lambda n: not n.merges)}"
                 )
-            if policy.merges and stage.budget == 0:
+            if needs.merges and stage.budget == 0:
                 raise PlanError(f"stage {stage}: a merging policy needs a budget >= 1 (it pools into that many tokens)")
-            if stage.where != "pre" and policy.merges:
+            if stage.where != "pre" and needs.merges:
                 raise PlanError(
                     f"stage {stage}: {stage.policy!r} merges tokens into new embeddings and runs only at 'pre'"
                 )
-            if stage.where != "pre" and policy.vision:
+            if stage.where != "pre" and needs.vision:
                 raise PlanError(f"stage {stage}: {stage.policy!r} reads the vision tower and runs only at 'pre'")
-            if policy.recycles and stage.where != "pre" and stage.layer < self.adapter.injection_layers():
+            if stage.where != "pre" and not needs.llm:
+                raise PlanError(f"stage {stage}: {stage.policy!r} runs only at 'pre'")
+            if needs.recycles and stage.where != "pre" and stage.layer < self.adapter.injection_layers():
                 raise PlanError(
                     f"stage {stage}: {stage.policy!r} recycles pruned tokens into slots whose features the model "
                     f"adds again after layers 0..{self.adapter.injection_layers() - 1} (DeepStack); "
                     f"place it at K >= {self.adapter.injection_layers()}"
                 )
-            if stage.where == 0 and policy.needs_attention and getattr(policy, "attention_layer", "") != "own":
+            if stage.where == 0 and needs.attention == "previous":
                 raise PlanError(f"stage {stage}: {stage.policy!r} needs layer K-1's attention; use K >= 1")
 
     def sample_plans(self, n_visual: list[int]) -> list[Plan]:
@@ -137,7 +139,7 @@ class PlanSource:
 
     def needs_attention(self) -> bool:
         plan = self._any_plan()
-        return any(self.policy(plan, i).needs_attention for i in range(len(plan.stages)))
+        return any(self.policy(plan, i).needs.attention is not None for i in range(len(plan.stages)))
 
     @staticmethod
     def stage_index_at(plan: Plan, layer: int) -> int | None:

@@ -4,13 +4,15 @@ KV cache see the shorter sequence; and the decode-time remapping that goes with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from pruneware.adapters import Adapter
 from pruneware.engine import masks
-from pruneware.engine.levels import Level
+from pruneware.engine.kv_caches import padding_of
+from pruneware.engine.levels import Level, as_root, next_level, root_level
 from pruneware.engine.request import RequestState
 from pruneware.engine.stage_runner import Selection
 from pruneware.kernels.gather import gather_rows
@@ -115,7 +117,8 @@ def decode_inputs(
 
     embeds: [B, q, D] the step's new tokens; mask: as generate() passes it (see `remap_decode`).
     """
-    state.q_length = embeds.shape[1]
+    decode = state.decode
+    decode.q_length = embeds.shape[1]
     pre = state.plan.stages[0]
     if pre.where != "pre":
         return kwargs
@@ -124,11 +127,54 @@ def decode_inputs(
         # positions; rebuild it from the pruned padding instead.
         level0 = state.levels[0]
         mask = masks.slice_decode_mask(
-            None, level0.index0, state.padding0, level0.length, state.past0 + state.q_length, state.q_length,
+            None, level0.index0, state.padding0, level0.length, decode.past0 + decode.q_length, decode.q_length,
             kind, mask.dtype if mask.is_floating_point() else embeds.dtype, width=mask.shape[-1],
         )
     kwargs.update(remap_decode(
-        state.levels[0], state.input_length, state.past0, state.q_length, mask, positions,
-        state.last_position, state.rewritten, pre.positions == "compact",
+        state.levels[0], decode.input_length, decode.past0, decode.q_length, mask, positions,
+        decode.last_position, decode.rewritten, pre.positions == "compact",
     ))
+    return kwargs
+
+
+def prefill_inputs(
+    state: RequestState, adapter: Adapter, kwargs: dict, embeds: torch.Tensor, positions: torch.Tensor | None,
+    mask: torch.Tensor | None, kind: masks.MaskKind, records_lm_input: bool,
+    run_pre: Callable[[Stage, Level], Selection],
+) -> dict:
+    """The language model's kwargs at prefill: level 0 set up, and the `pre` stage run if the plan has one.
+
+    embeds: [B, L, D] its input; mask: the unwrapped mask generate() passed (2-D, or 4-D for a
+    static cache); records_lm_input: keep the (pruned) input for policies that rate text;
+    run_pre(stage, root): the `pre` stage's selection on the root level.
+    """
+    prefill, decode = state.prefill, state.decode
+    decode.input_length = decode.q_length = embeds.shape[1]
+    prefill.injections = adapter.take_injections(kwargs)
+    layout = prefill.layout
+    root = root_level(layout.image_ids.to(embeds.device), prefill.n_visual, layout.sizes, layout.visual_span)
+    pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
+    full = None  # a 4-D mask generate() prebuilt for a static cache
+    if mask is not None and mask.dim() == 4 and state.static_len is not None:
+        full, mask = mask, padding_of(mask, embeds.shape[0], embeds.shape[1])
+    elif mask is not None and mask.dim() != 2:
+        raise ValueError("pruneware needs a 2-D attention_mask [batch, length] (or none) at the language model")
+    prefill.input_padding = None if mask is None else (mask == 0).sum(dim=1)  # [B], for the report
+    if pre is None:
+        state.levels, state.starts = [root], [0]
+        state.padding0 = None if mask is None else mask.bool()
+        prefill.lm_embeds = embeds if records_lm_input else None
+        return kwargs
+    selection = run_pre(pre, root)
+    level = next_level(root, selection.keep)
+    pruned = prune_inputs(adapter, pre, level, selection, embeds, mask, positions, prefill.position_inputs)
+    state.levels, state.starts = [as_root(level)], [0]
+    state.padding0 = pruned.mask.bool()
+    prefill.lm_embeds = pruned.embeds if records_lm_input else None
+    decode.last_position = pruned.positions[..., -1]
+    decode.rewritten = pruned.rewritten
+    new_mask = pruned.mask if full is None else masks.slice_static_prefill_mask(
+        full, level.index_prev, level.valid, embeds.shape[1], state.static_len, kind, embeds.dtype
+    )
+    kwargs.update(inputs_embeds=pruned.embeds, attention_mask=new_mask, position_ids=pruned.positions)
     return kwargs

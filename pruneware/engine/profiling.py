@@ -31,7 +31,7 @@ METADATA_CALLS = ("__get__", "shape", "dtype", "device", "is_cuda", "numel", "di
                   "is_floating_point")
 PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # pruneware's own files, wherever it is installed
 POLICY_DIRS = tuple(os.path.join(PACKAGE_DIR, *part.split("/")) + os.sep for part in ("policies", "kernels/scores"))
-POLICY_FUNCTIONS = ("attention_policy_scores",)  # engine/stage_runner.py: a policy's attention scores from q, k
+POLICY_FUNCTIONS = ("attention_policy_scores",)  # engine/stage_inputs.py: a policy's attention scores from q, k
 
 
 def owner(stack: list[traceback.FrameSummary]) -> str:

@@ -32,50 +32,84 @@ _ids = count()
 
 
 @dataclass
-class RequestState:
-    """One sequence's state: set at prefill, read at every decode step.
+class PrefillState:
+    """What only the prefill reads: its input, its report and what its stages capture.
 
     Attributes:
         layout: where the visual tokens are ([B, L] image ids and per-sample grids).
-        plan: the plan whose stages (places and policies) every sample runs.
         sample_plans: per sample, the plan with that sample's own budgets (they differ only
             under `avg_tokens`, solved for each sample's own visual-token count).
         n_visual: per sample, its visual tokens before pruning.
         report: this call's report, filled during prefill.
-        levels, starts: the kept sequence of each level and the first layer it covers.
-        padding0: [B, L0] bool key padding at level 0.
-        input_length: L, the language model's input length before a `pre` stage.
-        last_position: [..., B] position of the last prefill token (after a `pre` stage).
+        position_inputs: the adapter's, for a merging `pre` stage.
+        input_padding: [B] padding tokens of each sample's input (for the report).
         captured: stage layer K -> [B, Ls] attention scores captured at layer K-1 (or at K).
-        decoding, past0, q_length: decode bookkeeping (level-0 cache length before the step,
-            the step's new tokens).
-        rewritten: a `pre` stage rewrote positions, so decode recomputes them.
-        injections: model-added per-layer visual features (prefill only).
-        static_len: a static cache's `max_cache_len`, None for a dynamic cache.
+        preview: the layer whose attention is being previewed (`Needs(attention="own")`).
+        injections: model-added per-layer visual features.
+        lm_embeds: [B, L0, D] the LM's prefill input, while a policy rates text.
+        raters: [B, L0] bool rater slots (`Needs(raters=True)`).
     """
 
     layout: VisualLayout
-    plan: Plan
     sample_plans: list[Plan]
     n_visual: list[int]
     report: Report
-    position_inputs: dict[str, Any] = field(default_factory=dict)  # the adapter's, for a merging `pre` stage
+    position_inputs: dict[str, Any] = field(default_factory=dict)
+    input_padding: torch.Tensor | None = None
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    preview: int | None = None
+    injections: VisualInjections | None = None
+    lm_embeds: torch.Tensor | None = None
+    raters: torch.Tensor | None = None
+
+    def release(self) -> None:
+        """Drop what the prefill no longer needs once the language model has run."""
+        self.injections = None
+        self.position_inputs = {}
+        self.lm_embeds = self.raters = None
+
+
+@dataclass
+class DecodeState:
+    """What the decode steps read: left by the prefill, advanced at every step.
+
+    Attributes:
+        active: the current call is a decode step.
+        past0: the level-0 cache length before the step (0 at prefill).
+        q_length: the call's new tokens (the whole input at prefill).
+        input_length: L, the language model's input length before a `pre` stage.
+        last_position: [..., B] position of the last prefill token (after a `pre` stage).
+        rewritten: a `pre` stage rewrote positions, so decode recomputes them.
+    """
+
+    active: bool = False
+    past0: int = 0
+    q_length: int = 0
+    input_length: int = 0
+    last_position: torch.Tensor | None = None
+    rewritten: bool = False
+
+
+@dataclass
+class RequestState:
+    """One sequence's state: set at prefill, read at every decode step.
+
+    Attributes:
+        plan: the plan whose stages (places and policies) every sample runs.
+        prefill: what only the prefill reads (see `PrefillState`).
+        decode: what the decode steps read (see `DecodeState`).
+        levels, starts: the kept sequence of each level and the first layer it covers.
+        padding0: [B, L0] bool key padding at level 0.
+        static_len: a static cache's `max_cache_len` (see kv_caches.py), None for a dynamic cache.
+    """
+
+    plan: Plan
+    prefill: PrefillState
+    decode: DecodeState = field(default_factory=DecodeState)
     levels: list[Level] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     padding0: torch.Tensor | None = None
-    input_padding: torch.Tensor | None = None  # [B] padding tokens of each sample's input
-    input_length: int = 0
-    last_position: torch.Tensor | None = None
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)
-    preview: int | None = None  # the layer whose attention is being previewed (own-layer policies)
-    decoding: bool = False
-    past0: int = 0
-    rewritten: bool = False
-    q_length: int = 0
-    injections: VisualInjections | None = None
-    static_len: int | None = None  # a static cache's max_cache_len (see kv_caches.py)
-    lm_embeds: torch.Tensor | None = None  # [B, L0, D] the LM's prefill input, while a policy rates text
-    raters: torch.Tensor | None = None  # [B, L0] bool rater slots (policies with `rates_text`), prefill only
+    static_len: int | None = None
 
     def level_for(self, layer: int) -> tuple[int, Level]:
         i = max(j for j, start in enumerate(self.starts) if start <= layer)
@@ -92,7 +126,7 @@ class RequestState:
 
     def sample_stages(self, index: int) -> list[Stage]:
         """Stage `index` as each sample runs it (its own budget)."""
-        return [plan.stages[index] for plan in self.sample_plans]
+        return [plan.stages[index] for plan in self.prefill.sample_plans]
 
 
 class RequestTracker:

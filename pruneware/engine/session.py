@@ -28,17 +28,16 @@ from pruneware.adapters import Adapter, adapter_for
 from pruneware.engine import masks
 from pruneware.engine.attention_capture import AttentionCapture
 from pruneware.engine.attention_preview import PreviewDone, run_preview
-from pruneware.engine.kv_caches import cache_of, output_cache, padding_of, static_length, unwrap_mask
-from pruneware.engine.layer_inputs import level_kwargs
-from pruneware.engine.levels import Level, as_root, next_level, root_level, write_visual
+from pruneware.engine.kv_caches import cache_of, output_cache, static_length, unwrap_mask
+from pruneware.engine.layer_inputs import memoised_level_kwargs
+from pruneware.engine.levels import Level
 from pruneware.engine.plan_source import NOMINAL_VISUAL_TOKENS, PlanSource
-from pruneware.engine.pre_llm import decode_inputs, prune_inputs
-from pruneware.engine.request import RequestState, RequestTracker
-from pruneware.engine.stage_runner import Selection, attention_policy_scores, run_stage
-from pruneware.engine.vision_tower_reads import VisionSide, reads_to_positions, resize_budget, vision_needs
-from pruneware.kernels.gather import gather_rows
-from pruneware.plans.plan import Plan, PlanError, Stage
-from pruneware.policies import AttentionPolicy
+from pruneware.engine.pre_llm import decode_inputs, prefill_inputs
+from pruneware.engine.request import PrefillState, RequestState, RequestTracker
+from pruneware.engine.stage_inputs import captured_scores, captures_at, previews, stage_context
+from pruneware.engine.stage_runner import Selection, enter_level, run_stage
+from pruneware.engine.vision_tower_reads import VisionSide, resize_budget, vision_needs
+from pruneware.plans.plan import Plan, Stage
 from pruneware.report import Report, finish_report
 
 
@@ -75,7 +74,7 @@ class Session:
         self._attn = self._text_config._attn_implementation or "eager"
         self._vision_reads = vision_needs(self.source, self.adapter)  # raises before any hook
         plan = self.source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False)
-        self._rates_text = any(getattr(self.source.policy(plan, i), "rates_text", False) for i in range(len(plan.stages)))
+        self._records_lm_input = any(self.source.policy(plan, i).needs.raters for i in range(len(plan.stages)))
 
     @property
     def report(self) -> Report:
@@ -163,7 +162,7 @@ class Session:
             state = self._requests.resume(cache)
             if state is None:
                 raise RuntimeError("this cache was filled outside the pruneware session; start generation inside it")
-            state.decoding, state.past0 = True, past
+            state.decode.active, state.decode.past0 = True, past
             for level in state.levels:
                 level.cache.clear()
             return
@@ -175,10 +174,10 @@ class Session:
         sample_plans = self.source.sample_plans(n_visual)  # raises before any layer runs
         plan = next((p for p, n in zip(sample_plans, n_visual, strict=True) if n), sample_plans[0])
         report = Report(n_layers=self._n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans])
-        state = RequestState(
-            layout, plan, sample_plans, n_visual, report,
-            position_inputs=self.adapter.position_inputs(input_ids, kwargs), static_len=static_len,
+        prefill = PrefillState(
+            layout, sample_plans, n_visual, report, position_inputs=self.adapter.position_inputs(input_ids, kwargs),
         )
+        state = RequestState(plan, prefill, static_len=static_len)
         self._requests.start(state, cache)
 
     def _on_base_done(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -191,64 +190,37 @@ class Session:
         embeds = kwargs["inputs_embeds"]
         positions = kwargs.get("position_ids")
         mask = kwargs["attention_mask"] = unwrap_mask(kwargs.get("attention_mask"))
-        if state.decoding:
+        if state.decode.active:
             return args, decode_inputs(state, kwargs, embeds, positions, mask, masks.mask_kind(self._attn))
-        state.input_length = state.q_length = embeds.shape[1]
-        state.injections = self.adapter.take_injections(kwargs)
-        layout = state.layout
-        root = root_level(layout.image_ids.to(embeds.device), state.n_visual, layout.sizes, layout.visual_span)
-        pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
-        full = None  # a 4-D mask generate() prebuilt for a static cache
-        if mask is not None and mask.dim() == 4 and state.static_len is not None:
-            full, mask = mask, padding_of(mask, embeds.shape[0], embeds.shape[1])
-        elif mask is not None and mask.dim() != 2:
-            raise ValueError("pruneware needs a 2-D attention_mask [batch, length] (or none) at the language model")
-        state.input_padding = None if mask is None else (mask == 0).sum(dim=1)  # [B], for the report
-        if pre is None:
-            state.levels, state.starts = [root], [0]
-            state.padding0 = None if mask is None else mask.bool()
-            state.lm_embeds = embeds if self._rates_text else None
-            return args, kwargs
-        selection = self._run(state, 0, pre, root, embeds)
-        level = next_level(root, selection.keep)
-        pruned = prune_inputs(
-            self.adapter, pre, level, selection, embeds, mask, positions, state.position_inputs,
+        kind = masks.mask_kind(self._attn)
+        return args, prefill_inputs(
+            state, self.adapter, kwargs, embeds, positions, mask, kind, self._records_lm_input,
+            lambda pre, root: self._run(state, 0, pre, root, embeds),
         )
-        state.levels, state.starts = [as_root(level)], [0]
-        state.padding0 = pruned.mask.bool()
-        state.lm_embeds = pruned.embeds if self._rates_text else None
-        state.last_position = pruned.positions[..., -1]
-        state.rewritten = pruned.rewritten
-        new_mask = pruned.mask if full is None else masks.slice_static_prefill_mask(
-            full, level.index_prev, level.valid, embeds.shape[1], state.static_len, masks.mask_kind(self._attn), embeds.dtype
-        )
-        kwargs.update(inputs_embeds=pruned.embeds, attention_mask=new_mask, position_ids=pruned.positions)
-        return args, kwargs
 
     def _on_language_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         state = self._requests.current
-        if state is None or state.decoding:
+        if state is None or state.decode.active:
             return
-        state.injections = None
-        state.position_inputs = {}
-        state.lm_embeds = state.raters = None
-        state.report.vision_flops = self._requests.take_tower_flops()
+        prefill = state.prefill
+        prefill.release()
+        prefill.report.vision_flops = self._requests.take_tower_flops()
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
         per_layer = [state.level_for(i)[0] for i in range(self._n_layers)]
         finish_report(
-            state.report, state.input_padding, [lvl.n_slots for lvl in state.levels], [lvl.n_visual for lvl in state.levels],
-            per_layer, state.input_length, self._text_config,
+            prefill.report, prefill.input_padding, [lvl.n_slots for lvl in state.levels],
+            [lvl.n_visual for lvl in state.levels], per_layer, state.decode.input_length, self._text_config,
         )
-        self._requests.completed(state.report)
+        self._requests.completed(prefill.report)
         if self.on_report is not None:
-            self.on_report(state.report)
+            self.on_report(prefill.report)
 
     def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
             state = self._requests.current
             if state is None:
                 return None
-            if not state.decoding:
+            if not state.decode.active:
                 stage_index = self.source.stage_index_at(state.plan, layer)
                 if stage_index is not None:
                     args = self._run_llm_stage(state, stage_index, layer, args, kwargs)
@@ -265,57 +237,36 @@ class Session:
         hidden = args[0] if args else kwargs["hidden_states"]
         parent = state.levels[-1]
         policy = self.source.policy(state.plan, stage_index)
-        if isinstance(policy, AttentionPolicy) and policy.attention_layer == "own":
+        if previews(policy.needs):
             self._preview_attention(state, layer, parent, hidden, kwargs)
         selection = self._run(state, stage_index, stage, parent, hidden)
-        level = next_level(parent, selection.keep)
-        level.stage = stage
-        state.levels.append(level)
-        state.starts.append(layer)
-        recycled = selection.merged is not None and policy.recycles
-        if level.same_as_prev and not recycled:
-            return args
-        if not level.same_as_prev:
-            (hidden,) = gather_rows(level.index_prev, hidden)
-        if recycled:
-            hidden = write_visual(level, hidden, selection.merged.embeds)
-        if args:
-            return (hidden, *args[1:])
-        kwargs["hidden_states"] = hidden
-        return args
+        return enter_level(state, stage, layer, selection, policy.needs.recycles, hidden, args, kwargs)
 
     def _preview_attention(self, state: RequestState, layer: int, parent: Level, hidden: torch.Tensor, kwargs) -> None:
         """Score layer `layer`'s own attention rows on its unpruned input (see attention_preview.py)."""
         if not parent.identity:
             kwargs = {**kwargs, **self._sliced_kwargs(state, parent, layer, kwargs)}
-        state.preview = layer
+        state.prefill.preview = layer
         try:
             run_preview(self.adapter.layers[layer], hidden, kwargs)
         finally:
-            state.preview = None
+            state.prefill.preview = None
 
     def _sliced_kwargs(self, state: RequestState, level: Level, layer: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-        key = ("kwargs", self.adapter.layer_group(layer))  # layers of a group share mask and RoPE
-        if key not in level.cache:
-            level.cache[key] = level_kwargs(
-                level, kwargs, kind=masks.mask_kind(self._attn), compact=level.stage.positions == "compact",
-                rotary=self.adapter.rope_tables, decoding=state.decoding,
-                level0_length=state.levels[0].length, past0=state.past0, q_length=state.q_length,
-                static_len=state.static_len,
-            )
-        return level.cache[key]  # type: ignore[return-value]
+        return memoised_level_kwargs(state, level, self.adapter.layer_group(layer), kwargs, self.adapter.rope_tables,
+                                     masks.mask_kind(self._attn))
 
     def _inject_hook(self, layer: int):
         """After an early layer: add the model's per-layer visual features to the kept tokens."""
 
         def hook(module: nn.Module, args: tuple, output: Any):
             state = self._requests.current
-            if state is None or state.decoding or state.injections is None:
+            if state is None or state.decode.active or state.prefill.injections is None:
                 return None
             level = state.level_for(layer)[1]
             if isinstance(output, tuple):
-                return (state.injections.add(output[0], layer, level.orig, level.valid), *output[1:])
-            return state.injections.add(output, layer, level.orig, level.valid)
+                return (state.prefill.injections.add(output[0], layer, level.orig, level.valid), *output[1:])
+            return state.prefill.injections.add(output, layer, level.orig, level.valid)
 
         return hook
 
@@ -325,65 +276,29 @@ class Session:
         query: [B, H, Ls, d]; key: [B, Hkv, Ls, d].
         """
         state = self._requests.current
-        if state is None or state.decoding:
+        if state is None or state.decode.active:
             return
-        preview = state.preview == module.layer_idx
+        preview = state.prefill.preview == module.layer_idx
         target = module.layer_idx if preview else module.layer_idx + 1
         stage_index = self.source.stage_index_at(state.plan, target)
         if stage_index is None:
             return
         policy = self.source.policy(state.plan, stage_index)
-        if not isinstance(policy, AttentionPolicy) or (policy.attention_layer == "own") != preview:
+        if not captures_at(policy.needs, preview):
             return
         _, level = state.level_for(module.layer_idx)
-        real = state.real_tokens(level)
-        if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
-            key = key[:, :, : level.length]
-        rows = self._raters(state, policy).gather(1, level.index0) if policy.rates_text else None
-        state.captured[target] = attention_policy_scores(
-            policy, level.visual, real, query, key, getattr(module, "scaling", None), rows
-        )
+        state.prefill.captured[target] = captured_scores(state, policy, level, query, key, getattr(module, "scaling", None))
         if preview:
             raise PreviewDone
-
-    def _raters(self, state: RequestState, policy: AttentionPolicy) -> torch.Tensor:
-        """[B, L0] bool: the policy's rater slots, chosen once per prefill from the LM's input."""
-        if state.raters is None:
-            if state.lm_embeds is None:
-                raise RuntimeError(f"{policy.name} rates text from the language model's input, which was not recorded")
-            root = state.levels[0]
-            real = state.real_tokens(root)
-            rows, row_valid = policy.query_rows(root.visual, real)
-            text = torch.zeros_like(real).scatter_(1, rows, row_valid)
-            with torch.no_grad():
-                state.raters = policy.raters(state.lm_embeds, root.visual, text)
-        return state.raters
 
     # selection ---------------------------------------------------------------------------
     def _run(self, state: RequestState, stage_index: int, stage: Stage, level: Level, hidden: torch.Tensor) -> Selection:
         policy = self.source.policy(state.plan, stage_index)
-        attention = None
-        if isinstance(policy, AttentionPolicy):
-            if stage.layer not in state.captured:
-                source = stage.layer if policy.attention_layer == "own" else stage.layer - 1
-                raise PlanError(f"stage {stage}: no attention rows were captured at layer {source}; "
-                                "its attention did not run through the pruneware capture")
-            attention = state.captured.pop(stage.layer)
-        vision = None
-        if stage.where == "pre" and self._vision is not None:
-            vision = reads_to_positions(
-                self._requests.take_vision_reads(), state.layout.image_ids.to(hidden.device), state.layout.grids,
-                "keys" in policy.vision,
-            )
-        real = None
-        if isinstance(policy, AttentionPolicy):
-            real = state.real_tokens(level)
-            if policy.final_norm:
-                with torch.no_grad():
-                    hidden = self.adapter.language_model.norm(hidden)
-        selection = run_stage(
-            policy, stage, level, hidden, state.n_visual, self.seed * 1_000_003 + stage_index,
-            state.layout.grids, attention, sample_stages=state.sample_stages(stage_index), vision=vision, real=real,
+        reads = self._requests.take_vision_reads() if stage.where == "pre" and self._vision is not None else None
+        ctx = stage_context(
+            state, stage_index, policy, level, hidden, self.seed * 1_000_003 + stage_index, reads,
+            lambda states: self.adapter.language_model.norm(states),
         )
-        state.report.stages.append(selection.report)
+        selection = run_stage(ctx)
+        state.prefill.report.stages.append(selection.report)
         return selection

@@ -33,6 +33,7 @@ from pruneware.engine.attention_capture import AttentionCapture, original_functi
 from pruneware.engine.plan_source import PlanSource
 from pruneware.engine.request import RequestTracker
 from pruneware.errors import PlanError
+from pruneware.policies import policy_names
 
 _ids = count()
 
@@ -72,13 +73,14 @@ def vision_needs(source: PlanSource, adapter: Adapter) -> tuple[bool, bool]:
     plan = source.plan_for(576, strict=False)
     if plan.stages[0].where != "pre":
         return False, False
-    needs = source.policy(plan, 0).vision
+    needs = source.policy(plan, 0).needs.vision
     read = "attention" in needs or "keys" in needs
     resize = "resize" in needs and adapter.resizes_pixels
     if (read or resize) and adapter.vision_encoder() is None:
         raise PlanError(
             f"{plan.stages[0].policy!r} reads the vision tower, which {type(adapter).__name__} does not "
-            "expose: vision-side policies (fastervlm, visionzip) support LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
+            f"expose: vision-side policies ({policy_names(lambda n: bool(n.vision))}) support LLaVA-1.5, Qwen2-VL "
+            "and Qwen2.5-VL"
         )
     if read:
         adapter.vision_score_attention()  # raises for a tower it cannot read
@@ -91,7 +93,7 @@ def resize_budget(source: PlanSource) -> Callable[[int], int | None]:
     def budget(n_tokens: int) -> int | None:
         plan = source.plan_for(n_tokens)
         stage = plan.stages[0]
-        resizes = stage.where == "pre" and "resize" in source.policy(plan, 0).vision
+        resizes = stage.where == "pre" and "resize" in source.policy(plan, 0).needs.vision
         return stage.keep_count(n_tokens) if resizes else None
 
     return budget
@@ -194,8 +196,8 @@ def reads_to_positions(
     if n_images != len(units):
         raise ValueError(
             f"the vision tower encoded {n_images} images for this call but its input holds {len(units)}: "
-            "vision-side policies (fastervlm, visionzip, resize) need the pixels encoded inside the pruneware "
-            "session, one image per unit (images, not video)"
+            f"vision-side policies ({policy_names(lambda n: bool(n.vision))}) need the pixels encoded inside the "
+            "pruneware session, one image per unit (images, not video)"
         )
     scores = [s for r in reads if r.scores is not None for s in r.scores]
     keys = [k for r in reads if r.keys is not None for k in r.keys]

@@ -16,12 +16,13 @@ the per-head prior times the per-head text-to-visual attention, summed over head
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import register_policy
+from pruneware.policies.needs import Needs
 
 PRIORS = ("text", "last")
 
@@ -30,9 +31,7 @@ PRIORS = ("text", "last")
 @dataclass(frozen=True)
 class AdaptInferPolicy(AttentionPolicy):
     name = "adaptinfer"
-    query: ClassVar[Literal["last", "text", "post-image"]] = "post-image"
-    needs_query_block: ClassVar[bool] = True
-    per_head: ClassVar[bool] = True
+    needs: ClassVar[Needs] = Needs(attention="previous", query="post-image", query_block="per-head")
     description = "AdaptInfer: per-head text-prior-weighted attention of the post-image text, multi-stage."
     prior: str = "text"
 

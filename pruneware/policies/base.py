@@ -8,17 +8,19 @@ Policies hold no run-time state: everything a call needs arrives in a `StageInpu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from pruneware.errors import PlanError
+from pruneware.policies.needs import Needs
 
 
 @dataclass
 class TextRows:
-    """Text tokens a policy reads beside the visual ones (attention policies with `needs_text`):
+    """Text tokens a policy reads beside the visual ones (policies with `Needs(text=True)`):
     the policy's query rows, e.g. the text after the last visual token.
 
     Attributes:
@@ -42,12 +44,12 @@ class StageInput:
         valid: [B, N] bool, True for real visual tokens.
         image_ids: [B, N] long, which image (0-based within the sample) each token belongs to; -1 if invalid.
         attention: [B, N] float32 or None: attention mass the chosen query rows put on each
-            visual token at layer K-1 (only for policies with `needs_attention`).
+            visual token at layer K-1 (or K; only for policies with `needs.attention`).
         seed: derived from the session's seed and the stage index; random policies seed a
             torch.Generator with it per sample, so a sample's draw does not depend on the batch.
         layer: the decoder layer the stage runs before (0 for `pre`).
         vision_scores, vision_keys, vision_grids: what the vision tower gave a `pre` stage
-            whose policy asks for it in `vision` (see `pruneware.engine.vision_tower_reads`).
+            whose policy asks for it in `needs.vision` (see `pruneware.engine.vision_tower_reads`).
     """
 
     hidden: torch.Tensor
@@ -57,10 +59,10 @@ class StageInput:
     seed: int
     layer: int
     grids: list[list[tuple[int, int]]] = field(default_factory=list)  # per sample, (h, w) per image
-    vision_scores: torch.Tensor | None = None  # [B, N] the vision tower's score per token (policies with `vision`)
+    vision_scores: torch.Tensor | None = None  # [B, N] the vision tower's score per token (policies with `needs.vision`)
     vision_keys: torch.Tensor | None = None  # [B, N, d] its keys at that layer, averaged over heads
     vision_grids: list[list[tuple[int, int]]] | None = None  # per sample, the grid the tower produced per image
-    text: TextRows | None = None  # only for policies with `needs_text`
+    text: TextRows | None = None  # only for policies with `Needs(text=True)`
     sizes: list[list[int]] | None = None  # `image_sizes()` when the engine knows it on the host
 
     def token_counts(self) -> list[int]:
@@ -127,19 +129,27 @@ class MergeResult:
 
 @dataclass(frozen=True)
 class Policy:
-    """Base class. Subclasses set `name` and implement `score` or override `select`."""
+    """Base class. Subclasses set `name`, declare `needs` and implement `score` or override
+    `select` (or `merge`, for `Needs(output="merge" | "recycle")`)."""
 
     name: ClassVar[str] = ""
-    needs_attention: ClassVar[bool] = False  # needs attention rows from layer K-1
-    pre_llm: ClassVar[bool] = True  # may run at `pre`
-    merges: ClassVar[bool] = False  # implements merge(): new embeddings, `pre` only
-    # In-LLM: merge() keeps some slots and gives some of them new states (SparseVLM's recycled
-    # tokens take pruned slots); positions and masks stay the slots'.
-    recycles: ClassVar[bool] = False
-    # What a `pre` policy reads from the vision tower: "attention" (per-token scores), "keys"
-    # (head-averaged keys at that layer), "resize" (the tower runs on resized pixels).
-    vision: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[Needs] = Needs()  # what the engine must give it (see `pruneware.policies.needs`)
     description: ClassVar[str] = ""
+
+    def raters(self, embeds: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: which of the `text` slots rate (policies with `Needs(raters=True)`).
+
+        embeds: [B, L, D] the language model's input; visual, text: [B, L] bool.
+        """
+        raise NotImplementedError(f"policy {self.name!r} does not choose raters")
+
+    def row_weights(self, query_block: torch.Tensor | None, row_valid: torch.Tensor) -> torch.Tensor:
+        """Attention policies: [B, T] weight of each query row, or [B, H, T] one per head and row.
+
+        query_block: attention among the query rows when `needs.query_block` is set: [B, T, T]
+        summed over heads, or [B, H, T, T] per head; row_valid: [B, T] bool.
+        """
+        return row_valid.float()
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
         """Merging policies: new embeddings for the kept slots."""
@@ -192,15 +202,23 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _POLICIES:
         raise ValueError(f"policy {cls.name!r} is already registered by {_POLICIES[cls.name].__name__}")
+    if not isinstance(cls.needs, Needs):
+        raise ValueError(f"{cls.__name__}.needs must be a Needs declaration, got {type(cls.needs).__name__}")
     _POLICIES[cls.name] = cls
     return cls
+
+
+def policy_names(where: Callable[[Needs], bool] = lambda needs: True) -> str:
+    """The registered policies whose declaration satisfies `where`, sorted and comma-separated
+    (error messages list policies from here, never by hand)."""
+    return ", ".join(sorted(n for n, cls in _POLICIES.items() if where(cls.needs)))
 
 
 def get_policy(name: str) -> type[Policy]:
     try:
         return _POLICIES[name]
     except KeyError:
-        raise PlanError(f"unknown policy {name!r}; valid policies: {', '.join(sorted(_POLICIES))}") from None
+        raise PlanError(f"unknown policy {name!r}; valid policies: {policy_names()}") from None
 
 
 def build_policy(stage) -> Policy:

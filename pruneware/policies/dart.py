@@ -32,12 +32,13 @@ Deliberate differences from the official code:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import StageInput, register_policy, split_budget
+from pruneware.policies.needs import Needs
 
 
 def duplication_aware(
@@ -72,10 +73,9 @@ def duplication_aware(
 @dataclass(frozen=True)
 class DARTPolicy(AttentionPolicy):
     name = "dart"
-    query: ClassVar[Literal["last", "text", "post-image"]] = "post-image"
-    captures: ClassVar[Literal["attention", "key-norm"]] = "key-norm"
-    needs_text: ClassVar[bool] = True
-    final_norm: ClassVar[bool] = True
+    needs: ClassVar[Needs] = Needs(
+        attention="previous", captures="key-norm", query="post-image", text=True, final_norm=True,
+    )
     description = "DART: pivots by key L1 norm at layer K-1; keep the visual tokens least similar to them."
     pivot_image: int = 4
     pivot_text: int = 4

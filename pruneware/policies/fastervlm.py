@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from pruneware.policies.base import Policy, StageInput, register_policy
+from pruneware.policies.needs import Needs
 
 
 def vision_scores(inputs: StageInput, name: str) -> torch.Tensor:
@@ -45,7 +46,7 @@ def vision_scores(inputs: StageInput, name: str) -> torch.Tensor:
 class FasterVLMPolicy(Policy):
     name = "fastervlm"
     description = "FasterVLM: top [CLS] attention at the vision feature layer (Qwen: mean attention received), pre-LLM."
-    vision: ClassVar[tuple[str, ...]] = ("attention",)
+    needs: ClassVar[Needs] = Needs(vision=("attention",))
 
     def score(self, inputs: StageInput) -> torch.Tensor:
         return vision_scores(inputs, self.name)

@@ -7,14 +7,16 @@ from switching the model to eager attention. FastV needs K >= 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import register_policy
+from pruneware.policies.needs import Needs
 
 
 @register_policy
 @dataclass(frozen=True)
 class FastVPolicy(AttentionPolicy):
     name = "fastv"
-    query = "last"
+    needs: ClassVar[Needs] = Needs(attention="previous", query="last")
     description = "FastV: last-token attention at layer K-1, top-k at K."

@@ -23,16 +23,16 @@ Deliberate differences from the official code:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import register_policy
+from pruneware.policies.needs import Needs
 
 
 @register_policy
 @dataclass(frozen=True)
 class PyramidDropPolicy(AttentionPolicy):
     name = "pdrop"
-    query = "last"
-    attention_layer: ClassVar[Literal["previous", "own"]] = "own"
+    needs: ClassVar[Needs] = Needs(attention="own")
     description = "PyramidDrop: last-instruction-token attention of layer K on its unpruned input, top-k at K."

@@ -32,14 +32,14 @@ import torch
 
 from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy
 from pruneware.policies.pooling import bin_starts, merge_per_image, pool_grid, pooled_shape
+from pruneware.policies.needs import Needs
 
 
 @register_policy
 @dataclass(frozen=True)
 class ResizePolicy(Policy):
     name = "resize"
-    merges: ClassVar[bool] = True
-    vision: ClassVar[tuple[str, ...]] = ("resize",)
+    needs: ClassVar[Needs] = Needs(vision=("resize",), output="merge")
     description = "Matched-token baseline: Qwen re-encodes each image at the budget's resolution; LLaVA average-pools its grid."
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:

@@ -44,12 +44,13 @@ Deliberate differences from the official code:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import MergeResult, StageInput, register_policy, topk_per_image
+from pruneware.policies.needs import Needs
 
 RECYCLE_SHARE = 0.3  # official: `int(merge_token_idx_stage1.shape[0] * 0.3) + 1`, "Top 30%"
 TOKENS_PER_CLUSTER = 10  # official: `cluster_num = int(merge_token_stage2.shape[1] / 10) + 1`
@@ -107,9 +108,7 @@ def cluster_and_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class SparseVLMPolicy(AttentionPolicy):
     name = "sparsevlm"
-    query: ClassVar[Literal["last", "text", "post-image"]] = "post-image"
-    rates_text: ClassVar[bool] = True
-    recycles: ClassVar[bool] = True
+    needs: ClassVar[Needs] = Needs(attention="previous", query="post-image", raters=True, output="recycle")
     description = "SparseVLM: attention of the image-relevant text raters at layer K-1, pruned tokens recycled."
     recycle: bool = True
 

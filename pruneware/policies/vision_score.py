@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from pruneware.policies.base import Policy, StageInput, register_policy
+from pruneware.policies.needs import Needs
 
 
 @register_policy
@@ -24,7 +25,7 @@ from pruneware.policies.base import Policy, StageInput, register_policy
 class VisionScorePolicy(Policy):
     name = "vision-score"
     description = "Vision-side saliency: attention of the image's mean token to each token, pre-LLM."
-    wants_vision_features: ClassVar[bool] = True  # the vLLM plugin passes pre-projector features
+    needs: ClassVar[Needs] = Needs(vision_features=True)  # the vLLM plugin passes pre-projector features
 
     def score(self, inputs: StageInput) -> torch.Tensor:
         x = inputs.hidden.float()  # [B, N, D]

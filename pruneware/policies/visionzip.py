@@ -35,6 +35,7 @@ import torch
 
 from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy, split_budget
 from pruneware.policies.fastervlm import vision_scores
+from pruneware.policies.needs import Needs
 
 
 def contextual_merge(hidden: torch.Tensor, keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +59,7 @@ def contextual_merge(hidden: torch.Tensor, keys: torch.Tensor, count: int) -> tu
 @dataclass(frozen=True)
 class VisionZipPolicy(Policy):
     name = "visionzip"
-    merges: ClassVar[bool] = True
-    vision: ClassVar[tuple[str, ...]] = ("attention", "keys")
+    needs: ClassVar[Needs] = Needs(vision=("attention", "keys"), output="merge")
     description = "VisionZip: dominant tokens by [CLS] attention plus contextual tokens merged by key similarity, pre-LLM."
     dominant: float = 54 / 64  # share of each image's budget kept as dominant tokens
 

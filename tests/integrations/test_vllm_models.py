@@ -294,7 +294,7 @@ def test_llava_kept_tokens_keep_their_original_positions(tiny, llava, plan, text
     if spec.stage.positions == "compact":
         assert torch.equal(got, torch.arange(length).expand(3, -1)) and delta == 0
         return
-    if spec.policy.merges:  # each pooled token stands at the original token its window starts at
+    if spec.policy.needs.merges:  # each pooled token stands at the original token its window starts at
         from pruneware.integrations.vllm.prune import prune_item
 
         keep = prune_item(spec, torch.randn(36, 8), (1, 6, 6))[1]

@@ -139,7 +139,7 @@ def test_in_llm_stages_are_refused(registry, tiny, plan):
 def test_attention_policies_are_refused_pre_llm(registry, tiny):
     plugin.register()
     config = model_config(tiny["llava"], {"architectures": [LLAVA], "pruneware": {"plan": "fastv@pre:0.5"}})
-    with pytest.raises(PlanError, match="attention rows.*divprune, random, crosslmm, vision-score"):
+    with pytest.raises(PlanError, match="attention rows.*crosslmm, divprune, random, vision-score"):
         MULTIMODAL_REGISTRY.create_processor(config)
 
 

@@ -35,12 +35,12 @@ STEPS = 3  # new tokens for (d)
 
 
 def placements(cls) -> list[str | int]:
-    """Where a policy class may run: `pre` unless it needs attention rows from inside the LLM;
-    in the LLM unless it merges into new embeddings or reads the vision tower (`pre` only)."""
+    """Where a policy class may run, as its `needs` declares (`pre` unless it needs attention rows
+    from inside the LLM; in the LLM unless it merges into new embeddings or reads the vision tower)."""
     out: list[str | int] = []
-    if cls.pre_llm:
+    if cls.needs.pre:
         out.append("pre")
-    if not cls.merges and not cls.vision:
+    if cls.needs.llm:
         out.append(LAYER)
     return out
 
@@ -50,7 +50,7 @@ CASES = [(name, where) for name, cls in sorted(available().items()) for where in
 
 def _reads_text(name: str) -> bool:
     """The policy's choice depends on the query rows (the last or post-image text tokens)."""
-    return bool(available()[name].needs_attention)
+    return available()[name].needs.attention is not None
 
 
 # Known open bugs (filed elsewhere). strict: the case flips to a failure when the bug is fixed.
@@ -239,7 +239,7 @@ def test_cached_generate_equals_uncached_recomputation(name, where, family):
     model = model_for(family)
     inputs = one_sample(model, family)
     layers = model.model.language_model.layers
-    recycles = bool(available()[name].recycles) and where != "pre"
+    recycles = available()[name].needs.recycles and where != "pre"
     kw = dict(max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
     prefill: list[torch.Tensor] = []
     with pruneware.prune(model, plan(name, where), seed=5) as run:

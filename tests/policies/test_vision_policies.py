@@ -250,7 +250,7 @@ def test_the_vllm_plugin_refuses_vision_side_policies(policy):
     from pruneware.integrations.vllm.spec import check_stage
     from pruneware.plans.plan import Stage
 
-    with pytest.raises(pruneware.PlanError, match="does not hook; pre-LLM policies: divprune, random, crosslmm"):
+    with pytest.raises(pruneware.PlanError, match="does not hook; pre-LLM policies: crosslmm, divprune, random, vision-score"):
         check_stage(Stage(policy, "pre", 0.5))
 
 

@@ -66,7 +66,7 @@ def _spec(config) -> PruneSpec:
     if strategy != "default":
         raise ValueError(f"{ARCHITECTURE} supports vision_feature_select_strategy='default', not {strategy!r}")
     spec = require_spec(config, ARCHITECTURE, "1d")
-    if spec.policy.merges:
+    if spec.policy.needs.merges:
         raise PlanError(
             f"stage {spec.stage}: {ARCHITECTURE} supports selection policies only (divprune, random, "
             "vision-score): pooling LLaVA-NeXT's base and anyres grids is not mapped to placeholders in vLLM"

@@ -49,11 +49,11 @@ def prune_item(
     frames, rows, cols = grid
     policy = spec.policy
     expected = spec.item_tokens(frames, rows, cols)
-    scored = vision if vision is not None and getattr(policy, "wants_vision_features", False) else embeds
+    scored = vision if vision is not None and policy.needs.vision_features else embeds
     # The per-frame budget, not the layout's count: pooling turns the budget into its grid, and
     # pooled_shape(h, w, rows * cols) need not give back the same (rows, cols).
     count = [frames * spec.budget(rows, cols)]
-    if policy.merges:
+    if policy.needs.merges:
         merged = policy.merge(item_input(spec, embeds, grid), count)
         out, keep = merged.embeds[0].to(embeds.dtype), merged.keep[0]
     else:

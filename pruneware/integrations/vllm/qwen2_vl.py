@@ -130,7 +130,7 @@ class PrunewareQwen2VLForConditionalGeneration(PositionOffsets, Qwen2VLForCondit
             for item, (frames, height, width) in zip(embeds, item_input[f"{modality}_grid_thw"].tolist(), strict=True):
                 grid = (frames, height // merge, width // merge)
                 rows, keep = prune_item(self.pruneware, item, grid)
-                if self.pruneware.policy.merges or self.pruneware.stage.positions == "compact":
+                if self.pruneware.policy.needs.merges or self.pruneware.stage.positions == "compact":
                     keep = torch.zeros_like(keep)  # their positions are fixed at scheduling
                 out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=False)))
         return tuple(out) if out else []
@@ -148,7 +148,7 @@ class PrunewareQwen2VLForConditionalGeneration(PositionOffsets, Qwen2VLForCondit
                     f"item at offset {offset} has {lengths[offset]} placeholders, but the plan "
                     f"{self.pruneware.stage} keeps {frames * layout.count}: the prompt was processed with another plan"
                 )
-            if self.pruneware.policy.merges:
+            if self.pruneware.policy.needs.merges:
                 slots, extent = pseudo_grid_positions(layout, frames, t_factor), max(layout.rows, layout.cols)
             else:
                 slots, extent = frame_times(frames, layout.count, t_factor), grid_extent(frames, rows, cols, t_factor)

@@ -66,7 +66,7 @@ def _spec(hf_config: Any, mm_config: Any) -> PruneSpec:
             "video pruning (video_pruning_rate > 0). Unset video_pruning_rate, or use the base architecture."
         )
     spec = require_spec(hf_config, ARCHITECTURE, "mrope")
-    if spec.policy.merges:
+    if spec.policy.needs.merges:
         raise PlanError(
             f"stage {spec.stage}: {ARCHITECTURE} supports selection policies only (divprune, random, "
             "vision-score): Qwen3-VL's DeepStack features belong to original tokens, not to merged ones"

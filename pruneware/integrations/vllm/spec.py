@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pruneware.integrations.vllm import ENV_PLAN
 from pruneware.plans.plan import Plan, PlanError, Stage
-from pruneware.policies import Policy, build_policy, get_policy
+from pruneware.policies import Policy, build_policy, get_policy, policy_names
 from pruneware.policies.pooling import pooled_shape
 
 CONFIG_KEY = "pruneware"  # hf_overrides={"pruneware": {"plan": ..., "seed": ...}}
@@ -91,7 +91,7 @@ class PruneSpec:
     def frame(self, rows: int, cols: int) -> FrameLayout:
         """The layout of one frame of `rows` x `cols` tokens (after the model's spatial merge)."""
         budget = self.budget(rows, cols)
-        if self.policy.merges:
+        if self.policy.needs.merges:
             factor = dict(self.stage.params).get("factor")
             pr, pc = pooled_shape(rows, cols, budget, factor)
             return FrameLayout(pr * pc, pr, pc)
@@ -109,15 +109,15 @@ def check_stage(stage: Stage) -> None:
     if stage.where != "pre":
         raise PlanError(f"stage {stage}: {IN_LLM_REFUSAL}")
     cls = get_policy(stage.policy)
-    if cls.needs_attention or not cls.pre_llm:
+    if cls.needs.attention or not cls.needs.pre:
         raise PlanError(
             f"stage {stage}: policy {stage.policy!r} needs attention rows from inside the LLM, which "
-            "vLLM does not expose; pre-LLM policies: divprune, random, crosslmm, vision-score"
+            f"vLLM does not expose; pre-LLM policies: {policy_names(lambda n: n.pre and not n.vision)}"
         )
-    if cls.vision:
+    if cls.needs.vision:
         raise PlanError(
             f"stage {stage}: policy {stage.policy!r} reads the vision tower's attention or resolution, which the "
-            "vLLM plugin does not hook; pre-LLM policies: divprune, random, crosslmm, vision-score "
+            f"vLLM plugin does not hook; pre-LLM policies: {policy_names(lambda n: n.pre and not n.vision)} "
             "(vision-score is the plugin's stand-in for [CLS] attention)"
         )
     if stage.budget == 0:

@@ -28,13 +28,14 @@ import torch
 
 from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy
 from pruneware.policies.pooling import cross_attend, merge_per_image, pool_grid, pooled_shape
+from pruneware.policies.needs import Needs
 
 
 @register_policy
 @dataclass(frozen=True)
 class CrossLMMPolicy(Policy):
     name = "crosslmm"
-    merges: ClassVar[bool] = True
+    needs: ClassVar[Needs] = Needs(output="merge")
     description = "CrossLMM: grid pooling + V2V cross-attention refinement (training-free or trained)."
     factor: int | None = None
     gate: float = 0.5

@@ -1,0 +1,231 @@
+"""What a stage reads, built from its policy's `needs` declaration: the one place the engine
+turns a declaration (see `pruneware.policies.needs`) into inputs.
+
+  - capture: whether the attention a layer runs feeds the stage ahead (`needs.attention`), and
+    what is scored from its q and k (`captures`, `query`, `query_block`, `raters`);
+  - context: the captured scores, the vision tower's reads (`needs.vision`), the real-token
+    mask and the final norm (`needs.final_norm`) that one stage runs with;
+  - `StageInput`: the visual slots' states, validity and image ids, plus what was declared
+    (attention, text rows, vision scores and keys).
+
+No other engine module reads a policy's declaration beyond where it runs and what it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from pruneware.engine.levels import Level
+from pruneware.engine.vision_tower_reads import reads_to_positions
+from pruneware.errors import PlanError
+from pruneware.kernels.gather import gather_rows
+from pruneware.kernels.scores import attention_scores
+from pruneware.plans.plan import Stage
+from pruneware.policies import Policy, StageInput
+from pruneware.policies.base import TextRows
+from pruneware.policies.needs import Needs, query_rows
+
+if TYPE_CHECKING:
+    from pruneware.engine.request import RequestState
+
+
+def no_grad() -> contextlib.AbstractContextManager:
+    """`torch.no_grad()`, or nothing when gradients are already off (generate, inference)."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
+# capture ---------------------------------------------------------------------------------
+def captures_at(needs: Needs, preview: bool) -> bool:
+    """Whether the attention now running feeds this policy's stage: its layer's own attention
+    in a preview (`attention="own"`), or the layer before it (`attention="previous"`)."""
+    return needs.attention == ("own" if preview else "previous")
+
+
+def previews(needs: Needs) -> bool:
+    """The stage ranks by its own layer's attention, previewed on the unpruned input first."""
+    return needs.attention == "own"
+
+
+def attention_policy_scores(
+    policy: Policy, visual: torch.Tensor, real: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+    scale: float | None, rater_slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, Ls] weighted attention the policy's query rows pay each slot (or its key norm).
+
+    query: [B, H, Ls, d] post-RoPE; key: [B, Hkv, Ls, d] (not repeated for GQA);
+    rater_slots: [B, Ls] bool, for `Needs(raters=True)`: the slots whose rows count.
+    """
+    needs = policy.needs
+    with no_grad():  # scores only: never part of a graph
+        if needs.captures == "key-norm":
+            return key.float().abs().sum(dim=(1, 3))  # [B, Ls]: L1 norm over every key head
+        rows, row_valid = query_rows(needs.query, visual, real)
+        if rater_slots is not None:
+            row_valid = row_valid & rater_slots.gather(1, rows)
+        heads, dim = query.shape[1], query.shape[3]
+        q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]
+        block = None
+        if needs.query_block is not None:
+            _, block = attention_scores(
+                q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True,
+                per_head_block=needs.query_block == "per-head",
+            )
+        weights = policy.row_weights(block, row_valid)
+        scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)
+        return scores
+
+
+def rater_slots(state: RequestState, policy: Policy) -> torch.Tensor:
+    """[B, L0] bool: the policy's rater slots, chosen once per prefill from the LM's input."""
+    prefill = state.prefill
+    if prefill.raters is None:
+        if prefill.lm_embeds is None:
+            raise RuntimeError(f"{policy.name} rates text from the language model's input, which was not recorded")
+        root = state.levels[0]
+        real = state.real_tokens(root)
+        rows, row_valid = query_rows(policy.needs.query, root.visual, real)
+        text = torch.zeros_like(real).scatter_(1, rows, row_valid)
+        with torch.no_grad():
+            prefill.raters = policy.raters(prefill.lm_embeds, root.visual, text)
+    return prefill.raters
+
+
+def captured_scores(
+    state: RequestState, policy: Policy, level: Level, query: torch.Tensor, key: torch.Tensor, scale: float | None,
+) -> torch.Tensor:
+    """[B, Ls] what the stage ahead keeps from this attention call (see `attention_policy_scores`)."""
+    real = state.real_tokens(level)
+    if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
+        key = key[:, :, : level.length]
+    rows = rater_slots(state, policy).gather(1, level.index0) if policy.needs.raters else None
+    return attention_policy_scores(policy, level.visual, real, query, key, scale, rows)
+
+
+# context ---------------------------------------------------------------------------------
+@dataclass
+class StageContext:
+    """Everything one stage runs with.
+
+    Attributes:
+        policy, stage: the stage and its built policy; level: the level it prunes.
+        hidden: [B, Ls] the level's states (through the final norm for `needs.final_norm`).
+        n_visual: each sample's original visual-token count (ratios apply to it).
+        seed: the stage's seed; grids: per sample, (h, w) per image.
+        sample_stages: per sample, the stage with that sample's own budget.
+        attention: [B, Ls] captured scores (`needs.attention`).
+        vision: (scores [B, Ls] or None, keys [B, Ls, d] or None, per-sample tower grids or
+            None) for `needs.vision`.
+        real: [B, Ls] bool, slots holding a real token (`needs.attention`).
+    """
+
+    policy: Policy
+    stage: Stage
+    level: Level
+    hidden: torch.Tensor
+    n_visual: list[int]
+    seed: int
+    grids: list[list[tuple[int, int]]]
+    sample_stages: list[Stage] | None = None
+    attention: torch.Tensor | None = None
+    vision: tuple | None = None
+    real: torch.Tensor | None = None
+
+
+def stage_context(
+    state: RequestState, stage_index: int, policy: Policy, level: Level, hidden: torch.Tensor, seed: int,
+    vision_reads: list | None, norm: Callable[[torch.Tensor], torch.Tensor],
+) -> StageContext:
+    """The context of stage `stage_index`, from what its policy declares.
+
+    vision_reads: what the vision tower gave this request (a `pre` stage of a session that hooks
+    the tower), else None; norm: the language model's final norm.
+    """
+    stage, prefill, needs = state.plan.stages[stage_index], state.prefill, policy.needs
+    attention = real = vision = None
+    if needs.attention is not None:
+        if stage.layer not in prefill.captured:
+            source = stage.layer if needs.attention == "own" else stage.layer - 1
+            raise PlanError(f"stage {stage}: no attention rows were captured at layer {source}; "
+                            "its attention did not run through the pruneware capture")
+        attention = prefill.captured.pop(stage.layer)
+    if vision_reads is not None:
+        vision = reads_to_positions(
+            vision_reads, prefill.layout.image_ids.to(hidden.device), prefill.layout.grids, "keys" in needs.vision,
+        )
+    if needs.attention is not None:
+        real = state.real_tokens(level)
+        if needs.final_norm:
+            with torch.no_grad():
+                hidden = norm(hidden)
+    return StageContext(
+        policy, stage, level, hidden, prefill.n_visual, seed, prefill.layout.grids, state.sample_stages(stage_index),
+        attention, vision, real,
+    )
+
+
+# StageInput --------------------------------------------------------------------------------
+def visual_picker(level: Level) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[B, Ls, ...] -> [B, n, ...]: the level's visual slots, in slot order (n: the most per sample)."""
+    n = max(level.n_visual, default=0)
+    span = level.visual_span
+    if span is not None:  # the visual slots are one known run in every sample: slice, no sort or gather
+        visual_slots = slice(span[0], span[0] + n)
+
+        def pick(x: torch.Tensor) -> torch.Tensor:  # contiguous
+            y = x[:, visual_slots]
+            return y if y.shape[0] == 1 else y.contiguous()  # one sample: a slice is contiguous
+        return pick
+    order = level.visual_first[:, :n]  # visual slots first
+
+    def pick_gathered(x: torch.Tensor) -> torch.Tensor:
+        return gather_rows(order, x)[0] if x.dim() == 3 else x.gather(1, order)
+    return pick_gathered
+
+
+def stage_input(ctx: StageContext, pick: Callable[[torch.Tensor], torch.Tensor]) -> StageInput:
+    """The policy's `StageInput`: the visual slots `pick` takes, and what its `needs` declares."""
+    level, hidden = ctx.level, ctx.hidden
+    host_counts = level.n_visual  # host-side: no sync
+    n = max(host_counts, default=0)
+    device = level.image_ids.device
+    states = pick(hidden)
+    image_ids = pick(level.image_ids)
+    if min(host_counts, default=n) == n:  # every sample has n visual tokens: nothing to mask
+        token_valid = torch.ones(image_ids.shape, dtype=torch.bool, device=device)
+    else:
+        token_valid = torch.arange(n, device=device)[None] < level.visual.sum(dim=1)[:, None]
+        states = states * token_valid[..., None].to(hidden.dtype)
+        image_ids = image_ids.masked_fill(~token_valid, -1)
+    inputs = StageInput(
+        hidden=states,
+        valid=token_valid,
+        image_ids=image_ids,
+        attention=None if ctx.attention is None else pick(ctx.attention),
+        seed=ctx.seed,
+        layer=ctx.stage.layer,
+        grids=ctx.grids,
+        text=text_rows(ctx) if ctx.policy.needs.text else None,
+        sizes=level.image_sizes,
+    )
+    if ctx.vision is not None:
+        scores, keys, inputs.vision_grids = ctx.vision
+        if scores is not None:
+            inputs.vision_scores = pick(scores).masked_fill(~token_valid, 0.0)
+        if keys is not None:
+            inputs.vision_keys = pick(keys) * token_valid[..., None]
+    return inputs
+
+
+def text_rows(ctx: StageContext) -> TextRows:
+    """The states and captured values of the policy's query rows (`Needs(text=True)`)."""
+    if ctx.attention is None or ctx.real is None:
+        raise RuntimeError(f"{ctx.policy.name} needs its captured values and the real-token mask at its text rows")
+    hidden = ctx.hidden
+    rows, row_valid = query_rows(ctx.policy.needs.query, ctx.level.visual, ctx.real)
+    text_hidden = gather_rows(rows, hidden)[0] * row_valid[..., None].to(hidden.dtype)
+    return TextRows(text_hidden, row_valid, ctx.attention.gather(1, rows))
