@@ -7,15 +7,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pruneware
 from pruneware.errors import PlanError
 from pruneware.plans.plan import Plan, Stage
-from pruneware.plans.presets import ExactPreset, available_presets
 from pruneware.policies import available as available_policies
 from pruneware.policies import get_policy
 from pruneware.tuning import search as S
-from pruneware.tuning.budget import Budget, BudgetError, CostModel, cost_model
-from pruneware.tuning.calibration import Calibration, Measurement, check_not_reporting, default_calibration
+from pruneware.tuning.budget import Budget, BudgetError, cost_model
+from pruneware.tuning.calibration import Calibration, check_not_reporting, default_calibration
+from pruneware.tuning.phases import (
+    TuneRun, add_presets, profile_places, screen, shortlist_schedules, valid_places, verify,
+)
 
 PROFILE_SHARE = 0.7
 OBJECTIVE = ("mean over calibration questions of KL(unpruned || pruned) of the first answer token "
@@ -105,27 +106,13 @@ def tune(
         calibration or the reporting split; PlanError: an unknown policy.
     """
     start = time.perf_counter()
-    deadline = None if time_budget_s is None else start + time_budget_s
-    # Profiling stops at 70% of the time budget, so the measured verification always happens.
-    profile_deadline = None if time_budget_s is None else start + PROFILE_SHARE * time_budget_s
-    if budget is None:
-        raise BudgetError("tune needs a budget: avg_tokens=N, flops_ratio=r or latency_ms=t")
-    budget = Budget.of(budget)
-    if not 1 <= max_stages <= 4:
-        raise PlanError(f"max_stages must be in 1..4, got {max_stages}")
-    if max_places < 2:
-        raise PlanError(f"max_places must be >= 2 ('pre' and one layer), got {max_places}")
-    names = sorted(n for n, c in available_policies().items() if not c.recycles) if policies is None \
-        else list(policies)
-    for name in names:
-        get_policy(name)  # raises with the valid names
+    budget, names = _checked_arguments(budget, max_stages, max_places, policies)
     items = default_calibration(64 if calibration is None else calibration, seed) \
         if calibration is None or isinstance(calibration, int) else list(calibration)
     check_not_reporting(items)
     cal = Calibration(model, processor, items, bench=bench, batch_size=batch_size, seed=seed,
                       accuracy_weight=accuracy_weight)
-    n_layers, n_visual = cal.adapter.n_layers, cal.n_visual
-    rope = cal.adapter.rope
+    n_layers, n_visual, rope = cal.adapter.n_layers, cal.n_visual, cal.adapter.rope
     widest = max(n for n, _ in cal.samples)
 
     def timer(k: int) -> float:
@@ -135,140 +122,39 @@ def tune(
     cost.check_reachable()
     report = TuneReport(str(budget), OBJECTIVE, n_calibration=len(items), reference_accuracy=cal.reference_accuracy,
                         unpruned_cost=cost.unpruned_cost(), cost_model=cost.fit)
+    # Profiling stops at 70% of the time budget, so the measured verification always happens.
+    run = TuneRun(
+        model, cal, cost, report, names, n_visual,
+        profile_deadline=None if time_budget_s is None else start + PROFILE_SHARE * time_budget_s,
+        deadline=None if time_budget_s is None else start + time_budget_s, on_progress=on_progress,
+    )
 
-    places = S.places_for(n_layers, max_places)
-    valid = {p: [n for n in names if _valid(model, n, p)] for p in places}
-    places = [p for p in places if valid[p]]
-    if not places:
-        raise PlanError(f"none of the policies {', '.join(names)} can run on this model at any place")
+    places, valid = valid_places(model, names, n_layers, max_places)
     screened = [p for p in S.screen_places(places) if len(valid[p]) > 1]
-    total = sum(len(valid[p]) for p in screened) + len(places) * len(S.PROFILE_RATIOS) + shortlist + 6
-    done = 0
-
-    def measure(plan: Plan, phase: str) -> Measurement:
-        nonlocal done
-        m = cal.measure(plan)
-        report.candidates.append({"plan": str(plan), "phase": phase, **m.summary(),
-                                  "predicted_cost": round(cost.plan_cost(plan), 6)})
-        done += 1
-        if on_progress:
-            on_progress(done, max(total, done), phase)
-        return m
-
-    def out_of_time(limit: float | None = profile_deadline) -> bool:
-        late = limit is not None and time.perf_counter() > limit
-        report.stopped_early = report.stopped_early or late
-        return late
-
-    profile = S.Profile()
-    choice: dict = {p: valid[p][0] for p in places}
-    screen_losses: dict = {}
-    for p in screened:
-        losses = screen_losses.setdefault(p, {})
-        for name in valid[p]:
-            if out_of_time():
-                break
-            losses[name] = measure(S.to_plan([(p, name, S.SCREEN_RATIO)], n_visual), "screen").loss
-            profile.add(p, name, S.SCREEN_RATIO, losses[name])
-        if losses:
-            choice[p] = min(losses, key=losses.__getitem__)
-    for p in places:
-        if p not in screened and len(valid[p]) > 1:
-            choice[p] = S.interpolated_choice(p, screen_losses, valid[p])
-    for ratio in S.profile_order(S.PROFILE_RATIOS, S.budget_ratio(cost)):
-        for p in places:
-            if ratio in profile.points.get((p, choice[p]), {}) or out_of_time():
-                continue
-            profile.add(p, choice[p], ratio, measure(S.to_plan([(p, choice[p], ratio)], n_visual), "profile").loss)
-
-    profiled = [p for p in places if profile.points.get((p, choice[p]))]
-    schedules = S.search(profile, choice, profiled, cost, max_stages) if profiled else []
-    report.schedules_searched = len(schedules)
-    candidates: dict[str, tuple[Plan, str]] = {}
-    shapes: set = set()
-    for sched in schedules:
-        if len(shapes) >= shortlist:
-            break
-        shape = tuple((p, pol) for p, pol, _ in sched.stages)
-        plan = S.fill(sched.stages, cost, n_visual) if shape not in shapes else None
-        if plan is not None and str(plan) not in candidates:
-            shapes.add(shape)
-            candidates[str(plan)] = (plan, "search")
+    run.total = sum(len(valid[p]) for p in screened) + len(places) * len(S.PROFILE_RATIOS) + shortlist + 6
+    choice, profile = screen(run, places, screened, valid)
+    profile_places(run, places, choice, profile)
+    candidates = shortlist_schedules(run, profile, choice, places, max_stages, shortlist)
     if presets:  # verified right after the search's best, before its runners-up
-        found = list(candidates.items())
-        candidates = dict(found[:1])
-        solved = _presets_at(cost, n_layers, n_visual, rope, model, set(names))
-        # most promising first by the profiles (a preset the profiles cannot score goes last)
-        for name, plan in sorted(solved.items(), key=lambda kv: (S.surrogate_of(kv[1], profile, n_visual), kv[0])):
-            key = str(plan)  # a search result may be a preset too: say so
-            candidates[key] = (candidates[key][0], f"{candidates[key][1]} = preset {name}") if key in candidates \
-                else (plan, f"preset {name}")
-        candidates.update({k: v for k, v in found[1:] if k not in candidates})
-    if not candidates:
-        raise BudgetError(
-            f"no plan within {budget} was found: the time budget ran out before profiling finished "
-            "or the budget is below what the profiled ratios reach; raise --time-budget or the budget"
-        )
-    results = []
-    for i, (plan, origin) in enumerate(candidates.values()):
-        if i > 0 and out_of_time(deadline):
-            break
-        results.append((measure(plan, "verify"), plan, origin))
-        report.candidates[-1]["origin"] = origin
-    best_m, best_plan, origin = min(results, key=lambda r: r[0].loss)
-    presets_seen = [r for r in results if "preset " in r[2]]
-    if presets_seen:
-        pm, pp, po = min(presets_seen, key=lambda r: r[0].loss)
-        report.best_preset = {"name": po.split("preset ")[-1], "plan": str(pp), **pm.summary()}
-    report.chosen = {"origin": origin, **best_m.summary()}
-    report.predicted_cost = cost.plan_cost(best_plan)
-    report.measured_cost = _measured(cost, best_m, cal, best_plan)
+        candidates = add_presets(run, candidates, profile, n_layers, rope)
+    _, best_plan = verify(run, candidates)
     report.time_s = round(time.perf_counter() - start, 2)
     return TuneResult(best_plan, report)
 
 
-def _valid(model, policy: str, place) -> bool:
-    """Whether a one-stage plan of `policy` at `place` can run on this model."""
-    try:
-        pruneware.prune(model, Plan((Stage(policy, place, 0.5),)))
-    except PlanError:
-        return False
-    return True
-
-
-def _presets_at(cost: CostModel, n_layers: int, n_visual: int | None, rope: str, model,
-                policies: set[str]) -> dict[str, Plan]:
-    """Each scaled preset of `policies` solved (bisection on avg_tokens) for the highest cost within budget."""
-    if n_visual is None:
-        return {}
-    out = {}
-    for name, preset in sorted(available_presets().items()):
-        if isinstance(preset, ExactPreset) or not {t.policy for t in preset.variant(rope).stages} <= policies:
-            continue
-        best, lo, hi = None, 0.0, float(n_visual)
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            try:
-                plan = preset.build(n_layers, mid, n_visual, rope)
-            except PlanError:
-                lo = mid
-                continue
-            if cost.plan_cost(plan) <= cost.budget.value:
-                best, lo = plan, mid
-            else:
-                hi = mid
-        if best is not None and all(_valid(model, s.policy, s.where) for s in best.stages):
-            try:
-                pruneware.prune(model, best)
-            except PlanError:
-                continue
-            out[name] = best
-    return out
-
-
-def _measured(cost: CostModel, m: Measurement, cal: Calibration, plan: Plan) -> float:
-    if cost.budget.kind == "avg_tokens":
-        return m.avg_visual_tokens
-    if cost.budget.kind == "flops_ratio":
-        return m.flops_ratio
-    return min(cal.prefill_ms(plan) for _ in range(3))
+def _checked_arguments(
+    budget: Budget | Mapping | str | None, max_stages: int, max_places: int, policies: Sequence[str] | None,
+) -> tuple[Budget, list[str]]:
+    """The budget and the policies to search, or the error that names what is wrong."""
+    if budget is None:
+        raise BudgetError("tune needs a budget: avg_tokens=N, flops_ratio=r or latency_ms=t")
+    budget = Budget.of(budget)
+    if not 1 <= max_stages <= 4:
+        raise PlanError(f"max_stages must be in 1..4, got {max_stages}")
+    if max_places < 2:
+        raise PlanError(f"max_places must be >= 2 ('pre' and one layer), got {max_places}")
+    names = sorted(n for n, c in available_policies().items() if not c.needs.recycles) if policies is None \
+        else list(policies)
+    for name in names:
+        get_policy(name)  # raises with the valid names
+    return budget, names
