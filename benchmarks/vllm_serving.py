@@ -222,7 +222,7 @@ def main() -> None:
     # Every request of a plan gets an image of its own (warm-up included): a repeated image would
     # hit vLLM's multimodal and prefix caches and skip the vision tower and prefill.
     prompts = messages(WARMUP + sum(counts))
-    rows = []
+    rows, failed = [], {}
     for plan in [x.strip() for x in args.plans.split(",") if x.strip()]:
         server = Server(vllm_bin, folder, plan, args)
         try:
@@ -235,12 +235,19 @@ def main() -> None:
                 start += n
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
+        except (RuntimeError, TimeoutError, OSError) as err:  # this plan's server failed: the others still run
+            failed[plan] = str(err).strip().splitlines()[-1]
+            print(f"[serve] {plan} failed: {err}", file=sys.stderr, flush=True)
         finally:
             server.stop()
     print(f"model {args.model}, max_tokens {args.max_tokens}, temperature 0\n")
     print(table(rows))
+    for plan, reason in failed.items():
+        print(f"\nfailed: {plan}: {reason}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "load_format": args.load_format, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"model": args.model, "load_format": args.load_format, "rows": rows,
+                                               "failed": failed}, indent=1))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
