@@ -149,7 +149,7 @@ def test_bad_options_and_missing_plan_are_clear(registry, tiny):
     with pytest.raises(PlanError, match="needs a plan.*PRUNEWARE_VLLM_PLAN"):
         MULTIMODAL_REGISTRY.create_processor(config)
     config = model_config(tiny["llava"], {"architectures": [LLAVA], "pruneware": {"plan": "random@pre:4", "budget": 3}})
-    with pytest.raises(PlanError, match=r"unknown keys \['budget'\].*valid keys: \['plan', 'seed'\]"):
+    with pytest.raises(PlanError, match=r"unknown keys \['budget'\].*valid keys: \['plan', 'seed', 'avg_tokens'\]"):
         MULTIMODAL_REGISTRY.create_processor(config)
     config = model_config(tiny["qwen"], {"architectures": [QWEN], "pruneware": {"plan": "random@pre:4:compact"}})
     with pytest.raises(PlanError, match="compact.*M-RoPE"):
