@@ -1,28 +1,12 @@
 """Pruned Qwen2.5-VL for vLLM: `PrunewareQwen2_5_VLForConditionalGeneration`.
 
-Images and video frames keep a fixed number of tokens each (`PruneSpec.frame`): the processor
-emits that many `<|image_pad|>` / `<|video_pad|>` tokens per image or per frame, for prompts and
-for profiling (`_get_vision_info` feeds the max-token and dummy-input computations), and
-`embed_multimodal` returns exactly those rows, frame by frame.
-
-M-RoPE positions are those of the HF path (see `positions`): a kept token keeps its original
-(t, row, col) and the text after an item starts where it would after the full item; merged
-(pooled) tokens sit on their pooled grid, kept token i of frame f at
-    (t, h, w) = (int(f * second_per_grid_t * tokens_per_second), i // cols, i % cols)
-and the text after starts max(rows, cols) further on, as `Adapter.merged_positions` lays them out;
-`compact` numbers every token consecutively on all three axes.
-Encoder CUDA graphs are turned off for this class: their replay path skips `embed_multimodal`.
+Images and video frames keep a fixed number of tokens each (`PruneSpec.frame`); the processor,
+`embed_multimodal` and the M-RoPE positions are the shared Qwen ones (`qwen_common`): kept tokens
+at their original (t, row, col), with t = int(frame * second_per_grid_t * tokens_per_second);
+pooled tokens on their pooled grid; `compact` numbers every token consecutively.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from functools import cached_property, partial
-from typing import Any
-
-import numpy as np
-import torch
 
 from pruneware.integrations.vllm import check_vllm_version
 
@@ -36,80 +20,19 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
-from pruneware.integrations.vllm.positions import (
-    ItemBlock,
-    PositionOffsets,
-    attach_offsets,
-    frame_times,
-    grid_extent,
-    kept_offsets,
-    request_positions,
-)
-from pruneware.integrations.vllm.prune import prune_item
-from pruneware.integrations.vllm.spec import FrameLayout, PruneSpec, refuse_tower_lora, require_spec
+from pruneware.integrations.vllm.qwen_common import PrunedQwenInfo, PrunedQwenModel, PrunedQwenProcessor
+from pruneware.integrations.vllm.spec import refuse_tower_lora
 
 ARCHITECTURE = "PrunewareQwen2_5_VLForConditionalGeneration"
-EVS_REFUSAL = (
-    f"{ARCHITECTURE} prunes every image and frame itself; it cannot be combined with vLLM's "
-    "video pruning (video_pruning_rate > 0). Unset video_pruning_rate, or use the base architecture."
-)
 
 
-def _check_config(vllm_config: VllmConfig | None, mm_config: Any) -> None:
-    if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
-        raise ValueError(EVS_REFUSAL)
-    refuse_tower_lora(vllm_config, ARCHITECTURE)
+class PrunewareQwen2_5_VLProcessingInfo(PrunedQwenInfo, Qwen2_5_VLProcessingInfo):
+    ARCHITECTURE = ARCHITECTURE
 
 
-class PrunewareQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
-    """Qwen2.5-VL processing info whose image and video token counts are the pruned ones."""
-
-    def __init__(self, ctx: InputProcessingContext) -> None:
-        super().__init__(ctx)
-        self.pruneware  # noqa: B018  (a bad plan fails when the processor is built, not per request)
-
-    @cached_property
-    def pruneware(self) -> PruneSpec:
-        _check_config(None, self.ctx.get_mm_config())
-        return require_spec(self.get_hf_config(), ARCHITECTURE, "mrope")
-
-    def _get_vision_info(self, **kwargs: Any):  # -> tuple[ImageSize, int]
-        # Every max-token, dummy-input and get_num_{image,video}_tokens computation goes here.
-        size, full = super()._get_vision_info(**kwargs)
-        vision = self.get_hf_config().vision_config
-        unit = vision.patch_size * vision.spatial_merge_size
-        rows, cols = size.height // unit, size.width // unit
-        return size, self.pruneware.item_tokens(full // (rows * cols), rows, cols)
-
-
-class PrunewareQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
-    """Emits the pruned number of placeholders per image, and per frame for video."""
-
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, Any],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
-        info: PrunewareQwen2_5_VLProcessingInfo = self.info  # type: ignore[assignment]
-        hf_processor = info.get_hf_processor(**hf_processor_mm_kwargs)
-        merge = info.get_image_processor(**hf_processor_mm_kwargs).merge_size
-        vocab = info.get_tokenizer().get_vocab()
-        placeholder = {"image": vocab[hf_processor.image_token], "video": vocab[hf_processor.video_token]}
-
-        def replacement(item_idx: int, modality: str) -> list[int]:
-            grid = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data
-            frames, height, width = map(int, grid)
-            return [placeholder[modality]] * info.pruneware.item_tokens(frames, height // merge, width // merge)
-
-        return [
-            PromptReplacement(modality=m, target=[placeholder[m]], replacement=partial(replacement, modality=m))
-            for m in ("image", "video")
-        ]
+class PrunewareQwen2_5_VLMultiModalProcessor(PrunedQwenProcessor, Qwen2_5_VLMultiModalProcessor):
+    pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -117,62 +40,12 @@ class PrunewareQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     info=PrunewareQwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class PrunewareQwen2_5_VLForConditionalGeneration(PositionOffsets, Qwen2_5_VLForConditionalGeneration):
+class PrunewareQwen2_5_VLForConditionalGeneration(PrunedQwenModel, Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL whose image and video embeddings are pruned (or pooled) per frame."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        spec = require_spec(vllm_config.model_config.hf_config, ARCHITECTURE, "mrope")
-        _check_config(vllm_config, vllm_config.model_config.multimodal_config)
+        model_config = vllm_config.model_config
+        spec = PrunewareQwen2_5_VLProcessingInfo.spec_for(model_config.hf_config, model_config.multimodal_config)
+        refuse_tower_lora(vllm_config, ARCHITECTURE)  # fail before building any weights
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pruneware = spec
-
-    def get_encoder_cudagraph_config(self):
-        # The CUDA-graph replay path returns raw encoder outputs, bypassing embed_multimodal.
-        return replace(super().get_encoder_cudagraph_config(), modalities=[], max_frames_per_video=1)
-
-    def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...] | list:
-        """One tensor per item, in the order vLLM passed them: [T*k, D + OFFSET_CHANNELS], frame
-        by frame, each kept row with its (0, row, col) in its frame (`positions`)."""
-        by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
-        merge = self.visual.spatial_merge_size
-        out: list[torch.Tensor] = []
-        for modality, item_input in by_modality.items():
-            if item_input is None:
-                continue
-            process = self._process_image_input if modality == "image" else self._process_video_input
-            embeds = process(item_input)
-            for item, (frames, height, width) in zip(embeds, item_input[f"{modality}_grid_thw"].tolist(), strict=True):
-                grid = (frames, height // merge, width // merge)
-                rows, keep = prune_item(self.pruneware, item, grid)
-                if self.pruneware.policy.needs.merges or self.pruneware.stage.positions == "compact":
-                    keep = torch.zeros_like(keep)  # their positions are fixed at scheduling
-                out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=False)))
-        return tuple(out) if out else []
-
-    def get_mrope_input_positions(
-        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
-    ) -> tuple[torch.Tensor, int]:
-        """[3, L] positions and the decode delta (see the module docstring)."""
-        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
-        blocks = []
-        for offset, frames, rows, cols, t_factor in self.iter_mm_grid_thw(mm_features):
-            layout = self.pruneware.frame(rows, cols)
-            if lengths[offset] != frames * layout.count:
-                raise RuntimeError(
-                    f"item at offset {offset} has {lengths[offset]} placeholders, but the plan "
-                    f"{self.pruneware.stage} keeps {frames * layout.count}: the prompt was processed with another plan"
-                )
-            if self.pruneware.policy.needs.merges:
-                slots, extent = pseudo_grid_positions(layout, frames, t_factor), max(layout.rows, layout.cols)
-            else:
-                slots, extent = frame_times(frames, layout.count, t_factor), grid_extent(frames, rows, cols, t_factor)
-            blocks.append(ItemBlock(offset, slots, extent))
-        return request_positions(len(input_tokens), blocks, self.pruneware.stage.positions == "compact")
-
-
-def pseudo_grid_positions(layout: FrameLayout, frames: int, t_factor: float = 1.0) -> np.ndarray:
-    """[3, frames * layout.count] (t, h, w) of an item's kept tokens, relative to the item start."""
-    index = np.arange(layout.count)
-    frame = np.repeat(np.arange(frames), layout.count)
-    t = (frame * t_factor).astype(np.int64) if t_factor != 1.0 else frame
-    return np.stack([t, np.tile(index // layout.cols, frames), np.tile(index % layout.cols, frames)])

@@ -21,8 +21,6 @@ text after it starts after the full frame; `compact` numbers every token consecu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -42,29 +40,25 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from pruneware.errors import PlanError
 from pruneware.integrations.vllm.positions import (
     ItemBlock,
-    PositionOffsets,
     attach_offsets,
     grid_extent,
     kept_offsets,
     request_positions,
 )
 from pruneware.integrations.vllm.prune import prune_item
+from pruneware.integrations.vllm.qwen_common import PrunedQwenInfo, PrunedQwenModel, refuse_evs
 from pruneware.integrations.vllm.spec import PruneSpec, refuse_tower_lora, require_spec
 
 ARCHITECTURE = "PrunewareQwen3VLForConditionalGeneration"
 
 
 def _spec(hf_config: Any, mm_config: Any) -> PruneSpec:
-    if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
-        raise ValueError(
-            f"{ARCHITECTURE} prunes every image and frame itself; it cannot be combined with vLLM's "
-            "video pruning (video_pruning_rate > 0). Unset video_pruning_rate, or use the base architecture."
-        )
+    refuse_evs(ARCHITECTURE, mm_config)
     spec = require_spec(hf_config, ARCHITECTURE, "mrope")
     if spec.policy.needs.merges:
         raise PlanError(
@@ -74,23 +68,12 @@ def _spec(hf_config: Any, mm_config: Any) -> PruneSpec:
     return spec
 
 
-class PrunewareQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
-    """Qwen3-VL processing info whose image and video token counts are the pruned ones."""
+class PrunewareQwen3VLProcessingInfo(PrunedQwenInfo, Qwen3VLProcessingInfo):
+    ARCHITECTURE = ARCHITECTURE
 
-    def __init__(self, ctx: InputProcessingContext) -> None:
-        super().__init__(ctx)
-        self.pruneware  # noqa: B018  (a bad plan fails when the processor is built, not per request)
-
-    @cached_property
-    def pruneware(self) -> PruneSpec:
-        return _spec(self.get_hf_config(), self.ctx.get_mm_config())
-
-    def _get_vision_info(self, **kwargs: Any):  # -> tuple[ImageSize, int]
-        size, full = super()._get_vision_info(**kwargs)
-        vision = self.get_hf_config().vision_config
-        unit = vision.patch_size * vision.spatial_merge_size
-        rows, cols = size.height // unit, size.width // unit
-        return size, self.pruneware.item_tokens(full // (rows * cols), rows, cols)
+    @classmethod
+    def spec_for(cls, hf_config: Any, mm_config: Any) -> PruneSpec:
+        return _spec(hf_config, mm_config)
 
 
 class PrunewareQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
@@ -132,7 +115,7 @@ class PrunewareQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
     info=PrunewareQwen3VLProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class PrunewareQwen3VLForConditionalGeneration(PositionOffsets, Qwen3VLForConditionalGeneration):
+class PrunewareQwen3VLForConditionalGeneration(PrunedQwenModel, Qwen3VLForConditionalGeneration):
     """Qwen3-VL whose image and video rows (main and DeepStack channels) are pruned per frame."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
@@ -140,10 +123,6 @@ class PrunewareQwen3VLForConditionalGeneration(PositionOffsets, Qwen3VLForCondit
         refuse_tower_lora(vllm_config, ARCHITECTURE)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pruneware = spec
-
-    def get_encoder_cudagraph_config(self):
-        # The CUDA-graph replay path returns raw encoder outputs, bypassing embed_multimodal.
-        return replace(super().get_encoder_cudagraph_config(), modalities=[], max_frames_per_video=1)
 
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...] | list:
         """One tensor per item: [T*k, visual_dim * (1 + deepstack levels) + OFFSET_CHANNELS],
