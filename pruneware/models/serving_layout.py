@@ -89,10 +89,9 @@ def widen_heads(state: dict[str, torch.Tensor], text_config: Any, new: int = SER
     return out
 
 
-def hub_key_names(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
-    """LLaVA's vision tower keys in the hub layout (`vision_tower.vision_model.*`)."""
-    if model_type != "llava":
-        return dict(state)
+def hub_key_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP/SigLIP `vision_tower.*` (LLaVA families, as transformers 5 writes it) in the hub
+    layout `vision_tower.vision_model.*`; other keys (Qwen's `visual.*`) are left alone."""
     prefix, hub = "vision_tower.", "vision_tower.vision_model."
     return {
         (hub + k[len(prefix):] if k.startswith(prefix) and not k.startswith(hub) else k): v for k, v in state.items()
@@ -153,7 +152,7 @@ def to_serving_layout(state: dict[str, torch.Tensor], config: Any) -> dict[str, 
         width = text.num_attention_heads * max(SERVING_HEAD_DIM, text.hidden_size // text.num_attention_heads)
         state = widen_hidden(state, config, width)
     state = widen_heads(state, text)
-    return hub_key_names(state, config.model_type)
+    return hub_key_names(state)
 
 
 def convert_checkpoint(folder: str | Path) -> bool:

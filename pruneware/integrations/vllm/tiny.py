@@ -167,15 +167,13 @@ def write_random_weights(path: str | Path, seed: int = 0, std: float = 0.1) -> P
             if param.dim() >= 2 or name.endswith("image_newline"):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     model.save_pretrained(path)
-    if model.config.model_type == "llava_next":  # vLLM reads the CLIP tower in the hub layout
-        from safetensors.torch import load_file, save_file
+    # vLLM reads a CLIP tower in the hub layout
+    from safetensors.torch import load_file, save_file
 
-        file = path / "model.safetensors"
-        prefix, hub = "vision_tower.", "vision_tower.vision_model."
-        state = load_file(file)
-        renamed = {(hub + k[len(prefix):] if k.startswith(prefix) and not k.startswith(hub) else k): v
-                   for k, v in state.items()}
-        save_file(renamed, file, metadata={"format": "pt"})
+    from pruneware.models.serving_layout import hub_key_names
+
+    file = path / "model.safetensors"
+    save_file(hub_key_names(load_file(file)), file, metadata={"format": "pt"})
     return path
 
 
