@@ -16,18 +16,20 @@ from typing import Any
 from torch import nn
 
 from pruneware.engine.session import Session, attached_session
+from pruneware.errors import ArgumentError
 from pruneware.plans import Plan, PlanError, Stage, available_presets
 from pruneware.report import Report
 
 __version__ = "0.1.0"
 __all__ = [
-    "Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach", "load", "prune", "tune",
+    "ArgumentError", "Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach",
+    "load", "prune", "tune",
 ]
 
 
 def prune(
     model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None,
-    on_report: Callable[[Report], Any] | None = None,
+    on_report: Callable[[Report], Any] | None = None, small_images: str = "error",
 ) -> Session:
     """A session to use as a context manager: `with pruneware.prune(model, "fastv") as run: ...`.
 
@@ -40,24 +42,33 @@ def prune(
             budgets; a paper's exact schedule such as "adaptinfer-llava-64" takes none).
         on_report: called with each call's Report when its prefill completes (on that thread);
             `session.report` is the last call completed on the current thread.
+        small_images: under avg_tokens, what a sample with fewer visual tokens than avg_tokens
+            gets: "error" (default: a PlanError naming the sample, and the call runs nothing) or
+            "keep" (that sample keeps all its visual tokens; `Report.below_budget` lists it),
+            e.g. for a server whose requests mix image sizes. No effect without avg_tokens.
     Raises:
         PlanError: a malformed or out-of-range plan, an unknown policy or preset, or a plan
             (or exact-schedule preset) that sets budgets together with avg_tokens.
+        ArgumentError: (a TypeError and ValueError) seed not an integer in [-2**63, 2**64 - 1],
+            avg_tokens not a positive finite number or None, on_report not callable or None,
+            small_images not "error" or "keep".
         TypeError: an unsupported model.
     """
-    return Session(model, plan, seed=seed, avg_tokens=avg_tokens, on_report=on_report)
+    return Session(model, plan, seed=seed, avg_tokens=avg_tokens, on_report=on_report, small_images=small_images)
 
 
 def attach(
     model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None,
-    on_report: Callable[[Report], Any] | None = None,
+    on_report: Callable[[Report], Any] | None = None, small_images: str = "error",
 ) -> Session:
     """Install pruning on a long-lived model until `detach(model)`.
 
     One attached model serves concurrent calls from several threads; `on_report(report)`
-    receives each call's report (see `prune`).
+    receives each call's report (see `prune` for the arguments and the errors).
     """
-    return Session(model, plan, seed=seed, avg_tokens=avg_tokens, on_report=on_report).attach()
+    return Session(
+        model, plan, seed=seed, avg_tokens=avg_tokens, on_report=on_report, small_images=small_images,
+    ).attach()
 
 
 def detach(model: nn.Module) -> None:

@@ -6,3 +6,8 @@ from __future__ import annotations
 
 class PlanError(ValueError):
     """A plan that cannot run: bad syntax, unknown policy, or out-of-range values."""
+
+
+class ArgumentError(TypeError, ValueError):
+    """An argument of `prune` / `attach` of the wrong type or out of range, raised when the
+    session is created (a TypeError and a ValueError, so either `except` catches it)."""

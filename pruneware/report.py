@@ -46,6 +46,8 @@ class Report:
         vision_flops: per image the vision encoder ran on during this call (in the order it
             ran them), the vision side's FLOPs for the input the encoder actually received
             (see `pruneware.adapters.vision_flops`); `resize` on Qwen makes them smaller.
+        below_budget: the samples (batch indices) with fewer visual tokens than `avg_tokens`
+            that kept them all, under `small_images="keep"` (see `pruneware.prune`).
     """
 
     stages: list[StageReport] = field(default_factory=list)
@@ -59,6 +61,7 @@ class Report:
     visual_per_sample: list[float] = field(default_factory=list)
     flops_per_sample: list[float] = field(default_factory=list)
     vision_flops: list[float] = field(default_factory=list)
+    below_budget: list[int] = field(default_factory=list)
 
     @property
     def avg_visual_tokens(self) -> float:
@@ -77,6 +80,7 @@ class Report:
             "lm_flops": self.lm_flops,
             "flops_ratio": round(self.flops_ratio, 4),
             "vision_flops": sum(self.vision_flops),
+            "below_budget": self.below_budget,
             "stages": [
                 {"where": s.where, "policy": s.policy, "n_before": s.n_before, "n_after": s.n_after}
                 for s in self.stages

@@ -4,7 +4,7 @@ to the concrete plan each prefill runs, checked against the model before anythin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pruneware.adapters import Adapter
 from pruneware.plans.plan import Plan, PlanError, writes_budgets
@@ -23,12 +23,17 @@ class PlanSource:
     fixed: Plan | None
     template: Preset | None
     avg_tokens: float | None
+    small_images: str = "error"  # "keep": a sample with fewer visual tokens than avg_tokens keeps them all
     _policies: dict[tuple, Policy] = field(default_factory=dict)
     _solved: dict[int, Plan] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, plan: str | Plan, adapter: Adapter, avg_tokens: float | None) -> PlanSource:
-        """Raises PlanError when a plan that writes its own budgets is given `avg_tokens` too."""
+    def create(cls, plan: str | Plan, adapter: Adapter, avg_tokens: float | None, small_images: str = "error") -> PlanSource:
+        """Raises PlanError when a plan that writes its own budgets is given `avg_tokens` too.
+
+        small_images: under `avg_tokens`, what a sample with fewer visual tokens than
+        `avg_tokens` gets: "error" (a PlanError naming the sample) or "keep" (all its tokens).
+        """
         n_layers = adapter.n_layers
         preset = available_presets().get(plan.strip()) if isinstance(plan, str) else None
         if preset is not None:
@@ -50,6 +55,7 @@ class PlanSource:
                 source = cls(adapter, None, user_template(parsed, n_layers), avg_tokens)
         else:
             raise PlanError(f"plan must be a plan string, a Plan or a preset name, got {type(plan).__name__}")
+        source.small_images = small_images
         source._check(source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False))
         return source
 
@@ -89,7 +95,9 @@ class PlanSource:
     def sample_plans(self, n_visual: list[int]) -> list[Plan]:
         """Each sample's plan: under `avg_tokens`, solved for the sample's own visual tokens.
 
-        Raises PlanError, naming the sample and the valid range, when a budget is out of reach.
+        Raises PlanError, naming the sample and the valid range, when a budget is out of reach;
+        with `small_images="keep"`, a sample below `avg_tokens` (see `below_budget`) instead runs
+        the template's stages with a count budget of all its tokens.
         """
         if self.fixed is not None:
             return [self.fixed] * max(len(n_visual), 1)
@@ -98,11 +106,33 @@ class PlanSource:
             if n == 0:  # a text-only sample keeps nothing visual whatever its budgets
                 plans.append(self._any_plan())
                 continue
+            if self._keeps_all(n):
+                plans.append(self._keep_all_plan(n))
+                continue
             try:
                 plans.append(self.plan_for(n))
             except PlanError as err:
                 raise PlanError(f"sample {b} of the batch ({n} visual tokens): {err}") from None
         return plans or [self._any_plan()]
+
+    def below_budget(self, n_visual: list[int]) -> list[int]:
+        """The samples (batch indices) that keep every visual token under `small_images="keep"`."""
+        return [b for b, n in enumerate(n_visual) if n and self._keeps_all(n)]
+
+    def _keeps_all(self, n_visual: int) -> bool:
+        return self.small_images == "keep" and self.template is not None and n_visual < (self.avg_tokens or 0)
+
+    def _keep_all_plan(self, n_visual: int) -> Plan:
+        """The template's stages (places, policies, positions), each keeping all `n_visual` tokens."""
+        key = -n_visual  # memoised beside the solved plans, which use positive keys
+        plan = self._solved.get(key)
+        if plan is None:
+            base = self.template.build(self.adapter.n_layers, rope=self.adapter.rope)  # type: ignore[union-attr]
+            plan = Plan(tuple(replace(s, budget=n_visual, relative=False) for s in base.stages))
+            if len(self._solved) >= _MAX_SOLVED:
+                self._solved.clear()
+            self._solved[key] = plan
+        return plan
 
     def plan_for(self, n_visual: int, strict: bool = True) -> Plan:
         """The plan for a sample with `n_visual` visual tokens (memoised per count)."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from pruneware.adapters import Adapter, adapter_for
 from pruneware.engine import masks
+from pruneware.engine.arguments import SmallImages, check_session_arguments, stage_seed
 from pruneware.engine.attention_capture import AttentionCapture
 from pruneware.engine.attention_preview import PreviewDone, run_preview
 from pruneware.engine.kv_caches import cache_of, output_cache, static_length, unwrap_mask
@@ -58,11 +59,12 @@ class Session:
 
     def __init__(
         self, model: nn.Module, plan: str | Plan, *, seed: int = 0, avg_tokens: float | None = None,
-        on_report: Callable[[Report], Any] | None = None,
+        on_report: Callable[[Report], Any] | None = None, small_images: SmallImages = "error",
     ):
+        seed, avg_tokens, small_images = check_session_arguments(seed, avg_tokens, on_report, small_images)
         self.model = model
         self.adapter: Adapter = adapter_for(model)
-        self.source = PlanSource.create(plan, self.adapter, avg_tokens)
+        self.source = PlanSource.create(plan, self.adapter, avg_tokens, small_images)
         self.seed = seed
         self.on_report = on_report
         self._handles: list[Any] = []
@@ -173,7 +175,8 @@ class Session:
         n_visual = layout.counts
         sample_plans = self.source.sample_plans(n_visual)  # raises before any layer runs
         plan = next((p for p, n in zip(sample_plans, n_visual, strict=True) if n), sample_plans[0])
-        report = Report(n_layers=self._n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans])
+        report = Report(n_layers=self._n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans],
+                        below_budget=self.source.below_budget(n_visual))
         prefill = PrefillState(
             layout, sample_plans, n_visual, report, position_inputs=self.adapter.position_inputs(input_ids, kwargs),
         )
@@ -296,7 +299,7 @@ class Session:
         policy = self.source.policy(state.plan, stage_index)
         reads = self._requests.take_vision_reads() if stage.where == "pre" and self._vision is not None else None
         ctx = stage_context(
-            state, stage_index, policy, level, hidden, self.seed * 1_000_003 + stage_index, reads,
+            state, stage_index, policy, level, hidden, stage_seed(self.seed, stage_index), reads,
             lambda states: self.adapter.language_model.norm(states),
         )
         selection = run_stage(ctx)
