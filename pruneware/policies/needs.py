@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-Place = Literal["pre", "llm"]
+Place = Literal["pre", "llm", "vit"]
 AttentionSource = Literal["previous", "own"]
 Query = Literal["last", "text", "post-image"]
 VisionRead = Literal["attention", "keys", "resize"]
@@ -27,10 +27,12 @@ class Needs:
     plain selection policy that reads only the visual tokens' states, anywhere).
 
     Attributes:
-        where: where the policy may run: "pre" (on the language model's input embeddings) and
-            "llm" (before a decoder layer K). None: wherever its inputs exist, i.e. "pre" unless
+        where: where the policy may run: "pre" (on the language model's input embeddings),
+            "llm" (before a decoder layer K) and "vit" (in or before the vision tower: `vitK`,
+            `pre-vit`, on its 2x2 merge units). None: wherever its inputs exist, i.e. "pre" unless
             it reads attention from inside the language model, "llm" unless it merges into new
-            embeddings or reads the vision tower.
+            embeddings or reads the vision tower, "vit" for selection policies that read no more
+            than the tower's own attention.
         attention: the attention the engine captures for `StageInput.attention`: None (none),
             "previous" (what layer K-1 ran; FastV, AdaptInfer, SparseVLM, DART) or "own" (layer
             K's own attention on its unpruned input, previewed before the stage prunes it;
@@ -43,7 +45,8 @@ class Needs:
             receives: "summed" over heads [B, T, T] or "per-head" [B, H, T, T].
         raters: only some query rows count, chosen once per prefill by `Policy.raters` from the
             language model's input embeddings (SparseVLM); the others reach `row_weights` invalid.
-        text: `StageInput.text`: the query rows' states and captured values.
+        text: `StageInput.text`: the query rows' states and captured values. Without attention
+            the rows are read from the stage's states alone, anywhere (CDPruner's instruction).
         final_norm: the states (visual and text) pass through the language model's final norm first.
         vision: what a `pre` stage reads from the vision tower: "attention" (per-token scores),
             "keys" (head-averaged keys at that layer), "resize" (the tower runs on resized pixels).
@@ -67,8 +70,9 @@ class Needs:
     output: Output = "select"
 
     def __post_init__(self) -> None:
-        possible = tuple(p for p, ok in (("pre", self.attention is None), ("llm", not self.merges and not self.vision))
-                         if ok)
+        vit = self.attention is None and self.output == "select" and set(self.vision) <= {"attention"}
+        possible = tuple(p for p, ok in (("pre", self.attention is None), ("llm", not self.merges and not self.vision),
+                                         ("vit", vit)) if ok)
         if self.where is None:
             object.__setattr__(self, "where", possible)
         elif not set(self.where) <= set(possible):
@@ -77,10 +81,11 @@ class Needs:
         if not self.where:
             raise ValueError(f"{self}: a policy that reads attention inside the language model can neither merge "
                              "into new embeddings nor read the vision tower")
-        attention_only = (self.captures != "attention", self.query != "last", self.query_block is not None,
-                          self.raters, self.text, self.final_norm)
+        attention_only = (self.captures != "attention", self.query_block is not None, self.raters, self.final_norm)
         if self.attention is None and any(attention_only):
-            raise ValueError(f"{self}: query rows, captures, raters, text rows and the final norm need attention=...")
+            raise ValueError(f"{self}: captures, query blocks, raters and the final norm need attention=...")
+        if self.attention is None and self.query != "last" and not self.text:
+            raise ValueError(f"{self}: query rows need attention=... (or text=True: the rows read as text)")
 
     @property
     def pre(self) -> bool:
@@ -91,6 +96,11 @@ class Needs:
     def llm(self) -> bool:
         """May run before a decoder layer K."""
         return "llm" in self.where  # type: ignore[operator]
+
+    @property
+    def vit(self) -> bool:
+        """May run in or before the vision tower (`vitK`, `pre-vit`)."""
+        return "vit" in self.where  # type: ignore[operator]
 
     @property
     def merges(self) -> bool:

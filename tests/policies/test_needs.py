@@ -11,10 +11,11 @@ from pruneware.policies import Needs, available, policy_names
 
 
 def test_where_is_derived_from_what_the_policy_reads():
-    assert Needs().where == ("pre", "llm")
+    assert Needs().where == ("pre", "llm", "vit")
     assert Needs(attention="previous").where == ("llm",)
     assert Needs(output="merge").where == ("pre",)
-    assert Needs(vision=("attention",)).where == ("pre",)
+    assert Needs(vision=("attention",)).where == ("pre", "vit")
+    assert Needs(vision=("resize",)).where == ("pre",)
     assert Needs(where=("llm",)).where == ("llm",)
 
 
