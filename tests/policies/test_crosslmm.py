@@ -26,6 +26,18 @@ def test_factor_one_with_gate_zero_reproduces_unpruned_logits(family):
         assert torch.equal(logits(model, inputs), expected)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("plan", ["crosslmm@pre:1.0", "crosslmm[gate=1.0]@pre:1.0", "crosslmm[factor=1]@pre:0.5"])
+def test_an_image_that_is_not_pooled_is_not_refined(family, plan):
+    """Keep-everything is the unpruned model: an unpooled grid passes through unchanged."""
+    model, inputs, _ = make(family)
+    expected = logits(model, inputs)
+    with pruneware.prune(model, plan) as run:
+        got = logits(model, inputs)
+    assert run.report.stages[0].n_after == run.report.stages[0].n_before
+    assert torch.equal(got, expected)
+
+
 def test_pooled_positions_match_a_genuinely_lower_resolution_image():
     model = tiny_qwen()
     full = qwen_inputs(model, [(3, [(8, 12)], 5)])  # 4 x 6 merged tokens

@@ -277,3 +277,49 @@ def test_qwen3_refuses_a_stage_before_its_deepstack_layers():
     model = tiny_qwen3_vl(deepstack=(0, 1, 2))
     with pytest.raises(PlanError, match=r"place it at K >= 3"):
         pruneware.prune(model, "sparsevlm@2:4")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_a_full_budget_recycles_one_token_as_the_official_rule_does(family):
+    """Keep-everything is not a no-op for SparseVLM (see docs/methods.md): the official top-k keeps
+    at most n - 1 tokens, and the one left is recycled as a cluster of one, `x / (1 + 1e-6)`. The
+    model then runs exactly as the unpruned one whose layer input has that one state scaled."""
+    model, samples = model_and_samples(family, "sdpa")
+    sample = samples[0]
+    layers = model.model.language_model.layers
+    seen: list[torch.Tensor] = []
+
+    def record(_module, args, kwargs):
+        seen.append(args[0].detach().clone())
+
+    with pruneware.prune(model, "sparsevlm@2:1.0") as run:
+        handle = layers[2].register_forward_pre_hook(record, with_kwargs=True)  # after the stage's own hook
+        try:
+            with torch.no_grad():
+                pruned = model(**sample).logits
+        finally:
+            handle.remove()
+    stage = run.report.stages[0]
+    assert stage.n_after == stage.n_before
+    handle = layers[2].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**sample)
+    finally:
+        handle.remove()
+    after_stage, unpruned = seen
+    changed = (after_stage != unpruned).any(dim=-1)[0].nonzero().squeeze(1)
+    assert changed.numel() == 1 and int(sample["input_ids"][0, changed]) == IMAGE_TOKEN
+    scale = 1.0 / (torch.ones(1) + 1e-6)  # float32, as cluster_and_merge computes it
+    assert torch.equal(after_stage[0, changed], unpruned[0, changed] * scale)
+
+    def replay(_module, args, kwargs):
+        return (after_stage, *args[1:]), kwargs
+
+    handle = layers[2].register_forward_pre_hook(replay, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            expected = model(**sample).logits
+    finally:
+        handle.remove()
+    assert torch.equal(pruned, expected)

@@ -14,6 +14,10 @@ Modes (plan parameters in brackets):
 The pooled grid is `factor` x `factor` bins (`factor=3`), or the largest grid of the image's
 aspect within the stage's per-image budget. Runs at `pre` only.
 
+An image whose pooled grid is its own grid (a budget of all its tokens, or `factor=1`) is
+not pooled, so it is not refined either: it passes through unchanged, in both modes, and a
+keep-everything plan is the unpruned model (the paper refines what pooling compressed).
+
 Positions: each pooled token stands at its bin's first token. On 1-D RoPE models it takes that
 token's position; on M-RoPE models the engine gives the pooled tokens the positions of the
 pooled grid, as if the image had that lower resolution (see the Qwen adapter).
@@ -69,6 +73,8 @@ class CrossLMMPolicy(Policy):
         def merge_image(b, _image, members, hw, budget):
             ph, pw = pooled_shape(*hw, budget, self.factor)
             tokens = inputs.hidden[b, members]
+            if (ph, pw) == hw:  # nothing pooled: every bin is one token, kept as it is
+                return members, tokens, hw
             pooled, first = pool_grid(tokens, *hw, ph, pw)
             return members[first], self._refine(pooled, tokens), (ph, pw)
 
