@@ -164,6 +164,11 @@ class Adapter:
         scores [n] and keys [n, d] (row-major over the token grid)."""
         raise NotImplementedError
 
+    def vision_cut(self) -> Any:
+        """How `pre-vit` / `vitK` stages cut this family's vision tower (see `qwen_vit.QwenVisionCut`
+        for the interface), or None when they are not supported."""
+        return None
+
     # vision-side FLOPs (the formulas are in vision_flops.py) -----------------------------
     def tower_call_flops(self, args: tuple, kwargs: dict[str, Any]) -> list[float]:
         """Per image, the FLOPs of one call of `vision_encoder()` on the inputs it received

@@ -17,6 +17,7 @@ import torch
 
 from pruneware.adapters.base import Adapter, VisualItem, VisualLayout, items_to_layout
 from pruneware.adapters.vision import bin_firsts, mean_attention_received
+from pruneware.adapters.qwen_vit import QwenVisionCut
 from pruneware.adapters.vision_flops import QwenTower, qwen_image_flops
 
 MODALITIES = ("image", "video")
@@ -60,6 +61,9 @@ class QwenVLAdapter(Adapter):
     def input_vision_flops(self, inputs: dict[str, Any]) -> list[float]:
         grids = [g for g in (inputs.get("image_grid_thw"), inputs.get("video_grid_thw")) if g is not None]
         return self.tower_call_flops((None, torch.cat(grids)), {}) if grids else []
+
+    def vision_cut(self) -> QwenVisionCut:
+        return QwenVisionCut(self.base_model.visual, self.tower_shape())
 
     def vision_score_attention(self) -> torch.nn.Module:
         """The attention of the last full-attention ViT block (Qwen2.5-VL's others are windowed)."""

@@ -114,3 +114,19 @@ def llava_next_flops(config, pixels: torch.Tensor | None, image_sizes: torch.Ten
     tile = llava_image_flops(config, pixels.shape[-2], pixels.shape[-1])
     side = config.vision_config.image_size
     return [tile * image_size_to_num_patches(tuple(s), config.image_grid_pinpoints, side) for s in image_sizes.tolist()]
+
+
+def qwen_tower_flops(vc, tower: QwenTower, n_patches: int, sequences: list[list[int]], merged: int) -> float:
+    """A Qwen vision tower on one image whose blocks ran on what a `vitK` stage left them.
+
+    n_patches: patches embedded; sequences[b]: the lengths (in patches) of block b's attention
+    sequences (its dense layers run on their sum); merged: units through the merger(s).
+    Equals `qwen_image_flops` when every block holds every patch.
+    """
+    d, unit = tower.width, vc.spatial_merge_size**2
+    flops = _linear(n_patches, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, d)
+    for lengths in sequences:
+        n = sum(lengths)
+        flops += _linear(n, d, 4 * d) + tower.mlp_mats * _linear(n, d, tower.intermediate)
+        flops += sum(_attention(s, d) for s in lengths)
+    return flops + tower.mergers * (_linear(merged, d * unit, d * unit) + _linear(merged, d * unit, tower.out))

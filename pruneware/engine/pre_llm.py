@@ -5,7 +5,7 @@ KV cache see the shorter sequence; and the decode-time remapping that goes with 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,6 +17,7 @@ from pruneware.engine.request import RequestState
 from pruneware.engine.stage_runner import Selection
 from pruneware.kernels.gather import gather_rows
 from pruneware.plans.plan import Stage
+from pruneware.report import StageReport
 
 
 @dataclass
@@ -119,8 +120,8 @@ def decode_inputs(
     """
     decode = state.decode
     decode.q_length = embeds.shape[1]
-    pre = state.plan.stages[0]
-    if pre.where != "pre":
+    pre = state.plan.stages[0] if state.plan.stages and state.plan.stages[0].where == "pre" else None
+    if pre is None and not state.plan.vision:  # level 0 is the input itself
         return kwargs
     if mask is not None and mask.dim() == 4:
         # generate() built this static-cache mask from input-length padding but pruned cache
@@ -132,7 +133,7 @@ def decode_inputs(
         )
     kwargs.update(remap_decode(
         state.levels[0], decode.input_length, decode.past0, decode.q_length, mask, positions,
-        decode.last_position, decode.rewritten, pre.positions == "compact",
+        decode.last_position, decode.rewritten, pre is not None and pre.positions == "compact",
     ))
     return kwargs
 
@@ -140,33 +141,54 @@ def decode_inputs(
 def prefill_inputs(
     state: RequestState, adapter: Adapter, kwargs: dict, embeds: torch.Tensor, positions: torch.Tensor | None,
     mask: torch.Tensor | None, kind: masks.MaskKind, records_lm_input: bool,
-    run_pre: Callable[[Stage, Level], Selection],
+    run_pre: Callable[[Stage, Level, torch.Tensor], Selection],
+    vision_keep: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> dict:
     """The language model's kwargs at prefill: level 0 set up, and the `pre` stage run if the plan has one.
 
     embeds: [B, L, D] its input; mask: the unwrapped mask generate() passed (2-D, or 4-D for a
     static cache); records_lm_input: keep the (pruned) input for policies that rate text;
-    run_pre(stage, root): the `pre` stage's selection on the root level.
+    run_pre(stage, level, hidden): the `pre` stage's selection on a level (the root, or what a
+    vision-side stage left) whose states are hidden [B, Ls, D];
+    vision_keep(visual [B, L] bool): per sample, the visual slots a vision-side stage kept, which
+    enter as a `pre` stage keeping them would (None: the plan has no vision-side stage).
     """
     prefill, decode = state.prefill, state.decode
     decode.input_length = decode.q_length = embeds.shape[1]
     prefill.injections = adapter.take_injections(kwargs)
     layout = prefill.layout
     root = root_level(layout.image_ids.to(embeds.device), prefill.n_visual, layout.sizes, layout.visual_span)
-    pre = state.plan.stages[0] if state.plan.stages[0].where == "pre" else None
+    pre = state.plan.stages[0] if state.plan.stages and state.plan.stages[0].where == "pre" else None
     full = None  # a 4-D mask generate() prebuilt for a static cache
     if mask is not None and mask.dim() == 4 and state.static_len is not None:
         full, mask = mask, padding_of(mask, embeds.shape[0], embeds.shape[1])
     elif mask is not None and mask.dim() != 2:
         raise ValueError("pruneware needs a 2-D attention_mask [batch, length] (or none) at the language model")
     prefill.input_padding = None if mask is None else (mask == 0).sum(dim=1)  # [B], for the report
-    if pre is None:
+    if pre is None and vision_keep is None:
         state.levels, state.starts = [root], [0]
         state.padding0 = None if mask is None else mask.bool()
         prefill.lm_embeds = embeds if records_lm_input else None
         return kwargs
-    selection = run_pre(pre, root)
-    level = next_level(root, selection.keep)
+    base = root
+    if vision_keep is not None:  # the slots a vision-side stage kept, as a `pre` stage would keep them
+        vision_stage = state.plan.vision[-1]
+        kept = vision_keep(root.visual)
+        base = next_level(root, kept)
+        originals = [row[ok] for row, ok in zip(root.orig, root.visual, strict=True)]
+        prefill.report.stages.append(StageReport(
+            vision_stage.where, vision_stage.policy, [o[k] for o, k in zip(originals, kept, strict=True)],
+            list(prefill.n_visual), [k.numel() for k in kept],
+        ))
+    if pre is None:
+        selection = Selection([k for k in kept], None, prefill.report.stages[-1])
+        level, pre = base, vision_stage
+    else:
+        hidden = embeds if base is root else gather_rows(base.index_prev, embeds)[0]
+        selection = run_pre(pre, base, hidden)
+        level = next_level(base, selection.keep)
+        if base is not root:  # index the input sequence itself, as prune_inputs expects
+            level = replace(level, index_prev=level.orig)
     pruned = prune_inputs(adapter, pre, level, selection, embeds, mask, positions, prefill.position_inputs)
     state.levels, state.starts = [as_root(level)], [0]
     state.padding0 = pruned.mask.bool()

@@ -38,6 +38,9 @@ from pruneware.engine.request import PrefillState, RequestState, RequestTracker
 from pruneware.engine.stage_inputs import captured_scores, captures_at, previews, stage_context
 from pruneware.engine.stage_runner import Selection, enter_level, run_stage
 from pruneware.engine.vision_tower_reads import VisionSide, resize_budget, vision_needs
+from pruneware.engine.vit_stages import VisionStages, check_vision_stages
+from pruneware.errors import PlanError
+from pruneware.policies import build_policy
 from pruneware.plans.plan import Plan, Stage
 from pruneware.report import Report, finish_report
 
@@ -76,6 +79,12 @@ class Session:
         self._attn = self._text_config._attn_implementation or "eager"
         self._vision_reads = vision_needs(self.source, self.adapter)  # raises before any hook
         plan = self.source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False)
+        self._vit: VisionStages | None = None
+        self._vit_policies = [build_policy(s) for s in plan.vision]
+        if plan.vision:
+            check_vision_stages(plan.vision, self._vit_policies, self.adapter)  # raises before any hook
+            if any(self._vision_reads):
+                raise PlanError(f"plan {plan}: a 'pre' policy that reads the vision tower cannot follow a vision-side stage")
         self._records_lm_input = any(self.source.policy(plan, i).needs.raters for i in range(len(plan.stages)))
 
     @property
@@ -127,6 +136,9 @@ class Session:
         if self._vision is not None:
             self._vision.remove()
             self._vision = None
+        if self._vit is not None:
+            self._vit.remove()
+            self._vit = None
         self._requests.clear()
 
     def detach(self) -> None:
@@ -142,6 +154,10 @@ class Session:
 
     def _install_vision(self) -> None:
         """Hooks on the vision tower when the `pre` policy reads it (see vision_tower_reads.py)."""
+        vision = self.source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False).vision
+        if vision:  # a vision-side stage (see vit_stages.py)
+            self._vit = VisionStages(self.model, self.adapter, vision[0], self._vit_policies[0], self.seed * 1_000_003 - 1)
+            self._handles.extend(self._vit.install())
         read, resize = self._vision_reads
         if read or resize:
             budget = resize_budget(self.source) if resize else None
@@ -153,7 +169,8 @@ class Session:
         self._requests.saw_vision(output, self.adapter.vision_grid(args, kwargs))
 
     def _on_encoder_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self._requests.saw_tower_input(self.adapter.tower_call_flops(args, kwargs))
+        if self._vit is None:  # a vision-side stage records what its cut tower ran
+            self._requests.saw_tower_input(self.adapter.tower_call_flops(args, kwargs))
 
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._requests.enter()
@@ -198,7 +215,8 @@ class Session:
         kind = masks.mask_kind(self._attn)
         return args, prefill_inputs(
             state, self.adapter, kwargs, embeds, positions, mask, kind, self._records_lm_input,
-            lambda pre, root: self._run(state, 0, pre, root, embeds),
+            lambda pre, level, hidden: self._run(state, 0, pre, level, hidden),
+            None if self._vit is None else self._vit.language_model_keep,
         )
 
     def _on_language_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -207,7 +225,7 @@ class Session:
             return
         prefill = state.prefill
         prefill.release()
-        prefill.report.vision_flops = self._requests.take_tower_flops()
+        prefill.report.vision_flops = self._requests.take_tower_flops() + (self._vit.take_flops() if self._vit else [])
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
         per_layer = [state.level_for(i)[0] for i in range(self._n_layers)]
         finish_report(

@@ -71,7 +71,7 @@ def vision_needs(source: PlanSource, adapter: Adapter) -> tuple[bool, bool]:
     """What a plan's `pre` policy reads from the vision tower: (attention rows, resized pixels).
     Raises PlanError when the model cannot give it."""
     plan = source.plan_for(576, strict=False)
-    if plan.stages[0].where != "pre":
+    if not plan.stages or plan.stages[0].where != "pre":
         return False, False
     needs = source.policy(plan, 0).needs.vision
     read = "attention" in needs or "keys" in needs
@@ -92,7 +92,9 @@ def resize_budget(source: PlanSource) -> Callable[[int], int | None]:
 
     def budget(n_tokens: int) -> int | None:
         plan = source.plan_for(n_tokens)
-        stage = plan.stages[0]
+        stage = plan.stages[0] if plan.stages else None
+        if stage is None:
+            return None
         resizes = stage.where == "pre" and "resize" in source.policy(plan, 0).needs.vision
         return stage.keep_count(n_tokens) if resizes else None
 

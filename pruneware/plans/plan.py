@@ -285,21 +285,6 @@ class Plan:
                     "this model uses M-RoPE, use 'keep'"
                 )
 
-    def validate_vision(self, depth: int | None, family: str) -> None:
-        """Check `vitK` stages against a vision tower of `depth` blocks (None: the model has
-        no tower pruneware can cut, `family` names it in the error)."""
-        for stage in self.vision:
-            if depth is None:
-                raise PlanError(
-                    f"stage {stage}: {family} does not support vision-side stages (pre-vit, vitK); they run on "
-                    "Qwen2-VL and Qwen2.5-VL"
-                )
-            if not 0 <= stage.vit_block < depth:  # type: ignore[operator]
-                raise PlanError(
-                    f"stage {stage} prunes before vision block {stage.vit_block}, but the vision tower has {depth} "
-                    f"blocks: use vit0..vit{depth - 1}, or 'pre-vit'"
-                )
-
     def keep_counts(self, n_visual: int) -> list[int]:
         """Visual tokens left after each stage, for a sample with `n_visual` visual tokens."""
         counts, current = [], n_visual

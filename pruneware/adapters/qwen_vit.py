@@ -1,0 +1,172 @@
+"""Cutting a Qwen2-VL / Qwen2.5-VL vision tower between blocks (`vitK` and `pre-vit` stages).
+
+The tower holds each image (or video frame) as rows of patches, grouped in 2x2 *units* (the
+merge groups the PatchMerger turns into one visual token). Qwen2-VL holds the units row-major;
+Qwen2.5-VL permutes them window by window (`window_index`) and runs most blocks within windows
+(`cu_window_seqlens`), the blocks in `fullatt_block_indexes` over each frame (`cu_seqlens`).
+A cut keeps whole units, so the merger still sees complete groups, and before block K replaces
+what the tower's loop passes every block: the rows, `cu_seqlens` per frame, the (now ragged)
+windows' `cu_window_seqlens`, the rotary rows (already in the tower's order) and `max_seqlen`.
+After the merger the kept tokens are spread back over every unit's slot (zeros elsewhere), so
+the tower's own un-permute and the language model's placeholders still line up; the engine then
+drops the other slots as a `pre` stage with the same kept set would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pruneware.adapters.vision_flops import QwenTower, qwen_tower_flops
+
+
+@dataclass
+class TowerCut:
+    """One encoder call's cut.
+
+    Attributes:
+        keep: [n_units] bool, row-major over the call's units (image after image, frame after frame).
+        kept_pos: [k] the kept units' positions in the tower's own order (ascending).
+        rows: [k * unit] the kept patch rows in the tower's order.
+        cu_full, cu_window: int32 boundaries of the kept rows' attention sequences (per frame,
+            per window; empty ones dropped); cu_window is None for Qwen2-VL.
+        position_embeddings: (cos, sin) [k * unit, d], sliced once at the first cut block.
+    """
+
+    keep: torch.Tensor
+    kept_pos: torch.Tensor
+    rows: torch.Tensor
+    cu_full: torch.Tensor
+    cu_window: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return torch.unique_consecutive(cu)  # empty sequences (no unit kept) vanish
+
+
+class QwenVisionCut:
+    """The `Adapter.vision_cut()` of the Qwen2-VL and Qwen2.5-VL towers."""
+
+    def __init__(self, visual: torch.nn.Module, tower: QwenTower):
+        self.visual = visual
+        self.tower = tower
+        self.config = visual.config
+        self.merge = visual.spatial_merge_size
+        self.unit = self.merge**2
+        full = getattr(visual, "fullatt_block_indexes", None)
+        self.windowed = full is not None
+        self.full_blocks = set(full) if full is not None else set(range(len(visual.blocks)))
+
+    @property
+    def depth(self) -> int:
+        return len(self.visual.blocks)
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return self.visual.blocks
+
+    @property
+    def merger(self) -> torch.nn.Module:
+        return self.visual.merger
+
+    def units(self, grid: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Per image of the call, (t, units high, units wide)."""
+        return [(t, h // self.merge, w // self.merge) for t, h, w in grid.tolist()]
+
+    def order(self, grid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(window_index, cu_window_seqlens) as the tower computes them; (None, None) for Qwen2-VL."""
+        if not self.windowed:
+            return None, None
+        from transformers.vision_utils import get_vision_window_index
+
+        v = self.visual
+        return get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
+
+    def unit_features(self, hidden: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """[n_units, d] the mean of each unit's patch rows, row-major; hidden [n_units * unit, d] in tower order."""
+        feats = hidden.float().view(-1, self.unit, hidden.shape[-1]).mean(dim=1)
+        order = self.order(grid)[0]
+        if order is None:
+            return feats
+        return torch.empty_like(feats).index_copy_(0, order.to(feats.device), feats)
+
+    def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[n_units, unit * C * tp * P * P] each unit's raw patches: the processor already
+        orders patches unit by unit, row-major (as `resize_pixels` reads them)."""
+        return pixels.float().reshape(-1, self.unit * pixels.shape[-1])
+
+    def cut(self, grid: torch.Tensor, keep: torch.Tensor) -> TowerCut:
+        """The cut that keeps the units `keep` ([n_units] bool, row-major) of a call on `grid`."""
+        device = keep.device
+        order, cu_windows = self.order(grid)
+        keep_tower = keep if order is None else keep[order.to(device)]
+        kept_pos = keep_tower.nonzero().squeeze(1)
+        rows = (kept_pos[:, None] * self.unit + torch.arange(self.unit, device=device)).reshape(-1)
+        frames = torch.tensor([hh * ww for t, hh, ww in self.units(grid) for _ in range(t)], device=device)
+        frame_of_unit = torch.repeat_interleave(torch.arange(len(frames), device=device), frames)  # row-major
+        cu_full = _lengths_to_cu(torch.bincount(frame_of_unit[keep], minlength=len(frames)) * self.unit)
+        cu_window = None
+        if cu_windows is not None:
+            bounds = cu_windows.to(device).long() // self.unit  # window boundaries in units, tower order
+            window_of_pos = torch.searchsorted(bounds[1:], kept_pos, right=True)
+            cu_window = _lengths_to_cu(torch.bincount(window_of_pos, minlength=len(bounds) - 1) * self.unit)
+        return TowerCut(keep, kept_pos, rows, cu_full.to(torch.int32), cu_window)
+
+    def block_kwargs(self, cut: TowerCut, block: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What block `block` (>= the cut) receives instead of the loop's full-size kwargs."""
+        if cut.position_embeddings is None:
+            cos, sin = kwargs["position_embeddings"]
+            cut.position_embeddings = (cos[cut.rows], sin[cut.rows])
+        cu = cut.cu_full if (block in self.full_blocks or cut.cu_window is None) else cut.cu_window
+        out = {"cu_seqlens": cu, "position_embeddings": cut.position_embeddings}
+        if kwargs.get("max_seqlen") is not None:  # flash attention
+            out["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+        return out
+
+    def spread(self, cut: TowerCut, merged: torch.Tensor) -> torch.Tensor:
+        """[k, D] merger output of the kept units -> [n_units, D] in the tower's order, zeros elsewhere."""
+        full = merged.new_zeros(cut.keep.shape[0], merged.shape[-1])
+        return full.index_copy_(0, cut.kept_pos, merged)
+
+    def call_flops(self, grid: torch.Tensor, block: int, cut: TowerCut | None) -> list[float]:
+        """Per image, the FLOPs of a call that ran blocks[:block] on every unit and the rest
+        (and the merger) on the kept units of `cut` (None: nothing cut)."""
+        out, start = [], 0
+        order, cu_windows = self.order(grid)
+        window_units = self.tower.window_units
+        for t, hh, ww in self.units(grid):
+            n = t * hh * ww
+            keep = None if cut is None else cut.keep[start : start + n].view(t, hh, ww)
+            start += n
+            full_before = [hh * ww * self.unit] * t
+            windows_before = [s * self.unit for s in _window_units(hh, ww, window_units)] * t if self.windowed else None
+            if keep is None:
+                full_after, windows_after, merged = full_before, windows_before, n
+            else:
+                full_after = [int(k.sum()) * self.unit for k in keep]
+                windows_after = None
+                if self.windowed:
+                    windows_after = [int(keep[f, i:i + window_units, j:j + window_units].sum()) * self.unit
+                                     for f in range(t) for i in range(0, hh, window_units)
+                                     for j in range(0, ww, window_units)]
+                merged = int(keep.sum())
+            sequences = []
+            for b in range(self.depth):
+                before = b < block
+                full = (full_before if before else full_after)
+                windows = (windows_before if before else windows_after)
+                sequences.append(full if (b in self.full_blocks or windows is None) else windows)
+            out.append(qwen_tower_flops(self.config, self.tower, n * self.unit, sequences, merged))
+        return out
+
+
+def _window_units(hh: int, ww: int, window_units: int) -> list[int]:
+    """Units per window of an (hh x ww) unit grid, as HF tiles it (row-major windows)."""
+    hs = [min(window_units, hh - i) for i in range(0, hh, window_units)]
+    ws = [min(window_units, ww - j) for j in range(0, ww, window_units)]
+    return [a * b for a in hs for b in ws]
