@@ -157,8 +157,9 @@ def stage_context(
         vision = reads_to_positions(
             vision_reads, prefill.layout.image_ids.to(hidden.device), prefill.layout.grids, "keys" in needs.vision,
         )
-    if needs.attention is not None:
+    if needs.attention is not None or needs.text:
         real = state.real_tokens(level)
+    if needs.attention is not None:
         if needs.final_norm:
             with torch.no_grad():
                 hidden = norm(hidden)
@@ -222,10 +223,11 @@ def stage_input(ctx: StageContext, pick: Callable[[torch.Tensor], torch.Tensor])
 
 
 def text_rows(ctx: StageContext) -> TextRows:
-    """The states and captured values of the policy's query rows (`Needs(text=True)`)."""
-    if ctx.attention is None or ctx.real is None:
-        raise RuntimeError(f"{ctx.policy.name} needs its captured values and the real-token mask at its text rows")
+    """The states and captured values (None without `needs.attention`) of the policy's query
+    rows (`Needs(text=True)`)."""
+    if ctx.real is None:
+        raise RuntimeError(f"{ctx.policy.name} needs the real-token mask at its text rows")
     hidden = ctx.hidden
     rows, row_valid = query_rows(ctx.policy.needs.query, ctx.level.visual, ctx.real)
     text_hidden = gather_rows(rows, hidden)[0] * row_valid[..., None].to(hidden.dtype)
-    return TextRows(text_hidden, row_valid, ctx.attention.gather(1, rows))
+    return TextRows(text_hidden, row_valid, None if ctx.attention is None else ctx.attention.gather(1, rows))

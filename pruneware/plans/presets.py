@@ -179,6 +179,7 @@ register_preset(Preset("fastv", (StageTemplate("fastv", 2, 0.5),), "FastV: last-
 register_preset(Preset("random", (StageTemplate("random", 20, 0.5),), "Uniform random pruning past the information horizon (layer 20/32)."))
 register_preset(Preset("crosslmm", (StageTemplate("crosslmm", None, 0.25),), "CrossLMM: grid pooling + V2V cross-attention before the LLM."))
 register_preset(Preset("divprune", (StageTemplate("divprune", None, 0.25),), "DivPrune: max-min diversity before the LLM."))
+register_preset(Preset("cdpruner", (StageTemplate("cdpruner", None, 0.25),), "CDPruner: a DPP on similarity x instruction relevance, before the LLM."))
 register_preset(Preset("fastervlm", (StageTemplate("fastervlm", None, 0.25),), "FasterVLM: the vision tower's [CLS] attention, before the LLM."))
 register_preset(Preset("visionzip", (StageTemplate("visionzip", None, 0.25),), "VisionZip: dominant [CLS]-attention tokens + contextual merges, before the LLM."))
 register_preset(Preset("resize", (StageTemplate("resize", None, 0.25),), "Matched-token baseline: a lower resolution (Qwen) or a pooled grid (LLaVA)."))

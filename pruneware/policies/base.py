@@ -26,12 +26,13 @@ class TextRows:
     Attributes:
         hidden: [B, T, D] their states (the same transform as `StageInput.hidden`).
         valid: [B, T] bool, True for real rows (rows are left-aligned per sample).
-        score: [B, T] float32: the captured per-slot value at these rows (see `StageInput.attention`).
+        score: [B, T] float32: the captured per-slot value at these rows (see `StageInput.attention`);
+            None for a policy that captures no attention.
     """
 
     hidden: torch.Tensor
     valid: torch.Tensor
-    score: torch.Tensor
+    score: torch.Tensor | None
 
 
 @dataclass

@@ -52,6 +52,9 @@ class Needs:
             "keys" (head-averaged keys at that layer), "resize" (the tower runs on resized pixels).
         vision_features: serving integrations (vLLM) score the pre-projector vision features
             rather than the projected embeddings.
+        states: False when the kept set depends only on token counts and the seed (`random`), never
+            on the tokens' states: serving engines (the vLLM plugin) can then lay a stage inside the
+            language model out before the forward step.
         output: what the policy returns: "select" (indices, from `select`/`score`), "merge" (new
             embeddings from `merge`, `pre` only) or "recycle" (in the language model, `merge`
             keeps slots and gives some of them new states; positions and masks stay the slots').
@@ -68,6 +71,7 @@ class Needs:
     vision: tuple[VisionRead, ...] = ()
     vision_features: bool = False
     output: Output = "select"
+    states: bool = True
 
     def __post_init__(self) -> None:
         vit = self.attention is None and self.output == "select" and set(self.vision) <= {"attention"}

@@ -1,5 +1,6 @@
-"""What the vLLM plugin prunes: one `pre` stage, read from the model config or the environment,
-and the fixed token layout it gives each image or video frame.
+"""What the vLLM plugin prunes: a `pre` stage and in-LLM stages decided before the forward,
+read from the model config or the environment, and the fixed token layout each image or video
+frame gets.
 
 vLLM fixes every item's placeholder count when it processes the prompt, one item at a time, and
 caches items independently; so in vLLM a stage's budget applies **per image and per video
@@ -28,10 +29,9 @@ CONFIG_FIELDS = ("plan", "seed", "avg_tokens")
 SEED_STRIDE = 1_000_003  # the HF session derives stage i's seed as seed * SEED_STRIDE + i
 
 IN_LLM_REFUSAL = (
-    "vLLM supports only pre-LLM stages ('policy@pre:budget'): every decoder layer shares one "
-    "block table and one set of positions per request, so a stage inside the LLM (like "
-    "'fastv@2', 'adaptinfer@1' or 'random@20') cannot drop tokens from later layers only. "
-    "Use the HF wrapper (pruneware.prune) for in-LLM stages."
+    "in vLLM a stage inside the LLM must be laid out before the forward step, so its policy may "
+    "not read the tokens' states (policies: {names}); attention-scored in-LLM stages ('fastv@2', "
+    "'adaptinfer@1', 'pdrop@8') run in the HF wrapper (pruneware.prune)"
 )
 
 
@@ -62,6 +62,8 @@ class PruneSpec:
 
     stage: Stage
     seed: int = 0
+    deep: tuple[Stage, ...] = ()
+    pre_real: bool = True
     avg_tokens: float | None = None
     template: Any = field(default=None, repr=False, compare=False)
     n_layers: int = 32
@@ -69,13 +71,19 @@ class PruneSpec:
     policy: Policy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_stage(self.stage)
+        for stage in (self.stage, *self.deep):
+            check_stage(stage)
         object.__setattr__(self, "policy", build_policy(self.stage))
+        object.__setattr__(self, "deep_policies", tuple(build_policy(s) for s in self.deep))
         object.__setattr__(self, "_solved", {})
 
     @property
     def stage_seed(self) -> int:
         return self.seed * SEED_STRIDE
+
+    def deep_seed(self, i: int) -> int:
+        """The seed of in-LLM stage `i`: the HF session's seed for its index in the plan."""
+        return self.seed * SEED_STRIDE + i + int(self.pre_real)
 
     def budget(self, rows: int, cols: int) -> int:
         """The stage's budget for one frame: what the policy is asked to keep (or pool into)."""
@@ -104,20 +112,43 @@ class PruneSpec:
         return frames * self.frame(rows, cols).count
 
 
+def vllm_policy_names() -> str:
+    """The policies the plugin runs: pre-LLM, reading neither the vision tower nor the text."""
+    return policy_names(lambda n: n.pre and not n.vision and not n.text)
+
+
+def deep_policy_names() -> str:
+    """The policies the plugin runs inside the LLM: those whose kept set needs no states."""
+    return policy_names(lambda n: n.llm and not n.states)
+
+
 def check_stage(stage: Stage) -> None:
-    """Refuse what vLLM cannot run: in-LLM stages and attention-guided policies."""
+    """Refuse what vLLM cannot run: vision-side stages, in-LLM stages that read states, and
+    attention-guided pre-LLM policies."""
+    if isinstance(stage.where, int):
+        if get_policy(stage.policy).needs.states:
+            raise PlanError(f"stage {stage}: " + IN_LLM_REFUSAL.format(names=deep_policy_names()))
+        return
     if stage.where != "pre":
-        raise PlanError(f"stage {stage}: {IN_LLM_REFUSAL}")
+        raise PlanError(
+            f"stage {stage}: the vLLM plugin runs 'pre' stages and in-LLM stages "
+            f"({deep_policy_names()} at a layer K), not vision-side stages ({stage.where})"
+        )
     cls = get_policy(stage.policy)
     if cls.needs.attention or not cls.needs.pre:
         raise PlanError(
             f"stage {stage}: policy {stage.policy!r} needs attention rows from inside the LLM, which "
-            f"vLLM does not expose; pre-LLM policies: {policy_names(lambda n: n.pre and not n.vision)}"
+            f"vLLM does not expose; pre-LLM policies: {vllm_policy_names()}"
+        )
+    if cls.needs.text:
+        raise PlanError(
+            f"stage {stage}: policy {stage.policy!r} reads the instruction's text embeddings beside the image's, "
+            f"which vLLM does not pass to the multimodal embedding; pre-LLM policies: {vllm_policy_names()}"
         )
     if cls.needs.vision:
         raise PlanError(
             f"stage {stage}: policy {stage.policy!r} reads the vision tower's attention or resolution, which the "
-            f"vLLM plugin does not hook; pre-LLM policies: {policy_names(lambda n: n.pre and not n.vision)} "
+            f"vLLM plugin does not hook; pre-LLM policies: {vllm_policy_names()} "
             "(vision-score is the plugin's stand-in for [CLS] attention)"
         )
     if stage.budget == 0:
@@ -142,13 +173,16 @@ def avg_tokens_template(text: str, avg_tokens: float, n_layers: int, rope: Liter
         template = user_template(Plan.parse(text), n_layers)
     for stage in template.build(n_layers, rope=rope).stages:
         check_stage(stage)  # before solving: "pre only" is the message that matters here
+        if stage.where != "pre":
+            raise PlanError(f"avg_tokens in vLLM solves one 'pre' stage per frame; plan {text!r} has {stage}: "
+                            "give its budgets explicitly instead")
     probe = template.build(n_layers, avg_tokens, max(576, math.ceil(avg_tokens)), rope)
     probe.validate_for(n_layers, rope)
     return probe.stages[0], template
 
 
-def parse_stage(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> Stage:
-    """The single `pre` stage of a plan string or preset name, checked for vLLM."""
+def parse_stages(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> tuple[Stage | None, tuple[Stage, ...]]:
+    """(the `pre` stage or None, the in-LLM stages) of a plan string or preset name, checked for vLLM."""
     from pruneware.plans.presets import available_presets, get_preset
 
     text = text.strip()
@@ -159,7 +193,17 @@ def parse_stage(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> Stage
     for stage in plan.stages:
         check_stage(stage)  # before validate_for: "pre only" is the message that matters here
     plan.validate_for(n_layers, rope)
-    return plan.stages[0]  # a plan holds at most one `pre` stage
+    pre = plan.stages[0] if plan.stages and plan.stages[0].where == "pre" else None  # at most one, first
+    return pre, tuple(s for s in plan.stages if s.where != "pre")
+
+
+def spec_for(text: str, seed: int, n_layers: int, rope: Literal["1d", "mrope"]) -> PruneSpec:
+    """The spec of a plan with explicit budgets; a plan without a `pre` stage keeps every
+    placeholder before the LLM (a keep-all `random@pre:1.0`, which selects every token in order)."""
+    pre, deep = parse_stages(text, n_layers, rope)
+    if pre is None:
+        return PruneSpec(Stage("random", "pre", 1.0), seed, deep=deep, pre_real=False, n_layers=n_layers, rope=rope)
+    return PruneSpec(pre, seed, deep=deep, n_layers=n_layers, rope=rope)
 
 
 def spec_from_config(hf_config: Any, rope: Literal["1d", "mrope"]) -> PruneSpec | None:
@@ -185,7 +229,7 @@ def spec_from_config(hf_config: Any, rope: Literal["1d", "mrope"]) -> PruneSpec 
     n_layers = int(getattr(text_config, "num_hidden_layers", 32))
     avg_tokens = options.get("avg_tokens")
     if avg_tokens is None:
-        return PruneSpec(parse_stage(str(plan), n_layers, rope), seed)
+        return spec_for(str(plan), seed, n_layers, rope)
     if isinstance(avg_tokens, bool) or not isinstance(avg_tokens, int | float) or avg_tokens < 1:
         raise PlanError(f"hf_overrides[{CONFIG_KEY!r}]['avg_tokens'] must be a number >= 1, got {avg_tokens!r}")
     stage, template = avg_tokens_template(str(plan), float(avg_tokens), n_layers, rope)

@@ -1,0 +1,119 @@
+"""`cdpruner`: conditional diversity by a DPP (CDPruner, NeurIPS 2025, Theia-4869/CDPruner).
+
+The kept set is the greedy MAP of a determinantal point process whose kernel is the visual
+tokens' cosine similarity conditioned on the instruction:
+``L_ij = r_i cos(x_i, x_j) r_j``, with ``x`` the projected visual tokens and ``r_i`` token i's
+relevance to the instruction, min-max normalised over the sample's visual tokens as the official
+code does (``(r - min + 1e-6) / (max - min)``). The greedy MAP (Fast-MAP-DPP) is
+`pruneware.kernels.cdpruner.conditional_dpp`: one Triton launch on CUDA, plain torch elsewhere.
+
+Relevance. The official code compares CLIP's patch embeddings with CLIP's text embedding of the
+question, and negates their mean cosine (``(-relevance).mean(dim=-1)``). It has no path for a
+model without a CLIP text tower (none of pruneware's adapters exposes one). Here, as in OpenVINO
+GenAI's CDPruner for Qwen2-VL, the instruction is the language model's own input embeddings of
+the text after the image (the `post-image` rows; the projected visual tokens live in that same
+space), and ``r_i`` is the mean cosine between visual token i and those rows, with the sign
+`relevance` picks: "positive" (default; OpenVINO's choice for non-CLIP models), "negative"
+(the official CLIP sign) or "none" (``r = 1``: a plain DPP over the similarity, no instruction).
+`theta` in (0, 1) turns on the official code's commented-out option ``r = exp(alpha r)``,
+``alpha = theta / (2 (1 - theta))``; None (default) leaves it off, as the official scripts do.
+
+Deliberate differences from the official code, which select the same tokens otherwise:
+  - the relevance is normalised per sample (official: over its batch, which is one request's
+    images or LLaVA-NeXT crops); each image of a sample gets its share of the budget;
+  - when the kernel's rank (at most the feature width) runs out before k picks, the greedy
+    starts a new round over the tokens not yet chosen (official: NaN residuals, repeated picks,
+    fewer than k tokens kept); see `pruneware.kernels.cdpruner.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pruneware.kernels.cdpruner import conditional_dpp
+from pruneware.policies.base import Policy, StageInput, register_policy, split_budget
+from pruneware.policies.needs import Needs
+
+RELEVANCE = ("positive", "negative", "none")
+
+
+def instruction_relevance(
+    visual: torch.Tensor, valid: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, sign: str,
+    theta: float | None = None,
+) -> torch.Tensor:
+    """[B, N] float32 relevance of each visual token to its sample's instruction, normalised to
+    about [0, 1] per sample over its valid tokens (0 on invalid ones).
+
+    visual: [B, N, D], valid: [B, N] bool; text: [B, T, D], text_valid: [B, T] bool;
+    sign: one of `RELEVANCE`; theta: None or in (0, 1) (see the module docstring).
+    """
+    if sign == "none":
+        raw = torch.ones(valid.shape, device=visual.device)
+    else:
+        unit_v = torch.nn.functional.normalize(visual.float(), dim=-1)
+        unit_t = torch.nn.functional.normalize(text.float(), dim=-1) * text_valid[..., None]
+        count = text_valid.sum(dim=1).clamp(min=1)[:, None]  # [B, 1]
+        raw = (unit_v @ unit_t.transpose(1, 2)).sum(dim=2) / count  # [B, N] mean cosine over the rows
+        if sign == "negative":
+            raw = -raw
+    low = raw.masked_fill(~valid, float("inf")).min(dim=1, keepdim=True).values
+    high = raw.masked_fill(~valid, float("-inf")).max(dim=1, keepdim=True).values
+    span = torch.where(high > low, high - low, 1.0)  # equal relevance everywhere: no division by 0
+    rel = (raw - low + 1e-6) / span
+    if theta is not None:
+        rel = torch.exp(theta / (2 * (1 - theta)) * rel)
+    return rel.masked_fill(~valid, 0.0)
+
+
+@register_policy
+@dataclass(frozen=True)
+class CDPrunerPolicy(Policy):
+    name = "cdpruner"
+    needs: ClassVar[Needs] = Needs(text=True, query="post-image")
+    description = "CDPruner: greedy MAP of a DPP on visual similarity conditioned on instruction relevance."
+    relevance: str = "positive"
+    theta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.relevance not in RELEVANCE:
+            raise TypeError(f"relevance must be one of {RELEVANCE}, got {self.relevance!r}")
+        if self.theta is not None and not (isinstance(self.theta, float | int) and 0 < self.theta < 1):
+            raise TypeError(f"theta must be None or a number in (0, 1), got {self.theta!r}")
+        if self.theta is not None and not math.isfinite(self.theta):
+            raise TypeError(f"theta must be finite, got {self.theta!r}")
+
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
+        if inputs.text is None:
+            raise RuntimeError("cdpruner reads the instruction's text rows; the engine gave none")
+        device = inputs.hidden.device
+        relevance = instruction_relevance(
+            inputs.hidden, inputs.valid, inputs.text.hidden, inputs.text.valid, self.relevance, self.theta,
+        )
+        sizes = inputs.image_sizes()
+        n = inputs.hidden.shape[1]
+        if n and all(s == [n] for s in sizes) and len(set(counts)) == 1:
+            # One full-width image per sample and one budget: the rows are the images, in order.
+            return list(conditional_dpp(inputs.hidden, relevance, split_budget([n], counts[0])[0]))
+        out: list[list[torch.Tensor]] = [[] for _ in sizes]
+        # Group (sample, image) pairs by (image size, budget) so each group is one batched run.
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        for b, image_sizes in enumerate(sizes):
+            for image, k in enumerate(split_budget(image_sizes, counts[b]) if image_sizes else []):
+                members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
+                groups.setdefault((len(members), k), []).append((b, members))
+        for (_, k), items in groups.items():
+            if k == 0:
+                continue
+            feats = torch.stack([inputs.hidden[b, members] for b, members in items])
+            rel = torch.stack([relevance[b, members] for b, members in items])
+            picked = conditional_dpp(feats, rel, k)
+            for (b, members), row in zip(items, picked, strict=True):
+                out[b].append(members[row])
+        return [
+            torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long, device=device)
+            for parts in out
+        ]
