@@ -1,21 +1,20 @@
-"""Launch and host-sync budget of each plan: what a pruned prefill adds to the model's own work.
+"""Launch and host-sync budget of every registered policy: what a pruned prefill adds to the model's own work.
 
 At batch 1 on a GPU, HF prefill is bound by kernel launches and the host, so every op and
-every host sync a stage adds shows up in time to first token. This counts, per forward of a
-random-weight LLaVA (576 image tokens, the model of cpu_overhead.py), on the CPU:
-  - ops: top-level `aten::` ops seen by the torch profiler (an aten op not inside another);
+every host sync a stage adds shows up in time to first token, whoever issues it. This counts,
+per forward of a random-weight LLaVA (576 image tokens, the model of cpu_overhead.py), on the CPU,
+with `pruneware.engine.profiling`:
+  - ops: every top-level `aten::` op the torch profiler sees (an aten op not inside another);
   - syncs: calls that bring a tensor's value to the host: `.item()`, `.tolist()`, `.cpu()`,
-    `int()`, `float()` and `bool()` of a tensor (each is a device sync on a GPU).
-It reports each plan's extra ops and syncs over the unpruned forward, in total and per stage,
-and splits the work by who makes it (torch calls from Python and host syncs, attributed to the
-innermost frame outside torch by `pruneware.engine.profiling`): the policy's own scoring
-(`pruneware/policies/`, the score kernel and `attention_policy_scores`, which feeds it the
-captured rows) or the engine (the rest of pruneware). The engine's cost per stage is the slope
-over plans of 1 and 3 stages of one kind, so the fixed per-forward work (layout, report) is not
-charged to the stages; the budget is <= 40 torch calls and <= 2 host syncs per stage. The counts
-are deterministic (they do not depend on timing), so they hold on any machine.
+    `int()`, `float()`, `bool()` and `__index__` of a tensor (each is a device sync on a GPU).
+Each plan's count is minus the unpruned forward of the same inputs: everything the user pays,
+the policy's scoring and merging included. The plans are every registered policy (from the
+registry) at every place it may run: `pre`, one stage in the LLM, three stages in the LLM; each
+at batch 1 and on a left-padded batch of 2 (prompts of different lengths). The budget is
+<= 40 extra ops and <= 2 extra syncs per stage (the plan's extra over its stage count). The
+counts are deterministic (they do not depend on timing), so they hold on any machine.
 
-    python benchmarks/launch_budget.py [--layers 8] [--batch 1] [--json out.json]
+    python benchmarks/launch_budget.py [--layers 8] [--plans P ...] [--detail] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,94 +25,67 @@ import time
 
 import torch
 import transformers
-from cpu_overhead import build_model, make_inputs
-from torch.profiler import ProfilerActivity, profile
+from cpu_overhead import IMAGE_TOKEN, build_model, make_inputs
 
 import pruneware
-from pruneware.engine.profiling import TorchCallCounter, count_host_syncs
-
-PLANS = [
-    "random@pre:0.25", "random@3:0.25", "fastv@3:0.25", "adaptinfer@1:0.5,adaptinfer@3:0.25,adaptinfer@6:0.1",
-    "divprune@pre:0.25",
-]
-SLOPES = {  # a kind of stage: plans of 1 and 3 such stages (each stage drops tokens: budgets are of the original)
-    "random, in-LLM": ("random@2:0.5", "random@2:0.5,random@4:0.25,random@6:0.125"),
-    "fastv, in-LLM": ("fastv@2:0.5", "fastv@2:0.5,fastv@4:0.25,fastv@6:0.125"),
-    "random, pre": ("random@4:0.25", "random@pre:0.5,random@4:0.25"),
-}
+from pruneware.engine.profiling import OPS_PER_STAGE, SYNCS_PER_STAGE, budget_plans, plan_cost, within_budget
 
 
-def attribute(model, inputs: dict, plan: str) -> dict:
-    """Torch calls and host syncs of one pruned forward, by owner (see pruneware.engine.profiling)."""
-    with pruneware.prune(model, plan, seed=0), torch.no_grad():
-        model(**inputs)
-        calls = TorchCallCounter()
-        with calls, count_host_syncs() as syncs:
-            model(**inputs)
-    return {"engine": calls.counts["engine"], "policy": calls.counts["policy"], "engine_syncs": syncs["engine"]}
-
-
-def count_forward(model, inputs: dict) -> dict:
-    """Top-level aten ops and host syncs of one `model(**inputs)`."""
-    with torch.no_grad(), count_host_syncs() as syncs, profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(**inputs)
-    ops = 0
-    for event in prof.events():
-        parent = event.cpu_parent
-        if event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
-            ops += 1
-    return {"ops": ops, "syncs": syncs["total"]}
-
-
-def measure(model, inputs: dict, plan: str | None) -> dict:
-    with torch.no_grad():
-        model(**inputs)  # warm-up: transformers installs its own hooks on a first forward
-    if plan is None:
-        return count_forward(model, inputs)
-    with pruneware.prune(model, plan, seed=0):
-        with torch.no_grad():
-            model(**inputs)
-        return count_forward(model, inputs)
+def padded_inputs() -> dict:
+    """A left-padded batch of 2: the second prompt has 6 fewer text tokens before the image."""
+    inputs = make_inputs(2)
+    ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"].clone()
+    ids[1, 6:] = inputs["input_ids"][1, :-6].clone()
+    ids[1, :6], mask[1, :6] = 0, 0
+    assert int((ids == IMAGE_TOKEN).sum()) == 2 * 576
+    return {**inputs, "input_ids": ids, "attention_mask": mask}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--plans", nargs="+", default=PLANS)
+    parser.add_argument("--plans", nargs="+", default=None, help="default: every registered policy at every place")
+    parser.add_argument("--detail", action="store_true", help="also print the extra ops of each plan by name")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = build_model(layers=args.layers)
-    inputs = make_inputs(args.batch)
-    base = measure(model, inputs, None)
+    batches = {"batch 1": make_inputs(1), "padded 2": padded_inputs()}
+    base = {name: plan_cost(model, inputs, None) for name, inputs in batches.items()}
     rows = []
-    for plan in args.plans:
-        got = measure(model, inputs, plan)
+    for plan in args.plans or budget_plans(args.layers):
         stages = len(pruneware.Plan.parse(plan).stages)
-        extra_ops, extra_syncs = got["ops"] - base["ops"], got["syncs"] - base["syncs"]
-        rows.append({"plan": plan, "stages": stages, "extra_ops": extra_ops, "extra_syncs": extra_syncs,
-                     "ops_per_stage": round(extra_ops / stages, 1), "syncs_per_stage": round(extra_syncs / stages, 1)})
-    for r in rows:
-        r.update(attribute(model, inputs, r["plan"]))
-    slopes = {}
-    for kind, (one, more) in SLOPES.items():
-        a, b = attribute(model, inputs, one), attribute(model, inputs, more)
-        added = len(pruneware.Plan.parse(more).stages) - len(pruneware.Plan.parse(one).stages)
-        slopes[kind] = {k: round((b[k] - a[k]) / added, 1) for k in ("engine", "policy", "engine_syncs")}
-    meta = {"date": time.strftime("%Y-%m-%d"), "layers": args.layers, "batch": args.batch, "torch": torch.__version__,
-            "transformers": transformers.__version__, "unpruned": base, "per_stage": slopes}
-    print(f"unpruned ({args.layers} layers, batch {args.batch}): {base['ops']} ops, {base['syncs']} syncs")
-    print(f"{'plan':56} {'+ops':>6} {'+syncs':>6} {'ops/stage':>9} {'syncs/stage':>11}")
-    for r in rows:
-        print(f"{r['plan']:56} {r['extra_ops']:>6} {r['extra_syncs']:>6} {r['ops_per_stage']:>9} {r['syncs_per_stage']:>11}"
-              f"   engine {r['engine']}, policy {r['policy']} torch calls; engine {r['engine_syncs']} syncs")
-    print("per added stage (slope over 1 and 3 stages): torch calls, and the engine's host syncs:")
-    for kind, cost in slopes.items():
-        print(f"  {kind:16} engine {cost['engine']:>6}  policy {cost['policy']:>6}  engine syncs {cost['engine_syncs']:>4}")
+        row = {"plan": plan, "stages": stages}
+        for name, inputs in batches.items():
+            extra = plan_cost(model, inputs, plan).minus(base[name])
+            row[name] = {"extra_ops": extra.ops, "extra_syncs": extra.syncs, "within": within_budget(extra, stages),
+                         "ops_by_name": dict(extra.names.most_common())}
+        rows.append(row)
+        print(_line(row), flush=True)
+        if args.detail:
+            for name in batches:
+                print(f"    {name}: {row[name]['ops_by_name']}")
+    meta = {"date": time.strftime("%Y-%m-%d"), "layers": args.layers, "torch": torch.__version__,
+            "transformers": transformers.__version__, "budget": [OPS_PER_STAGE, SYNCS_PER_STAGE],
+            "unpruned": {name: {"ops": c.ops, "syncs": c.syncs} for name, c in base.items()}}
+    counts = "; ".join(f"{n}: {c.ops} ops, {c.syncs} syncs" for n, c in base.items())
+    print(f"unpruned ({args.layers} layers): {counts}")
+    print(f"budget: {OPS_PER_STAGE} ops and {SYNCS_PER_STAGE} syncs per stage; "
+          f"{sum(r['batch 1']['within'] and r['padded 2']['within'] for r in rows)} of {len(rows)} plans within")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)
+
+
+def _line(row: dict) -> str:
+    """One table row: per batch, extra ops / syncs (per stage), and whether it is within budget."""
+    cells = []
+    for name in ("batch 1", "padded 2"):
+        r, n = row[name], row["stages"]
+        mark = "ok" if r["within"] else "OVER"
+        cells.append(f"{name}: +{r['extra_ops']} ops +{r['extra_syncs']} syncs "
+                     f"({r['extra_ops'] / n:.0f}/{r['extra_syncs'] / n:.1f} per stage) {mark}")
+    return f"{row['plan']:58} {row['stages']}  " + " | ".join(cells)
 
 
 if __name__ == "__main__":
