@@ -17,7 +17,8 @@ from rich.table import Table
 import pruneware
 from pruneware.evals.metrics import kv_cache_bytes
 from pruneware.cli.common import (
-    UserError, check_minimum, device_name, emit_json, load_model, parse_list, split_plans, user_errors,
+    UserError, check_device, check_minimum, emit_json, load_model, parse_list, check_small_images, small_images_option, split_plans,
+    user_errors,
 )
 from pruneware.plans import accepts_avg_tokens
 
@@ -83,6 +84,7 @@ def bench(
     shape: str = typer.Option(None, help=f"Random weights at a real shape: {', '.join(SHAPES)}."),
     plans: str = typer.Option("none,fastv,adaptinfer,divprune,info-horizon", help="Plans or presets."),
     avg_tokens: float = typer.Option(64, "--avg-tokens"),
+    small_images: str = small_images_option(),
     batch_sizes: str = typer.Option("1,8", "--batch-sizes"),
     repeats: int = typer.Option(5),
     device: str = typer.Option(None),
@@ -92,7 +94,8 @@ def bench(
     sizes = parse_list(batch_sizes, int, minimum=1, option="--batch-sizes")
     check_minimum("--repeats", [repeats], 1)
     check_minimum("--avg-tokens", [avg_tokens], 1)
-    device = device_name(device)
+    check_small_images(small_images)
+    device = check_device(device)
     if shape is not None:
         vlm, name = shape_model(shape, device), f"random {shape}"
         make = lambda b: shape_inputs(vlm, b, device)  # noqa: E731
@@ -114,7 +117,7 @@ def bench(
                 visual = float(sum(int((inputs["input_ids"][0] == vlm.config.image_token_id).sum()) for _ in [0]))
             else:
                 budget = avg_tokens if accepts_avg_tokens(plan) else None  # a written budget runs as written
-                with pruneware.prune(vlm, plan, avg_tokens=budget) as run:
+                with pruneware.prune(vlm, plan, avg_tokens=budget, small_images=small_images) as run:
                     row = _measure(vlm, inputs, repeats)
                 visual = run.report.avg_visual_tokens
             ran = plan if plan == "none" else run.report.plan

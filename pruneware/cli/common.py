@@ -21,11 +21,14 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from pruneware.errors import ArgumentError
     from pruneware.models.loading import ModelLoadError
     from pruneware.plans import PlanError
     from pruneware.policies.crosslmm.compressor import CompressorError
 
-    types: list[type[BaseException]] = [UserError, PlanError, CompressorError, ModelLoadError, FileNotFoundError]
+    types: list[type[BaseException]] = [
+        UserError, PlanError, ArgumentError, CompressorError, ModelLoadError, FileNotFoundError,
+    ]
     try:
         from pruneware.evals.datasets import DatasetError
 
@@ -106,6 +109,79 @@ def parse_list(
     if minimum is not None:
         check_minimum(option, values, minimum)
     return values
+
+
+def small_images_option():
+    """The `--small-images` option of the commands that take `--avg-tokens` (see `check_small_images`)."""
+    return typer.Option(
+        "error", "--small-images",
+        help="Under --avg-tokens, an image with fewer visual tokens than the budget: error (the whole batch fails) "
+        "or keep (that image keeps all its tokens; reports list it in below_budget).",
+    )
+
+
+def check_small_images(value: str) -> str:
+    from pruneware.engine.arguments import SMALL_IMAGES
+
+    if value not in SMALL_IMAGES:
+        raise UserError(f"--small-images must be one of {', '.join(SMALL_IMAGES)}, got {value!r}")
+    return value
+
+
+def check_out_folder(path: str, option: str = "--out") -> Path:
+    """`path` as a folder we may create or write into; a one-line UserError when it, or a folder
+    above it, is an existing file."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {path} is an existing file; give a folder")
+    _check_parents(folder, option, path)
+    return folder
+
+
+def check_out_file(path: str, option: str = "--out") -> Path:
+    """`path` as an image file to write: its extension must be one PIL writes, and no folder
+    above it may be a file. Creates the missing folders above it."""
+    from PIL import Image
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name such as {Path(path) / 'kept.png'}")
+    Image.init()
+    writable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+    if target.suffix.lower() not in writable:
+        raise UserError(f"{option} {path} needs an image extension that PIL writes, such as .png or .jpg")
+    _check_parents(target.parent, option, path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _check_parents(path: Path, option: str, given: str) -> None:
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {given}: {parent} is a file, not a folder")
+            return
+
+
+def check_device(device: str | None) -> str:
+    """The device to run on (default: cuda when available, else cpu); a one-line UserError for a
+    name torch does not know or a CUDA device this machine lacks."""
+    import torch
+
+    name = device_name(device)
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif parsed.type != "cpu":
+        raise UserError(f"--device {name}: pruneware runs on cpu or cuda")
+    return name
 
 
 def check_minimum(option: str, values: list[Any], minimum: float) -> None:

@@ -10,15 +10,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pruneware.cli.common import UserError, emit_json, load_model, parse_list, split_plans, user_errors
+from pruneware.cli.common import (
+    UserError, check_minimum, check_out_folder, emit_json, load_model, parse_list, check_small_images, small_images_option, split_plans,
+    user_errors,
+)
 
 
 def _items(bench: str, data: str | None, limit: int | None, seed: int) -> list:
     from pruneware.evals.datasets import load_benchmark
 
+    if limit is not None:
+        check_minimum("--limit", [limit], 1)
     if bench == "synthetic" and limit is None:
         limit = 200
-    return list(load_benchmark(bench, path=data, limit=limit, seed=seed))
+    items = list(load_benchmark(bench, path=data, limit=limit, seed=seed))
+    if not items:
+        raise UserError(f"benchmark {bench!r}{f' at {data}' if data else ''} holds no examples")
+    return items
 
 
 def claim_out_folder(folder: Path, run: dict) -> None:
@@ -44,6 +52,7 @@ def evaluate(
     plans: str = typer.Option("none,fastv,adaptinfer,divprune,random,info-horizon,crosslmm",
                               help="Plans or presets, ','-separated (';' if a plan has several stages; one complete multi-stage plan, such as `tune` prints, needs none)."),
     avg_tokens: str = typer.Option(None, "--avg-tokens", help="Budgets for presets: average visual tokens per layer (explicit plans run once at their own). Default 64,128,192; hf engine only."),
+    small_images: str = small_images_option(),
     limit: int = typer.Option(None, help="Examples (synthetic default: 200)."),
     seed: int = typer.Option(0, help="Seed: a fresh synthetic split, and random policies."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -58,13 +67,17 @@ def evaluate(
 
     if engine not in ("hf", "vllm"):
         raise UserError(f"--engine must be hf or vllm, got {engine!r}")
+    check_minimum("--batch-size", [batch_size], 1)
+    check_small_images(small_images)
+    out_dir = check_out_folder(out)
+    if engine == "vllm" and small_images != "error":
+        raise UserError("--small-images applies to --avg-tokens, which --engine vllm does not take")
     plan_list = split_plans(plans)
     if engine == "vllm" and avg_tokens is not None:
         raise UserError("--avg-tokens is not supported with --engine vllm (the plugin keeps a fixed count per image): "
                         "write the budget into the plan, e.g. divprune@pre:64 or random@pre:0.25")
     budgets = parse_list(avg_tokens or "64,128,192", float, minimum=1, option="--avg-tokens")
     items = _items(bench, data, limit, seed)  # a bad dataset fails before the model loads
-    out_dir = Path(out)
     if engine == "vllm":
         from pruneware.cli.common import DEFAULT_MODEL
         from pruneware.evals.vllm_engine import check_plans, files_fingerprint, run_sweep_vllm, stdout_to_stderr
@@ -83,7 +96,8 @@ def evaluate(
                 pruneware.prune(vlm, plan)
         sweep = variants(plan_list, budgets)
         weights = weights_fingerprint(vlm)
-        claim_out_folder(out_dir, {"model": name, "weights": weights, "bench": bench, "data": data})
+        keep_small = {"small_images": small_images} if small_images != "error" else {}  # older folders resume
+        claim_out_folder(out_dir, {"model": name, "weights": weights, "bench": bench, "data": data, **keep_small})
     console = Console(stderr=True)
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                TimeRemainingColumn())
@@ -99,7 +113,7 @@ def evaluate(
                 rows = run_sweep_vllm(name, items, sweep, out_dir / "rows.jsonl", seed, bench=bench, on_progress=on_progress)
         else:
             rows = run_sweep(vlm, processor, items, sweep, out_dir / "rows.jsonl", batch_size, seed,
-                             bench=bench, on_progress=on_progress, skipped=skipped)
+                             bench=bench, on_progress=on_progress, skipped=skipped, small_images=small_images)
     ids = {str(it.id) for it in items}
     results = summarize([r for r in rows if r["id"] in ids], sweep, items, bench)
     payload = {"model": name, "weights": weights, "bench": bench, "n_examples": len(items), "seed": seed, "engine": engine,

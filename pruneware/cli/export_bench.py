@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pruneware.cli.common import UserError, emit_json, user_errors
+from pruneware.cli.common import UserError, check_minimum, check_out_folder, emit_json, user_errors
 
 
 @user_errors
@@ -17,6 +17,9 @@ def export_bench(
 ) -> None:
     """Write the synthetic benchmark for lmms-eval: load it with --include_path OUT --tasks NAME."""
     from pruneware.integrations.lmms_eval.task import export_bench as export
+
+    check_minimum("--n", [n], 1)
+    check_out_folder(out)
 
     try:
         paths = export(out, n=n, seed=seed, task=name)

@@ -7,7 +7,9 @@ from rich.console import Console
 from rich.table import Table
 
 import pruneware
-from pruneware.cli.common import emit_json, load_image, load_model, sample, user_errors
+from pruneware.cli.common import (
+    check_minimum, check_small_images, emit_json, load_image, load_model, sample, small_images_option, user_errors,
+)
 from pruneware.evals.runner import timed_answers
 
 
@@ -18,6 +20,7 @@ def run(
     prompt: str = typer.Option(None, help="Question. Default: the sample's question."),
     plan: str = typer.Option("divprune", help="Plan string or preset name."),
     avg_tokens: float = typer.Option(None, "--avg-tokens", help="Solve budgets for this many visual tokens per layer."),
+    small_images: str = small_images_option(),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens"),
     seed: int = typer.Option(0),
     download: bool = typer.Option(False, help="Allow fetching a hub model id."),
@@ -26,13 +29,15 @@ def run(
     """Answer a question about an image with and without pruning, side by side."""
     from pruneware.evals.synthetic.accuracy import build_prompt
 
+    check_minimum("--max-new-tokens", [max_new_tokens], 1)
+    check_small_images(small_images)
     question = prompt or (sample()["question"] if image is None else None)
     if question is None:
         raise typer.BadParameter("--prompt is required with --image")
     picture = load_image(image)
     vlm, processor, name = load_model(model, download)
     inputs = processor(text=[build_prompt(processor, question)], images=[picture], return_tensors="pt").to(vlm.device)
-    session = pruneware.prune(vlm, plan, seed=seed, avg_tokens=avg_tokens)
+    session = pruneware.prune(vlm, plan, seed=seed, avg_tokens=avg_tokens, small_images=small_images)
     _, (base_answer,), base_ms = timed_answers(vlm, processor, inputs, max_new_tokens)
     with session:
         _, (pruned_answer,), pruned_ms = timed_answers(vlm, processor, inputs, max_new_tokens)

@@ -7,7 +7,9 @@ import typer
 from PIL import Image, ImageDraw
 
 import pruneware
-from pruneware.cli.common import UserError, emit_json, load_image, load_model, sample, user_errors
+from pruneware.cli.common import (
+    UserError, check_out_file, emit_json, load_image, load_model, sample, check_small_images, small_images_option, user_errors,
+)
 
 CELL = 14
 
@@ -55,6 +57,7 @@ def viz(
     prompt: str = typer.Option(None, help="Question (attention policies are text-guided)."),
     plan: str = typer.Option("divprune@pre:0.25,adaptinfer@3:0.1", help="Plan string or preset name."),
     avg_tokens: float = typer.Option(None, "--avg-tokens"),
+    small_images: str = small_images_option(),
     seed: int = typer.Option(0),
     download: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json"),
@@ -62,11 +65,13 @@ def viz(
     """Draw the kept patches over the image, one panel per stage."""
     from pruneware.evals.synthetic.accuracy import build_prompt
 
+    check_out_file(out)
+    check_small_images(small_images)
     picture = load_image(image)
     question = prompt or sample()["question"]
     vlm, processor, name = load_model(model, download)
     inputs = processor(text=[build_prompt(processor, question)], images=[picture], return_tensors="pt").to(vlm.device)
-    with pruneware.prune(vlm, plan, seed=seed, avg_tokens=avg_tokens) as run:
+    with pruneware.prune(vlm, plan, seed=seed, avg_tokens=avg_tokens, small_images=small_images) as run:
         with torch.inference_mode():
             vlm(**inputs)
     report = run.report

@@ -125,8 +125,12 @@ def run_sweep(
     model, processor, items: Sequence[Any], plan_variants: Sequence[Variant], out_path: str | Path,
     batch_size: int = 8, seed: int = 0, max_new_tokens: int = 3, bench: str = "synthetic",
     on_progress: Callable[[int, int], None] | None = None, skipped: dict[str, str] | None = None,
+    small_images: str = "error",
 ) -> list[dict]:
     """Evaluate every variant on every item; returns all rows (old and new) of `out_path`.
+
+    small_images: passed to `pruneware.prune` (under avg_tokens, "keep" lets an image below the
+    budget keep all its tokens instead of failing its batch).
 
     A variant that cannot run (a PlanError, e.g. an unreachable avg_tokens) is left out and
     its reason recorded in `skipped` (variant key -> message).
@@ -159,7 +163,9 @@ def run_sweep(
                     logits, answers, ms, report = ref_logits, ref_answers, ref_ms, None
                 else:
                     try:
-                        with pruneware.prune(model, variant.plan, seed=seed, avg_tokens=variant.avg_tokens) as run:
+                        with pruneware.prune(
+                            model, variant.plan, seed=seed, avg_tokens=variant.avg_tokens, small_images=small_images,
+                        ) as run:
                             logits, answers, ms = timed_answers(model, processor, inputs, max_new_tokens)
                     except PlanError as err:  # e.g. avg_tokens out of reach for this preset and model
                         skipped[variant.key] = str(err)
