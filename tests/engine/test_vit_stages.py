@@ -235,3 +235,16 @@ def test_families_without_a_cut_are_refused():
 
     with pytest.raises(pruneware.PlanError, match="does not support vision-side stages"):
         pruneware.prune(tiny_llava(), "random@vit1:0.5").__enter__()
+
+
+@pytest.mark.parametrize("plan", ["random@vit2:0.5", "divprune@vit1:0.5,random@1:0.5"])
+def test_cached_generate_equals_uncached_recomputation(model, plan):
+    from tests.reference import uncached_greedy
+
+    inputs = _alone(model, [(3, [(8, 12)], 4), (7, [(12, 20), (4, 4)], 2)], 1)
+    with pruneware.prune(model, plan, seed=5) as run:
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert run.report.stages[0].n_after == [32]  # half of each image (60 and 4 units), decided in the tower
+        ids, uncached = uncached_greedy(model, inputs, 4)
+    assert torch.equal(out.sequences, ids)
+    torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
