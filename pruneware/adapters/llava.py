@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from pruneware.adapters.base import Adapter, VisualLayout
+from pruneware.adapters.clip_vit import ClipVisionCut
 from pruneware.adapters.registry import register_adapter
 from pruneware.adapters.vision import cls_attention
 from pruneware.adapters.vision_flops import llava_image_flops
@@ -60,6 +61,9 @@ class LlavaAdapter(Adapter):
 
     def vision_encoder(self) -> torch.nn.Module:
         return self.base_model.vision_tower
+
+    def vision_cut(self) -> ClipVisionCut:
+        return ClipVisionCut(self.config, self.vision_encoder(), self.base_model.multi_modal_projector)
 
     def vision_score_attention(self) -> torch.nn.Module:
         """The attention of the CLIP layer whose output the projector reads (`vision_feature_layer`:

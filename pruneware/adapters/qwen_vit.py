@@ -14,6 +14,7 @@ drops the other slots as a `pre` stage with the same kept set would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,9 +71,15 @@ class QwenVisionCut:
     def blocks(self) -> torch.nn.ModuleList:
         return self.visual.blocks
 
-    @property
-    def merger(self) -> torch.nn.Module:
-        return self.visual.merger
+    def attention(self, block: int) -> torch.nn.Module:
+        return self.visual.blocks[block].attn
+
+    def call_grid(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The call's grid_thw [n, 3]."""
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            raise RuntimeError("a vision-side stage needs the vision tower's grid_thw")
+        return grid
 
     def units(self, grid: torch.Tensor) -> list[tuple[int, int, int]]:
         """Per image of the call, (t, units high, units wide)."""
@@ -117,6 +124,10 @@ class QwenVisionCut:
             cu_window = _lengths_to_cu(torch.bincount(window_of_pos, minlength=len(bounds) - 1) * self.unit)
         return TowerCut(keep, kept_pos, rows, cu_full.to(torch.int32), cu_window)
 
+    def cut_hidden(self, cut: TowerCut, hidden: torch.Tensor) -> torch.Tensor:
+        """[n_rows, d] in the tower's order -> the kept rows."""
+        return hidden[cut.rows.to(hidden.device)]
+
     def block_kwargs(self, cut: TowerCut, block: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         """What block `block` (>= the cut) receives instead of the loop's full-size kwargs."""
         if cut.position_embeddings is None:
@@ -127,6 +138,15 @@ class QwenVisionCut:
         if kwargs.get("max_seqlen") is not None:  # flash attention
             out["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
         return out
+
+    def install_outputs(self, current: Callable[[], TowerCut | None]) -> list[Any]:
+        """The merger's kept tokens are spread back over every unit's slot (see `spread`)."""
+
+        def after(module, args, output):
+            cut = current()
+            return None if cut is None else self.spread(cut, output)
+
+        return [self.visual.merger.register_forward_hook(after)]
 
     def spread(self, cut: TowerCut, merged: torch.Tensor) -> torch.Tensor:
         """[k, D] merger output of the kept units -> [n_units, D] in the tower's order, zeros elsewhere."""

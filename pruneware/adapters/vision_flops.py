@@ -130,3 +130,14 @@ def qwen_tower_flops(vc, tower: QwenTower, n_patches: int, sequences: list[list[
         flops += _linear(n, d, 4 * d) + tower.mlp_mats * _linear(n, d, tower.intermediate)
         flops += sum(_attention(s, d) for s in lengths)
     return flops + tower.mergers * (_linear(merged, d * unit, d * unit) + _linear(merged, d * unit, tower.out))
+
+
+def clip_cut_flops(vc, projector_in: int, text_hidden: int, n_patches: int, tokens: list[int], n_selected: int) -> float:
+    """A CLIP tower whose layer i ran on tokens[i] tokens ([CLS] included; a `vitK` stage cuts
+    the later ones) and LLaVA's projector on `n_selected` tokens. Equals `clip_image_flops`
+    when every layer holds n_patches + 1."""
+    d, inter, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
+    flops = _linear(n_patches, vc.num_channels * p * p, d)
+    for n in tokens:
+        flops += _linear(n, d, 4 * d) + _linear(n, d, inter) + _linear(n, inter, d) + _attention(n, d)
+    return flops + _linear(n_selected, projector_in, text_hidden) + _linear(n_selected, text_hidden, text_hidden)

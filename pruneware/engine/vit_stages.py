@@ -55,7 +55,7 @@ def check_vision_stages(stages: tuple[Stage, ...], policies: list[Policy], adapt
         if depth is None:
             raise PlanError(
                 f"stage {stage}: {type(adapter).__name__} does not support vision-side stages (pre-vit, vitK); "
-                "they run on Qwen2-VL and Qwen2.5-VL"
+                "they run on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
             )
         if not 0 <= stage.vit_block < depth:  # type: ignore[operator]
             raise PlanError(
@@ -97,14 +97,15 @@ class VisionStages:
         self._types: ContextVar[torch.Tensor | None] = ContextVar(f"pruneware_vit_types_{n}", default=None)
         self.capture: VisionAttentionCapture | None = None
         block = score_block(self.cut, stage) if "attention" in policy.needs.vision else None
-        self.target = None if block is None else self.cut.blocks[block].attn
+        self.target = None if block is None else self.cut.attention(block)
+        self._last: ContextVar[Any] = ContextVar(f"pruneware_vit_last_{n}", default=None)
 
     def install(self) -> list[Any]:
         handles = [
             self.encoder.register_forward_pre_hook(self._before, with_kwargs=True),
             self.encoder.register_forward_hook(self._after, with_kwargs=True, always_call=True),
-            self.cut.merger.register_forward_hook(self._merged),
             self.adapter.base_model.register_forward_pre_hook(self._on_base, with_kwargs=True),
+            *self.cut.install_outputs(self._current_cut),
         ]
         for b in range(self.block, self.cut.depth):
             handles.append(self.cut.blocks[b].register_forward_pre_hook(self._block_hook(b), with_kwargs=True))
@@ -125,10 +126,8 @@ class VisionStages:
             self._types.set(self.adapter.token_types(input_ids))
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        grid = self.adapter.vision_grid(args, kwargs)
-        if grid is None:
-            raise RuntimeError("a vision-side stage needs the encoder's grid_thw")
-        pixels = args[0] if args else kwargs.get("hidden_states")
+        grid = self.cut.call_grid(args, kwargs)
+        pixels = args[0] if args else next(v for k, v in kwargs.items() if k in ("hidden_states", "pixel_values"))
         call: dict[str, Any] = {"grid": grid, "cut": None, "parts": []}
         if self.stage.where == "pre-vit":
             call["features"] = self.cut.pixel_features(pixels)
@@ -147,7 +146,7 @@ class VisionStages:
             hidden = args[0] if args else kwargs["hidden_states"]
             if block == self.block:
                 call["cut"] = self.cut.cut(call["grid"], self._select(call, hidden))
-                hidden = hidden[call["cut"].rows.to(hidden.device)]
+                hidden = self.cut.cut_hidden(call["cut"], hidden)
             kwargs.update(self.cut.block_kwargs(call["cut"], block, kwargs))
             if args:
                 return (hidden, *args[1:]), kwargs
@@ -156,11 +155,10 @@ class VisionStages:
 
         return hook
 
-    def _merged(self, module: nn.Module, args: tuple, output: torch.Tensor):
+    def _current_cut(self) -> Any:
+        """The cut of the encoder call in flight, or else of the last one (a projector outside the tower)."""
         call = self._call.get()
-        if call is None or call["cut"] is None:
-            return None
-        return self.cut.spread(call["cut"], output)
+        return call["cut"] if call is not None else self._last.get()
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call = self._call.get()
@@ -168,6 +166,7 @@ class VisionStages:
         if call is None or call["cut"] is None:
             return
         grid, cut = call["grid"], call["cut"]
+        self._last.set(cut)
         sizes = [t * hh * ww for t, hh, ww in self.cut.units(grid)]
         self._kept.set((*self._kept.get(), KeptUnits(list(cut.keep.split(sizes)))))
         self._flops.set((*self._flops.get(), *self.cut.call_flops(grid, self.block, cut)))
@@ -203,6 +202,7 @@ class VisionStages:
         (the Qwen models encode every image, then every video), each in reading order."""
         records = list(self._kept.get())
         self._kept.set(())
+        self._last.set(None)
         types = self._types.get()
         keep = [k for r in records for k in r.keep]
         n_visual = int(visual.sum())
