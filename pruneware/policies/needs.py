@@ -31,8 +31,8 @@ class Needs:
             "llm" (before a decoder layer K) and "vit" (in or before the vision tower: `vitK`,
             `pre-vit`, on its 2x2 merge units). None: wherever its inputs exist, i.e. "pre" unless
             it reads attention from inside the language model, "llm" unless it merges into new
-            embeddings or reads the vision tower, "vit" for selection policies that read no more
-            than the tower's own attention.
+            embeddings or reads the vision tower, "vit" for selection policies that read no text and
+            no more than the tower's own attention.
         attention: the attention the engine captures for `StageInput.attention`: None (none),
             "previous" (what layer K-1 ran; FastV, AdaptInfer, SparseVLM, DART) or "own" (layer
             K's own attention on its unpruned input, previewed before the stage prunes it;
@@ -74,7 +74,7 @@ class Needs:
     states: bool = True
 
     def __post_init__(self) -> None:
-        vit = self.attention is None and self.output == "select" and set(self.vision) <= {"attention"}
+        vit = self.attention is None and not self.text and self.output == "select" and set(self.vision) <= {"attention"}
         possible = tuple(p for p, ok in (("pre", self.attention is None), ("llm", not self.merges and not self.vision),
                                          ("vit", vit)) if ok)
         if self.where is None:
@@ -117,11 +117,15 @@ class Needs:
         return self.output == "recycle"
 
 
-def query_rows(query: Query, visual: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def query_rows(
+    query: Query, visual: torch.Tensor, real: torch.Tensor, width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] slot indices of the `query` rows (left-aligned) and their validity.
 
     visual, real: [B, Ls] bool (visual slots; slots holding a real, unpadded token); `query` as
-    in `Needs.query`.
+    in `Needs.query`. width: T, when the caller knows on the host an upper bound of any
+    sample's row count (rows past a sample's count are invalid); None: the most rows of any
+    sample, read on the host (a device sync).
     """
     if query == "last":
         rows = torch.full((real.shape[0], 1), real.shape[1] - 1, device=real.device)
@@ -132,6 +136,7 @@ def query_rows(query: Query, visual: torch.Tensor, real: torch.Tensor) -> tuple[
         last_visual = torch.where(visual, slot, -1).max(dim=1).values  # [B], -1 without visual slots
         text &= slot[None] > last_visual[:, None]
     counts = text.sum(dim=1)
-    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
+    width = int(counts.max()) if width is None else min(width, real.shape[1])
+    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :width]
     row_valid = torch.arange(order.shape[1], device=real.device)[None] < counts[:, None]
     return order, row_valid
