@@ -43,7 +43,7 @@ def check_plans(model: str, plans: Sequence[str], seed: int = 0) -> str:
     from pruneware.cli.common import UserError
     from pruneware.integrations.vllm import ARCHITECTURES, ONE_AXIS_ROPE
     from pruneware.integrations.vllm.offline import model_folder
-    from pruneware.integrations.vllm.spec import parse_stage
+    from pruneware.integrations.vllm.spec import parse_stages
 
     import importlib.util
 
@@ -60,7 +60,7 @@ def check_plans(model: str, plans: Sequence[str], seed: int = 0) -> str:
     for plan in plans:
         if plan != NONE:
             try:
-                parse_stage(plan, layers, rope)
+                parse_stages(plan, layers, rope)
             except PlanError as err:
                 raise PlanError(f"--engine vllm cannot run {plan!r}: {err}") from None
     return folder

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from pruneware.policies.base import Policy, StageInput, register_policy
+from pruneware.policies.needs import Needs
 
 
 @register_policy
 @dataclass(frozen=True)
 class RandomPolicy(Policy):
     name = "random"
+    needs = Needs(states=False)
     description = "Uniform random visual tokens (Information Horizon); seeded."
 
     def score(self, inputs: StageInput) -> torch.Tensor:

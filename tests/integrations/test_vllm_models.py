@@ -27,7 +27,7 @@ from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
 
 from pruneware.integrations.vllm import register  # noqa: E402
 from pruneware.integrations.vllm.positions import split_offsets  # noqa: E402
-from pruneware.integrations.vllm.spec import PruneSpec, parse_stage  # noqa: E402
+from pruneware.integrations.vllm.spec import PruneSpec, parse_stages  # noqa: E402
 from pruneware.integrations.vllm.tiny import cpu_model, model_config, write_tiny_llava, write_tiny_qwen  # noqa: E402
 from pruneware.policies.divprune import max_min_diverse  # noqa: E402
 
@@ -100,7 +100,7 @@ def plan(request):
     def use(model, text: str, rope: str) -> PruneSpec:
         saved = model.pruneware
         request.addfinalizer(lambda: setattr(model, "pruneware", saved))
-        model.pruneware = PruneSpec(parse_stage(text, 2, rope))
+        model.pruneware = PruneSpec(parse_stages(text, 2, rope)[0])
         return model.pruneware
     return use
 
@@ -129,7 +129,7 @@ def test_qwen_placeholders_per_image_and_per_frame(tiny, text, image, video):
 
 
 def test_qwen_profiling_uses_pruned_counts(tiny):
-    spec = PruneSpec(parse_stage("divprune@pre:0.25", 2, "mrope"))
+    spec = PruneSpec(parse_stages("divprune@pre:0.25", 2, "mrope")[0])
     pruned = MULTIMODAL_REGISTRY.create_processor(_config(tiny["qwen"], QWEN, str(spec.stage)))
     full = MULTIMODAL_REGISTRY.create_processor(model_config(tiny["qwen"]))
     counts = {"image": 1, "video": 1}

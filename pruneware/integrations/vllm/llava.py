@@ -42,7 +42,8 @@ from pruneware.integrations.vllm.positions import (
     kept_offsets,
     request_positions,
 )
-from pruneware.integrations.vllm.prune import prune_item
+from pruneware.integrations.vllm.deep_layers import install_deep_layers
+from pruneware.integrations.vllm.prune import deep_levels, prune_item
 from pruneware.integrations.vllm.spec import PruneSpec, refuse_tower_lora, require_spec, square_grid
 
 ARCHITECTURE = "PrunewareLlavaForConditionalGeneration"
@@ -124,6 +125,7 @@ class PrunewareLlavaForConditionalGeneration(PositionOffsets, LlavaForConditiona
         strategy = getattr(config, "vision_feature_select_strategy", "default")
         # Tokens of an unpruned image: the span the text after it skips in the HF path.
         self.full_image_tokens = (vision.image_size // vision.patch_size) ** 2 + (strategy == "full")
+        self.deep_layers = install_deep_layers(self, spec, vllm_config, ARCHITECTURE)
 
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...] | list:
         """One tensor per image: [k, D + OFFSET_CHANNELS], the kept rows in original order (or
@@ -142,7 +144,8 @@ class PrunewareLlavaForConditionalGeneration(PositionOffsets, LlavaForConditiona
             rows, keep = prune_item(self.pruneware, item, grid, None if vision is None else vision[i])
             if self.pruneware.stage.positions == "compact":
                 keep = torch.zeros_like(keep)
-            out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=True)))
+            levels = deep_levels(self.pruneware, rows.shape[0], item.shape[0], rows.device)
+            out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=True), levels))
         return tuple(out)
 
     def get_mrope_input_positions(

@@ -49,8 +49,12 @@ def build_llm(model: str, plan: str | None = None, seed: int = 0, avg_tokens: fl
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    from pruneware.integrations.vllm.spec import has_llm_stages
+
     folder = model_folder(model)
     kwargs = (CPU_DEFAULTS if current_platform.is_cpu() else {}) | {"seed": seed}
+    if plan not in (None, "none") and has_llm_stages(plan):
+        kwargs |= {"enable_prefix_caching": False, "enforce_eager": True}  # see deep_layers
     kwargs |= engine_kwargs
     return LLM(folder, hf_overrides=hf_overrides(folder, plan, seed, avg_tokens), **kwargs)
 

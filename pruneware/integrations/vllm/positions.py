@@ -32,22 +32,27 @@ from typing import Any
 import numpy as np
 import torch
 
-OFFSET_CHANNELS = 6  # (t, h, w) offsets, two base-256 digits each: offsets up to 65535
+# (t, h, w) offsets, two base-256 digits each (offsets up to 65535), then the in-LLM stage that
+# drops the token (0: none; see `deep_layers`).
+OFFSET_CHANNELS = 7
 _BASE = 256
 
 
-def attach_offsets(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """rows: [k, D]; offsets: [k, 3] long, each in [0, 65536). Returns [k, D + OFFSET_CHANNELS]."""
+def attach_offsets(rows: torch.Tensor, offsets: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+    """rows: [k, D]; offsets: [k, 3] long, each in [0, 65536); levels: [k] long in [0, 256), the
+    in-LLM stage that drops each row (0: none; default all 0). Returns [k, D + OFFSET_CHANNELS]."""
     if offsets.numel() and (offsets.min() < 0 or offsets.max() >= _BASE * _BASE):
         raise ValueError(f"position offsets must lie in [0, {_BASE * _BASE}), got [{offsets.min()}, {offsets.max()}]")
-    digits = torch.cat([offsets // _BASE, offsets % _BASE], dim=1)  # [k, 6]
-    return torch.cat([rows, digits.to(rows.dtype)], dim=1)
+    if levels is None:
+        levels = torch.zeros(offsets.shape[0], dtype=torch.long, device=offsets.device)
+    digits = torch.cat([offsets // _BASE, offsets % _BASE, levels[:, None].to(offsets.device)], dim=1)  # [k, 7]
+    return torch.cat([rows, digits.to(rows.device, rows.dtype)], dim=1)
 
 
-def split_offsets(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `attach_offsets`: ([n, D] rows, [n, 3] long offsets)."""
+def split_offsets(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `attach_offsets`: ([n, D] rows, [n, 3] long offsets, [n] long levels)."""
     digits = embeds[:, -OFFSET_CHANNELS:].float().round().long()
-    return embeds[:, :-OFFSET_CHANNELS], digits[:, :3] * _BASE + digits[:, 3:]
+    return embeds[:, :-OFFSET_CHANNELS], digits[:, :3] * _BASE + digits[:, 3:6], digits[:, 6]
 
 
 def kept_offsets(keep: torch.Tensor, rows: int, cols: int, one_axis: bool) -> torch.Tensor:
@@ -122,24 +127,32 @@ class PositionOffsets:
     """
 
     _pending_offsets: torch.Tensor | None = None
+    _pending_levels: torch.Tensor | None = None
+    deep_layers: Any = None  # a `DeepLayers` when the plan has in-LLM stages
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Any = None, *,
                         is_multimodal: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        self._pending_offsets = None
+        self._pending_offsets = self._pending_levels = None
         if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
         parts = [split_offsets(e) for e in multimodal_embeddings]
         offsets = torch.zeros(input_ids.shape[0], 3, dtype=torch.long, device=input_ids.device)
-        offsets[is_multimodal] = torch.cat([o for _, o in parts]).to(input_ids.device)
-        self._pending_offsets = offsets
-        return super().embed_input_ids(input_ids, [e for e, _ in parts], is_multimodal=is_multimodal, **kwargs)
+        offsets[is_multimodal] = torch.cat([o for _, o, _ in parts]).to(input_ids.device)
+        levels = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        levels[is_multimodal] = torch.cat([lv for _, _, lv in parts]).to(input_ids.device)
+        self._pending_offsets, self._pending_levels = offsets, levels
+        return super().embed_input_ids(input_ids, [e for e, _, _ in parts], is_multimodal=is_multimodal, **kwargs)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args: Any, **kwargs: Any):
         offsets, self._pending_offsets = self._pending_offsets, None
+        levels, self._pending_levels = self._pending_levels, None
         if offsets is not None and positions.dim() == 2:
             positions = positions.clone()
             positions[:, : offsets.shape[0]] += offsets.T.to(positions.device)
-        return super().forward(input_ids, positions, *args, **kwargs)
+        if self.deep_layers is None:
+            return super().forward(input_ids, positions, *args, **kwargs)
+        with self.deep_layers.step(levels, positions):
+            return super().forward(input_ids, positions, *args, **kwargs)
 
 
 class OneAxisMRoPE:

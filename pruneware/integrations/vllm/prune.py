@@ -65,3 +65,31 @@ def prune_item(
             f"holds {expected} placeholders for it"
         )
     return out, keep
+
+
+def deep_levels(spec: PruneSpec, kept: int, original: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which in-LLM stage drops each of an item's `kept` placeholder tokens.
+
+    The item is one sample, as in the HF session with one image per sample: in-LLM stage i keeps
+    `stage.keep_count(original, alive)` of the `alive` tokens it receives, chosen by its policy
+    (which reads no states: `Needs.states` is False) with the seed the HF session gives it.
+    Returns [kept] long: 0 for a token every stage keeps, i + 1 for one that stage i drops.
+    """
+    levels = torch.zeros(kept, dtype=torch.long)
+    alive = torch.arange(kept)
+    for i, stage in enumerate(spec.deep):
+        n = alive.numel()
+        count = min(n, stage.keep_count(original, n))
+        if count == n or n == 0:
+            continue
+        stage_input = StageInput(
+            hidden=torch.zeros(1, n, 1), valid=torch.ones(1, n, dtype=torch.bool),
+            image_ids=torch.zeros(1, n, dtype=torch.long), attention=None, seed=spec.deep_seed(i),
+            layer=int(stage.where), grids=[[(1, n)]],
+        )
+        keep = spec.deep_policies[i].select(stage_input, [count])[0].cpu()
+        dropped = torch.ones(n, dtype=torch.bool)
+        dropped[keep] = False
+        levels[alive[dropped]] = i + 1
+        alive = alive[~dropped]
+    return levels.to(device)

@@ -20,6 +20,7 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from pruneware.integrations.vllm.deep_layers import install_deep_layers
 from pruneware.integrations.vllm.qwen_common import PrunedQwenInfo, PrunedQwenModel, PrunedQwenProcessor
 from pruneware.integrations.vllm.spec import refuse_tower_lora
 
@@ -48,3 +49,4 @@ class PrunewareQwen2VLForConditionalGeneration(PrunedQwenModel, Qwen2VLForCondit
         refuse_tower_lora(vllm_config, ARCHITECTURE)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pruneware = spec
+        self.deep_layers = install_deep_layers(self, spec, vllm_config, ARCHITECTURE)

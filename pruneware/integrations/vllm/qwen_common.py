@@ -36,7 +36,7 @@ from pruneware.integrations.vllm.positions import (
     kept_offsets,
     request_positions,
 )
-from pruneware.integrations.vllm.prune import prune_item
+from pruneware.integrations.vllm.prune import deep_levels, prune_item
 from pruneware.integrations.vllm.spec import FrameLayout, PruneSpec, require_spec
 
 
@@ -124,7 +124,8 @@ class PrunedQwenModel(PositionOffsets):
                 rows, keep = prune_item(self.pruneware, item, grid)
                 if self.pruneware.policy.needs.merges or self.pruneware.stage.positions == "compact":
                     keep = torch.zeros_like(keep)  # their positions are fixed at scheduling
-                out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=False)))
+                levels = deep_levels(self.pruneware, rows.shape[0], frames * grid[1] * grid[2], rows.device)
+                out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=False), levels))
         return tuple(out) if out else []
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:

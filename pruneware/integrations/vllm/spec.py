@@ -197,6 +197,15 @@ def parse_stages(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> tupl
     return pre, tuple(s for s in plan.stages if s.where != "pre")
 
 
+def has_llm_stages(text: str) -> bool:
+    """Whether a plan string or preset name has stages inside the LLM (they need prefix caching off)."""
+    from pruneware.plans.presets import available_presets, get_preset
+
+    text = text.strip()
+    plan = get_preset(text).build(32) if "@" not in text and text in available_presets() else Plan.parse(text)
+    return any(isinstance(s.where, int) for s in plan.stages)
+
+
 def spec_for(text: str, seed: int, n_layers: int, rope: Literal["1d", "mrope"]) -> PruneSpec:
     """The spec of a plan with explicit budgets; a plan without a `pre` stage keeps every
     placeholder before the LLM (a keep-all `random@pre:1.0`, which selects every token in order)."""

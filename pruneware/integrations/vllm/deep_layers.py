@@ -1,0 +1,265 @@
+"""In-LLM stages in vLLM: decoder layers >= K run on the tokens the stage keeps.
+
+A stage before decoder layer K (`random@20`, Information Horizon's second stage) drops visual
+tokens from layers >= K only. vLLM gives every layer of a KV-cache group the same attention
+metadata: one block table, one sequence length and one slot per token per request. pruneware
+keeps that block table and gives the layers of each pruned *level* (layers K_i .. K_{i+1}-1)
+their own view of it, rebuilt at the level's first layer in the middle of the step:
+
+- the level's KV sequence is the request's tokens minus those dropped so far, **compacted**:
+  token t of a request sits at KV index c = t - (tokens of that request dropped before it), in
+  the same blocks (c <= t, so the blocks vLLM allocated for the full sequence hold it);
+- its query rows are the step's tokens still alive; `query_start_loc`, `seq_lens` and the slot
+  mapping are rebuilt from the group's own metadata and handed to the backend's own metadata
+  builder, so every backend that builds from `CommonAttentionMetadata` works unchanged;
+- how many tokens each request dropped in earlier steps is kept per level in a table indexed by
+  the request's first block id (unique per running request with prefix caching off, which
+  in-LLM plans require): decoding adds one token per step to every level.
+
+Which tokens a level drops arrives with the embeddings (the last offset channel, see
+`positions`), decided before the forward by policies that read no states (`Needs.states`).
+After the final norm each original row takes the output of the last row of its request at or
+before it that is still alive, so the runner's logits rows (a prompt's last token, decode
+tokens) read the same state as in the HF path.
+
+This module imports vllm only inside functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LevelLayout:
+    """The tokens of one step alive at a pruned level, and where they sit in its KV cache.
+
+    Attributes:
+        alive: [n] rows of the step (0..N-1) alive at the level.
+        query_start_loc: [R + 1] the level's query rows per request.
+        seq_lens: [R] the level's KV length per request after this step.
+        slot_mapping: [n] KV slot of each alive row.
+        kv_index: [n] each alive row's index in its request's compacted KV sequence.
+        dropped: [R] tokens of each request absent from the level, this step included.
+    """
+
+    alive: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    slot_mapping: torch.Tensor
+    kv_index: torch.Tensor
+    dropped: torch.Tensor
+
+
+def level_layout(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, token_levels: torch.Tensor,
+    level: int, dropped_before: torch.Tensor, block_size: int,
+) -> LevelLayout:
+    """The layout of pruned level `level` (>= 1) for one step.
+
+    Args:
+        query_start_loc: [R + 1] the step's query rows per request (the group's metadata).
+        seq_lens: [R] each request's full KV length after the step.
+        block_table: [R, max_blocks] the group's block ids.
+        token_levels: [N] per step row, the in-LLM stage that drops it (0: none; i + 1: stage i).
+        dropped_before: [R] tokens of each request dropped from this level in earlier steps.
+    """
+    n_rows = token_levels.shape[0]
+    device = token_levels.device
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    request = torch.repeat_interleave(torch.arange(q_lens.shape[0], device=device), q_lens, output_size=n_rows)
+    gone = (token_levels > 0) & (token_levels <= level)
+    cum = torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.cumsum(gone.long(), 0)])
+    step_dropped = cum[query_start_loc[1:]] - cum[query_start_loc[:-1]]
+    row = torch.arange(n_rows, device=device)
+    full_index = (seq_lens - q_lens)[request] + row - query_start_loc[:-1][request]
+    kv_index = full_index - dropped_before[request] - (cum[:-1] - cum[query_start_loc[:-1]][request])
+    alive = torch.nonzero(~gone).squeeze(1)
+    kv_alive, req_alive = kv_index[alive], request[alive]
+    slots = block_table[req_alive, kv_alive // block_size].long() * block_size + kv_alive % block_size
+    alive_lens = q_lens - step_dropped
+    qsl = torch.cat([torch.zeros(1, dtype=query_start_loc.dtype, device=device), torch.cumsum(alive_lens, 0)])
+    dropped = dropped_before + step_dropped
+    return LevelLayout(alive, qsl.to(query_start_loc.dtype), (seq_lens - dropped).to(seq_lens.dtype),
+                       slots, kv_alive, dropped)
+
+
+@dataclass
+class _Step:
+    levels: torch.Tensor | None  # [N] per row, the stage that drops it
+    positions: torch.Tensor  # [N] or [3, N] the step's positions (offsets added)
+    rows: int = 0  # rows of the hidden states the first layer received
+    alive: torch.Tensor | None = None  # [n] step rows alive at the current level
+    level_positions: torch.Tensor | None = None  # the current level's positions
+    base: Any = None  # the group's own metadata
+    saved: tuple[dict, dict] | None = None
+
+
+class DeepLayers:
+    """Runs the decoder layers of a vLLM language model with pruneware's in-LLM stages.
+
+    Installs forward pre-hooks on each stage's first layer (the rows and positions it and the
+    layers after it receive, and their attention metadata) and a forward hook on the final norm
+    (the rows go back to the step's full row count). Hooks act only inside `step`.
+    """
+
+    def __init__(self, layers: nn.ModuleList, norm: nn.Module, stage_layers: Sequence[int],
+                 compact: Sequence[bool], vllm_config: Any) -> None:
+        self.stage_layers, self.compact = list(stage_layers), list(compact)
+        bounds = [*self.stage_layers, len(layers)]
+        self.names = [[layers[j].self_attn.attn.layer_name for j in range(bounds[i], bounds[i + 1])]
+                      for i in range(len(self.stage_layers))]
+        self.vllm_config = vllm_config
+        self._step: _Step | None = None
+        self._builders: dict[int, Any] = {}
+        self._dropped: torch.Tensor | None = None  # [levels, num_blocks]
+        level_of = {k: i + 1 for i, k in enumerate(self.stage_layers)}
+        for j in range(self.stage_layers[0], len(layers)):  # the model loop passes one `positions` to all
+            layers[j].register_forward_pre_hook(self._hook_for(level_of.get(j)), with_kwargs=True)
+        norm.register_forward_hook(self._leave)
+
+    @contextmanager
+    def step(self, levels: torch.Tensor | None, positions: torch.Tensor) -> Iterator[None]:
+        """One forward step; levels: [N] per row the in-LLM stage that drops it (None: no
+        multimodal rows this step), positions: the positions the model receives."""
+        self._step = _Step(levels, positions)
+        try:
+            yield
+        finally:
+            step, self._step = self._step, None
+            if step.saved is not None:
+                from vllm.forward_context import get_forward_context
+
+                context = get_forward_context()
+                context.attn_metadata.clear()
+                context.attn_metadata.update(step.saved[0])
+                context.slot_mapping.clear()
+                context.slot_mapping.update(step.saved[1])
+
+    def _hook_for(self, level: int | None):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if level is not None:
+                return self._enter(level, args, kwargs)
+            step = self._step
+            if step is None or step.level_positions is None:
+                return None
+            return (step.level_positions, *args[1:]), kwargs
+        return hook
+
+    def _enter(self, level: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        step = self._step
+        if step is None or not is_forward_context_available():
+            return None
+        context = get_forward_context()
+        metadata = context.attn_metadata
+        if not isinstance(metadata, dict) or not metadata:
+            return None  # a profiling run: every layer sees every row
+        positions, hidden, residual = args[:3]
+        if step.base is None:
+            step.base = metadata[self.names[level - 1][0]]
+            step.saved = (dict(metadata), dict(context.slot_mapping))
+            step.rows = hidden.shape[0]
+            step.alive = torch.arange(step.rows, device=hidden.device)
+        base = step.base
+        n_actual = int(base.query_start_loc[-1])
+        levels = torch.zeros(n_actual, dtype=torch.long, device=hidden.device)
+        if step.levels is not None:
+            levels = step.levels[:n_actual].to(hidden.device)
+        table = self._dropped_table(level, base.block_table)
+        first_block = base.block_table[:, 0].long()
+        computed = (base.seq_lens - (base.query_start_loc[1:] - base.query_start_loc[:-1])) > 0
+        before = torch.where(computed, table[level - 1][first_block], 0)
+        block_size = self._builder(level).kv_cache_spec.block_size
+        layout = level_layout(base.query_start_loc, base.seq_lens, base.block_table, levels, level, before, block_size)
+        table[level - 1][first_block] = layout.dropped
+        # Rows of the previous level still alive here (both sorted subsets of the step's rows).
+        keep = torch.isin(step.alive, layout.alive)
+        step.alive = layout.alive
+        hidden = hidden[keep]
+        residual = None if residual is None else residual[keep]
+        if self.compact[level - 1]:
+            kv = layout.kv_index.to(positions.dtype)
+            positions = kv.expand(positions.shape[0], -1).contiguous() if positions.dim() == 2 else kv
+        else:
+            positions = (positions if step.level_positions is None else step.level_positions)[..., keep]
+        step.level_positions = positions
+        self._install(context, level, base, layout)
+        return (positions, hidden, residual, *args[3:]), kwargs
+
+    def _install(self, context: Any, level: int, base: Any, layout: LevelLayout) -> None:
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        lens = layout.query_start_loc[1:] - layout.query_start_loc[:-1]
+        common = CommonAttentionMetadata(
+            query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc.cpu(),
+            seq_lens=layout.seq_lens, num_reqs=int(layout.seq_lens.shape[0]),
+            num_actual_tokens=int(layout.alive.shape[0]), max_query_len=int(lens.max()) if lens.numel() else 0,
+            max_seq_len=int(base.max_seq_len), block_table_tensor=base.block_table,
+            slot_mapping=layout.slot_mapping, causal=True,
+        )
+        built = self._builder(level).build(0, common)
+        for name in self.names[level - 1]:
+            context.attn_metadata[name] = built
+            context.slot_mapping[name] = layout.slot_mapping
+
+    def _builder(self, level: int) -> Any:
+        if level not in self._builders:
+            from vllm.forward_context import get_forward_context
+            from vllm.model_executor.layers.attention import Attention
+
+            names = self.names[level - 1]
+            layer: Attention = get_forward_context().no_compile_layers[names[0]]
+            spec = layer.get_kv_cache_spec(self.vllm_config)
+            builder_cls = layer.attn_backend.get_builder_cls()
+            self._builders[level] = builder_cls(spec, names, self.vllm_config, layer.kv_cache.device)
+        return self._builders[level]
+
+    def _dropped_table(self, level: int, block_table: torch.Tensor) -> torch.Tensor:
+        from vllm.forward_context import get_forward_context
+
+        if self._dropped is None:
+            cache = get_forward_context().no_compile_layers[self.names[0][0]].kv_cache
+            blocks = max(int(cache.shape[0]), int(cache.shape[1]) if cache.dim() > 1 else 0)
+            self._dropped = torch.zeros(len(self.names), blocks + 1, dtype=torch.long, device=block_table.device)
+        return self._dropped
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        step = self._step
+        if step is None or step.base is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        rows = torch.arange(step.rows, device=hidden.device)
+        source = (torch.searchsorted(step.alive, rows, right=True) - 1).clamp(min=0)
+        full = hidden[source]
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+
+def install_deep_layers(model: nn.Module, spec: Any, vllm_config: Any, architecture: str) -> DeepLayers | None:
+    """Give `model` (a pruned vLLM multimodal model whose `language_model.model` holds `layers`
+    and `norm`) the in-LLM stages of `spec`; None when it has none. Refuses the engine settings
+    the layout cannot serve, naming the setting to change."""
+    if not spec.deep:
+        return None
+    problems = []
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append("prefix caching on (pass enable_prefix_caching=False / --no-enable-prefix-caching): "
+                        "a cached block's deeper layers hold another request's compacted sequence")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        problems.append("pipeline parallelism (pipeline_parallel_size > 1)")
+    if not vllm_config.model_config.enforce_eager:
+        problems.append("CUDA graphs / torch.compile (pass enforce_eager=True / --enforce-eager): "
+                        "the pruned levels' row counts change inside the step")
+    if problems:
+        stages = ",".join(str(s) for s in spec.deep)
+        raise ValueError(f"{architecture} with in-LLM stages ({stages}) cannot run with " + "; ".join(problems))
+    decoder = model.language_model.model
+    return DeepLayers(decoder.layers, decoder.norm, [int(s.where) for s in spec.deep],
+                      [s.positions == "compact" for s in spec.deep], vllm_config)
