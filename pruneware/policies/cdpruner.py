@@ -28,7 +28,6 @@ Deliberate differences from the official code, which select the same tokens othe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,8 +82,6 @@ class CDPrunerPolicy(Policy):
             raise TypeError(f"relevance must be one of {RELEVANCE}, got {self.relevance!r}")
         if self.theta is not None and not (isinstance(self.theta, float | int) and 0 < self.theta < 1):
             raise TypeError(f"theta must be None or a number in (0, 1), got {self.theta!r}")
-        if self.theta is not None and not math.isfinite(self.theta):
-            raise TypeError(f"theta must be finite, got {self.theta!r}")
 
     def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
         if inputs.text is None:

@@ -24,10 +24,16 @@ def test_where_is_derived_from_what_the_policy_reads():
     ({"attention": "previous", "output": "merge"}, "can neither merge"),
     ({"query": "post-image"}, "need attention="),
     ({"final_norm": True}, "need attention="),
+    ({"captures": "key-norm", "text": True}, "need attention="),
 ])
 def test_inconsistent_declarations_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Needs(**kwargs)
+
+
+def test_text_rows_without_attention_run_anywhere():
+    """CDPruner reads the instruction's states, no attention: pre and in the LLM."""
+    assert Needs(text=True, query="post-image").where == ("pre", "llm")
 
 
 def test_every_registered_policy_declares_needs():
