@@ -121,6 +121,7 @@ def decode_inputs(
     decode = state.decode
     decode.q_length = embeds.shape[1]
     pre = state.plan.stages[0] if state.plan.stages and state.plan.stages[0].where == "pre" else None
+    pre = decode.folded or pre  # a stage at layer 0, folded into level 0, acts as a `pre` stage here
     if pre is None and not state.plan.vision:  # level 0 is the input itself
         return kwargs
     if mask is not None and mask.dim() == 4:
@@ -166,6 +167,7 @@ def prefill_inputs(
         raise ValueError("pruneware needs a 2-D attention_mask [batch, length] (or none) at the language model")
     prefill.input_padding = None if mask is None else (mask == 0).sum(dim=1)  # [B], for the report
     if pre is None and vision_keep is None:
+        decode.last_position = None if positions is None else positions[..., -1]  # for a stage at layer 0
         state.levels, state.starts = [root], [0]
         state.padding0 = None if mask is None else mask.bool()
         prefill.lm_embeds = embeds if records_lm_input else None

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from pruneware.adapters import VisualInjections, VisualLayout
-from pruneware.engine.levels import Level
+from pruneware.engine.levels import Level, as_root
 from pruneware.plans.plan import Plan, Stage
 from pruneware.report import Report
 
@@ -80,6 +80,7 @@ class DecodeState:
         input_length: L, the language model's input length before a `pre` stage.
         last_position: [..., B] position of the last prefill token (after a `pre` stage).
         rewritten: a `pre` stage rewrote positions, so decode recomputes them.
+        folded: the stage at layer 0 whose level became level 0 (see `RequestState.fold_layer0`).
     """
 
     active: bool = False
@@ -88,6 +89,7 @@ class DecodeState:
     input_length: int = 0
     last_position: torch.Tensor | None = None
     rewritten: bool = False
+    folded: Stage | None = None
 
 
 @dataclass
@@ -114,6 +116,33 @@ class RequestState:
     def level_for(self, layer: int) -> tuple[int, Level]:
         i = max(j for j, start in enumerate(self.starts) if start <= layer)
         return i, self.levels[i]
+
+    def fold_layer0(self) -> None:
+        """Before the first decode step: make the level of a stage at layer 0 the new level 0.
+
+        Such a stage leaves every cache layer the shorter sequence, so the cache length and the
+        mask that the model loop builds from cache layer 0 count that level's slots, as after a
+        `pre` stage; the decode steps then remap the language model's inputs as they do there
+        (see pre_llm.py). Later levels are re-expressed against it. No-op otherwise.
+        """
+        if self.decode.folded is not None or len(self.starts) < 2 or self.starts[1] != 0:
+            return
+        root, level = self.levels[0], self.levels[1]
+        index = level.index_prev if root.is_root else root.index_prev.gather(1, level.index_prev)
+        self.padding0 = self.real_tokens(level)
+        folded = [as_root(Level(index, level.index0, level.orig, level.valid, level.image_ids,
+                                n_slots=level.n_slots, n_visual=level.n_visual, stage=level.stage))]
+        for later in self.levels[2:]:
+            index0 = later.index_prev if len(folded) == 1 else folded[-1].index0.gather(1, later.index_prev)
+            folded.append(Level(later.index_prev, index0, later.orig, later.valid, later.image_ids,
+                                n_slots=later.n_slots, n_visual=later.n_visual, stage=later.stage))
+        folded[0].stage = level.stage
+        self.levels, self.starts = folded, [0, *self.starts[2:]]
+        self.decode.folded = level.stage
+        if self.decode.last_position is None:  # positions were the model's default, 0..L-1
+            self.decode.last_position = torch.full(
+                (index.shape[0],), self.decode.input_length - 1, dtype=torch.long, device=index.device
+            )
 
     def real_tokens(self, level: Level) -> torch.Tensor:
         """[B, Ls] bool: the level's slots holding a real (not padding) token."""

@@ -181,6 +181,7 @@ class Session:
             state = self._requests.resume(cache)
             if state is None:
                 raise RuntimeError("this cache was filled outside the pruneware session; start generation inside it")
+            state.fold_layer0()  # a stage at layer 0 left the cache its level
             state.decode.active, state.decode.past0 = True, past
             for level in state.levels:
                 level.cache.clear()
