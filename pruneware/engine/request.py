@@ -43,6 +43,8 @@ class PrefillState:
         report: this call's report, filled during prefill.
         position_inputs: the adapter's, for a merging `pre` stage.
         input_padding: [B] padding tokens of each sample's input (for the report).
+        first_positions: [B] the position of each sample's first real token at the language
+            model's input, None when nothing is padded (see key_positions.py).
         captured: stage layer K -> [B, Ls] attention scores captured at layer K-1 (or at K).
         preview: the layer whose attention is being previewed (`Needs(attention="own")`).
         injections: model-added per-layer visual features.
@@ -56,6 +58,7 @@ class PrefillState:
     report: Report
     position_inputs: dict[str, Any] = field(default_factory=dict)
     input_padding: torch.Tensor | None = None
+    first_positions: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     preview: int | None = None
     injections: VisualInjections | None = None

@@ -309,7 +309,9 @@ class Session:
         if not captures_at(policy.needs, preview):
             return
         _, level = state.level_for(module.layer_idx)
-        state.prefill.captured[target] = captured_scores(state, policy, level, query, key, getattr(module, "scaling", None))
+        state.prefill.captured[target] = captured_scores(
+            state, policy, level, query, key, getattr(module, "scaling", None), self.adapter.rope_tables
+        )
         if preview:
             raise PreviewDone
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pruneware.engine.levels import Level
+from pruneware.engine.key_positions import first_real_shift, keys_as_alone
 from pruneware.engine.vision_tower_reads import reads_to_positions
 from pruneware.errors import PlanError
 from pruneware.kernels.gather import gather_rows
@@ -97,11 +98,17 @@ def rater_slots(state: RequestState, policy: Policy) -> torch.Tensor:
 
 def captured_scores(
     state: RequestState, policy: Policy, level: Level, query: torch.Tensor, key: torch.Tensor, scale: float | None,
+    rotary: Callable | None = None,
 ) -> torch.Tensor:
-    """[B, Ls] what the stage ahead keeps from this attention call (see `attention_policy_scores`)."""
+    """[B, Ls] what the stage ahead keeps from this attention call (see `attention_policy_scores`).
+
+    rotary: the model's RoPE tables (`Adapter.rope_tables`), for scores that read keys' absolute
+    values: a padded sample's keys are rotated to the positions it has alone (key_positions.py)."""
     real = state.real_tokens(level)
     if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
         key = key[:, :, : level.length]
+    if policy.needs.captures == "key-norm" and rotary is not None:
+        key = keys_as_alone(key, first_real_shift(state, level), rotary)
     rows = rater_slots(state, policy).gather(1, level.index0) if policy.needs.raters else None
     return attention_policy_scores(policy, level.visual, real, query, key, scale, rows)
 

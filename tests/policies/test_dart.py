@@ -166,3 +166,22 @@ def test_the_final_norm_changes_the_selection_here():
     finally:
         with torch.no_grad():
             norm.weight.copy_(saved)
+
+
+@pytest.mark.parametrize("plan", ["dart@2:12", "random@1:0.8:compact,dart@3:12", "divprune@pre:0.8:compact,dart@2:12"])
+def test_a_plain_forward_of_a_padded_batch_keeps_what_each_sample_keeps_alone(plan):
+    """A plain forward numbers the padding too, and `compact` numbers padding slots: DART's key
+    norms are read at the positions each sample has alone (engine/key_positions.py)."""
+    model, samples = model_and_samples("llava", "sdpa")
+    batch = pad_batch(samples)  # no position_ids: positions 0..L-1 over the padding
+    with pruneware.prune(model, plan, seed=1) as run:
+        with torch.no_grad():
+            batched = model(**batch).logits
+        batch_kept = [s.kept for s in run.report.stages]
+        for b, sample in enumerate(samples):
+            with torch.no_grad():
+                alone = model(**sample).logits
+            offset = batch["input_ids"].shape[1] - sample["input_ids"].shape[1]
+            for stage_kept, stage in zip(batch_kept, run.report.stages, strict=True):
+                assert torch.equal(stage_kept[b] - offset, stage.kept[0]), f"sample {b}: kept indices differ"
+            torch.testing.assert_close(batched[b, -1], alone[0, -1], atol=2e-5, rtol=1e-4)

@@ -12,8 +12,9 @@ collection time, and each policy's places come from what its class declares.
       the plain-loop reference over prompt + generated tokens that drops what the prefill dropped
       (a recycling policy's new states for the prompt rows are taken from the prefill).
 
-In-LLM stages sit at layer 2 (layer 0 has an open generate() bug); known open bugs are strict
-xfails, so a case flips when its bug is fixed.
+In-LLM stages sit at layer 2 (a stage at layer 0 has its own generate tests in
+tests/engine/test_layer0_generate.py); known open bugs are strict xfails, so a case flips when
+its bug is fixed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tests.reference import kept_positions, pad_batch, record_lm_inputs, referen
 from tests.tiny import IMAGE_TOKEN, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
 
 FAMILIES = ["llava", "qwen"]
-LAYER = 2  # in-LLM stages: >= 1 (layer 0 has an open generate() bug), and past no injection layers here
+LAYER = 2  # in-LLM stages: >= 1 (attention policies read layer K-1), and past no injection layers here
 BUDGET = 0.5  # a pruning budget every policy can meet on 16 (LLaVA) or 24 (Qwen) visual tokens
 STEPS = 3  # new tokens for (d)
 
@@ -49,15 +50,14 @@ CASES = [(name, where) for name, cls in sorted(available().items()) for where in
 
 
 def _reads_text(name: str) -> bool:
-    """The policy's choice depends on the query rows (the last or post-image text tokens)."""
-    return available()[name].needs.attention is not None
+    """The policy's choice depends on the query rows (the last or post-image text tokens), through
+    attention or, for `Needs(text=True)` (CDPruner), their states."""
+    needs = available()[name].needs
+    return needs.attention is not None or needs.text
 
 
 # Known open bugs (filed elsewhere). strict: the case flips to a failure when the bug is fixed.
-KNOWN = {
-    ("padded", "dart", "llava"): "DART's post-RoPE key L1 norm depends on the absolute position, and a plain "
-    "forward of a left-padded LLaVA batch counts the padding in the positions, so its pivots change (open bug)",
-}
+KNOWN: dict[tuple[str, str, str], str] = {}
 
 # Keep-all cannot be bit-identical by design: the stage changes embeddings even at a full budget.
 NOT_IDENTITY: dict[str, str] = {}

@@ -1,0 +1,67 @@
+"""Post-RoPE keys as a sample alone would have them, for scores that read keys' absolute values.
+
+Attention is invariant to shifting every position of a sample by the same amount; a key's L1
+norm is not (DART's pivots, `Needs(captures="key-norm")`): RoPE rotates each pair of channels by
+an angle that grows with the position. In a left-padded batch a sample's tokens can sit further
+along than alone: a plain forward of a 1-D RoPE model numbers the padding too (positions
+0..L-1), and a `compact` stage numbers a level's slots, padding slots included. Alone, a
+sample's first real token has position 0 (a plain forward, `generate`, Qwen's M-RoPE index).
+
+So each sample's keys are rotated back by the position of its first real token: exactly what
+the sample computes alone, whatever the padding. A sample whose first real token is at 0
+(unpadded input, `generate`'s positions, Qwen) is rotated by zero, which leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from pruneware.engine.levels import Level
+
+if TYPE_CHECKING:
+    from pruneware.engine.request import RequestState
+
+
+def first_real_positions(positions: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B] the position of each sample's first real token at the language model's input, or None
+    when nothing is padded (no mask). positions: [B, L], [3|4, B, L] or None (the model's
+    default, 0..L-1); mask: [B, L] 2-D padding mask (1 = real)."""
+    if mask is None:
+        return None
+    first = mask.long().argmax(dim=1)  # [B]: the first real column
+    if positions is None:
+        return first
+    rows = positions if positions.dim() == 2 else positions[0]  # text rows: every M-RoPE row agrees
+    return rows.gather(1, first[:, None]).squeeze(1)
+
+
+def first_real_shift(state: RequestState, level: Level) -> torch.Tensor | None:
+    """[B] how far each sample's positions at `level` sit beyond its positions alone (None: zero)."""
+    chain = state.levels[: state.levels.index(level) + 1]
+    compact = [i for i, lvl in enumerate(chain) if i and lvl.stage is not None and lvl.stage.positions == "compact"]
+    if not compact:
+        return state.prefill.first_positions
+    # A compact level numbers its slots 0..Ls-1; later levels keep those positions.
+    first = state.real_tokens(level).long().argmax(dim=1)  # [B] the level's first real slot
+    for lvl in reversed(chain[compact[-1] + 1:]):
+        first = lvl.index_prev.gather(1, first[:, None]).squeeze(1)
+    return first
+
+
+def keys_as_alone(
+    key: torch.Tensor, shift: torch.Tensor | None, rotary: Callable[[torch.Tensor, torch.Tensor], tuple],
+) -> torch.Tensor:
+    """key: [B, Hkv, Ls, d] post-RoPE; shift: [B] positions to rotate back (None: none).
+    rotary(like, positions [B, 1]) -> (cos, sin) [B, 1, d]: the model's RoPE tables."""
+    if shift is None:
+        return key
+    like = key.new_zeros(1, dtype=torch.float32)
+    cos, sin = rotary(like, shift[:, None])
+    scale, _ = rotary(like, torch.zeros_like(shift)[:, None])  # a RoPE's attention scaling (1 for most)
+    cos, sin = (cos / scale)[:, None].to(key.dtype), (sin / scale)[:, None].to(key.dtype)  # [B, 1, 1, d]
+    half = key.shape[-1] // 2
+    rotated = torch.cat([-key[..., half:], key[..., :half]], dim=-1)  # transformers' rotate_half
+    return key * cos - rotated * sin
