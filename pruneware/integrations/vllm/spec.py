@@ -187,7 +187,7 @@ def parse_stages(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> tupl
 
     text = text.strip()
     if "@" not in text and text in available_presets():
-        plan = get_preset(text).build(n_layers)
+        plan = get_preset(text).build(n_layers, rope=rope)
     else:
         plan = Plan.parse(text)
     for stage in plan.stages:
