@@ -31,10 +31,6 @@ class Qwen3VLAdapter(QwenVLAdapter):
         mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ())
         return QwenTower(vc.hidden_size, vc.intermediate_size, vc.out_hidden_size, mergers=mergers)
 
-    def vision_cut(self) -> None:
-        """Not yet: its DeepStack taps read blocks after a cut, which would need the same kept units."""
-        return None
-
     def injection_layers(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes)
 

@@ -1,4 +1,4 @@
-"""Cutting a Qwen2-VL / Qwen2.5-VL vision tower between blocks (`vitK` and `pre-vit` stages).
+"""Cutting a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower between blocks (`vitK` and `pre-vit` stages).
 
 The tower holds each image (or video frame) as rows of patches, grouped in 2x2 *units* (the
 merge groups the PatchMerger turns into one visual token). Qwen2-VL holds the units row-major;
@@ -8,7 +8,8 @@ A cut keeps whole units, so the merger still sees complete groups, and before bl
 what the tower's loop passes every block: the rows, `cu_seqlens` per frame, the (now ragged)
 windows' `cu_window_seqlens`, the rotary rows (already in the tower's order) and `max_seqlen`.
 After the merger the kept tokens are spread back over every unit's slot (zeros elsewhere), so
-the tower's own un-permute and the language model's placeholders still line up; the engine then
+the tower's own un-permute and the language model's placeholders still line up (Qwen3-VL's DeepStack
+taps after the cut read the kept rows, and are spread the same way); the engine then
 drops the other slots as a `pre` stage with the same kept set would.
 """
 
@@ -51,7 +52,7 @@ def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
 
 
 class QwenVisionCut:
-    """The `Adapter.vision_cut()` of the Qwen2-VL and Qwen2.5-VL towers."""
+    """The `Adapter.vision_cut()` of the Qwen2-VL, Qwen2.5-VL and Qwen3-VL towers."""
 
     def __init__(self, visual: torch.nn.Module, tower: QwenTower):
         self.visual = visual
@@ -62,6 +63,7 @@ class QwenVisionCut:
         full = getattr(visual, "fullatt_block_indexes", None)
         self.windowed = full is not None
         self.full_blocks = set(full) if full is not None else set(range(len(visual.blocks)))
+        self.taps = list(getattr(visual, "deepstack_visual_indexes", None) or [])  # Qwen3-VL's DeepStack
 
     @property
     def depth(self) -> int:
@@ -144,9 +146,12 @@ class QwenVisionCut:
 
         def after(module, args, output):
             cut = current()
-            return None if cut is None else self.spread(cut, output)
+            if cut is None or output.shape[0] == cut.keep.shape[0]:  # a DeepStack tap before the cut
+                return None
+            return self.spread(cut, output)
 
-        return [self.visual.merger.register_forward_hook(after)]
+        mergers = [self.visual.merger, *getattr(self.visual, "deepstack_merger_list", [])]
+        return [m.register_forward_hook(after) for m in mergers]
 
     def spread(self, cut: TowerCut, merged: torch.Tensor) -> torch.Tensor:
         """[k, D] merger output of the kept units -> [n_units, D] in the tower's order, zeros elsewhere."""
@@ -181,7 +186,8 @@ class QwenVisionCut:
                 full = (full_before if before else full_after)
                 windows = (windows_before if before else windows_after)
                 sequences.append(full if (b in self.full_blocks or windows is None) else windows)
-            out.append(qwen_tower_flops(self.config, self.tower, n * self.unit, sequences, merged))
+            taps = [n if tap < block else merged for tap in self.taps]  # DeepStack mergers, before or after the cut
+            out.append(qwen_tower_flops(self.config, self.tower, n * self.unit, sequences, [merged, *taps]))
         return out
 
 

@@ -116,11 +116,12 @@ def llava_next_flops(config, pixels: torch.Tensor | None, image_sizes: torch.Ten
     return [tile * image_size_to_num_patches(tuple(s), config.image_grid_pinpoints, side) for s in image_sizes.tolist()]
 
 
-def qwen_tower_flops(vc, tower: QwenTower, n_patches: int, sequences: list[list[int]], merged: int) -> float:
+def qwen_tower_flops(vc, tower: QwenTower, n_patches: int, sequences: list[list[int]], merged: list[int]) -> float:
     """A Qwen vision tower on one image whose blocks ran on what a `vitK` stage left them.
 
     n_patches: patches embedded; sequences[b]: the lengths (in patches) of block b's attention
-    sequences (its dense layers run on their sum); merged: units through the merger(s).
+    sequences (its dense layers run on their sum); merged: units through each merger (the
+    PatchMerger, then Qwen3-VL's DeepStack mergers).
     Equals `qwen_image_flops` when every block holds every patch.
     """
     d, unit = tower.width, vc.spatial_merge_size**2
@@ -129,7 +130,7 @@ def qwen_tower_flops(vc, tower: QwenTower, n_patches: int, sequences: list[list[
         n = sum(lengths)
         flops += _linear(n, d, 4 * d) + tower.mlp_mats * _linear(n, d, tower.intermediate)
         flops += sum(_attention(s, d) for s in lengths)
-    return flops + tower.mergers * (_linear(merged, d * unit, d * unit) + _linear(merged, d * unit, tower.out))
+    return flops + sum(_linear(m, d * unit, d * unit) + _linear(m, d * unit, tower.out) for m in merged)
 
 
 def clip_cut_flops(vc, projector_in: int, text_hidden: int, n_patches: int, tokens: list[int], n_selected: int) -> float:

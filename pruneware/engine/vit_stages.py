@@ -55,7 +55,7 @@ def check_vision_stages(stages: tuple[Stage, ...], policies: list[Policy], adapt
         if depth is None:
             raise PlanError(
                 f"stage {stage}: {type(adapter).__name__} does not support vision-side stages (pre-vit, vitK); "
-                "they run on LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"
+                "they run on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL"
             )
         if not 0 <= stage.vit_block < depth:  # type: ignore[operator]
             raise PlanError(
