@@ -1,0 +1,36 @@
+"""In-LLM stages served by the real vLLM engine answer like pruneware's Hugging Face path.
+
+`random@4:0.25` (random pruning before layer 4 of the tiny models' 8, the Information Horizon
+paper's method) and the `info-horizon` preset (DivPrune before the LLM, then random before layer
+5 of 8), on both shipped tiny models: 200 synthetic questions each, all requests in one
+`generate` call (so the engine batches requests with different images and kept sets), greedy
+answers of up to 3 tokens (prefill and decode through the pruned levels). At least 98% must
+agree (the two venvs run different torch and transformers builds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integrations.serving.conftest import run_driver
+from tests.integrations.serving.test_offline import N, hf_answers
+
+PLANS = ["random@4:0.25", "info-horizon"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2.5-vl"])
+def served(request, vllm_python):
+    name = request.param
+    return name, run_driver(vllm_python, "tests.integrations.serving.drive_offline",
+                            {"model": name, "plans": PLANS, "n": N})
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_in_llm_stages_answer_like_hf(served, plan):
+    name, results = served
+    ours, theirs = hf_answers(name, plan), results[plan]["answers"]
+    agree = sum(a == b for a, b in zip(ours, theirs, strict=True)) / N
+    assert agree >= 0.98, f"{name} {plan}: vLLM and HF agree on {agree:.3f} of {N} questions"
+    if plan.startswith("random@"):  # no pre stage: every placeholder enters the LLM
+        unpruned = hf_answers(name, "none")
+        assert sum(a != b for a, b in zip(ours, unpruned, strict=True)) > 0, "the stage changed no answer"
