@@ -51,6 +51,11 @@ class PlanSource:
                     "drop avg_tokens, pass a preset name "
                     f"({', '.join(sorted(available_presets()))}), or leave the budgets out (e.g. 'divprune@pre,random@4')"
                 )
+            elif parsed.vision:
+                raise PlanError(
+                    f"plan {str(parsed)!r}: avg_tokens solves the language model's budgets and does not place "
+                    "vision-side stages (pre-vit, vitK); give them budgets and drop avg_tokens"
+                )
             else:
                 source = cls(adapter, None, user_template(parsed, n_layers), avg_tokens)
         else:

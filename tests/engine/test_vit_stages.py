@@ -248,3 +248,8 @@ def test_cached_generate_equals_uncached_recomputation(model, plan):
         ids, uncached = uncached_greedy(model, inputs, 4)
     assert torch.equal(out.sequences, ids)
     torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
+
+
+def test_avg_tokens_does_not_place_vision_stages(model):
+    with pytest.raises(pruneware.PlanError, match="does not place vision-side stages"):
+        pruneware.prune(model, "random@vit1,random@1", avg_tokens=16).__enter__()
