@@ -39,16 +39,13 @@ def first_real_positions(positions: torch.Tensor | None, mask: torch.Tensor | No
 
 
 def first_real_shift(state: RequestState, level: Level) -> torch.Tensor | None:
-    """[B] how far each sample's positions at `level` sit beyond its positions alone (None: zero)."""
-    chain = state.levels[: state.levels.index(level) + 1]
-    compact = [i for i, lvl in enumerate(chain) if i and lvl.stage is not None and lvl.stage.positions == "compact"]
-    if not compact:
-        return state.prefill.first_positions
-    # A compact level numbers its slots 0..Ls-1; later levels keep those positions.
-    first = state.real_tokens(level).long().argmax(dim=1)  # [B] the level's first real slot
-    for lvl in reversed(chain[compact[-1] + 1:]):
-        first = lvl.index_prev.gather(1, first[:, None]).squeeze(1)
-    return first
+    """[B] how far each sample's positions at `level` sit beyond its positions alone (None: zero).
+
+    A `compact` level numbers its slots 0..Ls-1; any other level has the language model's input
+    positions (a `keep` stage takes the original ones, also after a `compact` stage)."""
+    if level.stage is not None and level.stage.positions == "compact" and level is not state.levels[0]:
+        return state.real_tokens(level).long().argmax(dim=1)  # [B] the level's first real slot
+    return state.prefill.first_positions
 
 
 def keys_as_alone(

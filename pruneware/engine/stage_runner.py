@@ -62,6 +62,8 @@ def enter_level(
     """
     level = next_level(state.levels[-1], selection.keep)
     level.stage = stage
+    if stage.positions == "compact":  # renumbered even where nothing was dropped, so a sample alone
+        level.identity = False  # gets the positions it gets in a batch whose other samples drop tokens
     state.levels.append(level)
     state.starts.append(layer)
     recycled = selection.merged is not None and recycles
