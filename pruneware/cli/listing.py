@@ -17,7 +17,7 @@ def plans(json_out: bool = typer.Option(False, "--json")) -> None:
     from pruneware.plans.presets import available_presets
 
     policies = [
-        {"name": n, "description": c.description, "pre": c.needs.pre, "in_llm": c.needs.llm,
+        {"name": n, "description": c.description, "pre": c.needs.pre, "in_llm": c.needs.llm, "vit": c.needs.vit,
          "needs_attention": c.needs.attention is not None} for n, c in sorted(available().items())
     ]
     presets = [
@@ -32,7 +32,8 @@ def plans(json_out: bool = typer.Option(False, "--json")) -> None:
     for column in ("name", "where", "description"):
         table.add_column(column)
     for p in policies:
-        where = "pre" if not p["in_llm"] else ("K >= 1" if not p["pre"] else "pre or K")
+        places = [name for name, ok in (("pre-vit, vitK", p["vit"]), ("pre", p["pre"]), ("K", p["in_llm"])) if ok]
+        where = " or ".join(places) if places != ["K"] else "K >= 1"
         table.add_row(p["name"], where, p["description"])
     console.print(table)
     table = Table(title="presets (layers scale with depth; shown for 32 layers)")
