@@ -6,7 +6,9 @@
 Models are random-weight bf16, built from configs (nothing is downloaded). Each is the
 full *ForConditionalGeneration model with a real-shape language model and a deliberately
 small vision tower (2 layers, width 64): the LM shapes and token counts are real, the
-vision tower's time is not (see ANCHORS.md for real tower times).
+vision tower's time is not. The ``-tower`` entries (GPU only) add the released towers' shapes
+(CLIP ViT-L/14-336; Qwen2.5-VL-7B's 32-block tower) and time vision-side plans (``vitK``)
+against a ``pre`` plan at the same kept count: how far past the pre-LLM ceiling cutting the tower gets.
 
 * ``llava-1.5-7b``: LlavaForConditionalGeneration, Llama-2-7B LM, one 336 px image = 576 tokens.
 * ``llava-next-7b-len``: the same model with five 336 px images = 2,880 image tokens, the
@@ -93,6 +95,26 @@ def build_qwen(cpu: bool, device: str) -> Qwen2_5_VLForConditionalGeneration:
     return _instantiate(Qwen2_5_VLForConditionalGeneration, config, device)
 
 
+# The released towers' shapes (Qwen2.5-VL-7B's vision config; LLaVA-1.5's CLIP ViT-L/14 at 336 px).
+QWEN25_TOWER = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31])
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336)
+
+
+def build_llava_tower(cpu: bool, device: str) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-7B's shapes with its real-size CLIP tower, read at layer -2 ([CLS] dropped)."""
+    config = tiny_config("llava", text=LLAMA2_7B, vision=CLIP_L_336, ids={"image": LLAMA2_7B["vocab_size"] - 6},
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return _instantiate(LlavaForConditionalGeneration, config, device)
+
+
+def build_qwen_tower(cpu: bool, device: str) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL-7B's shapes with its real-size vision tower."""
+    config = tiny_config("qwen2.5-vl", text=QWEN2_7B, vision=QWEN25_TOWER, ids=QWEN_IDS, bos_token_id=None,
+                         eos_token_id=None)
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, config, device)
+
+
 def _instantiate(cls, config, device: str):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -138,11 +160,20 @@ def model_specs(cpu: bool) -> list[dict]:
     """name, builder, inputs(model, batch, device), LM shape label."""
     grid = (16, 24) if cpu else (64, 84)  # patches before the 2x2 merge: 96 or 1,344 tokens
     return [
-        dict(name="llava-1.5-7b", lm="Llama-2-7B", build=build_llava, inputs=lambda m, b, d: llava_inputs(m, b, 1, d)),
+        dict(name="llava-1.5-7b", lm="Llama-2-7B", build=build_llava, inputs=lambda m, b, d: llava_inputs(m, b, 1, d),
+             vision_plans=("random@vit1:0.25",) if cpu else ()),
         dict(name="llava-next-7b-len", lm="Llama-2-7B", build=build_llava,
              inputs=lambda m, b, d: llava_inputs(m, b, 5, d)),
-        dict(name="qwen2.5-vl-7b", lm="Qwen2-7B", build=build_qwen, inputs=lambda m, b, d: qwen_inputs(m, b, grid, d)),
-    ]
+        dict(name="qwen2.5-vl-7b", lm="Qwen2-7B", build=build_qwen, inputs=lambda m, b, d: qwen_inputs(m, b, grid, d),
+             vision_plans=("random@vit1:0.25",) if cpu else ()),
+    ] + ([] if cpu else [  # the real towers, for vision-side stages: TTFT past the pre-LLM ceiling
+        dict(name="llava-1.5-7b-tower", lm="Llama-2-7B", build=build_llava_tower, presets=False,
+             inputs=lambda m, b, d: llava_inputs(m, b, 1, d),
+             vision_plans=("random@pre:0.25", "random@vit12:0.25", "fastervlm@vit12:0.25", "random@vit4:0.25")),
+        dict(name="qwen2.5-vl-7b-tower", lm="Qwen2-7B", build=build_qwen_tower, presets=False,
+             inputs=lambda m, b, d: qwen_inputs(m, b, grid, d),
+             vision_plans=("random@pre:0.25", "random@vit16:0.25", "fastervlm@vit16:0.25", "random@vit4:0.25")),
+    ])
 
 
 # timing ----------------------------------------------------------------------------------------
@@ -291,7 +322,7 @@ def run_model(model, spec: dict, record: dict, args, cuda: bool, budgets: list[i
         row = {"batch": batch, "unpruned": measure(model, inputs, args, cuda), "plans": [], "peer": []}
         record["batches"].append(row)
         base = row["unpruned"]["ttft_ms"]
-        for preset in PRESETS:
+        for preset in PRESETS if spec.get("presets", True) else ():
             for avg in budgets:
                 label = f"{spec['name']} B={batch} {preset}@{avg}"
                 if preset not in pruneware.available_presets():
@@ -312,6 +343,18 @@ def run_model(model, spec: dict, record: dict, args, cuda: bool, budgets: list[i
                     skipped.append(f"{label}: error: {type(err).__name__}: {str(err)[:300]}")
                     if cuda:
                         torch.cuda.empty_cache()
+        for plan in spec.get("vision_plans", ()):  # vision-side stages: how far past the pre-LLM ceiling
+            if time.monotonic() > deadline:
+                skipped.append(f"{spec['name']} B={batch} {plan}: time budget (--max-seconds) spent")
+                continue
+            try:
+                with pruneware.prune(model, plan, seed=0) as session:
+                    result = measure(model, inputs, args, cuda)
+                result.update(plan=plan, kept=session.report.stages[0].n_after[0],
+                              speedup_vs_unpruned=round(base / result["ttft_ms"], 3))
+                row.setdefault("vision_plans", []).append(result)
+            except Exception as err:  # one failing run must not cost the rest of the suite
+                skipped.append(f"{spec['name']} B={batch} {plan}: error: {type(err).__name__}: {str(err)[:300]}")
         del inputs
 
 
