@@ -1,5 +1,5 @@
-"""conditional_dpp (CDPruner's greedy DPP MAP): reference vs the official loop, and the Triton
-kernel vs the reference, exactly, on odd sizes, k = 1, k = N, a kernel whose rank runs out, ties
+"""conditional_dpp (CDPruner's greedy DPP MAP): reference vs the official loop, and the numpy CPU
+path and the Triton kernel vs the reference, exactly, on odd sizes, k = 1, k = N, a kernel whose rank runs out, ties
 and half-precision inputs.
 
 The Triton kernel runs on CPU under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` on
@@ -15,7 +15,7 @@ import torch
 
 import pruneware.kernels.cdpruner as cdpruner
 from pruneware.kernels import dispatch
-from pruneware.kernels.cdpruner import reference
+from pruneware.kernels.cdpruner import cpu, reference
 from pruneware.kernels.cdpruner import triton as fused
 from tests.official import official_cdpruner
 
@@ -69,6 +69,13 @@ def test_rank_exhaustion_keeps_k_distinct_tokens_where_the_official_loop_keeps_f
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_path_matches_reference(shape):
+    g, n, d, k = shape
+    x, rel = case(g, n, d)
+    assert torch.equal(cpu.conditional_dpp(x, rel, k), reference.conditional_dpp(x, rel, k))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_triton_interpreted_matches_reference(shape, interpret, nan_poison):
     g, n, d, k = shape
     x, rel = case(g, n, d)
@@ -87,6 +94,7 @@ def test_ties_go_to_the_lowest_index(g, n, directions, k, interpret):
     rel = torch.ones(g, n)
     want = reference.conditional_dpp(x, rel, k)
     assert torch.equal(fused.conditional_dpp(x, rel, k), want)
+    assert torch.equal(cpu.conditional_dpp(x, rel, k), want)
     if directions == 1:  # one direction: each round takes the lowest index left
         assert torch.equal(want, torch.arange(k).expand(g, k))
 
@@ -97,6 +105,7 @@ def test_half_precision_inputs_select_in_float32(dtype, interpret):
     want = reference.conditional_dpp(x.float(), rel, 20)
     assert torch.equal(reference.conditional_dpp(x, rel, 20), want)
     assert torch.equal(fused.conditional_dpp(x, rel, 20), want)
+    assert torch.equal(cpu.conditional_dpp(x, rel, 20), want)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -111,7 +120,7 @@ def test_triton_cuda_matches_reference(shape, monkeypatch, nan_poison):
 
 def test_k_zero_gives_empty_rows():
     x, rel = case(2, 9, 4)
-    for impl in (reference, cdpruner):
+    for impl in (reference, cpu, cdpruner):
         out = impl.conditional_dpp(x, rel, 0)
         assert out.shape == (2, 0) and out.dtype == torch.long
 
@@ -127,7 +136,7 @@ def test_k_zero_gives_empty_rows():
     ],
 )
 def test_bad_inputs_are_named(x, rel, k, message):
-    for impl in (reference, fused):
+    for impl in (reference, cpu, fused):
         with pytest.raises(ValueError, match=message):
             impl.conditional_dpp(x, rel, k)
 
@@ -138,11 +147,11 @@ def test_triton_names_its_size_limit(monkeypatch, interpret):
         fused.conditional_dpp(torch.randn(1, 9, 4), torch.rand(1, 9), 2)
 
 
-@pytest.mark.parametrize("forced, used", [("", "reference"), ("reference", "reference"), ("triton", "triton")])
+@pytest.mark.parametrize("forced, used", [("", "cpu"), ("reference", "reference"), ("triton", "triton")])
 def test_dispatch(forced, used, monkeypatch):
     monkeypatch.setenv(dispatch.BACKEND_ENV, forced)
     calls = []
-    for name, module in (("reference", reference), ("triton", fused)):
+    for name, module in (("cpu", cpu), ("reference", reference), ("triton", fused)):
         monkeypatch.setattr(module, "conditional_dpp", lambda x, r, k, name=name: calls.append(name))
     cdpruner.conditional_dpp(torch.randn(1, 4, 3), torch.rand(1, 4), 2)
     assert calls == [used]

@@ -1,9 +1,10 @@
 """CDPruner's conditional-DPP selection: ``conditional_dpp``.
 
-Two paths, one result:
+Three paths, one result:
   - ``triton.py``: the whole greedy MAP inference in one launch, for CUDA tensors;
-  - ``reference.py``: the rule in plain torch, the truth the kernel is tested against (also the
-    CPU path: its steps are batched over the groups, a few torch calls each).
+  - ``cpu.py``: the k dependent steps in numpy, for CPU tensors (a torch call per step costs
+    more than the step's work);
+  - ``reference.py``: the rule in plain torch, the truth the others are tested against.
 ``PRUNEWARE_KERNELS=reference`` forces the reference and ``=triton`` the kernel (see
 :mod:`pruneware.kernels.dispatch`). The Triton module is imported only when used.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import choose_backend
+from ..dispatch import choose_backend, forced_backend
 
 __all__ = ["conditional_dpp"]
 
@@ -33,6 +34,8 @@ def conditional_dpp(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.T
     """
     if choose_backend(x, relevance) == "triton":
         from .triton import conditional_dpp as impl
+    elif x.device.type == "cpu" and forced_backend() != "reference":
+        from .cpu import conditional_dpp as impl
     else:
         from .reference import conditional_dpp as impl
     return impl(x, relevance, k)
