@@ -172,6 +172,7 @@ class RequestTracker:
         self._vision_reads: ContextVar[tuple] = ContextVar(f"pruneware_vision_reads_{n}", default=())
         self._tower_flops: ContextVar[tuple] = ContextVar(f"pruneware_tower_flops_{n}", default=())
         self._by_cache: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
+        self._encodings: dict[int, tuple] = {}  # id(encoder output) -> (grids, reads, flops), see replay_encoding
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -221,6 +222,38 @@ class RequestTracker:
     def saw_vision(self, output: Any, grid_thw: torch.Tensor | None) -> None:
         self._vision.set((*self._vision.get(), (output, grid_thw)))
 
+    def replay_encoding(self, encoder_outputs: dict | None) -> None:
+        """Make the vision-tower calls behind `encoder_outputs` seen by this forward too.
+
+        `generate()` encodes the pixels once and passes the features (`mm_encoder_outputs`) to
+        every forward; with `use_cache=False` each step is a new prefill that no tower call
+        precedes. A forward that follows fresh tower calls files what they gave (grids, reads,
+        FLOPs) under each features object; a later forward on the same objects, with no fresh
+        call, gets it again. Filed weakly: it goes when generate() drops the features.
+        """
+        outputs = [o for o in (encoder_outputs or {}).values() if o is not None]
+        if not outputs:
+            return
+        fresh = (self._vision.get(), self._vision_reads.get(), self._tower_flops.get())
+        with self._lock:
+            if any(fresh):
+                for output in outputs:
+                    grids = [grid for seen, grid in fresh[0] if seen is output]  # no strong ref to the output
+                    if id(output) not in self._encodings:
+                        weakref.finalize(output, self._forget_encoding, id(output))
+                    self._encodings[id(output)] = (grids, fresh[1], fresh[2])
+                return
+            filed = [self._encodings.get(id(output)) for output in outputs]
+        if any(f is None for f in filed) or any(f[1] is not filed[0][1] for f in filed):  # one encoding
+            return
+        self._vision.set(tuple((o, grid) for o, f in zip(outputs, filed, strict=True) for grid in f[0]))
+        self._vision_reads.set(filed[0][1])
+        self._tower_flops.set(filed[0][2])
+
+    def _forget_encoding(self, key: int) -> None:
+        with self._lock:
+            self._encodings.pop(key, None)
+
     def take_vision(self) -> list[tuple[Any, torch.Tensor | None]]:
         seen = list(self._vision.get())
         self._vision.set(())
@@ -256,3 +289,4 @@ class RequestTracker:
         """Forget every cache's state (the session is detached)."""
         with self._lock:
             self._by_cache.clear()
+            self._encodings.clear()

@@ -189,6 +189,7 @@ class Session:
         if input_ids is None:
             raise ValueError("pruneware locates visual tokens from input_ids: pass input_ids, not inputs_embeds")
         static_len = static_length(cache)  # refuses a cache the engine cannot drive
+        self._requests.replay_encoding(kwargs.get("mm_encoder_outputs"))  # generate(use_cache=False)
         layout = self.adapter.layout(input_ids, {**kwargs, "seen_vision": self._requests.take_vision()})
         n_visual = layout.counts
         sample_plans = self.source.sample_plans(n_visual)  # raises before any layer runs
