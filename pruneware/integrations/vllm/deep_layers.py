@@ -16,8 +16,9 @@ their own view of it, rebuilt at the level's first layer in the middle of the st
   the request's first block id (unique per running request with prefix caching off, which
   in-LLM plans require): decoding adds one token per step to every level.
 
-Which tokens a level drops arrives with the embeddings (the last offset channel, see
-`positions`), decided before the forward by policies that read no states (`Needs.states`).
+Which tokens a level drops arrives with the embeddings (an offset channel, see `positions`) when
+policies that read no states (`Needs.states`) decide it before the forward; attention-scored
+stages (`fastv@K`) decide it at their layer from layer K-1's queries and keys (`deep_scoring`).
 After the final norm each original row takes the output of the last row of its request at or
 before it that is still alive, so the runner's logits rows (a prompt's last token, decode
 tokens) read the same state as in the HF path.
@@ -34,6 +35,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pruneware.integrations.vllm import deep_scoring
+from pruneware.plans.plan import Stage
 
 
 @dataclass
@@ -93,7 +97,11 @@ def level_layout(
 @dataclass
 class _Step:
     levels: torch.Tensor | None  # [N] per row, the stage that drops it
+    visual: torch.Tensor | None  # [N] bool, rows holding multimodal embeddings
+    original: torch.Tensor | None  # [N] a visual row's item token count before pruning
     positions: torch.Tensor  # [N] or [3, N] the step's positions (offsets added)
+    query_start_loc: torch.Tensor | None = None  # [R + 1] the current level's rows per request
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # level -> layer K-1's (q, k)
     rows: int = 0  # rows of the hidden states the first layer received
     alive: torch.Tensor | None = None  # [n] step rows alive at the current level
     level_positions: torch.Tensor | None = None  # the current level's positions
@@ -109,9 +117,13 @@ class DeepLayers:
     (the rows go back to the step's full row count). Hooks act only inside `step`.
     """
 
-    def __init__(self, layers: nn.ModuleList, norm: nn.Module, stage_layers: Sequence[int],
-                 compact: Sequence[bool], vllm_config: Any) -> None:
-        self.stage_layers, self.compact = list(stage_layers), list(compact)
+    def __init__(self, layers: nn.ModuleList, norm: nn.Module, stages: Sequence[Stage], vllm_config: Any) -> None:
+        self.stages = list(stages)
+        self.stage_layers = [int(s.where) for s in self.stages]
+        self.compact = [s.positions == "compact" for s in self.stages]
+        self.scored = [deep_scoring.scored_in_llm(s) for s in self.stages]
+        self.shapes = {i + 1: deep_scoring.attention_shape(layers[k - 1])
+                       for i, k in enumerate(self.stage_layers) if self.scored[i]}
         bounds = [*self.stage_layers, len(layers)]
         self.names = [[layers[j].self_attn.attn.layer_name for j in range(bounds[i], bounds[i + 1])]
                       for i in range(len(self.stage_layers))]
@@ -123,12 +135,18 @@ class DeepLayers:
         for j in range(self.stage_layers[0], len(layers)):  # the model loop passes one `positions` to all
             layers[j].register_forward_pre_hook(self._hook_for(level_of.get(j)), with_kwargs=True)
         norm.register_forward_hook(self._leave)
+        for level in self.shapes:
+            layers[self.stage_layers[level - 1] - 1].self_attn.rotary_emb.register_forward_hook(self._capture_for(level))
 
     @contextmanager
-    def step(self, levels: torch.Tensor | None, positions: torch.Tensor) -> Iterator[None]:
-        """One forward step; levels: [N] per row the in-LLM stage that drops it (None: no
-        multimodal rows this step), positions: the positions the model receives."""
-        self._step = _Step(levels, positions)
+    def step(self, rows: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor) -> Iterator[None]:
+        """One forward step. rows: None (no multimodal rows this step) or ([N, 2] per row the
+        in-LLM stage that drops it and its item's token count, [N] bool visual rows);
+        positions: the positions the model receives."""
+        if rows is None:
+            self._step = _Step(None, None, None, positions)
+        else:
+            self._step = _Step(rows[0][:, 0].clone(), rows[1], rows[0][:, 1], positions)
         try:
             yield
         finally:
@@ -141,6 +159,13 @@ class DeepLayers:
                 context.attn_metadata.update(step.saved[0])
                 context.slot_mapping.clear()
                 context.slot_mapping.update(step.saved[1])
+
+    def _capture_for(self, level: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            step = self._step
+            if step is not None and step.levels is not None:
+                step.captured = (step.captured or {}) | {level: (output[0], output[1])}
+        return hook
 
     def _hook_for(self, level: int | None):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -170,12 +195,14 @@ class DeepLayers:
             step.alive = torch.arange(step.rows, device=hidden.device)
         base = step.base
         n_actual = int(base.query_start_loc[-1])
+        computed = (base.seq_lens - (base.query_start_loc[1:] - base.query_start_loc[:-1])) > 0
+        if self.scored[level - 1] and step.captured and level in step.captured:
+            self._score(level, step, computed)
         levels = torch.zeros(n_actual, dtype=torch.long, device=hidden.device)
         if step.levels is not None:
             levels = step.levels[:n_actual].to(hidden.device)
         table = self._dropped_table(level, base.block_table)
         first_block = base.block_table[:, 0].long()
-        computed = (base.seq_lens - (base.query_start_loc[1:] - base.query_start_loc[:-1])) > 0
         before = torch.where(computed, table[level - 1][first_block], 0)
         block_size = self._builder(level).kv_cache_spec.block_size
         layout = level_layout(base.query_start_loc, base.seq_lens, base.block_table, levels, level, before, block_size)
@@ -191,8 +218,27 @@ class DeepLayers:
         else:
             positions = (positions if step.level_positions is None else step.level_positions)[..., keep]
         step.level_positions = positions
+        step.query_start_loc = layout.query_start_loc
         self._install(context, level, base, layout)
         return (positions, hidden, residual, *args[3:]), kwargs
+
+    def _score(self, level: int, step: _Step, computed: torch.Tensor) -> None:
+        """Mark the rows scored stage `level` drops in `step.levels` (prefilling requests only:
+        their whole prompt is in the step, chunked prefill being off)."""
+        q, k = step.captured.pop(level)  # type: ignore[union-attr]
+        qsl = step.query_start_loc if step.query_start_loc is not None else step.base.query_start_loc
+        rows = step.alive  # current rows -> step rows
+        visual, original = step.visual[rows], step.original[rows]  # type: ignore[index]
+        requests = [r for r in range(qsl.shape[0] - 1)
+                    if not bool(computed[r]) and bool(visual[int(qsl[r]):int(qsl[r + 1])].any())]
+        if not requests:
+            return
+        heads, kv_heads, head_size, scale = self.shapes[level]
+        scores = deep_scoring.last_row_attention(q, k, qsl, heads, kv_heads, head_size, scale, requests)
+        summed = deep_scoring.all_reduce_heads(torch.cat([scores[r] for r in requests]))
+        sizes = [scores[r].shape[0] for r in requests]
+        scores = dict(zip(requests, torch.split(summed, sizes), strict=True))
+        deep_scoring.choose_dropped(self.stages[level - 1], level, scores, qsl, visual, original, rows, step.levels)
 
     def _install(self, context: Any, level: int, base: Any, layout: LevelLayout) -> None:
         from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -260,6 +306,9 @@ def install_deep_layers(model: nn.Module, spec: Any, vllm_config: Any, architect
     if problems:
         stages = ",".join(str(s) for s in spec.deep)
         raise ValueError(f"{architecture} with in-LLM stages ({stages}) cannot run with " + "; ".join(problems))
+    if any(deep_scoring.scored_in_llm(s) for s in spec.deep) and vllm_config.scheduler_config.enable_chunked_prefill:
+        raise ValueError(f"{architecture} with attention-scored in-LLM stages needs each prompt in one step: pass "
+                         "enable_chunked_prefill=False / --no-enable-chunked-prefill (and max_num_batched_tokens >= "
+                         "the longest prompt)")
     decoder = model.language_model.model
-    return DeepLayers(decoder.layers, decoder.norm, [int(s.where) for s in spec.deep],
-                      [s.positions == "compact" for s in spec.deep], vllm_config)
+    return DeepLayers(decoder.layers, decoder.norm, spec.deep, vllm_config)

@@ -145,7 +145,8 @@ class PrunewareLlavaForConditionalGeneration(PositionOffsets, LlavaForConditiona
             if self.pruneware.stage.positions == "compact":
                 keep = torch.zeros_like(keep)
             levels = deep_levels(self.pruneware, rows.shape[0], item.shape[0], rows.device)
-            out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=True), levels))
+            offsets = kept_offsets(keep, *grid[1:], one_axis=True)
+            out.append(attach_offsets(rows, offsets, levels, original=item.shape[0]))
         return tuple(out)
 
     def get_mrope_input_positions(

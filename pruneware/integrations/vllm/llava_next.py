@@ -55,7 +55,7 @@ from pruneware.integrations.vllm.positions import (
     request_positions,
 )
 from pruneware.integrations.vllm.prune import item_input
-from pruneware.integrations.vllm.spec import PruneSpec, refuse_tower_lora, require_spec
+from pruneware.integrations.vllm.spec import IN_LLM_FAMILIES, PruneSpec, refuse_in_llm, refuse_tower_lora, require_spec
 from pruneware.policies.base import split_budget
 
 ARCHITECTURE = "PrunewareLlavaNextForConditionalGeneration"
@@ -66,6 +66,7 @@ def _spec(config) -> PruneSpec:
     if strategy != "default":
         raise ValueError(f"{ARCHITECTURE} supports vision_feature_select_strategy='default', not {strategy!r}")
     spec = require_spec(config, ARCHITECTURE, "1d")
+    refuse_in_llm(spec, ARCHITECTURE, IN_LLM_FAMILIES)
     if spec.policy.needs.merges:
         raise PlanError(
             f"stage {spec.stage}: {ARCHITECTURE} supports selection policies only (divprune, random, "

@@ -55,6 +55,8 @@ def build_llm(model: str, plan: str | None = None, seed: int = 0, avg_tokens: fl
     kwargs = (CPU_DEFAULTS if current_platform.is_cpu() else {}) | {"seed": seed}
     if plan not in (None, "none") and has_llm_stages(plan):
         kwargs |= {"enable_prefix_caching": False, "enforce_eager": True}  # see deep_layers
+        if has_llm_stages(plan, scored=True):
+            kwargs |= {"enable_chunked_prefill": False, "max_num_batched_tokens": 16384}
     kwargs |= engine_kwargs
     return LLM(folder, hf_overrides=hf_overrides(folder, plan, seed, avg_tokens), **kwargs)
 

@@ -32,27 +32,35 @@ from typing import Any
 import numpy as np
 import torch
 
-# (t, h, w) offsets, two base-256 digits each (offsets up to 65535), then the in-LLM stage that
-# drops the token (0: none; see `deep_layers`).
-OFFSET_CHANNELS = 7
+# (t, h, w) offsets, two base-256 digits each (offsets up to 65535), the in-LLM stage that drops
+# the token when that is known before the forward (0: none), and the item's token count before
+# any pruning (two digits; scored in-LLM stages take their budget from it). See `deep_layers`.
+OFFSET_CHANNELS = 9
 _BASE = 256
 
 
-def attach_offsets(rows: torch.Tensor, offsets: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+def attach_offsets(rows: torch.Tensor, offsets: torch.Tensor, levels: torch.Tensor | None = None,
+                   original: int = 0) -> torch.Tensor:
     """rows: [k, D]; offsets: [k, 3] long, each in [0, 65536); levels: [k] long in [0, 256), the
-    in-LLM stage that drops each row (0: none; default all 0). Returns [k, D + OFFSET_CHANNELS]."""
+    in-LLM stage that drops each row (0: none; default all 0); original: the item's token count
+    before pruning, < 65536. Returns [k, D + OFFSET_CHANNELS]."""
     if offsets.numel() and (offsets.min() < 0 or offsets.max() >= _BASE * _BASE):
         raise ValueError(f"position offsets must lie in [0, {_BASE * _BASE}), got [{offsets.min()}, {offsets.max()}]")
+    if not 0 <= original < _BASE * _BASE:
+        raise ValueError(f"an item's token count must lie in [0, {_BASE * _BASE}), got {original}")
     if levels is None:
         levels = torch.zeros(offsets.shape[0], dtype=torch.long, device=offsets.device)
-    digits = torch.cat([offsets // _BASE, offsets % _BASE, levels[:, None].to(offsets.device)], dim=1)  # [k, 7]
+    count = torch.tensor([[original // _BASE, original % _BASE]], device=offsets.device).expand(offsets.shape[0], 2)
+    digits = torch.cat([offsets // _BASE, offsets % _BASE, levels[:, None].to(offsets.device), count], dim=1)  # [k, 9]
     return torch.cat([rows, digits.to(rows.device, rows.dtype)], dim=1)
 
 
-def split_offsets(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of `attach_offsets`: ([n, D] rows, [n, 3] long offsets, [n] long levels)."""
+def split_offsets(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `attach_offsets`: ([n, D] rows, [n, 3] long offsets, [n] long levels, [n] long
+    item token counts)."""
     digits = embeds[:, -OFFSET_CHANNELS:].float().round().long()
-    return embeds[:, :-OFFSET_CHANNELS], digits[:, :3] * _BASE + digits[:, 3:6], digits[:, 6]
+    return (embeds[:, :-OFFSET_CHANNELS], digits[:, :3] * _BASE + digits[:, 3:6], digits[:, 6],
+            digits[:, 7] * _BASE + digits[:, 8])
 
 
 def kept_offsets(keep: torch.Tensor, rows: int, cols: int, one_axis: bool) -> torch.Tensor:
@@ -127,7 +135,7 @@ class PositionOffsets:
     """
 
     _pending_offsets: torch.Tensor | None = None
-    _pending_levels: torch.Tensor | None = None
+    _pending_levels: tuple[torch.Tensor, torch.Tensor] | None = None  # ([N, 2] (level, item count), [N] visual)
     deep_layers: Any = None  # a `DeepLayers` when the plan has in-LLM stages
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Any = None, *,
@@ -137,11 +145,11 @@ class PositionOffsets:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
         parts = [split_offsets(e) for e in multimodal_embeddings]
         offsets = torch.zeros(input_ids.shape[0], 3, dtype=torch.long, device=input_ids.device)
-        offsets[is_multimodal] = torch.cat([o for _, o, _ in parts]).to(input_ids.device)
-        levels = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        levels[is_multimodal] = torch.cat([lv for _, _, lv in parts]).to(input_ids.device)
-        self._pending_offsets, self._pending_levels = offsets, levels
-        return super().embed_input_ids(input_ids, [e for e, _, _ in parts], is_multimodal=is_multimodal, **kwargs)
+        offsets[is_multimodal] = torch.cat([p[1] for p in parts]).to(input_ids.device)
+        rows = torch.zeros(input_ids.shape[0], 2, dtype=torch.long, device=input_ids.device)  # (level, item count)
+        rows[is_multimodal] = torch.cat([torch.stack([p[2], p[3]], 1) for p in parts]).to(input_ids.device)
+        self._pending_offsets, self._pending_levels = offsets, (rows, is_multimodal)
+        return super().embed_input_ids(input_ids, [p[0] for p in parts], is_multimodal=is_multimodal, **kwargs)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args: Any, **kwargs: Any):
         offsets, self._pending_offsets = self._pending_offsets, None

@@ -78,6 +78,8 @@ def deep_levels(spec: PruneSpec, kept: int, original: int, device: torch.device 
     levels = torch.zeros(kept, dtype=torch.long)
     alive = torch.arange(kept)
     for i, stage in enumerate(spec.deep):
+        if spec.deep_policies[i].needs.states:
+            break  # scored in the step (deep_scoring), as are the stages after it
         n = alive.numel()
         count = min(n, stage.keep_count(original, n))
         if count == n or n == 0:

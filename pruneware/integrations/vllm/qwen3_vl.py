@@ -52,7 +52,7 @@ from pruneware.integrations.vllm.positions import (
 )
 from pruneware.integrations.vllm.prune import prune_item
 from pruneware.integrations.vllm.qwen_common import PrunedQwenInfo, PrunedQwenModel, refuse_evs
-from pruneware.integrations.vllm.spec import PruneSpec, refuse_tower_lora, require_spec
+from pruneware.integrations.vllm.spec import IN_LLM_FAMILIES, PruneSpec, refuse_in_llm, refuse_tower_lora, require_spec
 
 ARCHITECTURE = "PrunewareQwen3VLForConditionalGeneration"
 
@@ -60,6 +60,7 @@ ARCHITECTURE = "PrunewareQwen3VLForConditionalGeneration"
 def _spec(hf_config: Any, mm_config: Any) -> PruneSpec:
     refuse_evs(ARCHITECTURE, mm_config)
     spec = require_spec(hf_config, ARCHITECTURE, "mrope")
+    refuse_in_llm(spec, ARCHITECTURE, IN_LLM_FAMILIES)
     if spec.policy.needs.merges:
         raise PlanError(
             f"stage {spec.stage}: {ARCHITECTURE} supports selection policies only (divprune, random, "

@@ -125,7 +125,8 @@ class PrunedQwenModel(PositionOffsets):
                 if self.pruneware.policy.needs.merges or self.pruneware.stage.positions == "compact":
                     keep = torch.zeros_like(keep)  # their positions are fixed at scheduling
                 levels = deep_levels(self.pruneware, rows.shape[0], frames * grid[1] * grid[2], rows.device)
-                out.append(attach_offsets(rows, kept_offsets(keep, *grid[1:], one_axis=False), levels))
+                offsets = kept_offsets(keep, *grid[1:], one_axis=False)
+                out.append(attach_offsets(rows, offsets, levels, original=frames * grid[1] * grid[2]))
         return tuple(out) if out else []
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:

@@ -24,14 +24,15 @@ from pruneware.plans.plan import Plan, PlanError, Stage
 from pruneware.policies import Policy, build_policy, get_policy, policy_names
 from pruneware.policies.pooling import pooled_shape
 
+IN_LLM_FAMILIES = "LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"  # the classes that install `deep_layers`
 CONFIG_KEY = "pruneware"  # hf_overrides={"pruneware": {"plan": ..., "seed": ...}}
 CONFIG_FIELDS = ("plan", "seed", "avg_tokens")
 SEED_STRIDE = 1_000_003  # the HF session derives stage i's seed as seed * SEED_STRIDE + i
 
 IN_LLM_REFUSAL = (
-    "in vLLM a stage inside the LLM must be laid out before the forward step, so its policy may "
-    "not read the tokens' states (policies: {names}); attention-scored in-LLM stages ('fastv@2', "
-    "'adaptinfer@1', 'pdrop@8') run in the HF wrapper (pruneware.prune)"
+    "in vLLM a stage inside the LLM either reads no token states (decided before the step) or is "
+    "scored by the attention the last token pays at layer K-1 (policies: {names}); other in-LLM "
+    "stages ('adaptinfer@1', 'pdrop@8', 'dart@2', 'sparsevlm@2') run in the HF wrapper (pruneware.prune)"
 )
 
 
@@ -73,6 +74,11 @@ class PruneSpec:
     def __post_init__(self) -> None:
         for stage in (self.stage, *self.deep):
             check_stage(stage)
+        reads = [get_policy(s.policy).needs.states for s in self.deep]
+        if any(before and not now for before, now in zip(reads, reads[1:])):
+            names = policy_names(lambda n: n.llm and not n.states)
+            raise PlanError(f"in vLLM an in-LLM stage that reads no states ({names}) cannot follow an "
+                            f"attention-scored one: {', '.join(map(str, self.deep))}")
         object.__setattr__(self, "policy", build_policy(self.stage))
         object.__setattr__(self, "deep_policies", tuple(build_policy(s) for s in self.deep))
         object.__setattr__(self, "_solved", {})
@@ -118,15 +124,21 @@ def vllm_policy_names() -> str:
 
 
 def deep_policy_names() -> str:
-    """The policies the plugin runs inside the LLM: those whose kept set needs no states."""
-    return policy_names(lambda n: n.llm and not n.states)
+    """The policies the plugin runs inside the LLM: those whose kept set needs no states, and
+    those scored by the last token's attention at layer K-1."""
+    from pruneware.integrations.vllm.deep_scoring import scored_needs
+
+    return policy_names(lambda n: n.llm and (not n.states or scored_needs(n)))
 
 
 def check_stage(stage: Stage) -> None:
     """Refuse what vLLM cannot run: vision-side stages, in-LLM stages that read states, and
     attention-guided pre-LLM policies."""
     if isinstance(stage.where, int):
-        if get_policy(stage.policy).needs.states:
+        from pruneware.integrations.vllm.deep_scoring import scored_needs
+
+        needs = get_policy(stage.policy).needs
+        if needs.states and not scored_needs(needs):
             raise PlanError(f"stage {stage}: " + IN_LLM_REFUSAL.format(names=deep_policy_names()))
         return
     if stage.where != "pre":
@@ -197,13 +209,16 @@ def parse_stages(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> tupl
     return pre, tuple(s for s in plan.stages if s.where != "pre")
 
 
-def has_llm_stages(text: str) -> bool:
-    """Whether a plan string or preset name has stages inside the LLM (they need prefix caching off)."""
+def has_llm_stages(text: str, scored: bool = False) -> bool:
+    """Whether a plan string or preset name has stages inside the LLM (they need prefix caching
+    off); with `scored`, stages scored in the step (they need chunked prefill off too)."""
+    from pruneware.integrations.vllm.deep_scoring import scored_in_llm
+
     from pruneware.plans.presets import available_presets, get_preset
 
     text = text.strip()
     plan = get_preset(text).build(32) if "@" not in text and text in available_presets() else Plan.parse(text)
-    return any(isinstance(s.where, int) for s in plan.stages)
+    return any(isinstance(s.where, int) and (not scored or scored_in_llm(s)) for s in plan.stages)
 
 
 def spec_for(text: str, seed: int, n_layers: int, rope: Literal["1d", "mrope"]) -> PruneSpec:
@@ -253,6 +268,13 @@ def require_spec(hf_config: Any, architecture: str, rope: Literal["1d", "mrope"]
             f"'{CONFIG_KEY}': {{'plan': 'divprune@pre:0.25'}}}} or set ${ENV_PLAN}"
         )
     return spec
+
+
+def refuse_in_llm(spec: PruneSpec, architecture: str, supported: str) -> None:
+    """Refuse in-LLM stages on a family the plugin serves with `pre` stages only."""
+    if spec.deep:
+        raise PlanError(f"{architecture} runs 'pre' stages only; in-LLM stages ({', '.join(map(str, spec.deep))}) "
+                        f"are served for {supported}")
 
 
 def refuse_tower_lora(vllm_config: Any, architecture: str) -> None:
