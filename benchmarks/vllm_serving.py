@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pruneware.integrations.vllm.offline import CPU_DEFAULTS, hf_overrides, model_folder  # noqa: E402
+from pruneware.integrations.vllm.spec import has_llm_stages  # noqa: E402
 
 NAME = "pruned"  # --served-model-name
 WARMUP = 2  # requests sent before measuring, one at a time
@@ -61,6 +62,10 @@ class Server:
         overrides = hf_overrides(folder, plan, args.seed)
         if overrides:
             cmd += ["--hf-overrides", json.dumps(overrides)]
+            if has_llm_stages(plan):  # see docs/vllm.md, "In-LLM stages"
+                cmd += ["--no-enable-prefix-caching"] + (["--enforce-eager"] if args.gpu else [])
+            if has_llm_stages(plan, scored=True):  # the whole prompt in one step
+                cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "16384"]
         if args.load_format:
             cmd += ["--load-format", args.load_format]
         if not args.gpu:
