@@ -253,3 +253,13 @@ def test_cached_generate_equals_uncached_recomputation(model, plan):
 def test_avg_tokens_does_not_place_vision_stages(model):
     with pytest.raises(pruneware.PlanError, match="does not place vision-side stages"):
         pruneware.prune(model, "random@vit1,random@1", avg_tokens=16).__enter__()
+
+
+def test_text_only_prompts_pass_and_every_hook_goes_with_the_session(model):
+    inputs = qwen_inputs(model, [(6, [], 4)])
+    ref, _ = _logits(model, inputs)
+    out, report = _logits(model, inputs, "fastervlm@vit2:0.5" if model.config.model_type == "qwen2_vl" else "random@vit2:0.5")
+    assert torch.equal(out, ref) and report.stages[0].n_after == [0]
+    hooked = [name for name, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)]
+    assert not hooked
