@@ -22,7 +22,7 @@ status() { echo "$1" | tee -a "$OUT/status.txt"; }
 status "python: $PY"
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gather.py tests/kernels/test_scores.py tests/kernels/test_divprune.py \
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_gather.py tests/kernels/test_scores.py tests/kernels/test_scores_cpu.py tests/kernels/test_divprune.py \
     >"$OUT/kernel_tests.txt" 2>&1
   rc=$?
   status "kernel tests rc=$rc (tail of $OUT/kernel_tests.txt: $(tail -n 1 "$OUT/kernel_tests.txt"))"
@@ -34,7 +34,10 @@ timeout 60 "$PY" benchmarks/divprune_select.py --groups 1 8 --dim 4096 --rounds 
 rc=$?
 status "divprune selection rc=$rc ($(tail -n 1 "$OUT/divprune_select.txt"))"
 
-timeout 380 "$PY" benchmarks/gpu_suite.py --json "$OUT/gpu_suite.json" --max-seconds 290 >"$OUT/gpu_suite.txt" 2>&1
+# The presets include pdrop, so FastV, AdaptInfer and PyramidDrop (the scored in-LLM stages of
+# issue 34) are timed at batch 1 and 8 on the 7B shapes against their native lower bounds.
+timeout 380 "$PY" benchmarks/gpu_suite.py --json "$OUT/gpu_suite.json" --max-seconds 290 \
+  --presets fastv adaptinfer pdrop info-horizon crosslmm random divprune >"$OUT/gpu_suite.txt" 2>&1
 rc=$?
 status "gpu suite rc=$rc"
 tail -n 60 "$OUT/gpu_suite.txt"

@@ -322,7 +322,7 @@ def run_model(model, spec: dict, record: dict, args, cuda: bool, budgets: list[i
         row = {"batch": batch, "unpruned": measure(model, inputs, args, cuda), "plans": [], "peer": []}
         record["batches"].append(row)
         base = row["unpruned"]["ttft_ms"]
-        for preset in PRESETS if spec.get("presets", True) else ():
+        for preset in args.presets if spec.get("presets", True) else ():
             for avg in budgets:
                 label = f"{spec['name']} B={batch} {preset}@{avg}"
                 if preset not in pruneware.available_presets():
@@ -481,6 +481,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--models", nargs="+", default=None, help="subset of model names")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="presets to time (default: PRESETS)")
     parser.add_argument("--max-seconds", type=float, default=None, help="skip what is left after this")
     args = parser.parse_args()
     cuda = not args.cpu
@@ -502,7 +503,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     specs = [s for s in model_specs(args.cpu) if not args.models or s["name"] in args.models]
     skipped: list[str] = []
-    missing = [p for p in PRESETS if p not in pruneware.available_presets()]
+    missing = [p for p in args.presets if p not in pruneware.available_presets()]
     records, built = [], (None, None)
     budgets = [64, 192] if cuda else [16, 48]  # the CPU models have 64-320 visual tokens, not 576-2,880
     for i, spec in enumerate(specs):
@@ -588,7 +589,7 @@ def print_summary(result: dict) -> None:
                   f"peak {u['peak_mem_bytes'] / 2**30:.1f} GiB, KV {u['kv_cache_bytes'] / 2**20:.0f} MiB")
             by = {(p["preset"], p["avg_tokens"]): p for p in row["plans"]}
             by.update({("peer", p["avg_tokens"]): p for p in row["peer"]})
-            for preset in [*PRESETS, "peer"]:
+            for preset in [*dict.fromkeys(p["preset"] for p in row["plans"]), "peer"]:
                 cells = []
                 for b in budgets:
                     p = by.get((preset, b))

@@ -29,6 +29,7 @@ from cpu_overhead import IMAGE_TOKEN, build_model, make_inputs
 
 import pruneware
 from pruneware.engine.profiling import OPS_PER_STAGE, SYNCS_PER_STAGE, budget_plans, plan_cost, within_budget
+from pruneware.errors import PlanError
 
 
 def padded_inputs() -> dict:
@@ -56,8 +57,12 @@ def main() -> None:
     for plan in args.plans or budget_plans(args.layers):
         stages = len(pruneware.Plan.parse(plan).stages)
         row = {"plan": plan, "stages": stages}
-        for name, inputs in batches.items():
-            extra = plan_cost(model, inputs, plan).minus(base[name])
+        try:
+            costs = {name: plan_cost(model, inputs, plan).minus(base[name]) for name, inputs in batches.items()}
+        except PlanError as err:
+            print(f"{plan:58} refused on this model: {err}", flush=True)
+            continue
+        for name, extra in costs.items():
             row[name] = {"extra_ops": extra.ops, "extra_syncs": extra.syncs, "within": within_budget(extra, stages),
                          "ops_by_name": dict(extra.names.most_common())}
         rows.append(row)

@@ -117,15 +117,20 @@ def root_level(
                  is_root=True)
 
 
-def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
+def next_level(parent: Level, keep_visual: list[torch.Tensor] | torch.Tensor) -> Level:
     """The level that keeps every valid non-visual slot of `parent` plus the chosen visual ones.
 
-    keep_visual[b] holds sorted, distinct indices into sample b's visual slots (in slot order).
-    Built with batched tensor ops; the new length comes from the host-side counts, so no sync.
+    keep_visual[b] holds sorted, distinct indices into sample b's visual slots (in slot order):
+    a list, or a [B, k] tensor when every sample keeps k. Built with batched tensor ops; the
+    new length comes from the host-side counts, so no sync.
     """
     batch, length = parent.index_prev.shape
     device = parent.index_prev.device
-    kept = [k.numel() for k in keep_visual] if keep_visual else [0] * batch
+    stacked = isinstance(keep_visual, torch.Tensor)
+    if stacked:
+        kept = [keep_visual.shape[1]] * batch
+    else:
+        kept = [k.numel() for k in keep_visual] if keep_visual else [0] * batch
     n_slots = [n - v + k for n, v, k in zip(parent.n_slots, parent.n_visual, kept, strict=True)]
     new_length = max(n_slots, default=0)
     if n_slots == [length] * batch:  # nothing dropped
@@ -137,7 +142,10 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor]) -> Level:
         )
     chosen = None
     if max(kept, default=0) and min(kept) == max(kept):  # as many per sample (batch 1): no padding
-        chosen = keep_visual[0][None] if batch == 1 else torch.stack(list(keep_visual))
+        if stacked:
+            chosen = keep_visual
+        else:
+            chosen = keep_visual[0][None] if batch == 1 else torch.stack(list(keep_visual))
         chosen = chosen if chosen.device == device else chosen.to(device)
         if parent.all_valid and min(parent.n_visual) == max(parent.n_visual):
             return _uniform_level(parent, chosen, n_slots)

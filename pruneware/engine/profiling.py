@@ -161,10 +161,13 @@ def plan_cost(model: torch.nn.Module, inputs: dict, plan: str | None, seed: int 
 
 
 def budget_plans(layers: int = 8) -> list[str]:
-    """A plan for every registered policy at every place it may run, with its defaults: `pre`
-    (one stage), and in the language model one stage and three (layers 2, 4, 6 of `layers`)."""
+    """A plan for every registered policy at every place it may run, with its defaults: in the
+    vision tower (`pre-vit` and before block 1), `pre` (one stage), and in the language model
+    one stage and three (layers 2, 4, 6 of `layers`). A model may refuse some (PlanError)."""
     plans = []
     for name, cls in sorted(available().items()):
+        if cls.needs.vit:
+            plans += [f"{name}@pre-vit:0.5", f"{name}@vit1:0.5"]
         if cls.needs.pre:
             plans.append(f"{name}@pre:0.25")
         if cls.needs.llm:

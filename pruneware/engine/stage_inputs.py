@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
-from pruneware.engine.levels import Level
+from pruneware.engine.levels import Level, identity_tensors
 from pruneware.engine.key_positions import first_real_shift, keys_as_alone
 from pruneware.engine.vision_tower_reads import reads_to_positions
 from pruneware.errors import PlanError
@@ -29,7 +30,7 @@ from pruneware.kernels.scores import attention_scores
 from pruneware.plans.plan import Stage
 from pruneware.policies import Policy, StageInput
 from pruneware.policies.base import TextRows
-from pruneware.policies.needs import Needs, query_rows
+from pruneware.policies.needs import Needs, Query, query_rows
 
 if TYPE_CHECKING:
     from pruneware.engine.request import RequestState
@@ -52,33 +53,89 @@ def previews(needs: Needs) -> bool:
     return needs.attention == "own"
 
 
+@dataclass
+class QueryRows:
+    """A policy's query rows at one level.
+
+    Attributes:
+        slots: [B, T] slot index of each row (left-aligned); None for the last slot alone
+            when nothing reads it (that row sees every key: no causal mask).
+        valid: [B, T] bool, the rows that count.
+        run: the slots as one `slice` shared by every sample, known on the host (the rows are
+            then read by slicing, with no gather), else None.
+    """
+
+    slots: torch.Tensor | None
+    valid: torch.Tensor
+    run: slice | None
+
+
+def query_layout(
+    query: Query, level: Level, real: torch.Tensor | None, width: int | None, device: torch.device, block: bool,
+) -> QueryRows:
+    """The `query` rows of `level` (see `Needs.query`); width: a host-known upper bound of any
+    sample's row count, or None (then read on the host: a device sync); block: the policy reads
+    the attention among its rows (which needs their slots).
+
+    real: [B, Ls] bool, or None when every slot holds a real token (then the rows are all valid).
+    The last slot, and the text after a visual run that every sample shares (`Level.visual_span`),
+    are runs known on the host: sliced, never sorted or gathered.
+    """
+    batch, length = level.index0.shape
+    if query == "last" or (query == "post-image" and level.visual_span is not None and level.all_valid):
+        first = length - 1 if query == "last" else sum(level.visual_span)  # type: ignore[arg-type]
+        slots = identity_tensors(batch, length, device)[0][:, first:] if query != "last" or block else None
+        valid = identity_tensors(batch, length - first, device)[1] if real is None else real[:, first:]
+        return QueryRows(slots, valid, slice(first, length))
+    if real is None:
+        real = level.valid
+    slots, valid = query_rows(query, level.visual, real, width)
+    return QueryRows(slots, valid, None)
+
+
 def attention_policy_scores(
-    policy: Policy, visual: torch.Tensor, real: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+    policy: Policy, rows: QueryRows, real: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
     scale: float | None, rater_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, Ls] weighted attention the policy's query rows pay each slot (or its key norm).
 
-    query: [B, H, Ls, d] post-RoPE; key: [B, Hkv, Ls, d] (not repeated for GQA);
-    rater_slots: [B, Ls] bool, for `Needs(raters=True)`: the slots whose rows count.
+    query: [B, H, Ls, d] post-RoPE; key: [B, Hkv, Ls, d] (not repeated for GQA); real: [B, Ls]
+    bool key mask, or None when every slot holds a real token; rater_slots: [B, Ls] bool, for
+    `Needs(raters=True)`: the slots whose rows count.
     """
     needs = policy.needs
     with no_grad():  # scores only: never part of a graph
         if needs.captures == "key-norm":
             return key.float().abs().sum(dim=(1, 3))  # [B, Ls]: L1 norm over every key head
-        rows, row_valid = query_rows(needs.query, visual, real)
+        row_valid = rows.valid
         if rater_slots is not None:
-            row_valid = row_valid & rater_slots.gather(1, rows)
-        heads, dim = query.shape[1], query.shape[3]
-        q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))  # [B, H, T, d]
-        block = None
-        if needs.query_block is not None:
-            _, block = attention_scores(
-                q_rows, key, row_valid.float(), query_positions=rows, key_mask=real, scale=scale, return_query_block=True,
-                per_head_block=needs.query_block == "per-head",
-            )
-        weights = policy.row_weights(block, row_valid)
-        scores, _ = attention_scores(q_rows, key, weights, query_positions=rows, key_mask=real, scale=scale)
+            picked = rater_slots[:, rows.run] if rows.run is not None else rater_slots.gather(1, rows.slots)  # type: ignore[arg-type]
+            row_valid = row_valid & picked
+        if rows.run is not None:
+            q_rows = query[:, :, rows.run]  # [B, H, T, d]
+        else:
+            heads, dim = query.shape[1], query.shape[3]
+            index = rows.slots.view(rows.slots.shape[0], 1, -1, 1).expand(-1, heads, -1, dim)  # type: ignore[union-attr]
+            q_rows = query.gather(2, index)  # [B, H, T, d]
+        block = needs.query_block is not None
+        if block:  # weights from the block among the rows, one softmax for both
+            weights = partial(policy.row_weights, row_valid=row_valid)
+        else:
+            weights = policy.row_weights(None, row_valid)
+        scores, _ = attention_scores(
+            q_rows, key, weights, query_positions=rows.slots, key_mask=real, scale=scale,
+            per_head_block=needs.query_block == "per-head", check_positions=False,
+        )
         return scores
+
+
+def post_image_width(state: RequestState) -> int | None:
+    """An upper bound, known on the host, of any sample's text rows after its last visual token:
+    the input positions after its visual run (stages keep every text token), or None."""
+    spans, length = state.prefill.layout.spans, state.decode.input_length
+    if not spans or any(span is None for span in spans):
+        return None
+    return max(length - start - n if n else length for start, n in spans)
 
 
 def rater_slots(state: RequestState, policy: Policy) -> torch.Tensor:
@@ -89,7 +146,8 @@ def rater_slots(state: RequestState, policy: Policy) -> torch.Tensor:
             raise RuntimeError(f"{policy.name} rates text from the language model's input, which was not recorded")
         root = state.levels[0]
         real = state.real_tokens(root)
-        rows, row_valid = query_rows(policy.needs.query, root.visual, real)
+        query = policy.needs.query
+        rows, row_valid = query_rows(query, root.visual, real, post_image_width(state) if query == "post-image" else None)
         text = torch.zeros_like(real).scatter_(1, rows, row_valid)
         with torch.no_grad():
             prefill.raters = policy.raters(prefill.lm_embeds, root.visual, text)
@@ -109,8 +167,12 @@ def captured_scores(
         key = key[:, :, : level.length]
     if policy.needs.captures == "key-norm" and rotary is not None:
         key = keys_as_alone(key, first_real_shift(state, level), rotary)
-    rows = rater_slots(state, policy).gather(1, level.index0) if policy.needs.raters else None
-    return attention_policy_scores(policy, level.visual, real, query, key, scale, rows)
+    needs = policy.needs
+    raters = rater_slots(state, policy).gather(1, level.index0) if needs.raters else None
+    key_mask = None if state.padding0 is None and level.all_valid else real
+    width = post_image_width(state) if needs.query == "post-image" else None
+    rows = query_layout(needs.query, level, key_mask, width, query.device, needs.query_block is not None)
+    return attention_policy_scores(policy, rows, key_mask, query, key, scale, raters)
 
 
 # context ---------------------------------------------------------------------------------
@@ -203,8 +265,9 @@ def stage_input(ctx: StageContext, pick: Callable[[torch.Tensor], torch.Tensor])
     device = level.image_ids.device
     states = pick(hidden)
     image_ids = pick(level.image_ids)
-    if min(host_counts, default=n) == n:  # every sample has n visual tokens: nothing to mask
-        token_valid = torch.ones(image_ids.shape, dtype=torch.bool, device=device)
+    full = min(host_counts, default=n) == n  # every sample has n visual tokens: nothing to mask
+    if full:
+        token_valid = identity_tensors(image_ids.shape[0], n, device)[1]  # shared all-True [B, n], never written
     else:
         token_valid = torch.arange(n, device=device)[None] < level.visual.sum(dim=1)[:, None]
         states = states * token_valid[..., None].to(hidden.dtype)
@@ -223,9 +286,9 @@ def stage_input(ctx: StageContext, pick: Callable[[torch.Tensor], torch.Tensor])
     if ctx.vision is not None:
         scores, keys, inputs.vision_grids = ctx.vision
         if scores is not None:
-            inputs.vision_scores = pick(scores).masked_fill(~token_valid, 0.0)
+            inputs.vision_scores = pick(scores) if full else pick(scores).masked_fill(~token_valid, 0.0)
         if keys is not None:
-            inputs.vision_keys = pick(keys) * token_valid[..., None]
+            inputs.vision_keys = pick(keys) if full else pick(keys) * token_valid[..., None]
     return inputs
 
 

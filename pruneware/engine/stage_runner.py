@@ -45,9 +45,18 @@ def run_stage(ctx: StageContext) -> Selection:
     else:
         with no_grad():
             keep = policy.select(inputs, budgets)
-    originals = pick(level.orig)
-    kept = [originals[b, k if k.device == originals.device else k.to(originals.device)] for b, k in enumerate(keep)]
-    report = StageReport(stage.where, stage.policy, kept, list(host_counts), [k.numel() for k in keep])
+    if isinstance(keep, torch.Tensor):  # [B, k]: every sample keeps k
+        keep = keep if keep.device == level.orig.device else keep.to(level.orig.device)
+        if level.is_root and level.visual_span is not None:  # visual slot j is input position start + j
+            kept = list(keep + level.visual_span[0])
+        else:
+            kept = list(pick(level.orig).gather(1, keep))
+        counts = [keep.shape[1]] * keep.shape[0]
+    else:
+        originals = pick(level.orig)
+        kept = [originals[b, k if k.device == originals.device else k.to(originals.device)] for b, k in enumerate(keep)]
+        counts = [k.numel() for k in keep]
+    report = StageReport(stage.where, stage.policy, kept, list(host_counts), counts)
     return Selection(keep, merged, report)
 
 

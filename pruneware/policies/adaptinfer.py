@@ -47,8 +47,8 @@ class AdaptInferPolicy(AttentionPolicy):
             last = valid.sum(dim=1).long().clamp(min=1) - 1
             return torch.nn.functional.one_hot(last, valid.shape[1]).float() * valid
         assert query_block is not None
-        block = query_block * valid[:, None, :, None] * valid[:, None, None, :]  # [B, H, T, T]
-        diag = torch.diagonal(block, dim1=2, dim2=3)  # [B, H, T]
-        # Official: (t2t + t2t^T - diag_embed(diag)).sum(dim=2), the column sums.
-        prior = block.sum(dim=2) + block.sum(dim=3) - diag
-        return prior * valid[:, None, :]
+        both_valid = torch.einsum("bi,bj->bij", valid, valid)  # [B, T, T]: 1 where row and column are real
+        block = query_block * both_valid.unsqueeze(1)  # [B, H, T, T]
+        # Official: (t2t + t2t^T - diag_embed(diag)).sum(dim=2), the column sums. An invalid
+        # row or column of `block` is 0, so an invalid row's prior is 0 too.
+        return block.sum(dim=2).add_(block.sum(dim=3)).sub_(torch.diagonal(block, dim1=2, dim2=3))

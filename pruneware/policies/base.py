@@ -160,26 +160,29 @@ class Policy:
         """[B, N] float scores; higher means more worth keeping."""
         raise NotImplementedError(f"policy {self.name!r} implements neither score() nor select()")
 
-    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
-        """Per sample, the sorted indices (into that sample's N visual tokens) to keep.
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor] | torch.Tensor:
+        """Per sample, the sorted indices (into that sample's N visual tokens) to keep: a list,
+        or a [B, k] tensor whose row b is sample b's when every sample keeps k.
 
         `counts[b]` is sample b's budget; it is split over the sample's images.
         """
-        scores = self.score(inputs).float()
+        scores = self.score(inputs)
+        scores = scores if scores.dtype == torch.float32 else scores.float()
         if not inputs.all_valid():  # padding rows must never be picked
             scores = scores.masked_fill(~inputs.valid, float("-inf"))
         return topk_per_image(scores, inputs, counts)
 
 
-def topk_per_image(scores: torch.Tensor, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
-    """Top-k of `scores` [B, N] per image under the split budget; sorted indices per sample."""
+def topk_per_image(scores: torch.Tensor, inputs: StageInput, counts: list[int]) -> list[torch.Tensor] | torch.Tensor:
+    """Top-k of `scores` [B, N] per image under the split budget; sorted indices per sample
+    (a list, or one [B, k] tensor, whose rows are the samples', when every sample keeps k)."""
     sizes = inputs.image_sizes()
     single = all(len(s) <= 1 for s in sizes)
     if single and len(set(counts)) == 1 and counts[0] > 0:
-        # One image per sample and one budget: a single batched top-k.
+        # One image per sample and one budget: a single batched top-k, kept as one tensor
+        # (the engine reads it whole; splitting it per sample would be one more op).
         k = min(counts[0], scores.shape[1])
-        picked = scores.topk(k, dim=1).indices.sort(dim=1).values
-        return list(picked)
+        return scores.topk(k, dim=1).indices.sort(dim=1).values
     out = []
     for b, image_sizes in enumerate(sizes):
         if not image_sizes:

@@ -32,13 +32,13 @@ class DivPrunePolicy(Policy):
     name = "divprune"
     description = "DivPrune: greedy max-min cosine diversity over the visual tokens."
 
-    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor] | torch.Tensor:
         sizes = inputs.image_sizes()
         device = inputs.hidden.device
         n = inputs.hidden.shape[1]
         if n and all(s == [n] for s in sizes) and len(set(counts)) == 1:
             # One full-width image per sample and one budget: the rows are the images, in order.
-            return list(max_min_diverse(inputs.hidden, split_budget([n], counts[0])[0]))
+            return max_min_diverse(inputs.hidden, split_budget([n], counts[0])[0])  # [B, k]: sample b's in row b
         out: list[list[torch.Tensor]] = [[] for _ in sizes]
         # Group (sample, image) pairs by (image size, budget) so each group is one batched run.
         groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}

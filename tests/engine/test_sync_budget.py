@@ -1,8 +1,11 @@
-"""The engine's budget per stage (deterministic counts, no timing): at most 2 host syncs and 40
-torch calls. Reading a tensor's value on the host (`.item()`, `.tolist()`, `.cpu()`, `int()`,
-`float()`, `bool()`) waits for the GPU, and at batch 1 every wait and every launch shows in time
-to first token. A policy's own scoring is not counted (see `pruneware.engine.profiling` for who owns a
-call); the engine's cost per stage is the slope over plans of 1 and 3 stages."""
+"""The launch budget, per stage, of every registered policy at every place it may run: at most
+40 extra top-level torch ops and 2 extra host syncs over the unpruned forward, scoring and
+merging included, at batch 1 and on a left-padded batch (see `pruneware.engine.profiling`).
+
+Each op is about one kernel launch on a GPU and each sync a wait for it, and at batch 1 both
+show in time to first token. The counts are deterministic on the CPU, so this is a unit test,
+not a timing. The plans come from the registry, so a new policy is covered when it registers.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +13,52 @@ import pytest
 import torch
 
 import pruneware
-from pruneware.engine.profiling import TorchCallCounter, count_host_syncs
+from pruneware.engine.profiling import budget_plans, count_host_syncs, plan_cost, within_budget
+from pruneware.errors import PlanError
 from tests.tiny import llava_inputs, tiny_llava
 
-
-def _engine_cost(model, inputs, plan: str) -> tuple[int, int]:
-    """(host syncs, torch calls) the engine makes in one pruned forward."""
-    with pruneware.prune(model, plan, seed=0), torch.no_grad():
-        model(**inputs)  # warm-up
-        calls = TorchCallCounter()
-        with calls, count_host_syncs() as syncs:
-            model(**inputs)
-    return syncs["engine"], calls.counts["engine"]
+BATCHES = {"batch1": [(4, 1, 5)], "padded": [(4, 1, 5), (1, 1, 2)]}
+# Plans still over budget on this model (extra ops per stage at batch 1 / padded, measured by this
+# test): the budget is not met for them yet. Strict: a plan that comes within budget must leave the list.
+OVER_BUDGET: dict[tuple[str, str], str] = {}
 
 
-@pytest.mark.parametrize("policy", ["random", "divprune", "fastv"])
-@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "padded-batch"])
-def test_engine_cost_per_stage_is_within_budget(policy, padded):
-    model = tiny_llava(layers=8)
-    inputs = llava_inputs(model, [(4, 1, 5), (1, 1, 2)] if padded else [(4, 1, 5)])
-    syncs1, calls1 = _engine_cost(model, inputs, f"{policy}@2:0.5")
-    syncs3, calls3 = _engine_cost(model, inputs, f"{policy}@2:0.5,{policy}@4:0.25,{policy}@6:0.125")  # all drop
-    # Per stage: the budget is 2 syncs; the engine needs none (stage sizes, lengths and slot
-    # validity are host-side counts), so hold it there.
-    assert syncs3 == syncs1
-    assert syncs1 <= 2  # per forward: the layout reads the ids once, the report reads back once
-    assert (calls3 - calls1) / 2 <= 40
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(layers=8)
+
+
+@pytest.fixture(scope="module")
+def unpruned(model):
+    return {name: plan_cost(model, llava_inputs(model, rows), None) for name, rows in BATCHES.items()}
+
+
+CASES = [
+    pytest.param(plan, batch, marks=pytest.mark.xfail(strict=True, reason=OVER_BUDGET[plan, batch]))
+    if (plan, batch) in OVER_BUDGET else pytest.param(plan, batch)
+    for plan in budget_plans(8) for batch in BATCHES
+]
+
+
+@pytest.mark.parametrize(("plan", "batch"), CASES)
+def test_every_policy_stays_within_the_launch_budget(model, unpruned, plan, batch):
+    try:
+        extra = plan_cost(model, llava_inputs(model, BATCHES[batch]), plan).minus(unpruned[batch])
+    except PlanError as err:  # a place this model's family does not offer
+        pytest.skip(f"{plan}: refused on LLaVA: {err}")
+    stages = len(pruneware.Plan.parse(plan).stages)
+    assert within_budget(extra, stages), (
+        f"{plan} ({batch}): +{extra.ops} ops, +{extra.syncs} syncs over {stages} stage(s); "
+        f"extra ops by name: {dict(extra.names.most_common(12))}"
+    )
+
+
+def test_budget_plans_cover_every_registered_policy_and_place():
+    plans = budget_plans(8)
+    for name, cls in pruneware.policies.available().items():
+        assert (f"{name}@pre:0.25" in plans) == cls.needs.pre
+        assert (f"{name}@2:0.5" in plans) == cls.needs.llm
+        assert (f"{name}@vit1:0.5" in plans) == cls.needs.vit
 
 
 def test_sync_counter_attributes_and_restores():

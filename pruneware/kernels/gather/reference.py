@@ -82,25 +82,24 @@ def validate_inputs(
     return length
 
 
-def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, flat: list[torch.Tensor]) -> torch.Tensor:
+def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, cache: dict) -> torch.Tensor:
     """x [..., Bx, L, *W] with Bx in {1, B} at dim-1; index [B, k] int64 -> [..., B, k, *W].
 
-    One table for every sample (Bx = 1, which includes batch 1) is a single `index_select` of
-    all B * k rows, much faster on the CPU than a `gather` over an expanded index; a batched
-    tensor uses `gather`, which checks every index against its own sample's rows.
-    flat: the flattened index, made once and shared by the tensors of one call.
+    Batch 1 (one sample): a single `index_select` of the k rows, much faster on the CPU than a
+    `gather` over an expanded index. Several samples: one `take_along_dim`, a `gather` that
+    broadcasts the index over the row width and a batch-1 table over the samples (one op, where
+    a view, an expand and a gather would be three; each op is a dispatch on the host).
+    cache: per call, the index forms made once and shared by its tensors.
     """
-    B, k = index.shape
-    if x.shape[dim - 1] == 1:
-        if not flat:
-            flat.append(index.reshape(-1))
-        out = x.index_select(dim, flat[0])  # [..., 1, B * k, *W]
-        return out if B == 1 else out.view(*x.shape[: dim - 1], B, k, *x.shape[dim + 1:])
-    target = list(x.shape)
-    target[dim] = k
-    shape = [1] * x.dim()
-    shape[dim - 1], shape[dim] = B, k
-    return torch.gather(x, dim, index.view(shape).expand(target))  # a new contiguous tensor
+    B = index.shape[0]
+    if B == 1 and x.shape[dim - 1] == 1:
+        if "row" not in cache:
+            cache["row"] = index[0]
+        return x.index_select(dim, cache["row"])  # [..., 1, k, *W]
+    form = (dim - 1, x.dim() - 1 - dim)  # dims before the batch dim, width dims after the sequence dim
+    if form not in cache:
+        cache[form] = index if form == (0, 0) else index.view(*([1] * form[0]), *index.shape, *([1] * form[1]))
+    return torch.take_along_dim(x, cache[form], dim=dim)  # a new contiguous tensor
 
 
 def gather_rows(
@@ -119,8 +118,8 @@ def gather_rows(
     """
     validate_inputs(index, tensors, positions)
     index = index if index.dtype == torch.int64 else index.long()
-    flat: list[torch.Tensor] = []
-    out = [_gather_seq(t, index, 1, flat) for t in tensors]
+    cache: dict = {}
+    out = [_gather_seq(t, index, 1, cache) for t in tensors]
     if positions is not None:
-        out.append(_gather_seq(positions, index, positions.dim() - 1, flat))
+        out.append(_gather_seq(positions, index, positions.dim() - 1, cache))
     return tuple(out)

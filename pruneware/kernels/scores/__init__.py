@@ -1,17 +1,22 @@
 """Weighted attention scores of chosen query rows against all keys.
 
-``attention_scores`` runs the fused Triton kernel on CUDA tensors and the
-plain-torch reference elsewhere; ``PRUNEWARE_KERNELS=reference|triton``
-overrides the choice (see :mod:`pruneware.kernels.dispatch`). The Triton
-module is imported only when used, so importing this package never needs a
-GPU or Triton.
+Three paths, one result (within float tolerance):
+  - ``triton.py``: the fused kernel, for CUDA tensors; no ``B x H x T x L`` tensor is stored;
+  - ``cpu.py``: for CPU tensors, the reference's numbers in the fewest torch ops (a scored
+    stage at batch 1 is bound by per-op dispatch, see ``pruneware.engine.profiling``);
+  - ``reference.py``: the rule in plain torch, the truth the others are tested against.
+``PRUNEWARE_KERNELS=reference`` forces the reference and ``=triton`` the kernel (see
+:mod:`pruneware.kernels.dispatch`). The Triton module is imported only when used, so
+importing this package never needs a GPU or Triton.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..dispatch import choose_backend
+from ..dispatch import choose_backend, forced_backend
 
 __all__ = ["attention_scores"]
 
@@ -19,13 +24,14 @@ __all__ = ["attention_scores"]
 def attention_scores(
     q: torch.Tensor,
     k: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     *,
     query_positions: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_query_block: bool = False,
     per_head_block: bool = False,
+    check_positions: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score every key by the weighted attention that chosen query rows pay it.
 
@@ -37,7 +43,9 @@ def attention_scores(
             (``H % Hkv == 0``; head ``h`` reads key head ``h // (H // Hkv)``).
         weights: ``[B, T]`` float weight per query row (0 ignores the row), or
             ``[B, H, T]``, one weight per query head and row (AdaptInfer's
-            per-head text prior).
+            per-head text prior); or a callable that makes them from the query
+            block (``[B, T, T]``, or ``[B, H, T, T]`` with ``per_head_block``;
+            needs query_positions), computed from the same softmax rows.
         query_positions: ``[B, T]`` integer key index of each query row; when
             given, row ``t`` sees only keys ``l <= query_positions[b, t]``.
         key_mask: ``[B, L]`` bool, True for real keys, False for padding.
@@ -45,22 +53,32 @@ def attention_scores(
         return_query_block: also return ``qq`` ``[B, T, T]``, the attention
             among the query rows summed over heads (needs query_positions).
         per_head_block: return that block per head instead, ``[B, H, T, T]``.
+        check_positions: check that query_positions lie in ``[0, L)`` (reads them on
+            the host: a device sync); False for positions that are slot indices by construction.
 
     Returns:
         ``(s, qq)``: ``s`` ``[B, L]`` float32, 0 on masked keys; ``qq``
         ``[B, T, T]`` (``[B, H, T, T]`` per head) float32 or None. A row with no allowed key contributes 0.
     """
-    if choose_backend(q, k, weights, query_positions, key_mask) == "triton":
+    from_block = not isinstance(weights, torch.Tensor)
+    backend = choose_backend(q, k, None if from_block else weights, query_positions, key_mask)
+    if backend != "triton" and q.device.type == "cpu" and forced_backend() != "reference":
+        from .cpu import attention_scores as fast
+
+        return fast(q, k, weights, query_positions=query_positions, key_mask=key_mask, scale=scale,
+                    return_query_block=return_query_block, per_head_block=per_head_block,
+                    check_positions=check_positions)
+    if backend == "triton":
         from .triton import attention_scores as impl
     else:
         from .reference import attention_scores as impl
-    return impl(
-        q,
-        k,
-        weights,
-        query_positions=query_positions,
-        key_mask=key_mask,
-        scale=scale,
-        return_query_block=return_query_block,
-        per_head_block=per_head_block,
-    )
+    if from_block:  # the block first (its weights unused), then the scores with the weights it gives
+        _, block = impl(q, k, q.new_zeros(q.shape[0], q.shape[2], dtype=torch.float32), query_positions=query_positions,
+                        key_mask=key_mask, scale=scale, return_query_block=True, per_head_block=per_head_block,
+                        check_positions=check_positions)
+        weights = weights(block)  # type: ignore[operator]
+        s, _ = impl(q, k, weights, query_positions=query_positions, key_mask=key_mask, scale=scale,
+                    check_positions=False)
+        return s, (block if return_query_block else None)
+    return impl(q, k, weights, query_positions=query_positions, key_mask=key_mask, scale=scale,
+                return_query_block=return_query_block, per_head_block=per_head_block, check_positions=check_positions)

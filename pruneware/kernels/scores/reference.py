@@ -28,17 +28,21 @@ def _shape(t: torch.Tensor) -> str:
 def validate_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     query_positions: torch.Tensor | None,
     key_mask: torch.Tensor | None,
     scale: float | None,
     return_query_block: bool,
     per_head_block: bool = False,
+    check_positions: bool = True,
 ) -> float:
     """Check shapes, dtypes, devices and position values; return the resolved scale.
 
     Raises ValueError naming the bad argument, its shape or values, and what
-    is expected. Shared by both backends so they reject the same inputs.
+    is expected. Shared by every backend so they reject the same inputs.
+    weights None: not given yet (computed later from the query block), not checked.
+    check_positions=False skips the range check of the position *values*, which reads them on
+    the host (a device sync): for callers whose positions are slot indices by construction.
     """
     if q.dim() != 4:
         raise ValueError(f"{_NAME}: q must be 4-D [B, H, T, d], got shape {_shape(q)}")
@@ -58,7 +62,7 @@ def validate_inputs(
         raise ValueError(
             f"{_NAME}: q and k must share one floating dtype, got q {q.dtype} and k {k.dtype}"
         )
-    if weights.shape not in ((B, T), (B, H, T)) or not weights.is_floating_point():
+    if weights is not None and (weights.shape not in ((B, T), (B, H, T)) or not weights.is_floating_point()):
         raise ValueError(
             f"{_NAME}: weights must be a float tensor [B, T] = [{B}, {T}] or [B, H, T] = [{B}, {H}, {T}], "
             f"got {weights.dtype} of shape {_shape(weights)}"
@@ -79,7 +83,7 @@ def validate_inputs(
                 f"[B, T] = [{B}, {T}], "
                 f"got {query_positions.dtype} of shape {_shape(query_positions)}"
             )
-        if query_positions.numel() > 0:
+        if check_positions and query_positions.numel() > 0:
             lo, hi = int(query_positions.min()), int(query_positions.max())
             if lo < 0 or hi >= L:
                 raise ValueError(
@@ -129,6 +133,7 @@ def attention_scores(
     scale: float | None = None,
     return_query_block: bool = False,
     per_head_block: bool = False,
+    check_positions: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weighted softmax attention of chosen query rows, reduced to one score per key.
 
@@ -154,7 +159,7 @@ def attention_scores(
         None unless ``return_query_block``.
     """
     scale = validate_inputs(
-        q, k, weights, query_positions, key_mask, scale, return_query_block, per_head_block
+        q, k, weights, query_positions, key_mask, scale, return_query_block, per_head_block, check_positions
     )
     B, H, T, d = q.shape
     Hkv, L = k.shape[1], k.shape[2]

@@ -205,6 +205,7 @@ def attention_scores(
     scale: float | None = None,
     return_query_block: bool = False,
     per_head_block: bool = False,
+    check_positions: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused Triton version of :func:`pruneware.kernels.scores.reference.attention_scores`.
 
@@ -214,7 +215,9 @@ def attention_scores(
     or None), both float32. Needs CUDA tensors, or CPU
     tensors under ``TRITON_INTERPRET=1``; d up to 256; fp16, bf16 or fp32.
     """
-    scale = validate_inputs(q, k, weights, query_positions, key_mask, scale, return_query_block, per_head_block)
+    scale = validate_inputs(
+        q, k, weights, query_positions, key_mask, scale, return_query_block, per_head_block, check_positions
+    )
     if not q.is_cuda and not _INTERPRETED:
         raise ValueError(
             f"attention_scores: the Triton backend needs CUDA tensors, got {q.device}; "
