@@ -62,6 +62,8 @@ def check_vision_stages(stages: tuple[Stage, ...], policies: list[Policy], adapt
                 f"stage {stage} prunes before vision block {stage.vit_block}, but the vision tower has {depth} "
                 f"blocks: use vit0..vit{depth - 1}, or 'pre-vit'"
             )
+        if stage.budget == 0:
+            raise PlanError(f"stage {stage}: a vision-side stage keeps at least one unit per image; give a budget >= 1")
         if not policy.needs.vit:
             raise PlanError(f"stage {stage}: {stage.policy!r} cannot run in the vision tower; policies that can: "
                             f"{policy_names(lambda n: n.vit)}")
