@@ -11,3 +11,8 @@ class PlanError(ValueError):
 class ArgumentError(TypeError, ValueError):
     """An argument of `prune` / `attach` of the wrong type or out of range, raised when the
     session is created (a TypeError and a ValueError, so either `except` catches it)."""
+
+
+class NonFiniteError(ValueError):
+    """A stage's policy read NaN or infinite values (e.g. from NaN pixel values): its choice
+    would be arbitrary, so the call fails, naming the stage and its policy."""

@@ -45,7 +45,7 @@ def first_real_shift(state: RequestState, level: Level) -> torch.Tensor | None:
     positions (a `keep` stage takes the original ones, also after a `compact` stage)."""
     if level.stage is not None and level.stage.positions == "compact" and level is not state.levels[0]:
         return state.real_tokens(level).long().argmax(dim=1)  # [B] the level's first real slot
-    return state.prefill.first_positions
+    return first_real_positions(*state.prefill.lm_positions)
 
 
 def keys_as_alone(

@@ -11,7 +11,6 @@ import torch
 
 from pruneware.adapters import Adapter
 from pruneware.engine import masks
-from pruneware.engine.key_positions import first_real_positions
 from pruneware.engine.kv_caches import padding_of
 from pruneware.engine.levels import Level, as_root, next_level, root_level
 from pruneware.engine.request import RequestState
@@ -171,7 +170,7 @@ def prefill_inputs(
         decode.last_position = None if positions is None else positions[..., -1]  # for a stage at layer 0
         state.levels, state.starts = [root], [0]
         state.padding0 = None if mask is None else mask.bool()
-        prefill.first_positions = first_real_positions(positions, mask)
+        prefill.lm_positions = (positions, mask)
         prefill.lm_embeds = embeds if records_lm_input else None
         return kwargs
     base = root
@@ -196,7 +195,7 @@ def prefill_inputs(
     pruned = prune_inputs(adapter, pre, level, selection, embeds, mask, positions, prefill.position_inputs)
     state.levels, state.starts = [as_root(level)], [0]
     state.padding0 = pruned.mask.bool()
-    prefill.first_positions = first_real_positions(pruned.positions, pruned.mask)
+    prefill.lm_positions = (pruned.positions, pruned.mask)
     prefill.lm_embeds = pruned.embeds if records_lm_input else None
     decode.last_position = pruned.positions[..., -1]
     decode.rewritten = pruned.rewritten

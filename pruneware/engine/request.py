@@ -43,13 +43,15 @@ class PrefillState:
         report: this call's report, filled during prefill.
         position_inputs: the adapter's, for a merging `pre` stage.
         input_padding: [B] padding tokens of each sample's input (for the report).
-        first_positions: [B] the position of each sample's first real token at the language
-            model's input, None when nothing is padded (see key_positions.py).
+        lm_positions: (position ids or None, 2-D padding mask or None) the language model got
+            after a `pre` stage, for scores read at the positions a sample has alone (key_positions.py).
         captured: stage layer K -> [B, Ls] attention scores captured at layer K-1 (or at K).
         preview: the layer whose attention is being previewed (`Needs(attention="own")`).
         injections: model-added per-layer visual features.
         lm_embeds: [B, L0, D] the LM's prefill input, while a policy rates text.
         raters: [B, L0] bool rater slots (`Needs(raters=True)`).
+        finite: per stage whose policy reads states, (stage, [B] bool: they were finite),
+            read at the report's one host sync.
     """
 
     layout: VisualLayout
@@ -58,18 +60,20 @@ class PrefillState:
     report: Report
     position_inputs: dict[str, Any] = field(default_factory=dict)
     input_padding: torch.Tensor | None = None
-    first_positions: torch.Tensor | None = None
+    lm_positions: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     preview: int | None = None
     injections: VisualInjections | None = None
     lm_embeds: torch.Tensor | None = None
     raters: torch.Tensor | None = None
+    finite: list[tuple[Stage, torch.Tensor]] = field(default_factory=list)
 
     def release(self) -> None:
         """Drop what the prefill no longer needs once the language model has run."""
         self.injections = None
         self.position_inputs = {}
         self.lm_embeds = self.raters = None
+        self.lm_positions = (None, None)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from pruneware.engine.stage_inputs import captured_scores, captures_at, previews
 from pruneware.engine.stage_runner import Selection, enter_level, run_stage
 from pruneware.engine.vision_tower_reads import VisionSide, resize_budget, vision_needs
 from pruneware.engine.vit_stages import VisionStages, check_vision_stages
-from pruneware.errors import PlanError
+from pruneware.errors import NonFiniteError, PlanError
 from pruneware.policies import build_policy
 from pruneware.plans.plan import Plan, Stage
 from pruneware.report import Report, finish_report
@@ -230,10 +230,18 @@ class Session:
         prefill.report.vision_flops = self._requests.take_tower_flops() + (self._vit.take_flops() if self._vit else [])
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
         per_layer = [state.level_for(i)[0] for i in range(self._n_layers)]
-        finish_report(
+        finite = finish_report(
             prefill.report, prefill.input_padding, [lvl.n_slots for lvl in state.levels],
             [lvl.n_visual for lvl in state.levels], per_layer, state.decode.input_length, self._text_config,
+            [flag for _, flag in prefill.finite],
         )
+        for (stage, _), ok in zip(prefill.finite, finite, strict=True):
+            if not all(ok):
+                samples = [b for b, fine in enumerate(ok) if not fine]
+                raise NonFiniteError(
+                    f"stage {stage}: the states that policy {stage.policy!r} scored hold NaN or infinite values "
+                    f"(samples {samples}), so its choice would be arbitrary; check the inputs (e.g. pixel_values)"
+                )
         self._requests.completed(prefill.report)
         if self.on_report is not None:
             self.on_report(prefill.report)
@@ -326,4 +334,6 @@ class Session:
         )
         selection = run_stage(ctx)
         state.prefill.report.stages.append(selection.report)
+        if selection.finite is not None:
+            state.prefill.finite.append((stage, selection.finite))
         return selection

@@ -24,6 +24,7 @@ class Selection:
     keep: list[torch.Tensor]
     merged: MergeResult | None
     report: StageReport
+    finite: torch.Tensor | None = None  # [B] bool: the states the policy read are finite (read at the report's sync)
 
 
 def run_stage(ctx: StageContext) -> Selection:
@@ -34,6 +35,7 @@ def run_stage(ctx: StageContext) -> Selection:
     budgets = [min(s.keep_count(nv, now), now) for s, nv, now in zip(per_sample, ctx.n_visual, host_counts, strict=True)]
     pick = visual_picker(level)
     inputs = stage_input(ctx, pick)
+    finite = torch.isfinite(inputs.hidden).all(dim=(1, 2)) if policy.needs.states else None  # [B], no sync here
     merged = None
     if policy.needs.merges:
         merged = policy.merge(inputs, budgets)
@@ -57,7 +59,7 @@ def run_stage(ctx: StageContext) -> Selection:
         kept = [originals[b, k if k.device == originals.device else k.to(originals.device)] for b, k in enumerate(keep)]
         counts = [k.numel() for k in keep]
     report = StageReport(stage.where, stage.policy, kept, list(host_counts), counts)
-    return Selection(keep, merged, report)
+    return Selection(keep, merged, report, finite)
 
 
 def enter_level(
