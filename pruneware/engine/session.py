@@ -37,7 +37,7 @@ from pruneware.engine.pre_llm import decode_inputs, prefill_inputs
 from pruneware.engine.request import PrefillState, RequestState, RequestTracker
 from pruneware.engine.stage_inputs import captured_scores, captures_at, previews, stage_context
 from pruneware.engine.stage_runner import Selection, enter_level, run_stage
-from pruneware.engine.vision_tower_reads import VisionSide, resize_budget, vision_needs
+from pruneware.engine.vision_tower_reads import VisionSide, refuse_counts_over_units, resize_budget, vision_needs
 from pruneware.engine.vit_stages import VisionStages, check_vision_stages
 from pruneware.errors import NonFiniteError, PlanError
 from pruneware.policies import build_policy
@@ -193,6 +193,8 @@ class Session:
         layout = self.adapter.layout(input_ids, {**kwargs, "seen_vision": self._requests.take_vision()})
         n_visual = layout.counts
         sample_plans = self.source.sample_plans(n_visual)  # raises before any layer runs
+        if self._vision_reads[1]:  # the tower resizes each image to its budget
+            refuse_counts_over_units(sample_plans, layout.sizes)
         plan = next((p for p, n in zip(sample_plans, n_visual, strict=True) if n), sample_plans[0])
         report = Report(n_layers=self._n_layers, plan=str(plan), sample_plans=[str(p) for p in sample_plans],
                         below_budget=self.source.below_budget(n_visual))

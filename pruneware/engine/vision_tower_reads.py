@@ -87,6 +87,22 @@ def vision_needs(source: PlanSource, adapter: Adapter) -> tuple[bool, bool]:
     return read, resize
 
 
+def refuse_counts_over_units(sample_plans: list, sizes: list[list[int]] | None) -> None:
+    """Before any layer runs: a `resize` stage whose budget is a count, on a sample with several
+    images or frames. The tower re-encodes each image at its budget's resolution before the
+    engine knows which sample it belongs to, so only a ratio budget splits over several.
+
+    sample_plans: per sample, its plan; sizes: per sample, the tokens of each image or frame."""
+    for b, (plan, units) in enumerate(zip(sample_plans, sizes or [], strict=False)):
+        stage = plan.stages[0] if plan.stages else None
+        if stage is not None and isinstance(stage.budget, int) and len(units) > 1:
+            raise PlanError(
+                f"stage {stage}: sample {b} has {len(units)} images or frames, and a count budget cannot be split "
+                "over them when each is re-encoded at its own resolution; give resize a ratio budget (e.g. "
+                "resize@pre:0.25)"
+            )
+
+
 def resize_budget(source: PlanSource) -> Callable[[int], int | None]:
     """n_tokens -> the `pre` stage's budget for an image of n_tokens when that stage resizes."""
 

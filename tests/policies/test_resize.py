@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pruneware
+from pruneware import PlanError
 from pruneware.adapters.vision import resized_grid
 from pruneware.policies.pooling import pooled_shape
 from tests.reference import pad_batch, uncached_greedy
@@ -100,11 +101,26 @@ def test_qwen_resize_cached_generate_equals_uncached():
     torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
 
 
-def test_qwen_resize_refuses_a_count_budget_over_several_images():
+@pytest.mark.parametrize("budget", [12, 30])
+def test_qwen_resize_refuses_a_count_budget_over_several_images_before_the_forward(budget):
+    """A PlanError before the vision tower or any layer runs (issue 33, row 10), under a plain
+    forward and under generate (which encodes the pixels first, but runs no layer)."""
     model = tiny_qwen("sdpa")
     sample = qwen_sample(images(5, (4, 6), (6, 6)))
-    with pruneware.prune(model, "resize@pre:12"), pytest.raises(ValueError, match=r"ratio budget \(e.g. resize@pre:0.25\)"):
-        model(**sample)
+    calls = []
+    hooks = [model.model.visual.register_forward_hook(lambda *_: calls.append("tower")),
+             model.model.language_model.layers[0].register_forward_hook(lambda *_: calls.append("layer"))]
+    try:
+        with pruneware.prune(model, f"resize@pre:{budget}"):
+            with pytest.raises(PlanError, match=r"sample 0 has 2 images.*ratio budget \(e.g. resize@pre:0.25\)"):
+                model(**sample)
+            assert calls == []
+            with pytest.raises(PlanError, match=r"sample 0 has 2 images"):
+                model.generate(**sample, max_new_tokens=2, do_sample=False)
+            assert "layer" not in calls
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_llava_resize_average_pools_the_grid():
