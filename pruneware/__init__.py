@@ -16,14 +16,14 @@ from typing import Any
 from torch import nn
 
 from pruneware.engine.session import Session, attached_session
-from pruneware.errors import ArgumentError
+from pruneware.errors import ArgumentError, NonFiniteError
 from pruneware.plans import Plan, PlanError, Stage, available_presets
 from pruneware.report import Report
 
 __version__ = "0.1.0"
 __all__ = [
-    "ArgumentError", "Plan", "PlanError", "Report", "Session", "Stage", "attach", "available_presets", "detach",
-    "load", "prune", "tune",
+    "ArgumentError", "NonFiniteError", "Plan", "PlanError", "Report", "Session", "Stage", "attach",
+    "available_presets", "detach", "load", "prune", "tune",
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pruneware
-from pruneware.errors import NonFiniteError
+from pruneware import NonFiniteError
 from tests.policies.test_every_policy import fingerprint
 from tests.tiny import llava_inputs, tiny_llava
 
