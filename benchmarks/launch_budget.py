@@ -27,8 +27,9 @@ import torch
 import transformers
 from cpu_overhead import IMAGE_TOKEN, build_model, make_inputs
 
-import pruneware
-from pruneware.engine.profiling import OPS_PER_STAGE, SYNCS_PER_STAGE, budget_plans, plan_cost, within_budget
+from pruneware.engine.profiling import (
+    OPS_PER_STAGE, SYNCS_PER_STAGE, budget_plans, plan_cost, stage_count, within_budget,
+)
 from pruneware.errors import PlanError
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     base = {name: plan_cost(model, inputs, None) for name, inputs in batches.items()}
     rows = []
     for plan in args.plans or budget_plans(args.layers):
-        stages = len(pruneware.Plan.parse(plan).stages)
+        stages = stage_count(plan)
         row = {"plan": plan, "stages": stages}
         try:
             costs = {name: plan_cost(model, inputs, plan).minus(base[name]) for name, inputs in batches.items()}

@@ -102,7 +102,9 @@ def items_to_layout(input_ids: torch.Tensor, items: list[VisualItem], rows: list
     if not flat:
         return VisualLayout(torch.full_like(input_ids, -1), grids, counts, sizes, spans)
     image_ids = torch.frombuffer(flat, dtype=torch.int64).view(input_ids.shape)  # shares `flat`, kept alive
-    return VisualLayout(image_ids.to(input_ids.device, input_ids.dtype), grids, counts, sizes, spans)
+    if image_ids.device != input_ids.device or image_ids.dtype != input_ids.dtype:  # else no op: it is already so
+        image_ids = image_ids.to(input_ids.device, input_ids.dtype)
+    return VisualLayout(image_ids, grids, counts, sizes, spans)
 
 
 def _visual_span(runs: list[tuple[int, int]]) -> tuple[int, int] | None:

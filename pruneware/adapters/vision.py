@@ -24,9 +24,9 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> torc
 
     q, k: [B, H, L, d] one attention call's queries and keys, token 0 being [CLS].
     """
-    weights = torch.ones(q.shape[0], 1, dtype=torch.float32, device=q.device)
-    scores, _ = attention_scores(q[:, :, :1], k, weights, scale=scale)  # [B, L], summed over heads
-    return scores[:, 1:] / q.shape[1]
+    weights = torch.full((q.shape[0], 1), 1.0 / q.shape[1], dtype=torch.float32, device=q.device)  # mean over heads
+    scores, _ = attention_scores(q[:, :, :1], k, weights, scale=scale)  # [B, L]
+    return scores[:, 1:]
 
 
 @torch.no_grad()

@@ -61,9 +61,15 @@ def prune_inputs(
     if not level.all_valid:
         new_mask = new_mask * level.valid.to(new_mask.dtype)
     if selection.merged is not None:
-        for b, merged in enumerate(selection.merged.embeds):
-            slots = level.visual[b].nonzero().squeeze(1)
-            new_embeds[b, slots] = merged.to(new_embeds.dtype)
+        merged_embeds = selection.merged.embeds
+        if isinstance(merged_embeds, torch.Tensor) and level.visual_span is not None:  # [B, k, D] into one run
+            start, k = level.visual_span
+            same = merged_embeds.dtype == new_embeds.dtype
+            new_embeds[:, start : start + k] = merged_embeds if same else merged_embeds.to(new_embeds.dtype)
+        else:
+            for b, merged in enumerate(merged_embeds):
+                slots = level.visual[b].nonzero().squeeze(1)
+                new_embeds[b, slots] = merged.to(new_embeds.dtype)
     rewritten = True
     if stage.positions == "compact":
         new_positions = torch.arange(level.length, device=device).expand(*positions.shape[:-1], -1)
@@ -158,7 +164,8 @@ def prefill_inputs(
     decode.input_length = decode.q_length = embeds.shape[1]
     prefill.injections = adapter.take_injections(kwargs)
     layout = prefill.layout
-    root = root_level(layout.image_ids.to(embeds.device), prefill.n_visual, layout.sizes, layout.visual_span)
+    image_ids = layout.image_ids if layout.image_ids.device == embeds.device else layout.image_ids.to(embeds.device)
+    root = root_level(image_ids, prefill.n_visual, layout.sizes, layout.visual_span)
     pre = state.plan.stages[0] if state.plan.stages and state.plan.stages[0].where == "pre" else None
     full = None  # a 4-D mask generate() prebuilt for a static cache
     if mask is not None and mask.dim() == 4 and state.static_len is not None:

@@ -177,6 +177,12 @@ def budget_plans(layers: int = 8) -> list[str]:
     return plans
 
 
+def stage_count(plan: str) -> int:
+    """The stages of a plan, vision-side ones (`pre-vit`, `vitK`) included."""
+    parsed = pruneware.Plan.parse(plan)
+    return len(parsed.stages) + len(parsed.vision)
+
+
 def within_budget(extra: ForwardCost, stages: int) -> bool:
     """Whether a plan of `stages` stages adding `extra` keeps to the per-stage budget."""
     return extra.ops <= OPS_PER_STAGE * stages and extra.syncs <= SYNCS_PER_STAGE * stages

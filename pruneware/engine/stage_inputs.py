@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -223,9 +223,9 @@ def stage_context(
                             "its attention did not run through the pruneware capture")
         attention = prefill.captured.pop(stage.layer)
     if vision_reads is not None:
-        vision = reads_to_positions(
-            vision_reads, prefill.layout.image_ids.to(hidden.device), prefill.layout.grids, "keys" in needs.vision,
-        )
+        image_ids = prefill.layout.image_ids
+        image_ids = image_ids if image_ids.device == hidden.device else image_ids.to(hidden.device)
+        vision = reads_to_positions(vision_reads, image_ids, prefill.layout.grids, "keys" in needs.vision)
     if needs.attention is not None or needs.text:
         real = state.real_tokens(level)
     if needs.attention is not None:
@@ -239,6 +239,16 @@ def stage_context(
 
 
 # StageInput --------------------------------------------------------------------------------
+@lru_cache(maxsize=32)
+def _zeros(batch: int, n: int, device: torch.device, inference: bool) -> torch.Tensor:
+    return torch.zeros(batch, n, dtype=torch.long, device=device)
+
+
+def zeros_long(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """[B, n] long zeros, made once per shape, device and inference mode (see `identity_tensors`)."""
+    return _zeros(batch, n, device, torch.is_inference_mode_enabled())
+
+
 def visual_picker(level: Level) -> Callable[[torch.Tensor], torch.Tensor]:
     """[B, Ls, ...] -> [B, n, ...]: the level's visual slots, in slot order (n: the most per sample)."""
     n = max(level.n_visual, default=0)
@@ -264,8 +274,10 @@ def stage_input(ctx: StageContext, pick: Callable[[torch.Tensor], torch.Tensor])
     n = max(host_counts, default=0)
     device = level.image_ids.device
     states = pick(hidden)
-    image_ids = pick(level.image_ids)
     full = min(host_counts, default=n) == n  # every sample has n visual tokens: nothing to mask
+    one_image = full and level.image_sizes is not None and all(len(s) == 1 for s in level.image_sizes)
+    # One image per sample: every id is 0, known on the host (a shared zero tensor, never written).
+    image_ids = zeros_long(len(host_counts), n, device) if one_image else pick(level.image_ids)
     if full:
         token_valid = identity_tensors(image_ids.shape[0], n, device)[1]  # shared all-True [B, n], never written
     else:

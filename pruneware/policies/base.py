@@ -118,13 +118,15 @@ class MergeResult:
     Attributes:
         keep: sorted indices (into the sample's visual tokens) of the slot each merged token
             takes; it inherits that token's mask entry and, on 1-D RoPE models, its position.
-        embeds: [k, D] the merged tokens' embeddings, in the order of `keep`.
+            A list, or a [B, k] tensor (row b: sample b) when every sample keeps k.
+        embeds: [k, D] the merged tokens' embeddings, in the order of `keep` (a list, or a
+            [B, k, D] tensor with `keep`'s).
         grids: the pooled (h, w) grid of each image, for M-RoPE positions; None when the
             merged tokens form no grid and keep their slots' positions on M-RoPE models too.
     """
 
-    keep: list[torch.Tensor]
-    embeds: list[torch.Tensor]
+    keep: list[torch.Tensor] | torch.Tensor
+    embeds: list[torch.Tensor] | torch.Tensor
     grids: list[list[tuple[int, int]]] | None
 
 

@@ -13,14 +13,77 @@ import pytest
 import torch
 
 import pruneware
-from pruneware.engine.profiling import budget_plans, count_host_syncs, plan_cost, within_budget
+from pruneware.engine.profiling import budget_plans, count_host_syncs, plan_cost, stage_count, within_budget
 from pruneware.errors import PlanError
 from tests.tiny import llava_inputs, tiny_llava
 
 BATCHES = {"batch1": [(4, 1, 5)], "padded": [(4, 1, 5), (1, 1, 2)]}
-# Plans still over budget on this model (extra ops per stage at batch 1 / padded, measured by this
-# test): the budget is not met for them yet. Strict: a plan that comes within budget must leave the list.
-OVER_BUDGET: dict[tuple[str, str], str] = {}
+# Plans still over budget on this model (their extra ops and syncs, as this test counts them on
+# 2026-12-07): the budget is not met for them yet. Strict: a plan that comes within budget must leave
+# the list. Vision-side stages (pre-vit, vitK) are one stage each.
+OVER_BUDGET: dict[tuple[str, str], str] = {
+    ("adaptinfer@2:0.5", "batch1"): "+58 ops, +2 syncs",
+    ("adaptinfer@2:0.5", "padded"): "+89 ops, +2 syncs",
+    ("adaptinfer@2:0.5,adaptinfer@4:0.25,adaptinfer@6:0.125", "batch1"): "+184 ops, +4 syncs",
+    ("adaptinfer@2:0.5,adaptinfer@4:0.25,adaptinfer@6:0.125", "padded"): "+279 ops, +6 syncs",
+    ("cdpruner@pre:0.25", "batch1"): "+100 ops, +3 syncs",
+    ("cdpruner@pre:0.25", "padded"): "+107 ops, +3 syncs",
+    ("cdpruner@2:0.5", "batch1"): "+105 ops, +3 syncs",
+    ("cdpruner@2:0.5", "padded"): "+118 ops, +3 syncs",
+    ("cdpruner@2:0.5,cdpruner@4:0.25,cdpruner@6:0.125", "batch1"): "+317 ops, +7 syncs",
+    ("cdpruner@2:0.5,cdpruner@4:0.25,cdpruner@6:0.125", "padded"): "+360 ops, +9 syncs",
+    ("crosslmm@pre:0.25", "batch1"): "+72 ops, +2 syncs",
+    ("crosslmm@pre:0.25", "padded"): "+129 ops, +2 syncs",
+    ("dart@2:0.5", "batch1"): "+196 ops, +11 syncs",
+    ("dart@2:0.5", "padded"): "+312 ops, +19 syncs",
+    ("dart@2:0.5,dart@4:0.25,dart@6:0.125", "batch1"): "+508 ops, +29 syncs",
+    ("dart@2:0.5,dart@4:0.25,dart@6:0.125", "padded"): "+776 ops, +53 syncs",
+    ("divprune@pre-vit:0.5", "batch1"): "+114 ops, +9 syncs",
+    ("divprune@pre-vit:0.5", "padded"): "+138 ops, +9 syncs",
+    ("divprune@vit1:0.5", "batch1"): "+113 ops, +9 syncs",
+    ("divprune@vit1:0.5", "padded"): "+137 ops, +9 syncs",
+    ("divprune@2:0.5", "padded"): "+50 ops, +2 syncs",
+    ("divprune@2:0.5,divprune@4:0.25,divprune@6:0.125", "padded"): "+152 ops, +6 syncs",
+    ("fastervlm@vit1:0.5", "batch1"): "+123 ops, +9 syncs",
+    ("fastervlm@vit1:0.5", "padded"): "+151 ops, +9 syncs",
+    ("fastervlm@pre:0.25", "batch1"): "+42 ops, +2 syncs",
+    ("fastervlm@pre:0.25", "padded"): "+49 ops, +2 syncs",
+    ("fastv@2:0.5", "padded"): "+53 ops, +2 syncs",
+    ("fastv@2:0.5,fastv@4:0.25,fastv@6:0.125", "batch1"): "+130 ops, +4 syncs",
+    ("fastv@2:0.5,fastv@4:0.25,fastv@6:0.125", "padded"): "+169 ops, +6 syncs",
+    ("pdrop@2:0.5", "batch1"): "+73 ops, +2 syncs",
+    ("pdrop@2:0.5", "padded"): "+86 ops, +2 syncs",
+    ("pdrop@2:0.5,pdrop@4:0.25,pdrop@6:0.125", "batch1"): "+229 ops, +4 syncs",
+    ("pdrop@2:0.5,pdrop@4:0.25,pdrop@6:0.125", "padded"): "+268 ops, +6 syncs",
+    ("pixelprune@pre-vit:0.5", "batch1"): "+169 ops, +10 syncs",
+    ("pixelprune@pre-vit:0.5", "padded"): "+261 ops, +11 syncs",
+    ("pixelprune@vit1:0.5", "batch1"): "+168 ops, +10 syncs",
+    ("pixelprune@vit1:0.5", "padded"): "+260 ops, +11 syncs",
+    ("random@pre-vit:0.5", "batch1"): "+107 ops, +9 syncs",
+    ("random@pre-vit:0.5", "padded"): "+136 ops, +9 syncs",
+    ("random@vit1:0.5", "batch1"): "+106 ops, +9 syncs",
+    ("random@vit1:0.5", "padded"): "+135 ops, +9 syncs",
+    ("random@2:0.5", "padded"): "+46 ops, +2 syncs",
+    ("random@2:0.5,random@4:0.25,random@6:0.125", "padded"): "+150 ops, +8 syncs",
+    ("resize@pre:0.25", "batch1"): "+60 ops, +2 syncs",
+    ("resize@pre:0.25", "padded"): "+105 ops, +2 syncs",
+    ("sparsevlm@2:0.5", "batch1"): "+172 ops, +5 syncs",
+    ("sparsevlm@2:0.5", "padded"): "+281 ops, +7 syncs",
+    ("sparsevlm@2:0.5,sparsevlm@4:0.25,sparsevlm@6:0.125", "batch1"): "+426 ops, +9 syncs",
+    ("sparsevlm@2:0.5,sparsevlm@4:0.25,sparsevlm@6:0.125", "padded"): "+707 ops, +13 syncs",
+    ("vision-score@pre-vit:0.5", "batch1"): "+122 ops, +10 syncs",
+    ("vision-score@pre-vit:0.5", "padded"): "+162 ops, +11 syncs",
+    ("vision-score@vit1:0.5", "batch1"): "+121 ops, +10 syncs",
+    ("vision-score@vit1:0.5", "padded"): "+161 ops, +11 syncs",
+    ("vision-score@pre:0.25", "batch1"): "+40 ops, +3 syncs",
+    ("vision-score@pre:0.25", "padded"): "+63 ops, +4 syncs",
+    ("vision-score@2:0.5", "batch1"): "+45 ops, +3 syncs",
+    ("vision-score@2:0.5", "padded"): "+74 ops, +4 syncs",
+    ("vision-score@2:0.5,vision-score@4:0.25,vision-score@6:0.125", "batch1"): "+141 ops, +7 syncs",
+    ("vision-score@2:0.5,vision-score@4:0.25,vision-score@6:0.125", "padded"): "+228 ops, +12 syncs",
+    ("visionzip@pre:0.25", "batch1"): "+86 ops, +2 syncs",
+    ("visionzip@pre:0.25", "padded"): "+106 ops, +2 syncs",
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +109,7 @@ def test_every_policy_stays_within_the_launch_budget(model, unpruned, plan, batc
         extra = plan_cost(model, llava_inputs(model, BATCHES[batch]), plan).minus(unpruned[batch])
     except PlanError as err:  # a place this model's family does not offer
         pytest.skip(f"{plan}: refused on LLaVA: {err}")
-    stages = len(pruneware.Plan.parse(plan).stages)
+    stages = stage_count(plan)
     assert within_budget(extra, stages), (
         f"{plan} ({batch}): +{extra.ops} ops, +{extra.syncs} syncs over {stages} stage(s); "
         f"extra ops by name: {dict(extra.names.most_common(12))}"
