@@ -38,6 +38,7 @@ from torch import nn
 
 from pruneware.integrations.vllm import deep_scoring
 from pruneware.plans.plan import Stage
+from pruneware.policies import get_policy
 
 
 @dataclass
@@ -122,7 +123,9 @@ class DeepLayers:
         self.stage_layers = [int(s.where) for s in self.stages]
         self.compact = [s.positions == "compact" for s in self.stages]
         self.scored = [deep_scoring.scored_in_llm(s) for s in self.stages]
-        self.shapes = {i + 1: deep_scoring.attention_shape(layers[k - 1])
+        self.own = [get_policy(s.policy).needs.attention == "own" for s in self.stages]
+        self.layers = layers
+        self.shapes = {i + 1: deep_scoring.attention_shape(layers[k if self.own[i] else k - 1])
                        for i, k in enumerate(self.stage_layers) if self.scored[i]}
         bounds = [*self.stage_layers, len(layers)]
         self.names = [[layers[j].self_attn.attn.layer_name for j in range(bounds[i], bounds[i + 1])]
@@ -135,7 +138,7 @@ class DeepLayers:
         for j in range(self.stage_layers[0], len(layers)):  # the model loop passes one `positions` to all
             layers[j].register_forward_pre_hook(self._hook_for(level_of.get(j)), with_kwargs=True)
         norm.register_forward_hook(self._leave)
-        for level in self.shapes:
+        for level in (lv for lv in self.shapes if not self.own[lv - 1]):
             layers[self.stage_layers[level - 1] - 1].self_attn.rotary_emb.register_forward_hook(self._capture_for(level))
 
     @contextmanager
@@ -196,6 +199,10 @@ class DeepLayers:
         base = step.base
         n_actual = int(base.query_start_loc[-1])
         computed = (base.seq_lens - (base.query_start_loc[1:] - base.query_start_loc[:-1])) > 0
+        if self.scored[level - 1] and self.own[level - 1] and step.levels is not None:
+            current = positions if step.level_positions is None else step.level_positions
+            qk = deep_scoring.preview_qk(self.layers[self.stage_layers[level - 1]], current, hidden, residual)
+            step.captured = (step.captured or {}) | {level: qk}
         if self.scored[level - 1] and step.captured and level in step.captured:
             self._score(level, step, computed)
         levels = torch.zeros(n_actual, dtype=torch.long, device=hidden.device)

@@ -1,10 +1,12 @@
-"""Attention-scored in-LLM stages in vLLM (`fastv@K`): which visual rows a stage keeps, decided in
-the step from the attention the last prompt token pays at layer K-1.
+"""Attention-scored in-LLM stages in vLLM (`fastv@K`, `pdrop@K`): which visual rows a stage keeps,
+decided in the step from the attention the last prompt token pays at layer K-1 (FastV) or at
+layer K on its unpruned input (PyramidDrop, `Needs.attention == "own"`).
 
 vLLM's fused attention kernels return no weights, so the stage reads the queries and keys of
-layer K-1 as that layer computed them (after RoPE: a forward hook on its rotary embedding) and
+layer K-1 as that layer computed them (after RoPE: a forward hook on its rotary embedding), or
+previews layer K's (its input norm, QKV projection and RoPE on copies of its input), and
 recomputes one softmax row per request: the last prompt token against every key of its prompt,
-summed over heads (over every tensor-parallel rank), as pruneware's HF capture scores FastV.
+summed over heads (over every tensor-parallel rank), as pruneware's HF capture scores them.
 That needs the whole prompt in the step: the plugin refuses chunked prefill for such plans.
 This module imports vllm only inside functions.
 """
@@ -22,7 +24,7 @@ from pruneware.policies import get_policy
 def scored_needs(needs: Any) -> bool:
     """Whether a policy with these `Needs` is scored in the step: a selection by the attention the
     last token pays at layer K-1, and nothing else (FastV)."""
-    return needs.states and needs.attention == "previous" and needs.query == "last" and not (
+    return needs.states and needs.attention in ("previous", "own") and needs.query == "last" and not (
         needs.query_block or needs.raters or needs.text or needs.final_norm or needs.captures != "attention"
         or needs.output != "select"
     )
@@ -81,6 +83,18 @@ def choose_dropped(stage: Stage, level: int, scores: dict[int, torch.Tensor], qu
         dropped = torch.ones(alive, dtype=torch.bool, device=mask.device)
         dropped[top] = False
         levels[rows[start + candidates[dropped]]] = level
+
+
+def preview_qk(layer: Any, positions: torch.Tensor, hidden: torch.Tensor,
+               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k) after RoPE that vLLM decoder `layer` (Llama/Qwen2 structure) computes on this input,
+    without running it: its input norm (fused with the residual add) on copies, QKV, RoPE."""
+    norm = layer.input_layernorm
+    normed = norm(hidden.clone()) if residual is None else norm(hidden.clone(), residual.clone())[0]
+    attn = layer.self_attn
+    qkv, _ = attn.qkv_proj(normed)
+    q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    return attn.rotary_emb(positions, q, k)
 
 
 def attention_shape(layer: Any) -> tuple[int, int, int, float]:
