@@ -62,3 +62,25 @@ def test_a_stage_at_layer_zero_generates_as_it_recomputes(family, plan, cache):
             torch.testing.assert_close(alone_logits, want_logits, atol=1e-4, rtol=1e-4)
             assert torch.equal(ids[b], alone_ids[0])
             torch.testing.assert_close(logits[b], alone_logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl"])
+def test_a_stage_at_layer_zero_generates_on_every_family(family):
+    """Cached (dynamic and static) and uncached generation agree on a padded batch."""
+    from tests.adapters.test_families import make
+    from tests.tiny import VIDEO_TOKEN
+
+    model, _, samples = make(family)  # a shared model: the logit mask is removed after
+    media = torch.tensor([IMAGE_TOKEN, VIDEO_TOKEN])
+    handle = model.lm_head.register_forward_hook(lambda _m, _a, out: out.index_fill(-1, media, float("-inf")))
+    batch = pad_batch(samples)
+    kw = dict(max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    try:
+        with pruneware.prune(model, "divprune@0:0.5", seed=1):
+            runs = [model.generate(**batch, **kw), model.generate(**batch, **kw, cache_implementation="static"),
+                    model.generate(**batch, **kw, use_cache=False)]
+    finally:
+        handle.remove()
+    for other in runs[1:]:
+        assert torch.equal(other.sequences, runs[0].sequences)
+        torch.testing.assert_close(torch.stack(other.logits, 1), torch.stack(runs[0].logits, 1), atol=1e-5, rtol=1e-5)
