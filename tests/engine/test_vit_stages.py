@@ -232,10 +232,10 @@ def test_bad_plans_are_refused_before_any_hook(model, plan, match):
 
 
 def test_families_without_a_cut_are_refused():
-    from tests.tiny import tiny_llava
+    from tests.tiny import tiny_llava_next
 
-    with pytest.raises(pruneware.PlanError, match="does not support vision-side stages"):
-        pruneware.prune(tiny_llava(), "random@vit1:0.5").__enter__()
+    with pytest.raises(pruneware.PlanError, match="LlavaNextAdapter does not support vision-side stages"):
+        pruneware.prune(tiny_llava_next(), "random@vit1:0.5").__enter__()
 
 
 @pytest.mark.parametrize("plan", ["random@vit2:0.5", "divprune@vit1:0.5,random@1:0.5"])
