@@ -28,13 +28,21 @@ class VisionScorePolicy(Policy):
     needs: ClassVar[Needs] = Needs(vision_features=True)  # the vLLM plugin passes pre-projector features
 
     def score(self, inputs: StageInput) -> torch.Tensor:
-        x = inputs.hidden.float()  # [B, N, D]
+        x = inputs.hidden if inputs.hidden.dtype == torch.float32 else inputs.hidden.float()  # [B, N, D]
+        scale = x.shape[-1] ** -0.5
+        sizes = inputs.image_sizes()  # on the host when the engine knows them: no sync
+        n = x.shape[1]
+        if n and all(s == [n] for s in sizes):  # one full image per sample: its row is the image, no mask
+            rows = [x[b] @ x[b].mean(dim=0) * scale for b in range(x.shape[0])]  # the same arithmetic as below
+            return rows[0][None] if len(rows) == 1 else torch.stack(rows)
         scores = torch.zeros(inputs.valid.shape, dtype=torch.float32, device=x.device)
-        for b in range(x.shape[0]):
+        for b, image_sizes in enumerate(sizes):
             ids = inputs.image_ids[b]
-            for image in ids[inputs.valid[b]].unique().tolist():
+            for image, size in enumerate(image_sizes):
+                if not size:
+                    continue
                 members = (ids == image) & inputs.valid[b]
                 tokens = x[b, members]  # [n, D]
-                scores[b, members] = tokens @ tokens.mean(dim=0) * tokens.shape[-1] ** -0.5
+                scores[b, members] = tokens @ tokens.mean(dim=0) * scale
         return scores
 
