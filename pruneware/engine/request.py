@@ -18,7 +18,6 @@ import threading
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from itertools import count
 from typing import Any
 
 import torch
@@ -28,7 +27,31 @@ from pruneware.engine.levels import Level, as_root
 from pruneware.plans.plan import Plan, Stage
 from pruneware.report import Report
 
-_ids = count()
+# Every tracker's context-local values live in this one variable, keyed by tracker: a
+# ContextVar per tracker would stay, with its last value, in every context that ever set it,
+# so a thread that creates sessions (a `with prune(...)` per request) would grow by one set of
+# them per session, forever.
+_SLOTS: ContextVar[dict[Any, Any]] = ContextVar("pruneware_requests", default={})
+
+
+class _ContextSlot:
+    """A context-local value of one tracker, read and set like a ContextVar; set back to empty
+    (None, 0 or ()), it leaves no entry behind. The shared dict is copied on write, never
+    changed in place, so contexts (threads, asyncio tasks) never see each other's values."""
+
+    def __init__(self, default: Any) -> None:
+        self._default = default
+
+    def get(self) -> Any:
+        return _SLOTS.get().get(self, self._default)
+
+    def set(self, value: Any) -> None:
+        slots = dict(_SLOTS.get())
+        if value is None or (type(value) in (tuple, int) and not value):
+            slots.pop(self, None)
+        else:
+            slots[self] = value
+        _SLOTS.set(slots)
 
 
 @dataclass
@@ -169,12 +192,11 @@ class RequestTracker:
     """Where a session finds the state of the call running on the current thread."""
 
     def __init__(self) -> None:
-        n = next(_ids)
-        self._current: ContextVar[RequestState | None] = ContextVar(f"pruneware_request_{n}", default=None)
-        self._depth: ContextVar[int] = ContextVar(f"pruneware_depth_{n}", default=0)
-        self._vision: ContextVar[tuple] = ContextVar(f"pruneware_vision_{n}", default=())
-        self._vision_reads: ContextVar[tuple] = ContextVar(f"pruneware_vision_reads_{n}", default=())
-        self._tower_flops: ContextVar[tuple] = ContextVar(f"pruneware_tower_flops_{n}", default=())
+        self._current = _ContextSlot(None)  # RequestState | None
+        self._depth = _ContextSlot(0)
+        self._vision = _ContextSlot(())
+        self._vision_reads = _ContextSlot(())
+        self._tower_flops = _ContextSlot(())
         self._by_cache: weakref.WeakKeyDictionary[Any, RequestState] = weakref.WeakKeyDictionary()
         self._encodings: dict[int, tuple] = {}  # id(encoder output) -> (grids, reads, flops), see replay_encoding
         self._lock = threading.Lock()
