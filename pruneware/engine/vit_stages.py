@@ -23,21 +23,19 @@ every patch, and is counted so.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
-from itertools import count
 from typing import Any
 
 import torch
 from torch import nn
 
 from pruneware.adapters import Adapter
+from pruneware.engine.request import _ContextSlot  # same package: the tracker's leak-free slots
 from pruneware.engine.vision_tower_reads import VisionAttentionCapture
 from pruneware.errors import PlanError
 from pruneware.plans.plan import Stage
 from pruneware.policies import Policy, StageInput, policy_names
 
-_ids = count()
 
 
 @dataclass
@@ -92,21 +90,23 @@ class VisionStages:
         self.cut = adapter.vision_cut()
         self.block = int(stage.vit_block)  # type: ignore[arg-type]
         self.encoder = adapter.vision_encoder()
-        n = next(_ids)
-        self._call: ContextVar[dict | None] = ContextVar(f"pruneware_vit_call_{n}", default=None)
-        self._kept: ContextVar[tuple] = ContextVar(f"pruneware_vit_kept_{n}", default=())
-        self._flops: ContextVar[tuple] = ContextVar(f"pruneware_vit_flops_{n}", default=())
-        self._types: ContextVar[torch.Tensor | None] = ContextVar(f"pruneware_vit_types_{n}", default=None)
+        # context-local (threads, tasks), in the tracker's shared slots so that no session leaves a
+        # ContextVar behind; each is emptied once read
+        self._call = _ContextSlot(None)  # dict | None: the encoder call in flight
+        self._kept = _ContextSlot(())  # KeptUnits per finished call, until the prefill takes them
+        self._flops = _ContextSlot(())  # per image, what the calls ran
+        self._types = _ContextSlot(None)  # [B, L] token types of the prefill that follows encoder calls
         self.capture: VisionAttentionCapture | None = None
         block = score_block(self.cut, stage) if "attention" in policy.needs.vision else None
         self.target = None if block is None else self.cut.attention(block)
-        self._last: ContextVar[Any] = ContextVar(f"pruneware_vit_last_{n}", default=None)
+        self._last = _ContextSlot(None)  # the last finished call's cut (a projector after the tower)
 
     def install(self) -> list[Any]:
         handles = [
             self.encoder.register_forward_pre_hook(self._before, with_kwargs=True),
             self.encoder.register_forward_hook(self._after, with_kwargs=True, always_call=True),
             self.adapter.base_model.register_forward_pre_hook(self._on_base, with_kwargs=True),
+            self.adapter.base_model.register_forward_hook(self._base_done, always_call=True),
             *self.cut.install_outputs(self._current_cut),
         ]
         for b in range(self.block, self.cut.depth):
@@ -126,6 +126,9 @@ class VisionStages:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
             self._types.set(self.adapter.token_types(input_ids))
+
+    def _base_done(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._types.set(None)
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         grid = self.cut.call_grid(args, kwargs)
@@ -206,10 +209,13 @@ class VisionStages:
         self._kept.set(())
         self._last.set(None)
         types = self._types.get()
+        self._types.set(None)
         keep = [k for r in records for k in r.keep]
         n_visual = int(visual.sum())
         while keep and sum(k.numel() for k in keep) > n_visual:  # calls encoded earlier in this context
             keep = keep[len(records.pop(0).keep):]
+        if n_visual == 0 and not keep:
+            return [visual.new_zeros(0, dtype=torch.long) for _ in range(visual.shape[0])]
         if types is None or sum(k.numel() for k in keep) != n_visual:
             raise ValueError(
                 f"the vision tower cut {sum(k.numel() for k in keep)} visual tokens' units but the input holds "

@@ -264,3 +264,22 @@ def test_text_only_prompts_pass_and_every_hook_goes_with_the_session(model):
     hooked = [name for name, m in model.named_modules()
               if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)]
     assert not hooked
+
+
+def test_sessions_leave_nothing_in_the_context(model):
+    """A `with prune(...)` per request must not grow the thread's context (see tests/engine/test_soak.py),
+    nor leave entries in the engine's shared context-local slots."""
+    import contextvars
+
+    inputs = _alone(model, [(3, [(8, 12)], 4)], 0)
+    with pruneware.prune(model, "random@vit1:0.5"):
+        _logits(model, inputs)
+    before = len(contextvars.copy_context())
+    for plan in ["random@vit1:0.5", "divprune@vit2:0.5,random@1:0.5", "random@pre-vit:0.5"]:
+        with pruneware.prune(model, plan):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            _logits(model, inputs)
+    context = contextvars.copy_context()
+    assert len(context) == before
+    slots = [value for var, value in context.items() if var.name == "pruneware_requests"]
+    assert all(not s for s in slots)
