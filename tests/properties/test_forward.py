@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import pruneware
 from tests.properties.strategies import (
-    ATOL, FAMILIES, RTOL, batches, check_report, examples, model, n_images, plans, refusals_discarded,
+    ATOL, FAMILIES, RTOL, batches, build_sample, check_report, examples, model, n_images, plans, refusals_discarded,
 )
+from tests.reference import pad_batch
+
+EXCEPTION_SAMPLES = {"llava": [(2, 1, 3), (0, 2, 1)], "qwen": [(2, [(8, 8)], 3), (1, [(4, 8), (4, 4)], 0)]}
+
+
+# Policies whose keep-everything plan is not yet the unpruned model, with the issue row that
+# tracks it: left out of the keep-everything property, and held by a strict xfail below, which
+# fails (and asks for this entry to go) once the policy is fixed.
+NOT_YET_A_NO_OP = {"sparsevlm": "issue 33 row 6: it always drops and re-merges one token"}
 
 
 def logits(family: str, inputs: dict) -> torch.Tensor:
@@ -39,12 +48,25 @@ def test_a_valid_plan_runs_and_keeps_what_it_says(family, data):
 @given(data=st.data())
 def test_keeping_everything_is_the_unpruned_model(family, data):
     plan = data.draw(plans(family, keep_all=True), label="plan")
+    assume(not any(stage.policy in NOT_YET_A_NO_OP for stage in plan.stages))
     batch, _ = data.draw(batches(family), label="batch")
     expected = logits(family, batch)
     with refusals_discarded(), pruneware.prune(model(family), plan):
         got = logits(family, batch)
     assert got.shape == expected.shape
     assert torch.equal(got, expected), f"{plan}: max |diff| {(got - expected).abs().max():.3g}"
+
+
+@pytest.mark.parametrize(
+    "policy", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=why)) for p, why in NOT_YET_A_NO_OP.items()]
+)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keeping_everything_with_the_known_exceptions(family, policy):
+    batch = pad_batch([build_sample(family, spec, seed) for seed, spec in enumerate(EXCEPTION_SAMPLES[family])])
+    expected = logits(family, batch)
+    with pruneware.prune(model(family), f"{policy}@2:1.0"):
+        got = logits(family, batch)
+    assert torch.equal(got, expected), f"{policy}@2:1.0: max |diff| {(got - expected).abs().max():.3g}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
