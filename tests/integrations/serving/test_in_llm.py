@@ -3,7 +3,8 @@
 `random@4:0.25` (random pruning before layer 4 of the tiny models' 8, the Information Horizon
 paper's method), the `info-horizon` preset (DivPrune before the LLM, then random before layer
 5 of 8) and `fastv@2:0.1` (scored in the step by the last token's attention at layer 1; it
-changes about a third of tiny-llava's answers), on both shipped tiny models: 200 synthetic questions each, all requests in one
+changes about a third of tiny-llava's answers) and PyramidDrop's three stages (layer K's own
+attention, previewed), on both shipped tiny models: 200 synthetic questions each, all requests in one
 `generate` call (so the engine batches requests with different images and kept sets), greedy
 answers of up to 3 tokens (prefill and decode through the pruned levels). At least 98% must
 agree (the two venvs run different torch and transformers builds)."""
@@ -15,7 +16,7 @@ import pytest
 from tests.integrations.serving.conftest import run_driver
 from tests.integrations.serving.test_offline import N, hf_answers
 
-PLANS = ["random@4:0.25", "info-horizon", "fastv@2:0.1"]
+PLANS = ["random@4:0.25", "info-horizon", "fastv@2:0.1", "pdrop@2:0.5,pdrop@4:0.25,pdrop@6:0.1"]
 pytestmark = pytest.mark.slow
 
 
