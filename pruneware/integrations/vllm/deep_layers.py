@@ -41,6 +41,9 @@ from pruneware.plans.plan import Stage
 from pruneware.policies import get_policy
 
 
+IN_LLM_TESTED = ((0, 32),)  # vLLM releases the in-LLM path is tested against (forward context, builders)
+
+
 @dataclass
 class LevelLayout:
     """The tokens of one step alive at a pruned level, and where they sit in its KV cache.
@@ -301,6 +304,15 @@ def install_deep_layers(model: nn.Module, spec: Any, vllm_config: Any, architect
     the layout cannot serve, naming the setting to change."""
     if not spec.deep:
         return None
+    from packaging.version import Version
+
+    from pruneware.integrations.vllm import installed_vllm_version
+
+    found = installed_vllm_version()
+    if Version(found).release[:2] not in IN_LLM_TESTED:
+        tested = ", ".join(".".join(map(str, v)) + ".x" for v in IN_LLM_TESTED)
+        raise ValueError(f"{architecture}: in-LLM stages rebuild vLLM's per-layer attention metadata mid-step and "
+                         f"are tested against vllm {tested} only; found vllm {found}. Use a 'pre' plan or vllm {tested}")
     problems = []
     if vllm_config.cache_config.enable_prefix_caching:
         problems.append("prefix caching on (pass enable_prefix_caching=False / --no-enable-prefix-caching): "
