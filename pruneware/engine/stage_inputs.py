@@ -109,13 +109,17 @@ def attention_policy_scores(
             return key.float().abs().sum(dim=(1, 3))  # [B, Ls]: L1 norm over every key head
         row_valid = rows.valid
         if rater_slots is not None:
-            picked = rater_slots[:, rows.run] if rows.run is not None else rater_slots.gather(1, rows.slots)  # type: ignore[arg-type]
+            if rows.run is not None:
+                picked = rater_slots[:, rows.run]
+            else:
+                picked = rater_slots.gather(1, rows.slots)  # type: ignore[arg-type]
             row_valid = row_valid & picked
         if rows.run is not None:
             q_rows = query[:, :, rows.run]  # [B, H, T, d]
         else:
             heads, dim = query.shape[1], query.shape[3]
-            index = rows.slots.view(rows.slots.shape[0], 1, -1, 1).expand(-1, heads, -1, dim)  # type: ignore[union-attr]
+            slots: torch.Tensor = rows.slots  # type: ignore[assignment]  # without a run the slots are given
+            index = slots.view(slots.shape[0], 1, -1, 1).expand(-1, heads, -1, dim)
             q_rows = query.gather(2, index)  # [B, H, T, d]
         block = needs.query_block is not None
         if block:  # weights from the block among the rows, one softmax for both
@@ -147,7 +151,8 @@ def rater_slots(state: RequestState, policy: Policy) -> torch.Tensor:
         root = state.levels[0]
         real = state.real_tokens(root)
         query = policy.needs.query
-        rows, row_valid = query_rows(query, root.visual, real, post_image_width(state) if query == "post-image" else None)
+        width = post_image_width(state) if query == "post-image" else None
+        rows, row_valid = query_rows(query, root.visual, real, width)
         text = torch.zeros_like(real).scatter_(1, rows, row_valid)
         with torch.no_grad():
             prefill.raters = policy.raters(prefill.lm_embeds, root.visual, text)

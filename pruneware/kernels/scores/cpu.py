@@ -83,7 +83,8 @@ def attention_scores(
     grouped = probs.dim() == 5
     block = None
     if wants_block:
-        columns = query_positions if query_positions.dtype == torch.int64 else query_positions.long()  # type: ignore[union-attr]
+        columns: torch.Tensor = query_positions  # type: ignore[assignment]  # validated: given with a block
+        columns = columns if columns.dtype == torch.int64 else columns.long()
         if per_head_block:
             per_head = probs.view(B, H, T, L) if grouped else probs
             block = per_head.gather(-1, columns.view(B, 1, 1, T).expand(B, H, T, T))
