@@ -36,7 +36,9 @@ def test_cpu_path_equals_reference(shape, positions, mask, per_head_weights):
     q, k, pos, km = make(*shape, positions=positions, mask=mask)
     w = torch.rand(B, H, T) if per_head_weights else torch.rand(B, T)
     block = positions
+    given = None if km is None else km.clone()
     got_s, got_qq = cpu.attention_scores(q, k, w, query_positions=pos, key_mask=km, return_query_block=block)
+    assert km is None or torch.equal(km, given)  # the caller's mask is read, never written
     ref_s, ref_qq = reference.attention_scores(q, k, w, query_positions=pos, key_mask=km, return_query_block=block)
     torch.testing.assert_close(got_s, ref_s, atol=1e-5, rtol=1e-5)
     if block:
