@@ -41,8 +41,9 @@ def test_a_frame_smaller_than_avg_tokens_is_refused_with_the_solver_error():
 
 @pytest.mark.parametrize("options, message", [
     ({"plan": "divprune@pre:64", "avg_tokens": 64}, "sets its own budgets"),
-    ({"plan": "fastv", "avg_tokens": 64}, "vLLM supports only pre-LLM stages"),
-    ({"plan": "info-horizon", "avg_tokens": 64}, "vLLM supports only pre-LLM stages"),
+    ({"plan": "fastv", "avg_tokens": 64}, "solves one 'pre' stage per frame"),
+    ({"plan": "info-horizon", "avg_tokens": 64}, "solves one 'pre' stage per frame"),
+    ({"plan": "adaptinfer", "avg_tokens": 64}, "other in-LLM stages"),
     ({"plan": "divprune", "avg_tokens": 0}, "must be a number >= 1"),
     ({"plan": "divprune", "avg_tokens": True}, "must be a number >= 1"),
     ({"plan": "divprune", "budget": 3}, "valid keys"),

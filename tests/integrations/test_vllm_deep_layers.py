@@ -22,7 +22,7 @@ def test_plans_split_into_pre_and_in_llm_stages():
     assert not spec.pre_real and spec.stage.keep_count(576) == 576  # keeps every placeholder
 
 
-@pytest.mark.parametrize("plan", ["adaptinfer@2:0.5", "divprune@4:64", "pdrop@2:0.5", "dart@2:0.5"])
+@pytest.mark.parametrize("plan", ["adaptinfer@2:0.5", "divprune@4:64", "sparsevlm@2:0.5", "dart@2:0.5"])
 def test_in_llm_stages_that_read_states_are_refused_naming_random(plan):
     with pytest.raises(PlanError, match="random"):
         parse_stages(plan, 8, "1d")

@@ -128,12 +128,19 @@ def test_env_var_turns_on_pruning_for_base_architectures(registry, monkeypatch, 
     assert _image_tokens(config, "w1 <|vision_start|><|image_pad|><|vision_end|> w2") == [2]
 
 
-@pytest.mark.parametrize("plan", ["fastv@2:0.5", "divprune@pre:0.5,random@20:0.2", "random@1:64", "fastv", "random"])
-def test_in_llm_stages_are_refused(registry, tiny, plan):
+@pytest.mark.parametrize("plan", ["adaptinfer@1:0.5", "divprune@pre:0.5,dart@1:0.2", "sparsevlm@1:64"])
+def test_in_llm_stages_vllm_cannot_serve_are_refused(registry, tiny, plan):
     plugin.register()
     config = model_config(tiny["llava"], {"architectures": [LLAVA], "pruneware": {"plan": plan}})
-    with pytest.raises(PlanError, match="only pre-LLM stages.*block table"):
+    with pytest.raises(PlanError, match="other in-LLM stages .* run in the HF wrapper"):
         MULTIMODAL_REGISTRY.create_processor(config)
+
+
+@pytest.mark.parametrize("plan", ["fastv@1:0.5", "divprune@pre:0.5,random@1:0.2", "random@1:64", "pdrop@1:0.5", "fastv", "random"])
+def test_in_llm_stages_vllm_serves_build_their_processor(registry, tiny, plan):
+    plugin.register()
+    config = model_config(tiny["llava"], {"architectures": [LLAVA], "pruneware": {"plan": plan}})
+    assert MULTIMODAL_REGISTRY.create_processor(config) is not None
 
 
 def test_attention_policies_are_refused_pre_llm(registry, tiny):

@@ -63,12 +63,12 @@ class PruneSpec:
 
     stage: Stage
     seed: int = 0
-    deep: tuple[Stage, ...] = ()
-    pre_real: bool = True
     avg_tokens: float | None = None
     template: Any = field(default=None, repr=False, compare=False)
     n_layers: int = 32
     rope: Literal["1d", "mrope"] = "1d"
+    deep: tuple[Stage, ...] = ()  # the in-LLM stages, in order
+    pre_real: bool = True  # False: the plan has no `pre` stage and `stage` keeps every token
     policy: Policy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -257,7 +257,7 @@ def spec_from_config(hf_config: Any, rope: Literal["1d", "mrope"]) -> PruneSpec 
     if isinstance(avg_tokens, bool) or not isinstance(avg_tokens, int | float) or avg_tokens < 1:
         raise PlanError(f"hf_overrides[{CONFIG_KEY!r}]['avg_tokens'] must be a number >= 1, got {avg_tokens!r}")
     stage, template = avg_tokens_template(str(plan), float(avg_tokens), n_layers, rope)
-    return PruneSpec(stage, seed, float(avg_tokens), template, n_layers, rope)
+    return PruneSpec(stage, seed, avg_tokens=float(avg_tokens), template=template, n_layers=n_layers, rope=rope)
 
 
 def require_spec(hf_config: Any, architecture: str, rope: Literal["1d", "mrope"]) -> PruneSpec:

@@ -79,7 +79,8 @@ def test_broken_image_gets_a_clear_error_and_the_server_keeps_serving(server, of
 
 
 @pytest.mark.parametrize("plan, message", [
-    ("fastv@2:64", "vLLM supports only pre-LLM stages"),
+    ("adaptinfer@2:64", "other in-LLM stages"),
+    ("fastv@2:64", "(pass enable_"),  # served, but only with the engine settings it needs (docs/vllm.md)
     ("random@pre:0", "at least one placeholder token"),
     ("nosuchpolicy@pre:64", "nosuchpolicy"),
 ])
