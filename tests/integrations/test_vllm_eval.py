@@ -74,9 +74,9 @@ def test_eval_engine_vllm_matches_hf(vllm_cli: Path, tmp_path: Path) -> None:
 
 
 def test_eval_engine_vllm_refusals(vllm_cli: Path, tmp_path: Path) -> None:
-    """In-LLM plans and --avg-tokens fail in one line, before any engine starts."""
-    proc = _cli(vllm_cli, "--engine", "vllm", "--limit", "2", "--plans", "none,fastv@2:0.5", "--out", str(tmp_path / "a"))
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --engine vllm cannot run 'fastv@2:0.5'")
-    assert "Traceback" not in proc.stderr and "only pre-LLM stages" in proc.stderr
+    """In-LLM plans vLLM cannot serve and --avg-tokens fail in one line, before any engine starts."""
+    proc = _cli(vllm_cli, "--engine", "vllm", "--limit", "2", "--plans", "none,adaptinfer@2:0.5", "--out", str(tmp_path / "a"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --engine vllm cannot run 'adaptinfer@2:0.5'")
+    assert "Traceback" not in proc.stderr and "other in-LLM stages" in proc.stderr
     proc = _cli(vllm_cli, "--engine", "vllm", "--limit", "2", "--avg-tokens", "64", "--out", str(tmp_path / "b"))
     assert proc.returncode == 2 and "divprune@pre:64" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
