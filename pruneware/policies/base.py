@@ -111,6 +111,19 @@ def split_budget(sizes: list[int], count: int) -> list[int]:
     return out
 
 
+def image_groups(inputs: StageInput, sizes: list[list[int]], counts: list[int]) -> dict[tuple[int, int], list[tuple[int, torch.Tensor]]]:
+    """(sample, image) pairs grouped by (image size, budget), so a per-image selection runs each
+    group as one batched call. sizes: per sample, tokens per image (`StageInput.image_sizes`);
+    counts: per sample, tokens to keep (split over its images by `split_budget`). Values: (b,
+    [n] the image's columns in sample b)."""
+    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for b, image_sizes in enumerate(sizes):
+        for image, k in enumerate(split_budget(image_sizes, counts[b]) if image_sizes else []):
+            members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
+            groups.setdefault((len(members), k), []).append((b, members))
+    return groups
+
+
 @dataclass
 class MergeResult:
     """What a merging policy returns, per sample.

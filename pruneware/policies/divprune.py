@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from pruneware.kernels.divprune import max_min_diverse
-from pruneware.policies.base import Policy, StageInput, register_policy, split_budget
+from pruneware.policies.base import Policy, StageInput, image_groups, register_policy, split_budget
 
 __all__ = ["DivPrunePolicy", "max_min_diverse"]
 
@@ -40,13 +40,7 @@ class DivPrunePolicy(Policy):
             # One full-width image per sample and one budget: the rows are the images, in order.
             return max_min_diverse(inputs.hidden, split_budget([n], counts[0])[0])  # [B, k]: sample b's in row b
         out: list[list[torch.Tensor]] = [[] for _ in sizes]
-        # Group (sample, image) pairs by (image size, budget) so each group is one batched run.
-        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-        for b, image_sizes in enumerate(sizes):
-            for image, k in enumerate(split_budget(image_sizes, counts[b]) if image_sizes else []):
-                members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
-                groups.setdefault((len(members), k), []).append((b, members))
-        for (_, k), items in groups.items():
+        for (_, k), items in image_groups(inputs, sizes, counts).items():
             if k == 0:
                 continue
             feats = torch.stack([inputs.hidden[b, members] for b, members in items])
