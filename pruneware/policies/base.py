@@ -243,6 +243,11 @@ def get_policy(name: str) -> type[Policy]:
 def build_policy(stage) -> Policy:
     """The policy a `Stage` names, built from the stage's parameters (the one place policies are made)."""
     cls = get_policy(stage.policy)
+    from pruneware.policies.recycle import with_recycling  # it builds on this module
+
+    recycled = with_recycling(cls, dict(stage.params), stage)  # `recycle=...`: see policies/recycle.py
+    if recycled is not None:
+        return recycled
     try:
         return cls(**dict(stage.params))
     except TypeError as err:
