@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -197,10 +198,12 @@ def split_plans(text: str) -> list[str]:
     Without ';', a string that is one complete multi-stage plan (every stage writes its place and
     budget, in layer order, e.g. what `pruneware tune` prints) is that one plan.
     """
-    if ";" not in text and "," in text and _one_written_plan(text):
+    outside = re.sub(r"\[[^\]]*\]", lambda m: "_" * len(m[0]), text)  # ';' also separates a policy's [params]
+    if ";" not in outside and "," in text and _one_written_plan(text):
         return [text.strip()]
-    separator = ";" if ";" in text else ","
-    plans = [p.strip() for p in text.split(separator) if p.strip()]
+    separator = ";" if ";" in outside else ","
+    cuts = [i for i, ch in enumerate(outside) if ch == separator]
+    plans = [p.strip() for p in (text[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(text)], strict=True)) if p.strip()]
     if not plans:
         raise UserError("no plans given")
     return plans

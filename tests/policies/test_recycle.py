@@ -168,3 +168,14 @@ def test_recycling_is_a_plan_option_that_round_trips_and_refuses_bad_values():
         with pytest.raises(PlanError, match=message.replace("|", r"\|")):
             build_policy(Plan.parse(plan).all_stages[0])
     assert type(build_policy(Plan.parse("divprune[recycle=none]@pre:64").stages[0])).__name__ == "DivPrunePolicy"
+
+
+def test_eval_plan_lists_keep_a_policys_parameters_together():
+    from pruneware.cli.common import split_plans
+
+    assert split_plans("none;divprune[recycle=nearest;recycle_weight=0.5]@pre;divprune@pre:9,random@3:2") == [
+        "none", "divprune[recycle=nearest;recycle_weight=0.5]@pre", "divprune@pre:9,random@3:2"]
+    assert split_plans("fastv,divprune[recycle=context;contexts=3]@pre:0.5") == [
+        "fastv", "divprune[recycle=context;contexts=3]@pre:0.5"]
+    one = "divprune[recycle=nearest;recycle_weight=0.5]@pre:158,divprune@1:79"
+    assert split_plans(one) == [one]
