@@ -106,6 +106,12 @@ class QwenVLAdapter(Adapter):
         merge = self.config.vision_config.spatial_merge_size
         return h // merge, w // merge
 
+    @property
+    def pixel_factor(self) -> int:
+        """Pixels per visual-token side (patch x merge): the `factor` of Qwen's `smart_resize`."""
+        vc = self.config.vision_config
+        return int(vc.patch_size * vc.spatial_merge_size)
+
     def resize_pixels(
         self, pixels: torch.Tensor, grid: torch.Tensor, targets: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,16 +45,31 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float | Non
     return total / heads
 
 
-def resized_grid(h: int, w: int, budget: int) -> tuple[int, int]:
-    """The token grid of an (h, w)-token image processed with max_pixels = budget tokens:
-    Qwen's `smart_resize` (floor branch) on a grid already rounded to whole tokens."""
-    if h * w <= budget:
-        return h, w
-    beta = math.sqrt(h * w / budget)
-    ph, pw = max(1, math.floor(h / beta)), max(1, math.floor(w / beta))
-    while ph * pw > budget:  # guard against rounding up in the square root
+def resized_grid(h: int, w: int, budget: int, factor: int = 28) -> tuple[int, int]:
+    """The (rows, cols) token grid Qwen's tooling gives an (h, w)-token image at `budget` tokens:
+    qwen-vl-utils' `smart_resize` on its processed size (h * factor, w * factor pixels, factor =
+    patch x merge) with `max_pixels` = budget x factor^2, i.e. what `process_vision_info` does
+    with that `max_pixels`. `min_pixels` is one token, so any budget >= 1 is accepted; a side
+    the floor rounds to 0 (an image far wider than the budget) is kept at 1 token and the other
+    side trimmed to fit."""
+    smart_resize = _smart_resize()
+    rows, cols = smart_resize(h * factor, w * factor, factor=factor, min_pixels=factor * factor,
+                              max_pixels=budget * factor * factor)
+    ph, pw = max(1, rows // factor), max(1, cols // factor)
+    while ph * pw > budget:  # only after a side was raised to 1
         ph, pw = (ph - 1, pw) if ph >= pw and ph > 1 else (ph, pw - 1)
     return ph, pw
+
+
+def _smart_resize():
+    try:
+        from qwen_vl_utils import smart_resize
+    except ImportError as err:  # it imports torchvision, which Qwen's video processor needs too
+        raise ImportError(
+            f"resize on Qwen sizes its grids with qwen-vl-utils' smart_resize, which failed to import ({err}): "
+            "pip install qwen-vl-utils torchvision"
+        ) from err
+    return smart_resize
 
 
 def bin_firsts(h: int, w: int, ph: int, pw: int) -> torch.Tensor:

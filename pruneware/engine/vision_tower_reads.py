@@ -9,8 +9,8 @@ Installed by a Session for its lifetime when a plan's `pre` policy declares `vis
     adapter puts what the call read in image order, and the request tracker keeps it until
     the `pre` stage (`generate()` encodes the pixels before the first forward);
   - for `resize` on dynamic-resolution models (Qwen) the pre-hook resamples each image's
-    pixels to the grid whose token count fits the budget (the processor's `smart_resize`
-    rule with `max_pixels` = budget x (patch x merge)^2), so the tower itself runs on fewer
+    pixels to the grid whose token count fits the budget (qwen-vl-utils' `smart_resize`
+    with `max_pixels` = budget x (patch x merge)^2), so the tower itself runs on fewer
     patches; the forward hook spreads the fewer tokens back over the original grid's slots
     (each at its bin's first token, as pooled tokens are), so the placeholder tokens still
     match, and the `pre` stage keeps just those slots, with the smaller grid's positions.
@@ -169,7 +169,8 @@ class VisionSide:
         for t, h, w in grid.tolist():
             hh, ww = self.adapter.token_grid(h, w)
             budget = self.resize_budget(t * hh * ww)
-            targets.append((hh, ww) if budget is None else resized_grid(hh, ww, max(1, budget // t)))
+            factor = self.adapter.pixel_factor  # type: ignore[attr-defined]  # resizes_pixels: a Qwen adapter
+            targets.append((hh, ww) if budget is None else resized_grid(hh, ww, max(1, budget // t), factor))
         if all(tuple(self.adapter.token_grid(h, w)) == g for (_, h, w), g in zip(grid.tolist(), targets, strict=True)):
             return None
         if "grid_thw" not in kwargs:
