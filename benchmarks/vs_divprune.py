@@ -7,7 +7,8 @@ and ``--seed``; ``findings.load_rows`` refuses runs of different weights). For e
 prints one markdown row per plan: questions answered by every plan in the comparison, accuracy,
 accuracy over unpruned, the gap to 97% of unpruned, per-task accuracy, and the paired difference
 plan - DivPrune (``findings.paired``). A budget is the eval row's ``avg_tokens``, or the count of an
-explicit ``policy@pre:N`` plan; a plan with fewer questions than DivPrune at that budget (a run
+explicit ``policy@pre:N`` plan, or an explicit multi-stage plan's measured average visual tokens per
+layer, rounded (a tuned plan; within 3% of a requested budget it counts as that one); a plan with fewer questions than DivPrune at that budget (a run
 cut short) is left out. Then, per budget, the questions each plan gets wrong by task.
 """
 
@@ -20,21 +21,36 @@ from collections import Counter
 from findings import load_rows, paired  # benchmarks/ is the script's folder, so on sys.path
 
 
-def budget_of(variant: str) -> int | None:
-    """The visual-token budget of an eval variant (``divprune|64.0`` or ``cdpruner[...]@pre:64|None``)."""
+def budget_of(variant: str, rows: dict[str, dict] | None = None) -> int | None:
+    """The visual-token budget of an eval variant (``divprune|64.0`` or ``cdpruner[...]@pre:64|None``);
+    for another explicit plan (a tuned multi-stage one), the mean of its rows' average visual tokens
+    per layer, rounded, when `rows` ({question id: row}) are given."""
     plan, _, avg = variant.partition("|")
     if avg not in ("", "None"):
         return round(float(avg))
     match = re.fullmatch(r"[\w\-]+(?:\[[^\]]*\])?@pre:(\d+)(?::\w+)?", plan)
-    return int(match[1]) if match else None
+    if match:
+        return int(match[1])
+    if rows and plan != "none" and "@" in plan:
+        return round(sum(r["visual_tokens"] for r in rows.values()) / len(rows))
+    return None
+
+
+def snap(budget: int | None, budgets: set[int]) -> int | None:
+    """A measured budget within 3% of a requested one counts as that one (a tuned plan solved to
+    63.6 tokens runs against DivPrune at 64)."""
+    near = [b for b in budgets if budget is not None and abs(budget - b) <= 0.03 * b]
+    return min(near, key=lambda b: abs(budget - b)) if near else budget
 
 
 def main(paths: list[str]) -> None:
     rows = load_rows(paths)
     none = rows.get("none|None")
-    budgets = sorted({b for v in rows if (b := budget_of(v)) is not None})
+    requested = {b for v in rows if (b := budget_of(v)) is not None}
+    of = {v: snap(budget_of(v, r), requested) for v, r in rows.items()}
+    budgets = sorted({b for b in of.values() if b is not None})
     for budget in budgets:
-        plans = {v: r for v, r in rows.items() if budget_of(v) == budget}
+        plans = {v: r for v, r in rows.items() if of[v] == budget}
         base = next((v for v in plans if v.startswith("divprune|") or v.startswith("divprune@")), None)
         if base is None:
             continue
