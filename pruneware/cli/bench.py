@@ -101,13 +101,14 @@ def bench(
         make = lambda b: shape_inputs(vlm, b, device)  # noqa: E731
     else:
         from pruneware.cli.common import sample
-        from pruneware.evals.synthetic.accuracy import build_prompt
         from PIL import Image
+
+        from pruneware.evals.qwen_inputs import vision_inputs  # Qwen processors: through qwen-vl-utils
 
         vlm, processor, name = load_model(model, False, device)
         picture = Image.open(sample()["image"]).convert("RGB")
-        text = build_prompt(processor, sample()["question"])
-        make = lambda b: processor(text=[text] * b, images=[picture] * b, return_tensors="pt").to(vlm.device)  # noqa: E731
+        question = sample()["question"]
+        make = lambda b: vision_inputs(processor, [question] * b, [picture] * b).to(vlm.device)  # noqa: E731
     rows = []
     for batch in sizes:
         inputs = make(batch)

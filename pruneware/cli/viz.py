@@ -63,14 +63,14 @@ def viz(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Draw the kept patches over the image, one panel per stage."""
-    from pruneware.evals.synthetic.accuracy import build_prompt
+    from pruneware.evals.qwen_inputs import vision_inputs
 
     check_out_file(out)
     check_small_images(small_images)
     picture = load_image(image)
     question = prompt or sample()["question"]
     vlm, processor, name = load_model(model, download)
-    inputs = processor(text=[build_prompt(processor, question)], images=[picture], return_tensors="pt").to(vlm.device)
+    inputs = vision_inputs(processor, [question], [picture]).to(vlm.device)  # Qwen: through qwen-vl-utils
     with pruneware.prune(vlm, plan, seed=seed, avg_tokens=avg_tokens, small_images=small_images) as run:
         with torch.inference_mode():
             vlm(**inputs)

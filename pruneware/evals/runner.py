@@ -70,19 +70,11 @@ def item_score(bench: str, prediction: str, item: Any) -> float:
 
 
 def prompt_inputs(processor, items: Sequence[Any], device) -> dict:
-    """The processor's left-padded batch for `items` (each with `question` and `image`), on `device`."""
-    from pruneware.evals.synthetic.accuracy import build_prompt
+    """The processor's left-padded batch for `items` (each with `question` and `image`), on `device`
+    (Qwen processors get their inputs through qwen-vl-utils: `pruneware.evals.qwen_inputs`)."""
+    from pruneware.evals.qwen_inputs import vision_inputs
 
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        batch = processor(
-            text=[build_prompt(processor, it.question) for it in items], images=[it.image for it in items],
-            return_tensors="pt", padding=True,
-        )
-    finally:
-        tok.padding_side = side
-    return batch.to(device)
+    return vision_inputs(processor, [it.question for it in items], [it.image for it in items]).to(device)
 
 
 class _PrefillClock:

@@ -32,17 +32,10 @@ def normalize(text: str) -> str:
 @torch.inference_mode()
 def predict(model, processor, examples: Sequence[Example], max_new_tokens: int = 3) -> list[str]:
     """Greedy answers for one batch, with left padding so every prompt ends at the same column."""
+    from pruneware.evals.qwen_inputs import vision_inputs  # Qwen processors: through qwen-vl-utils
+
     tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        inputs = processor(
-            text=[build_prompt(processor, e.question) for e in examples],
-            images=[e.image for e in examples],
-            return_tensors="pt",
-            padding=True,
-        ).to(model.device)
-    finally:
-        tok.padding_side = side
+    inputs = vision_inputs(processor, [e.question for e in examples], [e.image for e in examples]).to(model.device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
