@@ -45,6 +45,8 @@ from pruneware.integrations.vllm.positions import (
 from pruneware.integrations.vllm.deep_layers import install_deep_layers
 from pruneware.integrations.vllm.prune import deep_levels, prune_item
 from pruneware.integrations.vllm.spec import PruneSpec, refuse_tower_lora, require_spec, square_grid
+from pruneware.integrations.vllm.vit import ClipViTRunner, pixel_keep_count
+from pruneware.plans.plan import PlanError
 
 ARCHITECTURE = "PrunewareLlavaForConditionalGeneration"
 
@@ -99,6 +101,11 @@ class PrunewareLlavaMultiModalProcessor(LlavaMultiModalProcessor):
             else:
                 size = images.get_image_size(item_idx)
                 count = info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+                if info.pruneware.stage.where == "pre-vit":  # a pre-vit policy may keep fewer (pixelprune)
+                    vision = info.get_hf_config().vision_config
+                    pixels = out_mm_kwargs["image"][item_idx]["pixel_values"].data[None]
+                    side = vision.image_size // vision.patch_size
+                    count = pixel_keep_count(info.pruneware, pixels, (1, side, side), vision.patch_size)
             return [image_token_id] * count
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
@@ -126,6 +133,15 @@ class PrunewareLlavaForConditionalGeneration(PositionOffsets, LlavaForConditiona
         # Tokens of an unpruned image: the span the text after it skips in the HF path.
         self.full_image_tokens = (vision.image_size // vision.patch_size) ** 2 + (strategy == "full")
         self.deep_layers = install_deep_layers(self, spec, vllm_config, ARCHITECTURE)
+        self.vit = None
+        if spec.stage.in_vision:  # the tower runs block by block, cut before block K (`vit`)
+            # the HF session's range; vLLM loads the layers up to the feature layer, and a cut after it
+            # (K == their count) reads the kept rows of the feature layer, as the HF session does
+            depth = min(config.vision_config.num_hidden_layers, len(self.vision_tower.vision_model.encoder.layers) + 1)
+            if spec.stage.vit_block >= depth:
+                raise PlanError(f"stage {spec.stage} prunes before vision layer {spec.stage.vit_block}, but the vision "
+                                f"tower runs {depth} layers here: use vit0..vit{depth - 1}, or 'pre-vit'")
+            self.vit = ClipViTRunner(config, self.vision_tower, self.multi_modal_projector, spec)
 
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...] | list:
         """One tensor per image: [k, D + OFFSET_CHANNELS], the kept rows in original order (or
@@ -133,6 +149,8 @@ class PrunewareLlavaForConditionalGeneration(PositionOffsets, LlavaForConditiona
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
+        if self.vit is not None:
+            return self._embed_vit(image_input)
         if image_input["type"] == "image_embeds":
             embeds, vision = image_input["data"], None
         else:
@@ -147,6 +165,18 @@ class PrunewareLlavaForConditionalGeneration(PositionOffsets, LlavaForConditiona
             levels = deep_levels(self.pruneware, rows.shape[0], item.shape[0], rows.device)
             offsets = kept_offsets(keep, *grid[1:], one_axis=True)
             out.append(attach_offsets(rows, offsets, levels, original=item.shape[0]))
+        return tuple(out)
+
+    def _embed_vit(self, image_input) -> tuple[torch.Tensor, ...]:
+        """embed_multimodal for a vision-side stage: the tower keeps the units (see `vit`)."""
+        if image_input["type"] == "image_embeds":
+            raise ValueError(f"stage {self.pruneware.stage} runs inside the vision tower: send images, not image embeddings")
+        out = []
+        for rows, keep in self.vit.run(image_input["pixel_values"]):
+            offsets = kept_offsets(keep, 1, self.full_image_tokens, one_axis=True)
+            if self.pruneware.stage.positions == "compact":
+                offsets = torch.zeros_like(offsets)
+            out.append(attach_offsets(rows, offsets, None, original=self.full_image_tokens))
         return tuple(out)
 
     def get_mrope_input_positions(

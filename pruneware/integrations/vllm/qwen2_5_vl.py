@@ -24,6 +24,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from pruneware.integrations.vllm.deep_layers import install_deep_layers
 from pruneware.integrations.vllm.qwen_common import PrunedQwenInfo, PrunedQwenModel, PrunedQwenProcessor
 from pruneware.integrations.vllm.spec import refuse_tower_lora
+from pruneware.integrations.vllm.vit import QwenViTRunner
+from pruneware.plans.plan import PlanError
 
 ARCHITECTURE = "PrunewareQwen2_5_VLForConditionalGeneration"
 
@@ -51,3 +53,9 @@ class PrunewareQwen2_5_VLForConditionalGeneration(PrunedQwenModel, Qwen2_5_VLFor
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pruneware = spec
         self.deep_layers = install_deep_layers(self, spec, vllm_config, ARCHITECTURE)
+        if spec.stage.in_vision:  # the tower runs block by block, cut before block K (`vit`)
+            depth = len(self.visual.blocks)
+            if spec.stage.vit_block >= depth:
+                raise PlanError(f"stage {spec.stage} prunes before vision block {spec.stage.vit_block}, but the "
+                                f"vision tower has {depth} blocks: use vit0..vit{depth - 1}, or 'pre-vit'")
+            self.vit = QwenViTRunner(self.visual, spec)

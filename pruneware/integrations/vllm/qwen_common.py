@@ -90,8 +90,20 @@ class PrunedQwenProcessor:
         placeholder = {"image": vocab[hf_processor.image_token], "video": vocab[hf_processor.video_token]}
 
         def replacement(item_idx: int, modality: str) -> list[int]:
-            frames, height, width = map(int, out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data)
-            return [placeholder[modality]] * info.pruneware.item_tokens(frames, height // merge, width // merge)
+            item = out_mm_kwargs[modality][item_idx]
+            frames, height, width = map(int, item[f"{modality}_grid_thw"].data)
+            grid = (frames, height // merge, width // merge)
+            count = info.pruneware.item_tokens(*grid)
+            if info.pruneware.stage.where == "pre-vit":  # a pre-vit policy may keep fewer (pixelprune)
+                from pruneware.integrations.vllm.vit import pixel_keep_count, raw_pixel_norm
+
+                pixels = item["pixel_values" if modality == "image" else "pixel_values_videos"].data
+                kept = pixel_keep_count(info.pruneware, pixels, grid, None, raw_pixel_norm(info.ctx.model_config))
+                if kept != count and frames > 1:
+                    raise ValueError(f"stage {info.pruneware.stage} keeps {kept} of a video's {count} budgeted units: "
+                                     "in vLLM a video's frames must keep their whole budget each; send images")
+                count = kept
+            return [placeholder[modality]] * count
 
         return [
             PromptReplacement(modality=m, target=[placeholder[m]], replacement=partial(replacement, modality=m))
@@ -103,6 +115,7 @@ class PrunedQwenModel(PositionOffsets):
     """Model mixin: pruned rows with their position offsets, and the HF path's M-RoPE positions."""
 
     pruneware: PruneSpec
+    vit: Any = None  # a `vit.QwenViTRunner` when the plan's stage is vision-side (Qwen2.5-VL)
 
     def get_encoder_cudagraph_config(self):
         return replace(super().get_encoder_cudagraph_config(), modalities=[], max_frames_per_video=1)  # type: ignore[misc]
@@ -116,6 +129,9 @@ class PrunedQwenModel(PositionOffsets):
             if item_input is None:
                 continue
             modality = "image" if key.startswith("image") else "video"  # Qwen2-VL says "images"
+            if self.vit is not None:
+                out += self._embed_vit(item_input, modality)
+                continue
             process = self._process_image_input if modality == "image" else self._process_video_input  # type: ignore[attr-defined]
             for item, (frames, height, width) in zip(
                 process(item_input), item_input[f"{modality}_grid_thw"].tolist(), strict=True
@@ -129,12 +145,31 @@ class PrunedQwenModel(PositionOffsets):
                 out.append(attach_offsets(rows, offsets, levels, original=frames * grid[1] * grid[2]))
         return tuple(out) if out else []
 
+    def _embed_vit(self, item_input: Any, modality: str) -> list[torch.Tensor]:
+        """embed_multimodal rows of one modality's items for a vision-side stage (see `vit`)."""
+        if item_input["type"] not in ("pixel_values", "pixel_values_videos"):
+            raise ValueError(f"stage {self.pruneware.stage} runs inside the vision tower: send pixels, not {item_input['type']}")
+        grids = item_input[f"{modality}_grid_thw"].tolist()
+        pixels = item_input["pixel_values" if modality == "image" else "pixel_values_videos"]
+        merge = self.visual.spatial_merge_size  # type: ignore[attr-defined]
+        out = []
+        for (rows, keep), (frames, height, width) in zip(self.vit.run(pixels, grids), grids, strict=True):
+            offsets = kept_offsets(keep, height // merge, width // merge, one_axis=False)
+            if self.pruneware.stage.positions == "compact":
+                offsets = torch.zeros_like(offsets)
+            original = frames * (height // merge) * (width // merge)
+            out.append(attach_offsets(rows, offsets, None, original=original))
+        return out
+
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
         """[3, L] positions and the decode delta (see the module docstring)."""
         lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
         blocks = []
         for offset, frames, rows, cols, t_factor in self.iter_mm_grid_thw(mm_features):  # type: ignore[attr-defined]
             layout = self.pruneware.frame(rows, cols)
+            fewer = self.pruneware.stage.where == "pre-vit" and frames == 1 and 0 < lengths[offset] <= layout.count
+            if fewer:  # a pre-vit policy kept fewer units of this image than its budget (pixelprune)
+                layout = FrameLayout(lengths[offset], layout.rows, layout.cols)
             if lengths[offset] != frames * layout.count:
                 raise RuntimeError(
                     f"item at offset {offset} has {lengths[offset]} placeholders, but the plan "

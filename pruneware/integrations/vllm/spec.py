@@ -25,6 +25,8 @@ from pruneware.policies import Policy, build_policy, get_policy, policy_names
 from pruneware.policies.pooling import pooled_shape
 
 IN_LLM_FAMILIES = "LLaVA-1.5, Qwen2-VL and Qwen2.5-VL"  # the classes that install `deep_layers`
+# the architectures whose vision tower the plugin runs block by block (`vit`): vision-side stages
+VISION_SIDE_ARCHITECTURES = ("PrunewareLlavaForConditionalGeneration", "PrunewareQwen2_5_VLForConditionalGeneration")
 CONFIG_KEY = "pruneware"  # hf_overrides={"pruneware": {"plan": ..., "seed": ...}}
 CONFIG_FIELDS = ("plan", "seed", "avg_tokens")
 SEED_STRIDE = 1_000_003  # the HF session derives stage i's seed as seed * SEED_STRIDE + i
@@ -85,7 +87,8 @@ class PruneSpec:
 
     @property
     def stage_seed(self) -> int:
-        return self.seed * SEED_STRIDE
+        """The seed of `stage`: the HF session's for stage 0, or for its vision-side stage (one less)."""
+        return self.seed * SEED_STRIDE - int(self.stage.in_vision)
 
     def deep_seed(self, i: int) -> int:
         """The seed of in-LLM stage `i`: the HF session's seed for its index in the plan."""
@@ -131,9 +134,27 @@ def deep_policy_names() -> str:
     return policy_names(lambda n: n.llm and (not n.states or scored_needs(n)))
 
 
+def vit_policy_names() -> str:
+    """The policies the plugin runs at `vitK` and `pre-vit`: vision-side ones that read no
+    attention of the tower (the plugin runs vLLM's blocks, whose attention it does not read)."""
+    return policy_names(lambda n: n.vit and not n.vision)
+
+
 def check_stage(stage: Stage) -> None:
-    """Refuse what vLLM cannot run: vision-side stages, in-LLM stages that read states, and
-    attention-guided pre-LLM policies."""
+    """Refuse what vLLM cannot run: in-LLM stages that read states, attention-guided pre-LLM
+    policies, and vision-side policies that read the tower's attention."""
+    if stage.in_vision:
+        needs = get_policy(stage.policy).needs
+        if not needs.vit:
+            raise PlanError(f"stage {stage}: {stage.policy!r} cannot run in the vision tower; in vLLM: {vit_policy_names()}")
+        if needs.vision:
+            raise PlanError(
+                f"stage {stage}: {stage.policy!r} reads the vision tower's attention, which the vLLM plugin does not "
+                f"hook (it runs in the HF wrapper, pruneware.prune); vision-side policies in vLLM: {vit_policy_names()}"
+            )
+        if stage.budget == 0:
+            raise PlanError(f"stage {stage}: a vision-side stage keeps at least one unit per image; use a budget >= 1")
+        return
     if isinstance(stage.where, int):
         from pruneware.integrations.vllm.deep_scoring import scored_needs
 
@@ -142,10 +163,7 @@ def check_stage(stage: Stage) -> None:
             raise PlanError(f"stage {stage}: " + IN_LLM_REFUSAL.format(names=deep_policy_names()))
         return
     if stage.where != "pre":
-        raise PlanError(
-            f"stage {stage}: the vLLM plugin runs 'pre' stages and in-LLM stages "
-            f"({deep_policy_names()} at a layer K), not vision-side stages ({stage.where})"
-        )
+        raise PlanError(f"stage {stage}: unknown place {stage.where!r} for the vLLM plugin")
     cls = get_policy(stage.policy)
     if cls.needs.attention or not cls.needs.pre:
         raise PlanError(
@@ -183,7 +201,7 @@ def avg_tokens_template(text: str, avg_tokens: float, n_layers: int, rope: Liter
         )
     else:
         template = user_template(Plan.parse(text), n_layers)
-    for stage in template.build(n_layers, rope=rope).stages:
+    for stage in template.build(n_layers, rope=rope).all_stages:
         check_stage(stage)  # before solving: "pre only" is the message that matters here
         if stage.where != "pre":
             raise PlanError(f"avg_tokens in vLLM solves one 'pre' stage per frame; plan {text!r} has {stage}: "
@@ -202,9 +220,17 @@ def parse_stages(text: str, n_layers: int, rope: Literal["1d", "mrope"]) -> tupl
         plan = get_preset(text).build(n_layers, rope=rope)
     else:
         plan = Plan.parse(text)
-    for stage in plan.stages:
+    for stage in plan.all_stages:
         check_stage(stage)  # before validate_for: "pre only" is the message that matters here
     plan.validate_for(n_layers, rope)
+    vision = plan.vision
+    if vision and len(plan.all_stages) > 1:
+        raise PlanError(
+            f"plan {text!r}: in vLLM a vision-side stage ({vision[0]}) runs alone; plans that combine it with "
+            "'pre' or in-LLM stages run in the HF wrapper (pruneware.prune)"
+        )
+    if vision:
+        return vision[0], ()
     pre = plan.stages[0] if plan.stages and plan.stages[0].where == "pre" else None  # at most one, first
     return pre, tuple(s for s in plan.stages if s.where != "pre")
 
@@ -267,6 +293,9 @@ def require_spec(hf_config: Any, architecture: str, rope: Literal["1d", "mrope"]
             f"{architecture} needs a plan: pass hf_overrides={{'architectures': ['{architecture}'], "
             f"'{CONFIG_KEY}': {{'plan': 'divprune@pre:0.25'}}}} or set ${ENV_PLAN}"
         )
+    if spec.stage.in_vision and architecture not in VISION_SIDE_ARCHITECTURES:
+        raise PlanError(f"stage {spec.stage}: {architecture} runs 'pre' and in-LLM stages; vision-side stages "
+                        f"('pre-vit', 'vitK') are served for {', '.join(VISION_SIDE_ARCHITECTURES)}")
     return spec
 
 
