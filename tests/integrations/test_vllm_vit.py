@@ -36,7 +36,7 @@ from pruneware.integrations.vllm.tiny import _init_distributed, model_config, wr
 LLAVA = "PrunewareLlavaForConditionalGeneration"
 QWEN = "PrunewareQwen2_5_VLForConditionalGeneration"
 QWEN_PLANS = ["random@vit1:0.5", "divprune@vit2:5", "pixelprune@pre-vit:1.0", "divprune@pre-vit:0.5", "random@vit0:0.4"]
-LLAVA_PLANS = ["random@vit1:0.5", "divprune@vit0:9", "pixelprune@pre-vit:1.0", "divprune@pre-vit:0.25"]
+LLAVA_PLANS = ["random@vit1:0.5", "divprune@vit0:9", "vision-score@vit1:0.5", "pixelprune@pre-vit:1.0", "divprune@pre-vit:0.25"]
 
 
 def _images(sizes, flat: bool = False) -> list[Image.Image]:
