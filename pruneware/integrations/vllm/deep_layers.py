@@ -52,8 +52,9 @@ class LevelLayout:
         alive: [n] rows of the step (0..N-1) alive at the level.
         query_start_loc: [R + 1] the level's query rows per request.
         seq_lens: [R] the level's KV length per request after this step.
-        slot_mapping: [n] KV slot of each alive row.
+        slot_mapping: [n] KV slot of each alive row (in the block table given to `level_layout`).
         kv_index: [n] each alive row's index in its request's compacted KV sequence.
+        request: [n] each alive row's request.
         dropped: [R] tokens of each request absent from the level, this step included.
     """
 
@@ -62,7 +63,17 @@ class LevelLayout:
     seq_lens: torch.Tensor
     slot_mapping: torch.Tensor
     kv_index: torch.Tensor
+    request: torch.Tensor
     dropped: torch.Tensor
+
+    def slots(self, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+        """[n] each alive row's KV slot in `block_table` ([R, max_blocks], a KV-cache group's)."""
+        return block_slots(block_table, self.request, self.kv_index, block_size)
+
+
+def block_slots(block_table: torch.Tensor, request: torch.Tensor, kv_index: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[n] KV slots of entries `kv_index` ([n]) of requests `request` ([n]) in `block_table`."""
+    return block_table[request, kv_index // block_size].long() * block_size + kv_index % block_size
 
 
 def level_layout(
@@ -90,12 +101,12 @@ def level_layout(
     kv_index = full_index - dropped_before[request] - (cum[:-1] - cum[query_start_loc[:-1]][request])
     alive = torch.nonzero(~gone).squeeze(1)
     kv_alive, req_alive = kv_index[alive], request[alive]
-    slots = block_table[req_alive, kv_alive // block_size].long() * block_size + kv_alive % block_size
+    slots = block_slots(block_table, req_alive, kv_alive, block_size)
     alive_lens = q_lens - step_dropped
     qsl = torch.cat([torch.zeros(1, dtype=query_start_loc.dtype, device=device), torch.cumsum(alive_lens, 0)])
     dropped = dropped_before + step_dropped
     return LevelLayout(alive, qsl.to(query_start_loc.dtype), (seq_lens - dropped).to(seq_lens.dtype),
-                       slots, kv_alive, dropped)
+                       slots, kv_alive, req_alive, dropped)
 
 
 @dataclass
@@ -135,7 +146,7 @@ class DeepLayers:
                       for i in range(len(self.stage_layers))]
         self.vllm_config = vllm_config
         self._step: _Step | None = None
-        self._builders: dict[int, Any] = {}
+        self._builders: dict[tuple[int, str], Any] = {}
         self._dropped: torch.Tensor | None = None  # [levels, num_blocks]
         level_of = {k: i + 1 for i, k in enumerate(self.stage_layers)}
         for j in range(self.stage_layers[0], len(layers)):  # the model loop passes one `positions` to all
@@ -214,7 +225,7 @@ class DeepLayers:
         table = self._dropped_table(level, base.block_table)
         first_block = base.block_table[:, 0].long()
         before = torch.where(computed, table[level - 1][first_block], 0)
-        block_size = self._builder(level).kv_cache_spec.block_size
+        block_size = self.vllm_config.cache_config.block_size
         layout = level_layout(base.query_start_loc, base.seq_lens, base.block_table, levels, level, before, block_size)
         table[level - 1][first_block] = layout.dropped
         # Rows of the previous level still alive here (both sorted subsets of the step's rows).
@@ -229,7 +240,7 @@ class DeepLayers:
             positions = (positions if step.level_positions is None else step.level_positions)[..., keep]
         step.level_positions = positions
         step.query_start_loc = layout.query_start_loc
-        self._install(context, level, base, layout)
+        self._install(context, level, base, layout, step.saved[0])
         return (positions, hidden, residual, *args[3:]), kwargs
 
     def _score(self, level: int, step: _Step, computed: torch.Tensor) -> None:
@@ -250,33 +261,42 @@ class DeepLayers:
         scores = dict(zip(requests, torch.split(summed, sizes), strict=True))
         deep_scoring.choose_dropped(self.stages[level - 1], level, scores, qsl, visual, original, rows, step.levels)
 
-    def _install(self, context: Any, level: int, base: Any, layout: LevelLayout) -> None:
+    def _install(self, context: Any, level: int, base: Any, layout: LevelLayout, originals: dict) -> None:
+        """Give the level's layers metadata for `layout`, one build per KV-cache group (the level's
+        layers have groups of their own when `deep_kv` specs are in use; each has its block table)."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         lens = layout.query_start_loc[1:] - layout.query_start_loc[:-1]
-        common = CommonAttentionMetadata(
-            query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc.cpu(),
-            seq_lens=layout.seq_lens, num_reqs=int(layout.seq_lens.shape[0]),
-            num_actual_tokens=int(layout.alive.shape[0]), max_query_len=int(lens.max()) if lens.numel() else 0,
-            max_seq_len=int(base.max_seq_len), block_table_tensor=base.block_table,
-            slot_mapping=layout.slot_mapping, causal=True,
-        )
-        built = self._builder(level).build(0, common)
+        groups: dict[int, list[str]] = {}
         for name in self.names[level - 1]:
-            context.attn_metadata[name] = built
-            context.slot_mapping[name] = layout.slot_mapping
+            groups.setdefault(id(originals[name]), []).append(name)
+        for names in groups.values():
+            table = originals[names[0]].block_table
+            builder = self._builder(level, names)
+            slots = layout.slot_mapping if table is base.block_table else layout.slots(
+                table, builder.kv_cache_spec.block_size)
+            common = CommonAttentionMetadata(
+                query_start_loc=layout.query_start_loc, query_start_loc_cpu=layout.query_start_loc.cpu(),
+                seq_lens=layout.seq_lens, num_reqs=int(layout.seq_lens.shape[0]),
+                num_actual_tokens=int(layout.alive.shape[0]), max_query_len=int(lens.max()) if lens.numel() else 0,
+                max_seq_len=int(base.max_seq_len), block_table_tensor=table, slot_mapping=slots, causal=True,
+            )
+            built = builder.build(0, common)
+            for name in names:
+                context.attn_metadata[name] = built
+                context.slot_mapping[name] = slots
 
-    def _builder(self, level: int) -> Any:
-        if level not in self._builders:
+    def _builder(self, level: int, names: list[str]) -> Any:
+        key = (level, names[0])
+        if key not in self._builders:
             from vllm.forward_context import get_forward_context
             from vllm.model_executor.layers.attention import Attention
 
-            names = self.names[level - 1]
             layer: Attention = get_forward_context().no_compile_layers[names[0]]
             spec = layer.get_kv_cache_spec(self.vllm_config)
             builder_cls = layer.attn_backend.get_builder_cls()
-            self._builders[level] = builder_cls(spec, names, self.vllm_config, layer.kv_cache.device)
-        return self._builders[level]
+            self._builders[key] = builder_cls(spec, names, self.vllm_config, layer.kv_cache.device)
+        return self._builders[key]
 
     def _dropped_table(self, level: int, block_table: torch.Tensor) -> torch.Tensor:
         from vllm.forward_context import get_forward_context
@@ -330,4 +350,22 @@ def install_deep_layers(model: nn.Module, spec: Any, vllm_config: Any, architect
                          "enable_chunked_prefill=False / --no-enable-chunked-prefill (and max_num_batched_tokens >= "
                          "the longest prompt)")
     decoder = model.language_model.model
-    return DeepLayers(decoder.layers, decoder.norm, spec.deep, vllm_config)
+    deep = DeepLayers(decoder.layers, decoder.norm, spec.deep, vllm_config)
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        return deep  # one KV-cache group: the levels compact into the full sequence's blocks
+    from pruneware.integrations.vllm import deep_kv
+
+    deep_kv.use_level_specs(decoder.layers, deep.stage_layers, spec.deep, *item_token_rule(vllm_config.model_config.hf_config))
+    return deep
+
+
+def item_token_rule(hf_config: Any) -> tuple[int, int]:
+    """(tokens of every item before pruning, or 0 when they follow the item's grid; the grid's merge
+    size) for `deep_kv`'s accounting: LLaVA-1.5's CLIP tower gives each image (image_size /
+    patch_size)^2 tokens ([CLS] dropped); Qwen's merger gives t * h * w / merge^2 per item."""
+    vision = hf_config.vision_config
+    merge = getattr(vision, "spatial_merge_size", None)
+    if merge is not None:
+        return 0, int(merge)
+    cls_token = int(getattr(hf_config, "vision_feature_select_strategy", "default") == "full")
+    return (vision.image_size // vision.patch_size) ** 2 + cls_token, 1
