@@ -6,7 +6,8 @@ image's placeholder count is the stage's budget for the vision tower's (g x g) p
 `positions`): each kept token at its original 1-D position and the text after the image where it
 was, or consecutive positions under `compact`; they are served through vLLM's per-request M-RoPE
 path with every rotary pair on one axis. Only CLIP/SigLIP towers (a fixed square grid) are
-supported; Pixtral-HF is refused.
+supported; Pixtral-HF is refused. A vision-side stage (`vitK`, `pre-vit`, CLIP only) runs the tower
+layer by layer with the cut (`vit.ClipViTRunner`); its kept patches are placed the same way.
 """
 
 from __future__ import annotations

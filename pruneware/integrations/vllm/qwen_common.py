@@ -13,6 +13,10 @@ Mixins placed before vLLM's own classes:
   numbers every token consecutively. Encoder CUDA graphs are off: their replay path skips
   `embed_multimodal`.
 
+A vision-side stage (`vitK`, `pre-vit`; Qwen2.5-VL only, which sets `vit`) returns the rows of the
+cut tower instead (`vit.QwenViTRunner`), placed as a `pre` stage's with the same kept units; a
+`pre-vit` stage's placeholder count is read from the item's pixels.
+
 Each variant sets `ARCHITECTURE` and may override `spec_for(hf_config, mm_config)` to refuse
 what it cannot run. This module does not import vllm.
 """
