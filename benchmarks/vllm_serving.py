@@ -6,7 +6,9 @@ concurrent OpenAI chat-completions clients (streamed, so time to first token is 
 
 Per plan and concurrency: requests/s, TTFT p50/p99, and KV-cache tokens per request (prompt +
 generated, from each response's `usage`), cross-checked against the server's /metrics prompt-token
-counter; ratios are to the unpruned row at the same concurrency. Questions and images come from
+counter; ratios are to the unpruned row at the same concurrency. Peak KV-cache usage is the highest
+`vllm:kv_cache_usage_perc` (the KV-cache manager's used share of its block pool) polled from
+/metrics during the run: in-LLM stages shrink it, not the prompt tokens. Questions and images come from
 `make_split("eval", n, seed=0)`, sent as base64 PNGs, each image once per server (so no cache serves
 it); temperature 0. `--load-format dummy` serves
 random weights of the model's real shapes (see benchmarks/serving_shapes.py for 7B config folders).
@@ -168,13 +170,26 @@ def drive(server: Server, prompts: list[list[dict]], concurrency: int, n: int, m
             with lock:
                 results.append(out)
 
+    peak, done = [0.0], threading.Event()
+
+    def poll_usage() -> None:
+        while not done.wait(0.05):
+            try:
+                peak[0] = max(peak[0], server.metric("vllm:kv_cache_usage_perc"))
+            except OSError:
+                pass
+
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    poller = threading.Thread(target=poll_usage)
+    poller.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    done.set()
+    poller.join()
     if errors:
         raise RuntimeError(f"{len(errors)} of {n} requests failed, first: {errors[0]}")
     ttfts = sorted(r["ttft"] for r in results)
@@ -183,20 +198,21 @@ def drive(server: Server, prompts: list[list[dict]], concurrency: int, n: int, m
     generated = sum(r["usage"]["completion_tokens"] for r in results) / n
     return {"concurrency": concurrency, "requests": n, "seconds": round(wall, 3), "requests_per_s": n / wall,
             "ttft_p50_ms": pct(0.5) * 1e3, "ttft_p99_ms": pct(0.99) * 1e3, "prompt_tokens": prompt,
-            "generated_tokens": generated, "kv_tokens": prompt + generated,
+            "generated_tokens": generated, "kv_tokens": prompt + generated, "peak_kv_usage": peak[0],
             "metrics_prompt_tokens": (server.metric("vllm:prompt_tokens_total") - before) / n}
 
 
 def table(rows: list[dict]) -> str:
     base = {r["concurrency"]: r for r in rows if r["plan"] == "none"}
-    ratio = lambda r, k: f" ({r[k] / base[r['concurrency']][k]:.2f}x)" if r["concurrency"] in base else ""  # noqa: E731
+    ratio = lambda r, k: (f" ({r[k] / base[r['concurrency']][k]:.2f}x)"  # noqa: E731
+                          if base.get(r["concurrency"], {}).get(k) else "")
     out = ["| plan | clients | requests | req/s | TTFT p50 ms | TTFT p99 ms | KV tokens/request (prompt + generated) "
-           "| /metrics prompt tokens/request |", "|---|---|---|---|---|---|---|---|"]
+           "| /metrics prompt tokens/request | peak KV-cache usage |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['plan']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f}{ratio(r, 'requests_per_s')} "
                    f"| {r['ttft_p50_ms']:.0f}{ratio(r, 'ttft_p50_ms')} | {r['ttft_p99_ms']:.0f}{ratio(r, 'ttft_p99_ms')} "
                    f"| {r['prompt_tokens']:.1f} + {r['generated_tokens']:.1f} = {r['kv_tokens']:.1f}{ratio(r, 'kv_tokens')} "
-                   f"| {r['metrics_prompt_tokens']:.1f} |")
+                   f"| {r['metrics_prompt_tokens']:.1f} | {100 * r.get('peak_kv_usage', 0):.2f}%{ratio(r, 'peak_kv_usage')} |")
     return "\n".join(out)
 
 
