@@ -206,3 +206,29 @@ def test_vit_depth_is_checked(tiny):
         _load(tiny["qwen"], QWEN, "random@vit3:0.5")
     with pytest.raises(PlanError, match="vision tower runs 2 layers"):
         _load(tiny["llava"], LLAVA, "random@vit2:0.5")
+
+
+def _video(frames: int = 4, size=(56, 84)):
+    """4 frames -> 2 temporal patches of (2 x 3) units."""
+    array = np.random.default_rng(2).integers(0, 255, (frames, *size, 3), dtype=np.uint8)
+    meta = {"fps": 2.0, "duration": frames / 2.0, "total_num_frames": frames,
+            "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
+    return array, meta
+
+
+@pytest.mark.parametrize("plan", ["random@vit1:1.0", "divprune@vit2:2"])
+def test_qwen_video_frames_keep_their_budget_each(tiny, plan):
+    """In vLLM the budget applies per frame (as for every stage): 2 units of each temporal patch."""
+    config = model_config(tiny["qwen"], {"architectures": [QWEN], "pruneware": {"plan": plan}})
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    out = processor("w1 <|vision_start|><|video_pad|><|vision_end|>", processor.info.parse_mm_data({"video": [_video()]}))
+    model = _load(tiny["qwen"], QWEN, plan)
+    (got,) = _embed(model, out)
+    rows, offsets, _, _ = split_offsets(got)
+    (ref,) = _embed(model, out, VllmQwen.embed_multimodal)
+    if plan.endswith("1.0"):
+        torch.testing.assert_close(rows, ref, rtol=0, atol=1e-6)
+        return
+    assert rows.shape[0] == out["mm_placeholders"]["video"][0].length == 2 * 2
+    within = offsets[:, 1] * 3 + offsets[:, 2]  # each frame's two kept units, in order
+    assert within[:2].tolist() == sorted(within[:2].tolist()) and within[2:].tolist() == sorted(within[2:].tolist())
