@@ -41,6 +41,7 @@ class StageTemplate:
     decay: float = 1.0
     positions: PositionsMode = "keep"
     relative: bool = False
+    params: tuple = ()  # the policy's parameters, as `Stage.params` (a user plan's `[key=value]`)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Preset:
         modes = [t.positions if rope == "1d" else "keep" for t in preset.stages]
         if avg_tokens is None:
             return Plan(tuple(
-                Stage(t.policy, w, t.ratio, m, relative=t.relative)
+                Stage(t.policy, w, t.ratio, m, t.params, relative=t.relative)
                 for t, w, m in zip(preset.stages, wheres, modes, strict=True)
             ))
         if n_visual is None or n_visual < 1:
@@ -93,7 +94,7 @@ class Preset:
             [t.decay for t in preset.stages], n_visual, n_layers, avg_tokens, self.name, preset.after,
         )
         return Plan(tuple(
-            Stage(t.policy, w, c, m) for t, w, c, m in zip(preset.stages, wheres, counts, modes, strict=True)
+            Stage(t.policy, w, c, m, t.params) for t, w, c, m in zip(preset.stages, wheres, counts, modes, strict=True)
         ))
 
 
@@ -158,7 +159,8 @@ def user_template(plan: Plan, n_layers: int) -> Preset:
     plan.validate_for(n_layers, "1d")
     stages = tuple(
         StageTemplate(
-            s.policy, None if s.where == "pre" else round(s.layer * 32 / n_layers) or 1, 0.5, float(i + 1), s.positions
+            s.policy, None if s.where == "pre" else round(s.layer * 32 / n_layers) or 1, 0.5, float(i + 1), s.positions,
+            params=s.params,
         )
         for i, s in enumerate(plan.stages)
     )

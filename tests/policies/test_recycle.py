@@ -179,3 +179,18 @@ def test_eval_plan_lists_keep_a_policys_parameters_together():
         "fastv", "divprune[recycle=context;contexts=3]@pre:0.5"]
     one = "divprune[recycle=nearest;recycle_weight=0.5]@pre:158,divprune@1:79"
     assert split_plans(one) == [one]
+
+
+def test_avg_tokens_keeps_a_plans_policy_parameters():
+    """A budget-free plan solved by avg_tokens runs the policy with its [params] (recycling included)."""
+    from pruneware.plans.presets import user_template
+
+    template = user_template(Plan.parse("divprune[recycle=context;contexts=0.05]@pre,random[recycle=nearest]@3"), 6)
+    solved = template.build(6, 64, 576)
+    assert [dict(s.params) for s in solved.stages] == [{"recycle": "context", "contexts": 0.05}, {"recycle": "nearest"}]
+    model, samples = model_and_samples("llava")
+    with pruneware.prune(model, "divprune[recycle=nearest]@pre", avg_tokens=8) as run, torch.no_grad():
+        got = model(**samples[0]).logits[0, -1]
+    with pruneware.prune(model, "divprune@pre", avg_tokens=8), torch.no_grad():
+        plain = model(**samples[0]).logits[0, -1]
+    assert run.report.stages[0].n_after == [8] and not torch.allclose(got, plain)
