@@ -8,7 +8,8 @@ their own view of it, rebuilt at the level's first layer in the middle of the st
 
 - the level's KV sequence is the request's tokens minus those dropped so far, **compacted**:
   token t of a request sits at KV index c = t - (tokens of that request dropped before it), in
-  the same blocks (c <= t, so the blocks vLLM allocated for the full sequence hold it);
+  the blocks of the level's own KV-cache groups, which `deep_kv` sizes for the kept tokens
+  (without the hybrid KV-cache manager, in the full sequence's blocks: c <= t);
 - its query rows are the step's tokens still alive; `query_start_loc`, `seq_lens` and the slot
   mapping are rebuilt from the group's own metadata and handed to the backend's own metadata
   builder, so every backend that builds from `CommonAttentionMetadata` works unchanged;

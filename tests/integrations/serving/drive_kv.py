@@ -6,7 +6,8 @@ Runs one engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, so the sche
 reachable), submits `n` synthetic questions together, steps the engine until every prompt is
 prefilled, and prints one JSON line: the KV-cache groups (layer names, spec class, level), the
 blocks each request holds in each group right after its prefill, its prompt length, the block
-size, the block pool's usage, and the greedy answers (max_tokens tokens).
+size, the block pool's peak usage, each request's image placeholder count, and the greedy answers
+(max_tokens tokens). "sizes" resizes the images (cycled), so requests of one batch differ.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main() -> None:
 
     args = json.loads(sys.argv[1])
     items = make_split("eval", args["n"], seed=args.get("split_seed", 0))
+    sizes = args.get("sizes")  # [[width, height], ...] cycled over the items: images of different sizes
+    for i, item in enumerate(items if sizes else ()):
+        item.image = item.image.resize(tuple(sizes[i % len(sizes)]))
     llm = build_llm(args["model"], args["plan"], seed=args.get("seed", 0), **args.get("engine", {}))
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
@@ -40,6 +44,7 @@ def main() -> None:
     usage = 0.0
     texts: dict[str, str] = {}
     prompt_lengths: dict[str, int] = {}
+    visual: dict[str, int] = {}
     while engine.has_unfinished_requests():
         outputs = engine.step()
         for rid, req in list(scheduler.requests.items()):
@@ -47,6 +52,7 @@ def main() -> None:
             if name not in blocks and req.num_computed_tokens >= req.num_prompt_tokens:
                 blocks[name] = [len(b) for b in manager.get_block_ids(rid)]
                 prompt_lengths[name] = req.num_prompt_tokens
+                visual[name] = sum(f.mm_position.get_num_embeds() for f in req.mm_features)
         usage = max(usage, manager.usage)
         for out in outputs:
             if out.finished:
@@ -55,6 +61,7 @@ def main() -> None:
     print(json.dumps({
         "groups": groups, "block_size": manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
         "blocks": [blocks.get(r) for r in order], "prompt_lengths": [prompt_lengths.get(r) for r in order],
+        "visual_tokens": [visual.get(r) for r in order],
         "peak_usage": usage, "answers": [texts.get(r) for r in order],
     }), flush=True)
 

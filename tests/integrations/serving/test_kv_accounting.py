@@ -3,9 +3,11 @@
 On the real vLLM CPU engine (`drive_kv`): the layers of each pruned level form KV-cache groups of
 their own (`deep_kv.DeepLevelSpec`), and right after its prefill a request holds
 ceil(prompt / block) blocks in the unpruned layers' group and ceil((prompt - dropped) / block) in
-each level's groups, dropped being what the plan removes of the image's 576 tokens by that level.
-The engine's peak block usage falls below the unpruned engine's for the same requests. Answers are
-checked against the HF path in `test_in_llm.py` (the same engines build these groups)."""
+each level's groups, dropped being what the plan removes of the image's tokens by that level
+(computed here from the budgets by hand). On Qwen the images of one batch have different sizes, so
+each request drops a different count. The engine's peak block usage falls below the unpruned
+engine's for the same requests. Answers are checked against the HF path in `test_in_llm.py` (the
+same engines build these groups)."""
 
 from __future__ import annotations
 
@@ -17,25 +19,29 @@ from tests.integrations.serving.conftest import run_driver
 
 pytestmark = pytest.mark.slow
 N = 6
-VISUAL = 576  # both tiny models see 24 x 24 tokens per image
-# plan -> (first layer of each level, visual tokens alive at each level), computed by hand from the budgets
+SIZES = {"tiny-llava": None, "tiny-qwen2.5-vl": [[336, 336], [448, 280], [224, 392]]}
+# plan -> (first layer of each level, share of an image's tokens alive at each level)
 CASES = {
-    ("tiny-llava", "random@4:0.25"): ([4], [144]),
-    ("tiny-llava", "pdrop@2:0.5,pdrop@4:0.25,pdrop@6:0.1"): ([2, 4, 6], [288, 144, 58]),
-    ("tiny-qwen2.5-vl", "fastv@2:0.1"): ([2], [58]),  # 6 deep layers: vLLM splits them over 3 groups
+    ("tiny-llava", "random@4:0.25"): ([4], [0.25]),
+    ("tiny-llava", "pdrop@2:0.5,pdrop@4:0.25,pdrop@6:0.1"): ([2, 4, 6], [0.5, 0.25, 0.1]),
+    ("tiny-qwen2.5-vl", "fastv@2:0.1"): ([2], [0.1]),  # 6 deep layers: vLLM splits them over 3 groups
+    ("tiny-qwen2.5-vl", "random@4:0.25"): ([4], [0.25]),
 }
+
+
+def drive(python, model: str, plan: str) -> dict:
+    return run_driver(python, "tests.integrations.serving.drive_kv", {"model": model, "plan": plan, "n": N, "sizes": SIZES[model]})
 
 
 @pytest.fixture(scope="module")
 def unpruned(vllm_python):
-    return {model: run_driver(vllm_python, "tests.integrations.serving.drive_kv", {"model": model, "plan": "none", "n": N})
-            for model in ("tiny-llava", "tiny-qwen2.5-vl")}
+    return {model: drive(vllm_python, model, "none") for model in SIZES}
 
 
 @pytest.mark.parametrize(("model", "plan"), list(CASES))
 def test_deep_levels_hold_blocks_for_the_tokens_they_keep(vllm_python, unpruned, model, plan):
     starts, alive = CASES[(model, plan)]
-    out = run_driver(vllm_python, "tests.integrations.serving.drive_kv", {"model": model, "plan": plan, "n": N})
+    out = drive(vllm_python, model, plan)
     block = out["block_size"]
     layer_level = {}
     for group in out["groups"]:
@@ -45,12 +51,15 @@ def test_deep_levels_hold_blocks_for_the_tokens_they_keep(vllm_python, unpruned,
         expected = sum(layer >= start for start in starts)
         assert level == expected, f"layer {layer} is in a level-{level} group, expected level {expected}"
         assert spec == ("FullAttentionSpec" if expected == 0 else "DeepLevelSpec")
-    for blocks, prompt in zip(out["blocks"], out["prompt_lengths"], strict=True):
+    for blocks, prompt, visual in zip(out["blocks"], out["prompt_lengths"], out["visual_tokens"], strict=True):
         per_group = {}
         for group, count in zip(out["groups"], blocks, strict=True):
             per_group.setdefault(group["level"], set()).add(count)
         assert per_group[0] == {math.ceil(prompt / block)}
-        for level, kept in enumerate(alive, start=1):
-            assert per_group[level] == {math.ceil((prompt - (VISUAL - kept)) / block)}, (level, per_group, prompt)
+        for level, share in enumerate(alive, start=1):
+            kept = max(1, round(share * visual))
+            assert per_group[level] == {math.ceil((prompt - (visual - kept)) / block)}, (level, per_group, prompt, visual)
+    if SIZES[model]:
+        assert len(set(out["visual_tokens"])) == len(SIZES[model])
     assert out["peak_usage"] < unpruned[model]["peak_usage"]
     assert out["prompt_lengths"] == unpruned[model]["prompt_lengths"]  # in-LLM stages keep every placeholder
