@@ -7,7 +7,9 @@ call keeps as many: they have the same size and budget). `vision_feature_layer` 
 from the kept rows (or, when it lies before K, from the full rows, of which the kept ones are
 taken); the projector runs on the kept rows only and its output is spread back over the
 image's 576 slots (zeros elsewhere), so the placeholders still line up. The hidden states the
-tower returns for layers >= K have 1 + k rows.
+tower returns for layers >= K have 1 + k rows. With several vision-side stages, each later cut
+keeps a subset of the earlier one's patches (`parent`), and the feature layer is read from the
+rows of whichever cut its layer ran under.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from pruneware.errors import PlanError
 
 @dataclass
 class ClipCut:
-    """keep: [n * h * w] bool, row-major per image; index: [n, 1 + k] the rows kept ([CLS] first)."""
+    """keep: [n * h * w] bool, row-major per image; index: [n, 1 + k] the rows kept ([CLS] first);
+    parent: the earlier cut whose rows this one's layer receives (None: the full rows)."""
 
     keep: torch.Tensor
     index: torch.Tensor
+    parent: ClipCut | None = None
 
 
 class ClipVisionCut:
@@ -69,9 +73,28 @@ class ClipVisionCut:
     def units(self, grid: torch.Tensor) -> list[tuple[int, int, int]]:
         return [tuple(row) for row in grid.tolist()]  # type: ignore[misc]
 
-    def unit_features(self, hidden: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """[n * h * w, d] the patches' states ([CLS] left out); hidden [n, 1 + h*w, d]."""
-        return hidden[:, 1:].float().reshape(-1, hidden.shape[-1])
+    def unit_features(self, hidden: torch.Tensor, grid: torch.Tensor, cut: ClipCut | None = None) -> torch.Tensor:
+        """[n * h * w, d] the patches' states ([CLS] left out); hidden [n, 1 + h*w, d], or (after
+        `cut`) [n, 1 + k, d] its kept rows, the other patches' states zeros."""
+        patches = hidden[:, 1:].float()
+        if cut is not None:
+            full = patches.new_zeros(hidden.shape[0], int(grid[0, 1] * grid[0, 2]), hidden.shape[-1])
+            rows = (cut.index[:, 1:] - 1).to(hidden.device)
+            patches = full.scatter(1, rows[..., None].expand(-1, -1, hidden.shape[-1]), patches)
+        return patches.reshape(-1, hidden.shape[-1])
+
+    def full_parts(self, cut: ClipCut | None, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+        """One layer's [CLS] attention reads ([n, k] scores, [n, k, d] keys), laid over every patch
+        (zeros on the patches `cut` dropped), as `vision_image_scores` reads them."""
+        if cut is None:
+            return parts
+        scores, keys = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        rows = (cut.index[:, 1:] - 1).to(scores.device)
+        n = self.side * self.side
+        full_scores = scores.new_zeros(scores.shape[0], n).scatter(1, rows, scores)
+        full_keys = keys.new_zeros(keys.shape[0], n, keys.shape[-1]).scatter(
+            1, rows[..., None].expand(-1, -1, keys.shape[-1]), keys)
+        return [(full_scores, full_keys)]
 
     def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n * h * w, C * P * P] each patch's pixels, row-major."""
@@ -80,17 +103,23 @@ class ClipVisionCut:
         x = pixels.float().view(n, c, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(-1, c * p * p)
 
-    def cut(self, grid: torch.Tensor, keep: torch.Tensor) -> ClipCut:
+    def cut(self, grid: torch.Tensor, keep: torch.Tensor, parent: ClipCut | None = None) -> ClipCut:
         per_image = keep.view(grid.shape[0], -1)
         counts = per_image.sum(dim=1).tolist()
         if len(set(counts)) > 1:
             raise ValueError(f"the images of one CLIP call must keep as many patches each, got {counts}")
         patches = per_image.nonzero()[:, 1].view(grid.shape[0], -1) + 1
         cls = torch.zeros(grid.shape[0], 1, dtype=torch.long, device=keep.device)
-        return ClipCut(keep, torch.cat([cls, patches], dim=1))
+        return ClipCut(keep, torch.cat([cls, patches], dim=1), parent)
 
     def cut_hidden(self, cut: ClipCut, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.gather(1, cut.index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+        """[n, rows, d] -> [n, 1 + k, d] the kept rows; `rows` is the full 1 + h*w, or as many as
+        an earlier cut of the chain kept (the feature layer may lie under any of them)."""
+        source = cut.parent
+        while source is not None and source.index.shape[1] != hidden.shape[1]:
+            source = source.parent
+        index = cut.index if source is None else torch.searchsorted(source.index, cut.index)
+        return hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
 
     def block_kwargs(self, cut: ClipCut, block: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {}  # CLIP's layers take no per-row kwargs (its mask is None)
@@ -115,14 +144,18 @@ class ClipVisionCut:
 
         return [self.projector.register_forward_pre_hook(before), self.projector.register_forward_hook(after)]
 
-    def call_flops(self, grid: torch.Tensor, block: int, cut: ClipCut | None) -> list[float]:
+    def call_flops(self, grid: torch.Tensor, cuts: list[tuple[int, ClipCut]]) -> list[float]:
+        """Per image, the FLOPs of a call whose layers ran on every patch until the first cut, and
+        from each cut's layer on (the projector after the last) on that cut's. cuts: (layer, cut) in order."""
         n_patches = self.side * self.side
-        kept = n_patches if cut is None else cut.index.shape[1] - 1
-        tokens = [n_patches + 1 if b < block else kept + 1 for b in range(self.depth)]
+        tokens = [n_patches + 1] * self.depth
+        for block, cut in cuts:
+            tokens[block:] = [cut.index.shape[1]] * (self.depth - block)
+        kept = n_patches if not cuts else cuts[-1][1].index.shape[1] - 1
         text_hidden = self.config.text_config.hidden_size
         return [clip_cut_flops(self.vc, self.vc.hidden_size, text_hidden, n_patches, tokens, kept)] * grid.shape[0]
 
 
-def _shift(cut: ClipCut) -> ClipCut:
-    """The same cut over features without [CLS]: indices of the kept patches only."""
-    return ClipCut(cut.keep, cut.index[:, 1:] - 1)
+def _shift(cut: ClipCut | None) -> ClipCut | None:
+    """The same cut (and chain) over features without [CLS]: indices of the kept patches only."""
+    return None if cut is None else ClipCut(cut.keep, cut.index[:, 1:] - 1, _shift(cut.parent))

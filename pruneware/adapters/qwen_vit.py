@@ -11,6 +11,8 @@ After the merger the kept tokens are spread back over every unit's slot (zeros e
 the tower's own un-permute and the language model's placeholders still line up (Qwen3-VL's DeepStack
 taps after the cut read the kept rows, and are spread the same way); the engine then
 drops the other slots as a `pre` stage with the same kept set would.
+Several vision-side stages in one plan cut in turn: each later cut keeps a subset of the
+earlier one's units (`cut(..., parent=)`) and takes its rows from the rows the earlier cut left.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class TowerCut:
         cu_full, cu_window: int32 boundaries of the kept rows' attention sequences (per frame,
             per window; empty ones dropped); cu_window is None for Qwen2-VL.
         position_embeddings: (cos, sin) [k * unit, d], sliced once at the first cut block.
+        parent: the earlier cut of the same call whose rows this one's block receives (None: the full rows).
     """
 
     keep: torch.Tensor
@@ -44,6 +47,7 @@ class TowerCut:
     cu_full: torch.Tensor
     cu_window: torch.Tensor | None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    parent: TowerCut | None = None
 
 
 def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
@@ -96,21 +100,37 @@ class QwenVisionCut:
         v = self.visual
         return get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
 
-    def unit_features(self, hidden: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """[n_units, d] the mean of each unit's patch rows, row-major; hidden [n_units * unit, d] in tower order."""
+    def unit_features(self, hidden: torch.Tensor, grid: torch.Tensor, cut: TowerCut | None = None) -> torch.Tensor:
+        """[n_units, d] the mean of each unit's patch rows, row-major; hidden [n_units * unit, d] in
+        tower order, or (after `cut`) [k * unit, d] its kept rows, the other units' rows zeros."""
         feats = hidden.float().view(-1, self.unit, hidden.shape[-1]).mean(dim=1)
         order = self.order(grid)[0]
+        if cut is not None:
+            pos = cut.kept_pos.to(feats.device)
+            row_major = pos if order is None else order.to(feats.device)[pos]
+            return feats.new_zeros(cut.keep.shape[0], feats.shape[-1]).index_copy_(0, row_major, feats)
         if order is None:
             return feats
         return torch.empty_like(feats).index_copy_(0, order.to(feats.device), feats)
+
+    def full_parts(self, cut: TowerCut | None, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+        """One block's attention reads (`vision_call_scores` per call), laid over every patch row of
+        the call in tower order (zeros on the rows `cut` dropped), as `vision_image_scores` reads them."""
+        if cut is None:
+            return parts
+        scores, keys = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        rows, n = cut.rows.to(scores.device), cut.keep.shape[0] * self.unit
+        return [(scores.new_zeros(n).index_copy_(0, rows, scores),
+                 keys.new_zeros(n, keys.shape[-1]).index_copy_(0, rows, keys))]
 
     def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n_units, unit * C * tp * P * P] each unit's raw patches: the processor already
         orders patches unit by unit, row-major (as `resize_pixels` reads them)."""
         return pixels.float().reshape(-1, self.unit * pixels.shape[-1])
 
-    def cut(self, grid: torch.Tensor, keep: torch.Tensor) -> TowerCut:
-        """The cut that keeps the units `keep` ([n_units] bool, row-major) of a call on `grid`."""
+    def cut(self, grid: torch.Tensor, keep: torch.Tensor, parent: TowerCut | None = None) -> TowerCut:
+        """The cut that keeps the units `keep` ([n_units] bool, row-major) of a call on `grid`
+        (a subset of `parent`'s, when an earlier stage of the call cut the tower first)."""
         device = keep.device
         order, cu_windows = self.order(grid)
         keep_tower = keep if order is None else keep[order.to(device)]
@@ -124,11 +144,15 @@ class QwenVisionCut:
             bounds = cu_windows.to(device).long() // self.unit  # window boundaries in units, tower order
             window_of_pos = torch.searchsorted(bounds[1:], kept_pos, right=True)
             cu_window = _lengths_to_cu(torch.bincount(window_of_pos, minlength=len(bounds) - 1) * self.unit)
-        return TowerCut(keep, kept_pos, rows, cu_full.to(torch.int32), cu_window)
+        return TowerCut(keep, kept_pos, rows, cu_full.to(torch.int32), cu_window, parent=parent)
 
     def cut_hidden(self, cut: TowerCut, hidden: torch.Tensor) -> torch.Tensor:
-        """[n_rows, d] in the tower's order -> the kept rows."""
-        return hidden[cut.rows.to(hidden.device)]
+        """[n_rows, d] in the tower's order (or the rows `cut.parent` kept) -> the kept rows."""
+        if cut.parent is None:
+            return hidden[cut.rows.to(hidden.device)]
+        local = torch.searchsorted(cut.parent.kept_pos, cut.kept_pos)  # kept units among the parent's
+        rows = (local[:, None] * self.unit + torch.arange(self.unit, device=local.device)).reshape(-1)
+        return hidden[rows.to(hidden.device)]
 
     def block_kwargs(self, cut: TowerCut, block: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         """What block `block` (>= the cut) receives instead of the loop's full-size kwargs."""
@@ -158,36 +182,38 @@ class QwenVisionCut:
         full = merged.new_zeros(cut.keep.shape[0], merged.shape[-1])
         return full.index_copy_(0, cut.kept_pos, merged)
 
-    def call_flops(self, grid: torch.Tensor, block: int, cut: TowerCut | None) -> list[float]:
-        """Per image, the FLOPs of a call that ran blocks[:block] on every unit and the rest
-        (and the merger) on the kept units of `cut` (None: nothing cut)."""
+    def call_flops(self, grid: torch.Tensor, cuts: list[tuple[int, TowerCut]]) -> list[float]:
+        """Per image, the FLOPs of a call whose blocks ran on every unit until the first cut, and
+        from each cut's block on (the merger after the last) on that cut's kept units.
+        cuts: (block, cut) in the order they ran (empty: nothing cut)."""
         out, start = [], 0
-        order, cu_windows = self.order(grid)
         window_units = self.tower.window_units
         for t, hh, ww in self.units(grid):
             n = t * hh * ww
-            keep = None if cut is None else cut.keep[start : start + n].view(t, hh, ww)
+            states = [(-1, None)] + [(block, cut.keep[start : start + n].view(t, hh, ww)) for block, cut in cuts]
             start += n
-            full_before = [hh * ww * self.unit] * t
-            windows_before = [s * self.unit for s in _window_units(hh, ww, window_units)] * t if self.windowed else None
-            if keep is None:
-                full_after, windows_after, merged = full_before, windows_before, n
-            else:
-                full_after = [int(k.sum()) * self.unit for k in keep]
-                windows_after = None
+            lengths = []  # per state: (per frame rows, per window rows or None, units kept)
+            for _, keep in states:
+                if keep is None:
+                    full = [hh * ww * self.unit] * t
+                    windows = [s * self.unit for s in _window_units(hh, ww, window_units)] * t if self.windowed else None
+                    lengths.append((full, windows, n))
+                    continue
+                windows = None
                 if self.windowed:
-                    windows_after = [int(keep[f, i:i + window_units, j:j + window_units].sum()) * self.unit
-                                     for f in range(t) for i in range(0, hh, window_units)
-                                     for j in range(0, ww, window_units)]
-                merged = int(keep.sum())
+                    windows = [int(keep[f, i:i + window_units, j:j + window_units].sum()) * self.unit
+                               for f in range(t) for i in range(0, hh, window_units) for j in range(0, ww, window_units)]
+                lengths.append(([int(k.sum()) * self.unit for k in keep], windows, int(keep.sum())))
+
+            def at(block: int) -> int:  # the state block `block` ran in: the last cut at or before it
+                return max(i for i, (b, _) in enumerate(states) if b <= block)
+
             sequences = []
             for b in range(self.depth):
-                before = b < block
-                full = (full_before if before else full_after)
-                windows = (windows_before if before else windows_after)
+                full, windows, _ = lengths[at(b)]
                 sequences.append(full if (b in self.full_blocks or windows is None) else windows)
-            taps = [n if tap < block else merged for tap in self.taps]  # DeepStack mergers, before or after the cut
-            out.append(qwen_tower_flops(self.config, self.tower, n * self.unit, sequences, [merged, *taps]))
+            taps = [lengths[at(tap)][2] for tap in self.taps]  # DeepStack mergers read what their block held
+            out.append(qwen_tower_flops(self.config, self.tower, n * self.unit, sequences, [lengths[-1][2], *taps]))
         return out
 
 

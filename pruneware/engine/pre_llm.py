@@ -149,7 +149,7 @@ def prefill_inputs(
     state: RequestState, adapter: Adapter, kwargs: dict, embeds: torch.Tensor, positions: torch.Tensor | None,
     mask: torch.Tensor | None, kind: masks.MaskKind, records_lm_input: bool,
     run_pre: Callable[[Stage, Level, torch.Tensor], Selection],
-    vision_keep: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+    vision_keep: Callable[[torch.Tensor], list[list[torch.Tensor]]] | None = None,
 ) -> dict:
     """The language model's kwargs at prefill: level 0 set up, and the `pre` stage run if the plan has one.
 
@@ -157,8 +157,8 @@ def prefill_inputs(
     static cache); records_lm_input: keep the (pruned) input for policies that rate text;
     run_pre(stage, level, hidden): the `pre` stage's selection on a level (the root, or what a
     vision-side stage left) whose states are hidden [B, Ls, D];
-    vision_keep(visual [B, L] bool): per sample, the visual slots a vision-side stage kept, which
-    enter as a `pre` stage keeping them would (None: the plan has no vision-side stage).
+    vision_keep(visual [B, L] bool): per vision-side stage, per sample, the visual slots it kept;
+    the last stage's enter as a `pre` stage keeping them would (None: the plan has no vision-side stage).
     """
     prefill, decode = state.prefill, state.decode
     decode.input_length = decode.q_length = embeds.shape[1]
@@ -181,15 +181,16 @@ def prefill_inputs(
         prefill.lm_embeds = embeds if records_lm_input else None
         return kwargs
     base = root
-    if vision_keep is not None:  # the slots a vision-side stage kept, as a `pre` stage would keep them
-        vision_stage = state.plan.vision[-1]
-        kept = vision_keep(root.visual)
-        base = next_level(root, kept)
+    if vision_keep is not None:  # the slots the vision-side stages kept, as a `pre` stage would keep them
         originals = [row[ok] for row, ok in zip(root.orig, root.visual, strict=True)]
-        prefill.report.stages.append(StageReport(
-            vision_stage.where, vision_stage.policy, [o[k] for o, k in zip(originals, kept, strict=True)],
-            list(prefill.n_visual), [k.numel() for k in kept],
-        ))
+        n_before = list(prefill.n_visual)
+        for vision_stage, kept in zip(state.plan.vision, vision_keep(root.visual), strict=True):  # one report each
+            prefill.report.stages.append(StageReport(
+                vision_stage.where, vision_stage.policy, [o[k] for o, k in zip(originals, kept, strict=True)],
+                n_before, [k.numel() for k in kept],
+            ))
+            n_before = [k.numel() for k in kept]
+        base = next_level(root, kept)
     if pre is None:
         selection = Selection([k for k in kept], None, prefill.report.stages[-1])
         level, pre = base, vision_stage

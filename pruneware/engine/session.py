@@ -156,7 +156,7 @@ class Session:
         """Hooks on the vision tower when the `pre` policy reads it (see vision_tower_reads.py)."""
         vision = self.source.plan_for(NOMINAL_VISUAL_TOKENS, strict=False).vision
         if vision:  # a vision-side stage (see vit_stages.py)
-            self._vit = VisionStages(self.model, self.adapter, vision[0], self._vit_policies[0], self.seed * 1_000_003 - 1)
+            self._vit = VisionStages(self.model, self.adapter, vision, self._vit_policies, self.seed * 1_000_003 - 1)
             self._handles.extend(self._vit.install())
         read, resize = self._vision_reads
         if read or resize:

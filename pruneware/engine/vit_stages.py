@@ -19,11 +19,17 @@ At the language model's input (`pruneware.engine.pre_llm`), `language_model_keep
 recorded units into the kept visual positions, which enter as a `pre` stage's would.
 `pre-vit` cuts before block 0: the patch embedding (one linear map per patch) still runs on
 every patch, and is counted so.
+A plan may hold several vision-side stages (`pre-vit`, then `vitK` in increasing K): each cuts
+in turn, choosing among the units the earlier ones kept (the others reach its policy as
+invalid rows, with their image's budget taken from its own unit count, capped by what is left),
+and the report holds one entry per stage. A later stage that reads the tower's attention reads
+it over the rows then alive.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,9 +46,10 @@ from pruneware.policies import Policy, StageInput, policy_names
 
 @dataclass
 class KeptUnits:
-    """One encoder call: per image (call order), [t * hh * ww] bool, row-major, frame after frame."""
+    """One encoder call: per vision-side stage, per image (call order), [t * hh * ww] bool,
+    row-major, frame after frame."""
 
-    keep: list[torch.Tensor]
+    keep: list[list[torch.Tensor]]
 
 
 def check_vision_stages(stages: tuple[Stage, ...], policies: list[Policy], adapter: Adapter) -> None:
@@ -70,8 +77,6 @@ def check_vision_stages(stages: tuple[Stage, ...], policies: list[Policy], adapt
                 f"stage {stage}: {stage.policy!r} reads the attention of a full-attention vision block before "
                 f"block {stage.vit_block}; this tower's are {sorted(cut.full_blocks)}: put the stage after one"
             )
-    if len(stages) > 1:
-        raise PlanError(f"one vision-side stage per plan, got {', '.join(str(s) for s in stages)}")
 
 
 def score_block(cut: Any, stage: Stage) -> int | None:
@@ -83,12 +88,16 @@ def score_block(cut: Any, stage: Stage) -> int | None:
 
 
 class VisionStages:
-    """The hooks of one session's vision-side stage (see the module docstring)."""
+    """The hooks of one session's vision-side stages (see the module docstring); stages in plan
+    order, each with its policy. Stage i draws with seed - i * 1_000_003 (the first: `seed`)."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, stage: Stage, policy: Policy, seed: int):
-        self.model, self.adapter, self.stage, self.policy, self.seed = model, adapter, stage, policy, seed
+    def __init__(self, model: nn.Module, adapter: Adapter, stages: Sequence[Stage], policies: Sequence[Policy],
+                 seed: int):
+        self.model, self.adapter, self.seed = model, adapter, seed
+        self.stages, self.policies = tuple(stages), tuple(policies)
         self.cut = adapter.vision_cut()
-        self.block = int(stage.vit_block)  # type: ignore[arg-type]
+        self.blocks = [int(s.vit_block) for s in self.stages]  # type: ignore[arg-type]
+        self.block = self.blocks[0]
         self.encoder = adapter.vision_encoder()
         # context-local (threads, tasks), in the tracker's shared slots so that no session leaves a
         # ContextVar behind; each is emptied once read
@@ -97,8 +106,9 @@ class VisionStages:
         self._flops = _ContextSlot(())  # per image, what the calls ran
         self._types = _ContextSlot(None)  # [B, L] token types of the prefill that follows encoder calls
         self.capture: VisionAttentionCapture | None = None
-        block = score_block(self.cut, stage) if "attention" in policy.needs.vision else None
-        self.target = None if block is None else self.cut.attention(block)
+        scored = [score_block(self.cut, s) if "attention" in p.needs.vision else None
+                  for s, p in zip(self.stages, self.policies, strict=True)]
+        self.targets = [None if b is None else self.cut.attention(b) for b in scored]  # per stage
         self._last = _ContextSlot(None)  # the last finished call's cut (a projector after the tower)
 
     def install(self) -> list[Any]:
@@ -111,7 +121,7 @@ class VisionStages:
         ]
         for b in range(self.block, self.cut.depth):
             handles.append(self.cut.blocks[b].register_forward_pre_hook(self._block_hook(b), with_kwargs=True))
-        if self.target is not None:
+        if any(t is not None for t in self.targets):
             self.capture = VisionAttentionCapture(self.model, self._on_attention)
             self.capture.install()
         return handles
@@ -133,15 +143,22 @@ class VisionStages:
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         grid = self.cut.call_grid(args, kwargs)
         pixels = args[0] if args else next(v for k, v in kwargs.items() if k in ("hidden_states", "pixel_values"))
-        call: dict[str, Any] = {"grid": grid, "cut": None, "parts": []}
-        if self.stage.where == "pre-vit":
+        # cut: the cut in force; cuts: (block, cut) as they ran; parts: per stage, its attention reads
+        # and the cut in force when they were read
+        call: dict[str, Any] = {"grid": grid, "cut": None, "cuts": [], "parts": [[] for _ in self.stages],
+                                "read_under": [None] * len(self.stages)}
+        if self.stages[0].where == "pre-vit":
             call["features"] = self.cut.pixel_features(pixels)
         self._call.set(call)
 
     def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
         call = self._call.get()
-        if module is self.target and call is not None and call["cut"] is None:
-            call["parts"].append(self.adapter.vision_call_scores(query, key, kwargs.get("scaling"), kwargs))
+        if call is None:
+            return
+        for i, target in enumerate(self.targets):
+            if module is target and len(call["cuts"]) <= i:  # stage i has not chosen yet
+                call["parts"][i].append(self.adapter.vision_call_scores(query, key, kwargs.get("scaling"), kwargs))
+                call["read_under"][i] = call["cut"]
 
     def _block_hook(self, block: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -149,9 +166,11 @@ class VisionStages:
             if call is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            if block == self.block:
-                call["cut"] = self.cut.cut(call["grid"], self._select(call, hidden))
-                hidden = self.cut.cut_hidden(call["cut"], hidden)
+            for i in (i for i, k in enumerate(self.blocks) if k == block):  # plan order: pre-vit before vit0
+                cut = self.cut.cut(call["grid"], self._select(call, hidden, i), parent=call["cut"])
+                hidden = self.cut.cut_hidden(cut, hidden)
+                call["cut"] = cut
+                call["cuts"].append((block, cut))
             kwargs.update(self.cut.block_kwargs(call["cut"], block, kwargs))
             if args:
                 return (hidden, *args[1:]), kwargs
@@ -170,24 +189,27 @@ class VisionStages:
         self._call.set(None)
         if call is None or call["cut"] is None:
             return
-        grid, cut = call["grid"], call["cut"]
-        self._last.set(cut)
+        grid = call["grid"]
+        self._last.set(call["cut"])
         sizes = [t * hh * ww for t, hh, ww in self.cut.units(grid)]
-        self._kept.set((*self._kept.get(), KeptUnits(list(cut.keep.split(sizes)))))
-        self._flops.set((*self._flops.get(), *self.cut.call_flops(grid, self.block, cut)))
+        self._kept.set((*self._kept.get(), KeptUnits([list(c.keep.split(sizes)) for _, c in call["cuts"]])))
+        self._flops.set((*self._flops.get(), *self.cut.call_flops(grid, call["cuts"])))
 
     # selection -------------------------------------------------------------------------------
-    def _select(self, call: dict, hidden: torch.Tensor) -> torch.Tensor:
-        """[n_units] bool, row-major: the units the stage keeps in this call."""
-        grid = call["grid"]
-        feats = call.get("features")
-        feats = self.cut.unit_features(hidden, grid) if feats is None else feats
+    def _select(self, call: dict, hidden: torch.Tensor, i: int) -> torch.Tensor:
+        """[n_units] bool, row-major: the units stage i keeps in this call (a subset of the cut in force)."""
+        grid, before = call["grid"], call["cut"]
+        feats = call.get("features") if self.stages[i].where == "pre-vit" else None
+        feats = self.cut.unit_features(hidden, grid, before) if feats is None else feats
         scores = None
-        if call["parts"]:
-            scores = torch.cat(self.adapter.vision_image_scores(call["parts"], grid)[0])
-        inputs, counts = unit_input(self.stage, feats, scores, self.cut.units(grid), self.seed)
+        if call["parts"][i]:
+            parts = self.cut.full_parts(call["read_under"][i], call["parts"][i])
+            scores = torch.cat(self.adapter.vision_image_scores(parts, grid)[0])
+        alive = None if before is None else before.keep
+        inputs, counts = unit_input(self.stages[i], feats, scores, self.cut.units(grid), self.seed - i * 1_000_003,
+                                    alive)
         with torch.no_grad():
-            picked = self.policy.select(inputs, counts)
+            picked = self.policies[i].select(inputs, counts)
         keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
         start = 0
         for (t, hh, ww), rows in zip(self.cut.units(grid), picked, strict=True):
@@ -201,44 +223,55 @@ class VisionStages:
         self._flops.set(())
         return flops
 
-    def language_model_keep(self, visual: torch.Tensor) -> list[torch.Tensor]:
-        """Per sample, the indices (into its visual slots, in slot order) of the kept visual
-        tokens. visual: [B, L] bool. Calls are laid over the visual positions modality by modality
-        (the Qwen models encode every image, then every video), each in reading order."""
+    def language_model_keep(self, visual: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per vision-side stage, per sample, the indices (into its visual slots, in slot order) of
+        the visual tokens it kept. visual: [B, L] bool. Calls are laid over the visual positions
+        modality by modality (the Qwen models encode every image, then every video), each in
+        reading order."""
         records = list(self._kept.get())
         self._kept.set(())
         self._last.set(None)
         types = self._types.get()
         self._types.set(None)
-        keep = [k for r in records for k in r.keep]
         n_visual = int(visual.sum())
-        while keep and sum(k.numel() for k in keep) > n_visual:  # calls encoded earlier in this context
-            keep = keep[len(records.pop(0).keep):]
-        if n_visual == 0 and not keep:
-            return [visual.new_zeros(0, dtype=torch.long) for _ in range(visual.shape[0])]
-        if types is None or sum(k.numel() for k in keep) != n_visual:
+
+        def per_stage(i: int) -> list[torch.Tensor]:
+            return [k for r in records for k in r.keep[i]]
+
+        while records and sum(k.numel() for k in per_stage(0)) > n_visual:  # calls encoded earlier in this context
+            records.pop(0)
+        if n_visual == 0 and not records:
+            return [[visual.new_zeros(0, dtype=torch.long) for _ in range(visual.shape[0])] for _ in self.stages]
+        if types is None or sum(k.numel() for k in per_stage(0)) != n_visual:
             raise ValueError(
-                f"the vision tower cut {sum(k.numel() for k in keep)} visual tokens' units but the input holds "
-                f"{n_visual}: vision-side stages need the pixels encoded inside the pruneware session"
+                f"the vision tower cut {sum(k.numel() for k in per_stage(0))} visual tokens' units but the input "
+                f"holds {n_visual}: vision-side stages need the pixels encoded inside the pruneware session"
             )
-        flat = torch.cat(keep).to(visual.device) if keep else visual.new_zeros(0)
-        kept_map = torch.zeros_like(visual)
-        start = 0
-        for kind in sorted(set(types[visual].tolist())):
-            slots = visual & (types.to(visual.device) == kind)
-            n = int(slots.sum())
-            kept_map[slots] = flat[start : start + n]
-            start += n
-        return [kept_map[b][visual[b]].nonzero().squeeze(1) for b in range(visual.shape[0])]
+        kinds = sorted(set(types[visual].tolist()))
+        out = []
+        for i in range(len(self.stages)):
+            keep = per_stage(i)
+            flat = torch.cat(keep).to(visual.device) if keep else visual.new_zeros(0)
+            kept_map = torch.zeros_like(visual)
+            start = 0
+            for kind in kinds:
+                slots = visual & (types.to(visual.device) == kind)
+                n = int(slots.sum())
+                kept_map[slots] = flat[start : start + n]
+                start += n
+            out.append([kept_map[b][visual[b]].nonzero().squeeze(1) for b in range(visual.shape[0])])
+        return out
 
 
 def unit_input(
     stage: Stage, feats: torch.Tensor, scores: torch.Tensor | None, units: list[tuple[int, int, int]], seed: int,
+    alive: torch.Tensor | None = None,
 ) -> tuple[StageInput, list[int]]:
     """The policy's batch for one encoder call: row b is image b, its frames are its images.
 
-    feats: [n_units, D] row-major over the call; scores: [n_units] or None. Returns the input and
-    each row's budget (from its own unit count).
+    feats: [n_units, D] row-major over the call; scores: [n_units] or None; alive: [n_units] bool,
+    the units an earlier vision-side stage kept (None: all); the others are invalid rows. Returns
+    the input and each row's budget (from its own unit count, capped by the units alive).
     """
     sizes = [t * hh * ww for t, hh, ww in units]
     n, batch, device = max(sizes), len(sizes), feats.device
@@ -250,14 +283,21 @@ def unit_input(
     for b, (t, hh, ww) in enumerate(units):
         m = t * hh * ww
         hidden[b, :m] = feats[start : start + m]
-        valid[b, :m] = True
+        valid[b, :m] = True if alive is None else alive[start : start + m]
         image_ids[b, :m] = torch.arange(t, device=device).repeat_interleave(hh * ww)
         if vision_scores is not None:
             vision_scores[b, :m] = scores[start : start + m].float()
         start += m
+    frame_sizes = [[hh * ww] * t for t, hh, ww in units]
+    if alive is not None:  # one host read: the units alive per frame
+        image_ids.masked_fill_(~valid, -1)
+        frames = torch.cat([torch.arange(t * hh * ww, device=device) // (hh * ww) + sum(len(f) for f in frame_sizes[:b])
+                            for b, (t, hh, ww) in enumerate(units)])
+        alive_per_frame = torch.zeros(sum(len(f) for f in frame_sizes), dtype=torch.long, device=device)
+        flat = alive_per_frame.index_add_(0, frames, alive.long()).tolist()
+        frame_sizes = [[flat.pop(0) for _ in f] for f in frame_sizes]
     inputs = StageInput(
         hidden=hidden, valid=valid, image_ids=image_ids, attention=None, seed=seed, layer=0,
-        grids=[[(hh, ww)] * t for t, hh, ww in units], vision_scores=vision_scores,
-        sizes=[[hh * ww] * t for t, hh, ww in units],
+        grids=[[(hh, ww)] * t for t, hh, ww in units], vision_scores=vision_scores, sizes=frame_sizes,
     )
-    return inputs, [stage.keep_count(m) for m in sizes]
+    return inputs, [min(stage.keep_count(m, sum(f)), sum(f)) for m, f in zip(sizes, frame_sizes, strict=True)]

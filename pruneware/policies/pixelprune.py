@@ -112,6 +112,12 @@ class PixelPrunePolicy(Policy):
             sizes = [hh * ww for hh, ww in grids]
             for image, ((hh, ww), budget) in enumerate(zip(grids, split_budget(sizes, counts[b]), strict=True)):
                 members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
+                if members.numel() != hh * ww:
+                    raise PlanError(
+                        f"pixelprune predicts each unit from its neighbours on the whole {hh}x{ww} grid, but an "
+                        f"earlier vision-side stage left {members.numel()} of its units: make pixelprune the plan's "
+                        "first vision-side stage (e.g. pixelprune@pre-vit:0.8,divprune@vit1:0.5)"
+                    )
                 keep, dist = loco_anchors(inputs.hidden[b, members].float().view(hh, ww, -1), self.method, self.threshold)
                 keep, dist = keep.flatten(), dist.flatten()
                 if int(keep.sum()) > budget:  # over the share: the anchors predicted worst

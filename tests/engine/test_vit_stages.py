@@ -221,7 +221,7 @@ def test_vision_flops_are_what_ran(family):
     ("random@vit4:0.5", r"vision tower has 4 blocks: use vit0\.\.vit3"),
     ("fastv@vit1:0.5", r"cannot run in the vision tower; policies that can: .*divprune"),
     ("resize@vit1:0.5", r"cannot run in the vision tower"),
-    ("random@pre-vit:0.5,random@vit1:0.5", "one vision-side stage per plan"),
+    ("random@vit1:0.5,random@pre-vit:0.5", "'pre-vit' first, then 'vitK' in increasing K"),
     ("random@vit1:0", "at least one unit per image"),
 ])
 def test_bad_plans_are_refused_before_any_hook(model, plan, match):
