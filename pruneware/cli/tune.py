@@ -38,6 +38,9 @@ def tune(
     avg_tokens: float = typer.Option(None, "--avg-tokens", help="Budget: average visual tokens per decoder layer."),
     flops_ratio: float = typer.Option(None, "--flops-ratio", help="Budget: LM prefill FLOPs relative to unpruned, in (0, 1]."),
     latency_ms: float = typer.Option(None, "--latency-ms", help="Budget: batch-1 prefill ms on this machine (fitted cost model)."),
+    vision_flops_ratio: float = typer.Option(
+        None, "--vision-flops-ratio",
+        help="Also keep the vision encoder's FLOPs at or below this share of unpruned, in (0, 1]: searches pre-vit and vitK stages too."),
     bench: str = typer.Option("synthetic", help="Calibration data: synthetic (its train split), jsonl, textvqa, pope, gqa or mme."),
     data: str = typer.Option(None, help="Local file or folder for jsonl and the public benchmarks."),
     calib: int = typer.Option(64, "--calib", help="Calibration questions."),
@@ -66,6 +69,8 @@ def tune(
         raise UserError(f"--max-places must be >= 2 ('pre' and one layer), got {max_places}")
     if time_budget <= 0:
         raise UserError(f"--time-budget must be > 0 seconds, got {time_budget:g}")
+    if vision_flops_ratio is not None and not 0.0 < vision_flops_ratio <= 1.0:
+        raise UserError(f"--vision-flops-ratio must be in (0, 1] (vision FLOPs relative to unpruned), got {vision_flops_ratio:g}")
     if bench.lower() not in BENCHMARKS:
         raise UserError(f"unknown benchmark {bench!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
     names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
@@ -84,7 +89,7 @@ def tune(
 
         result = run_tune(vlm, processor, items, budget, bench=bench.lower(), seed=seed, policies=names,
                           max_stages=max_stages, max_places=max_places, accuracy_weight=accuracy_weight,
-                          time_budget_s=time_budget, on_progress=on_progress)
+                          time_budget_s=time_budget, vision_flops_ratio=vision_flops_ratio, on_progress=on_progress)
     report = result.report
     payload = {"model": name, "plan": str(result.plan), "budget": str(budget), "bench": bench,
                "calibration": len(items), **{k: v for k, v in report.summary().items() if k != "candidates"},
@@ -104,4 +109,6 @@ def tune(
     out.print(f"cost: predicted {report.predicted_cost:.4g}, measured {report.measured_cost:.4g} "
               f"(unpruned {report.unpruned_cost:.4g}); {len(report.candidates)} plans measured in {report.time_s:.0f} s"
               + (" (time budget reached)" if report.stopped_early else ""))
+    if vision_flops_ratio is not None:
+        out.print(f"vision FLOPs: {report.chosen['vision_ratio']:.3f} of unpruned (budget {vision_flops_ratio:g})")
     out.print(f'evaluate it: pruneware eval --plans "{result.plan}"')

@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +94,25 @@ class CostModel:
     per_layer: Callable[[float, float], float]
     constant: float = 0.0
     fit: dict = field(default_factory=dict)
+    vision_budget: float | None = None  # vision FLOPs relative to the unpruned tower; None: unconstrained
+    vision: Any = None  # a `tuning.vision.VisionCost` when `vision_budget` is set
+
+    def vision_fits(self, place, policy: str, ratio: float) -> bool:
+        """Whether a plan whose first stage is `policy@place` at `ratio` keeps within the vision budget."""
+        return self.vision_budget is None or self.vision.ratio(place, policy, ratio) <= self.vision_budget + 1e-12
+
+    def fits(self, plan: Plan, n_visual: int | None) -> bool:
+        """The plan keeps within the budget and, when there is one, the vision budget (its first
+        stage's vision cost; a count needs `n_visual` to become a ratio)."""
+        if self.plan_cost(plan) > self.budget.value:
+            return False
+        if self.vision_budget is None:
+            return True
+        first = plan.all_stages[0]
+        if isinstance(first.budget, int) and not n_visual:
+            return False
+        ratio = first.budget / n_visual if isinstance(first.budget, int) else first.budget
+        return self.vision_fits(first.where, first.policy, ratio)
 
     def layer_cost(self, ratio: float) -> float:
         """Mean per-layer cost when every sample keeps `ratio` of its visual tokens."""
@@ -102,8 +122,9 @@ class CostModel:
         """Predicted cost of `plan` (exact for avg_tokens and flops_ratio, modelled for latency)."""
         total = 0.0
         for n, t in self.samples:
-            counts, current, start = plan.keep_counts(n), n, 0
-            for stage, count in zip(plan.stages, counts, strict=True):
+            current, start = n, 0
+            for stage in plan.all_stages:  # a vision-side stage cuts what layer 0 on sees, as `pre` does
+                count = min(current, stage.keep_count(n, current))
                 total += (stage.layer - start) * self.per_layer(current, t)
                 current, start = count, stage.layer
             total += (self.n_layers - start) * self.per_layer(current, t)

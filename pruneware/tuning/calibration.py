@@ -58,11 +58,13 @@ class Measurement:
     accuracy: float | None
     avg_visual_tokens: float
     flops_ratio: float
+    vision_ratio: float = 1.0  # vision-encoder FLOPs relative to the unpruned model's
 
     def summary(self) -> dict:
         acc = None if self.accuracy is None else round(self.accuracy, 4)
         return {"loss": round(self.loss, 6), "kl": round(self.kl, 6), "accuracy": acc,
-                "avg_visual_tokens": round(self.avg_visual_tokens, 2), "flops_ratio": round(self.flops_ratio, 4)}
+                "avg_visual_tokens": round(self.avg_visual_tokens, 2), "flops_ratio": round(self.flops_ratio, 4),
+                "vision_ratio": round(self.vision_ratio, 4)}
 
 
 class Calibration:
@@ -95,6 +97,8 @@ class Calibration:
                 self.samples.append((visual, int(mask.sum()) - visual))
         if any(n == 0 for n, _ in self.samples):
             raise CalibrationError("a calibration question has no visual tokens; every question needs an image")
+        # per batch, the unpruned vision-side FLOPs (counted from the inputs, as eval rows are)
+        self.vision_flops = [sum(self.adapter.input_vision_flops(dict(inputs))) for inputs in self.batches]
         self.ref_logp = self._logits().log_softmax(-1)  # [N, V] float32
         self.ref_scores = self._scores(self.ref_logp)
 
@@ -146,9 +150,11 @@ class Calibration:
             loss += self.accuracy_weight * (1.0 - torch.tensor(scores))
         visual = [v for r in reports for v in r.visual_per_sample]
         flops = sum(r.lm_flops for r in reports) / max(sum(r.lm_flops_unpruned for r in reports), 1.0)
+        # a report without vision FLOPs ran the tower whole on its inputs
+        vision = sum(sum(r.vision_flops) if r.vision_flops else full for r, full in zip(reports, self.vision_flops, strict=True))
         return Measurement(
             float(loss.mean()), float(kl.mean()), None if scores is None else sum(scores) / len(scores),
-            sum(visual) / len(visual), flops,
+            sum(visual) / len(visual), flops, vision / max(sum(self.vision_flops), 1.0),
         )
 
     @torch.inference_mode()

@@ -44,6 +44,11 @@ class TuneRun:
         m = self.cal.measure(plan)
         self.report.candidates.append({"plan": str(plan), "phase": phase, **m.summary(),
                                        "predicted_cost": round(self.cost.plan_cost(plan), 6)})
+        if self.cost.vision is not None and len(plan.all_stages) == 1:  # what this place and policy cost the tower
+            stage = plan.all_stages[0]
+            ratio = stage.budget / self.n_visual if isinstance(stage.budget, int) and self.n_visual else stage.budget
+            if isinstance(ratio, float):
+                self.cost.vision.add(stage.where, stage.policy, ratio, m.vision_ratio)
         self.done += 1
         if self.on_progress:
             self.on_progress(self.done, max(self.total, self.done), phase)
@@ -55,9 +60,11 @@ class TuneRun:
         return late
 
 
-def valid_places(model, names: list[str], n_layers: int, max_places: int) -> tuple[list, dict[Any, list[str]]]:
-    """The places (`pre` and up to `max_places - 1` layers) where some policy runs, and which ones."""
-    places = S.places_for(n_layers, max_places)
+def valid_places(model, names: list[str], n_layers: int, max_places: int,
+                 vision: list[str] = ()) -> tuple[list, dict[Any, list[str]]]:
+    """The places (the `vision` places, `pre` and up to `max_places - 1` layers) where some policy
+    runs, and which ones."""
+    places = [*vision, *S.places_for(n_layers, max_places)]
     valid = {p: [n for n in names if valid_at(model, n, p)] for p in places}
     places = [p for p in places if valid[p]]
     if not places:
@@ -139,11 +146,18 @@ def verify(run: TuneRun, candidates: Candidates) -> tuple[Measurement, Plan]:
         )
     report = run.report
     results = []
+    limit = run.cost.vision_budget
     for i, (plan, origin) in enumerate(candidates.values()):
-        if i > 0 and run.out_of_time(run.deadline):
+        if i > 0 and results and run.out_of_time(run.deadline):
             break
-        results.append((run.measure(plan, "verify"), plan, origin))
+        m = run.measure(plan, "verify")
         report.candidates[-1]["origin"] = origin
+        if limit is not None and m.vision_ratio > limit + 1e-9:  # the interpolation let it through: measured over
+            report.candidates[-1]["origin"] += f" (over the vision budget: {m.vision_ratio:.4f} > {limit:g})"
+            continue
+        results.append((m, plan, origin))
+    if not results:
+        raise BudgetError(f"no plan measured within the vision budget vision_flops_ratio={limit:g}; raise it")
     best_m, best_plan, origin = min(results, key=lambda r: r[0].loss)
     presets_seen = [r for r in results if "preset " in r[2]]
     if presets_seen:
@@ -181,7 +195,7 @@ def presets_at(cost: CostModel, n_layers: int, n_visual: int | None, rope: str, 
             except PlanError:
                 lo = mid
                 continue
-            if cost.plan_cost(plan) <= cost.budget.value:
+            if cost.fits(plan, n_visual):
                 best, lo = plan, mid
             else:
                 hi = mid

@@ -1,7 +1,7 @@
 """Sensitivity profiling and the dynamic program over multi-stage schedules.
 
-A schedule is a sequence of stages at strictly later places (`pre`, then decoder layers) that
-keep strictly fewer tokens: ratios r_1 > r_2 > ... of each sample's visual tokens. Its cost
+A schedule is a sequence of stages at strictly later places (one of `pre` or a vision-side place,
+`pre-vit` or `vitK`, when the tuner has a vision budget; then decoder layers) that keep strictly fewer tokens: ratios r_1 > r_2 > ... of each sample's visual tokens. Its cost
 under any budget is separable over layers (see `budget.CostModel`). Its loss is estimated from
 single-stage profiles D_{p,l}(r), the measured objective of the one-stage plan "p@l:r":
 
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from pruneware.plans.plan import Plan, Stage
 from pruneware.tuning.budget import CostModel
+from pruneware.tuning.vision import place_layer
 
 PROFILE_RATIOS = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)
 SCREEN_RATIO = 0.125
-Place = str | int  # "pre" or a decoder layer index
+Place = str | int  # "pre", "pre-vit", "vitK" or a decoder layer index
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,11 @@ def places_for(n_layers: int, max_places: int) -> list[Place]:
 
 
 def screen_places(places: Sequence[Place], n: int = 2) -> list[Place]:
-    """`pre` and `n` in-LLM places (the earliest and the latest) where every policy is compared."""
-    layers = [p for p in places if p != "pre"]
+    """`pre`, every vision-side place, and `n` in-LLM places (the earliest and the latest) where
+    every policy is compared."""
+    layers = [p for p in places if isinstance(p, int)]
     picks = {layers[round(i * (len(layers) - 1) / max(n - 1, 1))] for i in range(n)} if layers else set()
-    return [p for p in places if p == "pre" or p in picks]
+    return [p for p in places if isinstance(p, str) or p in picks]
 
 
 def budget_ratio(model: CostModel) -> float:
@@ -73,8 +75,8 @@ def profile_order(ratios: Sequence[float], target: float) -> list[float]:
 def interpolated_choice(place: Place, screened: dict[Place, dict[str, float]], valid: Sequence[str]) -> str:
     """The policy for an unscreened in-LLM place: the lowest screening loss interpolated linearly
     (in layer index) between the screened in-LLM places on either side of it."""
-    layers = sorted(p for p in screened if p != "pre")
-    at = 0 if place == "pre" else int(place)
+    layers = sorted(p for p in screened if isinstance(p, int))
+    at = place_layer(place)
     below = max((p for p in layers if p <= at), default=None)
     above = min((p for p in layers if p >= at), default=None)
     lo, hi = below if below is not None else above, above if above is not None else below
@@ -146,23 +148,25 @@ def search(profile: Profile, choice: dict[Place, str], places: Sequence[Place], 
            max_stages: int, per_octave: int = 2) -> list[Schedule]:
     """Every schedule of up to `max_stages` stages over `places` and the ratio grid, within the
     budget, best surrogate first. Exhaustive over the grid (places x levels is small), which is
-    the dynamic program's answer without its bookkeeping: costs and surrogates are additive."""
+    the dynamic program's answer without its bookkeeping: costs and surrogates are additive.
+    With a vision budget, a schedule's first stage must also keep within it (`CostModel.vision_fits`);
+    `pre` and the vision-side places all feed layer 0, so a schedule holds at most one of them."""
     order = {p: i for i, p in enumerate(places)}
     levels = dp_levels(min(profile.lowest(p, choice[p]) for p in places), per_octave)
-    layer = {p: 0 if p == "pre" else int(p) for p in places}
+    layer = {p: place_layer(p) for p in places}
     level_cost = [model.layer_cost(r) for r in levels]
     full_cost = model.layer_cost(1.0)
     budget = model.budget.value
     out: list[Schedule] = []
     for k in range(1, max_stages + 1):
         for where in itertools.combinations(places, k):
-            if len({layer[p] for p in where}) < k:  # `pre` and layer 0 would be the same place
+            if len({layer[p] for p in where}) < k:  # `pre`, vision-side places and layer 0 share layer 0
                 continue
             bounds = [layer[p] for p in where] + [model.n_layers]
             for idx in itertools.combinations(range(len(levels)), k):
                 cost = model.constant + layer[where[0]] * full_cost
                 cost += sum((bounds[i + 1] - bounds[i]) * level_cost[j] for i, j in enumerate(idx))
-                if cost > budget:
+                if cost > budget or not model.vision_fits(where[0], choice[where[0]], levels[idx[0]]):
                     continue
                 loss, previous = 0.0, 1.0
                 for p, j in zip(where, idx, strict=True):
@@ -203,7 +207,8 @@ def to_plan(stages: Sequence[tuple[Place, str, float]], n_visual: int | None, po
 def fill(stages: Sequence[tuple[Place, str, float]], model: CostModel, n_visual: int | None,
          positions: str = "keep") -> Plan | None:
     """Scale every stage's ratio up by one common factor s >= 1 (bisection) while the plan stays
-    within budget, so no budget is left unspent; stages that reach 1.0 keep everything and go."""
+    within budget (and the vision budget, if any), so no budget is left unspent; stages that
+    reach 1.0 keep everything and go."""
 
     def build(s: float) -> Plan | None:
         kept = [(p, pol, r * s) for p, pol, r in stages
@@ -212,12 +217,12 @@ def fill(stages: Sequence[tuple[Place, str, float]], model: CostModel, n_visual:
 
     lo, hi = 1.0, 1.0 / min(r for _, _, r in stages)
     best = build(lo)
-    if best is None or model.plan_cost(best) > model.budget.value:  # rounding pushed it over: shrink
+    if best is None or not model.fits(best, n_visual):  # rounding pushed it over: shrink
         best, lo, hi = None, 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
         plan = build(mid)
-        if plan is not None and model.plan_cost(plan) <= model.budget.value:
+        if plan is not None and model.fits(plan, n_visual):
             lo, best = mid, plan
         else:
             hi = mid

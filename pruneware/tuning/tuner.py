@@ -17,6 +17,7 @@ from pruneware.tuning.calibration import Calibration, check_not_reporting, defau
 from pruneware.tuning.phases import (
     TuneRun, add_presets, profile_places, screen, shortlist_schedules, valid_places, verify,
 )
+from pruneware.tuning.vision import VisionCost, vision_places
 
 PROFILE_SHARE = 0.7
 OBJECTIVE = ("mean over calibration questions of KL(unpruned || pruned) of the first answer token "
@@ -43,6 +44,8 @@ class TuneReport:
     schedules_searched: int = 0
     cost_model: dict = field(default_factory=dict)
     stopped_early: bool = False
+    vision_budget: float | None = None
+    vision_costs: dict = field(default_factory=dict)  # measured {"place/policy": {ratio: vision ratio}}
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly digest (every field)."""
@@ -62,7 +65,7 @@ def tune(
     model, processor, calibration: Sequence[Any] | int | None = None, budget: Budget | Mapping | str | None = None,
     *, bench: str = "synthetic", seed: int = 0, policies: Sequence[str] | None = None, max_stages: int = 3,
     max_places: int = 6, shortlist: int = 4, accuracy_weight: float = 1.0, batch_size: int = 32,
-    time_budget_s: float | None = None, presets: bool = True,
+    time_budget_s: float | None = None, presets: bool = True, vision_flops_ratio: float | None = None,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> TuneResult:
     """Find the plan with the lowest calibration objective whose cost stays within `budget`.
@@ -86,6 +89,13 @@ def tune(
       5. Verification: the best `shortlist` distinct schedules, scaled up to spend the whole
          budget, and (with `presets`) every preset solved for the same budget, are measured for
          real (the search's best first, then the presets); the lowest measured objective wins.
+    With `vision_flops_ratio=v` (LLaVA-1.5 and the Qwen-VL families), the plan must also keep the
+    vision encoder's FLOPs at or below v of the unpruned model's, and the places searched include
+    the vision-side ones (`pre-vit` and up to two `vitK` cut points, `pruneware.tuning.vision`),
+    screened and profiled like the others; a plan's vision cost is its first stage's, interpolated
+    from what the profiling runs measured (an over-estimate between measured points), and the
+    chosen plan's measured vision cost is checked against v. Without it the tower is not a cost
+    and the vision-side places are not searched (they cost the language model what `pre` does).
     Why it is sound: the budget holds exactly (avg_tokens, flops_ratio) or under the fitted
     model (latency_ms), because every candidate's cost is computed from its plan; the answer is
     chosen by measurement, never by the surrogate alone, so a surrogate error can only cost
@@ -107,6 +117,12 @@ def tune(
     """
     start = time.perf_counter()
     budget, names = _checked_arguments(budget, max_stages, max_places, policies)
+    if vision_flops_ratio is not None:
+        if isinstance(vision_flops_ratio, bool) or not isinstance(vision_flops_ratio, int | float) \
+                or not 0.0 < vision_flops_ratio <= 1.0:
+            raise BudgetError(f"vision_flops_ratio must be in (0, 1] (vision FLOPs relative to unpruned), "
+                              f"got {vision_flops_ratio!r}")
+        vision_places(model)  # a family whose tower cannot be cut fails before any work
     items = default_calibration(64 if calibration is None else calibration, seed) \
         if calibration is None or isinstance(calibration, int) else list(calibration)
     check_not_reporting(items)
@@ -120,8 +136,10 @@ def tune(
 
     cost = cost_model(budget, cal.adapter.text_config, cal.samples, n_layers, timer, widest)
     cost.check_reachable()
+    if vision_flops_ratio is not None:
+        cost.vision_budget, cost.vision = vision_flops_ratio, VisionCost()
     report = TuneReport(str(budget), OBJECTIVE, n_calibration=len(items), reference_accuracy=cal.reference_accuracy,
-                        unpruned_cost=cost.unpruned_cost(), cost_model=cost.fit)
+                        unpruned_cost=cost.unpruned_cost(), cost_model=cost.fit, vision_budget=vision_flops_ratio)
     # Profiling stops at 70% of the time budget, so the measured verification always happens.
     run = TuneRun(
         model, cal, cost, report, names, n_visual,
@@ -129,7 +147,8 @@ def tune(
         deadline=None if time_budget_s is None else start + time_budget_s, on_progress=on_progress,
     )
 
-    places, valid = valid_places(model, names, n_layers, max_places)
+    places, valid = valid_places(model, names, n_layers, max_places,
+                                 vision_places(model) if vision_flops_ratio is not None else [])
     screened = [p for p in S.screen_places(places) if len(valid[p]) > 1]
     run.total = sum(len(valid[p]) for p in screened) + len(places) * len(S.PROFILE_RATIOS) + shortlist + 6
     choice, profile = screen(run, places, screened, valid)
@@ -138,6 +157,7 @@ def tune(
     if presets:  # verified right after the search's best, before its runners-up
         candidates = add_presets(run, candidates, profile, n_layers, rope)
     _, best_plan = verify(run, candidates)
+    report.vision_costs = cost.vision.summary() if cost.vision is not None else {}
     report.time_s = round(time.perf_counter() - start, 2)
     return TuneResult(best_plan, report)
 
