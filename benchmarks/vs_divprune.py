@@ -8,8 +8,8 @@ prints one markdown row per plan: questions answered by every plan in the compar
 accuracy over unpruned, the gap to 97% of unpruned, per-task accuracy, and the paired difference
 plan - DivPrune (``findings.paired``). A budget is the eval row's ``avg_tokens``, or the count of an
 explicit ``policy@pre:N`` plan, or an explicit multi-stage plan's measured average visual tokens per
-layer, rounded (a tuned plan; within 3% of a requested budget it counts as that one); a plan with fewer questions than DivPrune at that budget (a run
-cut short) is left out. Then, per budget, the questions each plan gets wrong by task.
+layer, rounded (a tuned plan; within 3% of a requested budget it counts as that one); a plan with
+fewer questions than DivPrune at that budget (a run cut short) is left out. Then, per budget, the questions each plan gets wrong by task.
 """
 
 from __future__ import annotations

@@ -203,7 +203,8 @@ def split_plans(text: str) -> list[str]:
         return [text.strip()]
     separator = ";" if ";" in outside else ","
     cuts = [i for i, ch in enumerate(outside) if ch == separator]
-    plans = [p.strip() for p in (text[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(text)], strict=True)) if p.strip()]
+    parts = (text[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(text)], strict=True))
+    plans = [p.strip() for p in parts if p.strip()]
     if not plans:
         raise UserError("no plans given")
     return plans

@@ -167,7 +167,9 @@ def with_recycling(cls: type[Policy], params: dict, stage) -> Policy | None:
     if stage.in_vision:
         raise PlanError(f"stage {stage}: recycling runs at 'pre' or before a decoder layer, not in the vision tower")
     if inner.needs.output != "select":
-        raise PlanError(f"stage {stage}: {stage.policy!r} merges by its own rule; recycle applies to selecting policies")
+        raise PlanError(
+            f"stage {stage}: {stage.policy!r} merges by its own rule; recycle applies to selecting policies"
+        )
     if not (inner.needs.llm if stage.where != "pre" else inner.needs.pre):
         return inner  # it cannot run at this place at all: the session's place check says so
     return RecycledPolicy(inner, mode, contexts, float(weight), in_llm=stage.where != "pre")
