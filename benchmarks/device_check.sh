@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device run for issue 6: the gather and score kernel tests on CUDA, then the GPU suite.
-# Everything lands in $OUT (env.txt, kernel_tests.txt, gpu_suite.txt, gpu_suite.json, status.txt).
+# One device run for issue 6: the gather and score kernel tests on CUDA, then the GPU suite (with
+# vision-side vitK plans on the released towers' shapes, summarised in vit_ttft.txt).
+# Everything lands in $OUT (env.txt, kernel_tests.txt, gpu_suite.txt, gpu_suite.json, vit_ttft.txt, status.txt).
 # Budget: kernel tests <= 150 s, suite <= 380 s (it aims at under 6 minutes), then the vLLM serving
 # benchmark on random-weight 7B shapes with whatever is left of 585 s (vllm_serving_*.txt/json;
 # "vllm not installed" when the machine has no vllm): run with a 590 s limit, e.g.
@@ -41,6 +42,11 @@ timeout 380 "$PY" benchmarks/gpu_suite.py --json "$OUT/gpu_suite.json" --max-sec
 rc=$?
 status "gpu suite rc=$rc"
 tail -n 60 "$OUT/gpu_suite.txt"
+# Vision-side stages (issue 35): TTFT of vitK plans on the 7B shapes with the released towers (the
+# suite's -tower entries), against the unpruned model and a pre plan at the same kept count.
+"$PY" benchmarks/vit_ttft_summary.py "$OUT/gpu_suite.json" >"$OUT/vit_ttft.txt" 2>&1
+status "vision-side TTFT rc=$? (table in $OUT/vit_ttft.txt)"
+cat "$OUT/vit_ttft.txt"
 
 # vLLM serving with the plugin, random weights of the real shapes (--load-format dummy; the config
 # folders are written offline by benchmarks/serving_shapes.py). Each model gets the time left.

@@ -77,3 +77,23 @@ def test_kernel_microbenchmarks_are_recorded(suite) -> None:
     for key in ("copy_tbps", "torch_gather_tbps", "torch_index_tbps", "set4_torch_us", "triton_tbps", "set4_triton_us"):
         assert positive(gather[key]), key
     assert positive(scores["reference_ms"]) and positive(scores["triton_ms"])
+
+
+def test_vision_side_plans_are_timed_and_summarised(suite) -> None:
+    """The CPU run times `random@vit1:0.25` on the tiny LLaVA and Qwen2.5-VL towers (on a GPU the
+    -tower entries time vitK plans on the released towers, what device_check.sh summarises)."""
+    import importlib.util
+
+    timed = {m["name"]: [row.get("vision_plans", []) for row in m["batches"]] for m in suite["models"]}
+    for name in ("llava-1.5-7b", "qwen2.5-vl-7b"):
+        n_visual = next(m["n_visual"] for m in suite["models"] if m["name"] == name)
+        for plans in timed[name]:
+            (plan,) = plans
+            assert plan["plan"] == "random@vit1:0.25" and 0 < plan["kept"] < n_visual
+            assert positive(plan["ttft_ms"]) and positive(plan["speedup_vs_unpruned"])
+    spec = importlib.util.spec_from_file_location("vit_ttft_summary", ROOT / "benchmarks" / "vit_ttft_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    table = summary.table(suite).splitlines()
+    assert len(table) == 2 + 2 * 2  # header, rule, two models x two batches
+    assert all("`random@vit1:0.25`" in line for line in table[2:])
