@@ -50,10 +50,15 @@ def _diff(a: dict, b: dict, partner: str) -> str:
     return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] vs `{partner}`"
 
 
-def table(rows: dict[str, dict[str, dict]], tol: float = 0.1) -> str:
+def table(rows: dict[str, dict[str, dict]], tol: float = 0.1, common: bool = False, min_n: int = 0) -> str:
     """The markdown table; plans answered on fewer questions than the most answered are left out
-    (named in a last line), so every paired difference is over the same questions."""
+    (named in a last line), so every paired difference is over the same questions. With `common`,
+    the plans answered on at least `min_n` questions are cut to the questions all of them answered."""
     every = {next(iter(v.values()))["plan"]: v for v in rows.values()}
+    if common:
+        kept = [a for a in every.values() if len(a) >= min_n]
+        ids = set.intersection(*(set(a) for a in kept))
+        every = {p: {i: a[i] for i in ids if i in a} for p, a in every.items()}
     most = max(len(a) for a in every.values())
     plans = {p: a for p, a in every.items() if len(a) == most}
     vision = {p: _mean(a, "vision_flops") / 1e9 for p, a in plans.items()}
@@ -89,5 +94,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", nargs="+", help="rows.jsonl of `pruneware eval --out` runs of one model")
     parser.add_argument("--tol", type=float, default=0.1, help="relative cost gap a matched partner may have")
+    parser.add_argument("--common", action="store_true",
+                        help="cut the plans to the questions all of them answered (those with >= --min-n answers)")
+    parser.add_argument("--min-n", type=int, default=0, help="with --common: plans answered on fewer are left out")
     args = parser.parse_args()
-    print(table(load_rows(args.rows), args.tol))
+    print(table(load_rows(args.rows), args.tol, args.common, args.min_n))
