@@ -27,7 +27,9 @@ def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
 
     Every backend selects on ``1 - `` this same matrix, so their selections agree exactly.
     """
-    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    x = x if x.dtype == torch.float32 else x.float()
+    # `normalize`'s arithmetic (x / max(||x||, eps)) without its expand: one op fewer, the same numbers.
+    unit = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
     return unit @ unit.transpose(1, 2)
 
 
