@@ -39,18 +39,19 @@ def probabilities(
     else:
         logits = torch.einsum("bkgtd,bkld->bkgtl", _float(q).reshape(B, Hkv, H // Hkv, T, d), _float(k))
     heads = (1,) * (logits.dim() - 3)  # the head dims, broadcast by the masks
-    blocked = None  # [B, 1(, 1), T|1, L] bool: keys a row may not see
+    allowed = None  # [B, 1(, 1), T|1, L] bool: keys a row may see
     if query_positions is not None:
-        blocked = torch.arange(L, device=q.device) > query_positions.reshape(B, *heads, T, 1)
+        allowed = torch.arange(L, device=q.device) <= query_positions.reshape(B, *heads, T, 1)
     if key_mask is not None:
-        padding = key_mask.reshape(B, *heads, 1, L).logical_not()
-        blocked = padding if blocked is None else blocked.logical_or_(padding)
-    if blocked is None:
+        real = key_mask.reshape(B, *heads, 1, L)
+        allowed = real if allowed is None else allowed.logical_and_(real)
+    if allowed is None:
         return torch.softmax(logits.mul_(scale), dim=-1)
-    probs = torch.softmax(logits.masked_fill_(blocked, float("-inf")).mul_(scale), dim=-1)
+    # `where`, not a masked fill of the negated mask: one op fewer, the same numbers.
+    probs = torch.softmax(torch.where(allowed, logits.mul_(scale), float("-inf")), dim=-1)
     # A row that may see no key is NaN here (a softmax of -inf only): it contributes 0. A NaN
     # from q or k at a key the row sees is left alone, as in the reference.
-    return probs.masked_fill_(blocked, 0.0)
+    return torch.where(allowed, probs, 0.0)
 
 
 def attention_scores(
