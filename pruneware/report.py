@@ -134,12 +134,12 @@ def fill_report(report: Report, tokens: list[list[int]], visual: list[list[int]]
 
 
 def finish_report(
-    report: Report, padding: torch.Tensor | None, slots: list[list[int]], visual: list[list[int]],
+    report: Report, real: torch.Tensor | None, slots: list[list[int]], visual: list[list[int]],
     level_of_layer: list[int], input_length: int, text_config, finite: list[torch.Tensor] = (),
 ) -> list[list[bool]]:
     """Complete a prefill's report in one host sync, which also moves the kept indices to the CPU.
 
-    padding: [B] padding tokens of each sample's input (None: no padding); slots, visual:
+    real: [B] real (unpadded) tokens of each sample's L input tokens (None: no padding); slots, visual:
     [levels][B] each level's slots and visual tokens per sample, host-side (padding tokens are
     slots a stage never drops); level_of_layer: the level each decoder layer runs;
     input_length: L, the language model's input length before any stage; finite: [B] bool
@@ -147,12 +147,12 @@ def finish_report(
     """
     kept = [k for stage in report.stages for k in stage.kept]
     batch = len(slots[0])
-    head = ([] if padding is None else [padding]) + list(finite)
-    n_head = (batch if padding is not None else 0) + batch * len(finite)
+    head = ([] if real is None else [real]) + list(finite)
+    n_head = (batch if real is not None else 0) + batch * len(finite)
     on_host = all(k.device.type == "cpu" for k in kept)  # then read only the padding and the flags
     parts = head if on_host else head + kept  # 1-D integer (or bool) tensors, on one device
     values = torch.cat(parts).tolist() if parts else []
-    pads = values[:batch] if padding is not None else [0] * batch
+    pads = [input_length - n for n in values[:batch]] if real is not None else [0] * batch
     read = values[n_head - batch * len(finite): n_head]
     flags = [[bool(v) for v in read[i * batch: (i + 1) * batch]] for i in range(len(finite))]
     if not on_host:

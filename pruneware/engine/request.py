@@ -65,7 +65,7 @@ class PrefillState:
         n_visual: per sample, its visual tokens before pruning.
         report: this call's report, filled during prefill.
         position_inputs: the adapter's, for a merging `pre` stage.
-        input_padding: [B] padding tokens of each sample's input (for the report).
+        input_real: [B] real (unpadded) tokens of each sample's input (for the report).
         lm_positions: (position ids or None, 2-D padding mask or None) the language model got
             after a `pre` stage, for scores read at the positions a sample has alone (key_positions.py).
         captured: stage layer K -> [B, Ls] attention scores captured at layer K-1 (or at K).
@@ -82,7 +82,7 @@ class PrefillState:
     n_visual: list[int]
     report: Report
     position_inputs: dict[str, Any] = field(default_factory=dict)
-    input_padding: torch.Tensor | None = None
+    input_real: torch.Tensor | None = None
     lm_positions: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     preview: int | None = None
@@ -180,8 +180,10 @@ class RequestState:
             return level.valid
         if level.identity:  # level 0: its slots are padding0's, whose padding covers the invalid ones
             return self.padding0
-        real = self.padding0.gather(1, level.index0)
-        return real if level.all_valid else level.valid & real
+        if "real" not in level.cache:  # read by the capture and by the stage: made once per level and forward
+            real = self.padding0.gather(1, level.index0)
+            level.cache["real"] = real if level.all_valid else level.valid & real
+        return level.cache["real"]  # type: ignore[return-value]
 
     def sample_stages(self, index: int) -> list[Stage]:
         """Stage `index` as each sample runs it (its own budget)."""

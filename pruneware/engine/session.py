@@ -233,7 +233,7 @@ class Session:
         self._requests.bind(output_cache(output), state)  # a cache the model made itself
         per_layer = [state.level_for(i)[0] for i in range(self._n_layers)]
         finite = finish_report(
-            prefill.report, prefill.input_padding, [lvl.n_slots for lvl in state.levels],
+            prefill.report, prefill.input_real, [lvl.n_slots for lvl in state.levels],
             [lvl.n_visual for lvl in state.levels], per_layer, state.decode.input_length, self._text_config,
             [flag for _, flag in prefill.finite],
         )
