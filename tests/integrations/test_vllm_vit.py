@@ -31,12 +31,19 @@ import pruneware  # noqa: E402
 from pruneware.integrations.vllm import register  # noqa: E402
 from pruneware.integrations.vllm.positions import split_offsets  # noqa: E402
 from pruneware.integrations.vllm.spec import PlanError, PruneSpec, parse_stages, spec_for  # noqa: E402
-from pruneware.integrations.vllm.tiny import _init_distributed, model_config, write_random_weights, write_tiny_llava, write_tiny_qwen  # noqa: E402
+from pruneware.integrations.vllm.tiny import (  # noqa: E402
+    _init_distributed,
+    model_config,
+    write_random_weights,
+    write_tiny_llava,
+    write_tiny_qwen,
+)
 
 LLAVA = "PrunewareLlavaForConditionalGeneration"
 QWEN = "PrunewareQwen2_5_VLForConditionalGeneration"
 QWEN_PLANS = ["random@vit1:0.5", "divprune@vit2:5", "pixelprune@pre-vit:1.0", "divprune@pre-vit:0.5", "random@vit0:0.4"]
-LLAVA_PLANS = ["random@vit1:0.5", "divprune@vit0:9", "vision-score@vit1:0.5", "pixelprune@pre-vit:1.0", "divprune@pre-vit:0.25"]
+LLAVA_PLANS = ["random@vit1:0.5", "divprune@vit0:9", "vision-score@vit1:0.5", "pixelprune@pre-vit:1.0",
+               "divprune@pre-vit:0.25"]
 
 
 def _images(sizes, flat: bool = False) -> list[Image.Image]:

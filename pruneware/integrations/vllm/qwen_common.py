@@ -152,7 +152,8 @@ class PrunedQwenModel(PositionOffsets):
     def _embed_vit(self, item_input: Any, modality: str) -> list[torch.Tensor]:
         """embed_multimodal rows of one modality's items for a vision-side stage (see `vit`)."""
         if item_input["type"] not in ("pixel_values", "pixel_values_videos"):
-            raise ValueError(f"stage {self.pruneware.stage} runs inside the vision tower: send pixels, not {item_input['type']}")
+            raise ValueError(f"stage {self.pruneware.stage} runs inside the vision tower: send pixels, "
+                             f"not {item_input['type']}")
         grids = item_input[f"{modality}_grid_thw"].tolist()
         pixels = item_input["pixel_values" if modality == "image" else "pixel_values_videos"]
         merge = self.visual.spatial_merge_size  # type: ignore[attr-defined]

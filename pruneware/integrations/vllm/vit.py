@@ -53,7 +53,8 @@ def pixel_keep_count(spec: PruneSpec, pixels: torch.Tensor, grid: tuple[int, int
     if patch is None:
         feats = QwenVisionCut.pixel_features(SimpleNamespace(unit=4), pixels)  # type: ignore[arg-type]
     else:
-        feats = ClipVisionCut.pixel_features(SimpleNamespace(vc=SimpleNamespace(patch_size=patch)), pixels)  # type: ignore[arg-type]
+        clip = SimpleNamespace(vc=SimpleNamespace(patch_size=patch))
+        feats = ClipVisionCut.pixel_features(clip, pixels)  # type: ignore[arg-type]
     return int(select_units(spec, feats, grid).numel())
 
 
@@ -183,7 +184,10 @@ class ClipViTRunner:
         layers = m.encoder.layers  # vLLM loads them up to the feature layer
         for layer in layers[: self.block]:
             hidden = layer(hidden)
-        feats = self.cut.pixel_features(pixels) if self.spec.stage.where == "pre-vit" else self.cut.unit_features(hidden, grid)
+        if self.spec.stage.where == "pre-vit":
+            feats = self.cut.pixel_features(pixels)
+        else:
+            feats = self.cut.unit_features(hidden, grid)
         n = item[1] * item[2]
         picked = [select_units(self.spec, feats[i * n : (i + 1) * n], item) for i in range(grid.shape[0])]
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * grid.shape[0]
