@@ -26,9 +26,9 @@ class RandomPolicy(Policy):
         # sample keeps the same tokens alone or in a batch, and beams of one sample agree.
         counts = inputs.token_counts()
         width = inputs.valid.shape[1]
-        if len(counts) == 1 and counts[0] == width:  # one full row: the draw is the scores
-            draw = torch.rand(width, generator=torch.Generator().manual_seed(inputs.seed))[None]
-            return draw.to(inputs.hidden.device, torch.float32)
+        if all(n == width for n in counts):  # full rows (batch 1, or equal counts): every row is the same draw
+            draw = torch.rand(width, generator=torch.Generator().manual_seed(inputs.seed))
+            return draw.to(inputs.hidden.device, torch.float32).expand(len(counts), width)
         scores = torch.zeros(inputs.valid.shape, dtype=torch.float32)
         for b, n in enumerate(counts):
             generator = torch.Generator().manual_seed(inputs.seed)
