@@ -77,7 +77,12 @@ def level_kwargs(
         out["position_ids"] = new_pos
     else:
         pos = kwargs.get("position_ids")
-        gathered = gather_rows(index0, cos, sin, positions=pos)  # one fused launch on CUDA
+        rows = level.cache.get("rope_rows")  # gathered with the hidden states (stage_runner.enter_level)
+        if rows is not None and rows[0][0] is cos and rows[0][1] is sin and rows[1] is pos:  # type: ignore[index]
+            gathered = (*rows[2], rows[3])  # type: ignore[index]
+        else:
+            gathered = gather_rows(index0, cos, sin, positions=pos)  # one fused launch on CUDA
+            level.cache["rope_rows"] = ((cos, sin), pos, gathered[:2], gathered[2] if pos is not None else None)
         out["position_embeddings"] = gathered[:2]
         if pos is not None:
             out["position_ids"] = gathered[2]

@@ -42,6 +42,8 @@ class Level:
             host: a stage then reads them by slicing, with no sort and no gather.
         is_root: the slots are the original input itself (index_prev, index0 and orig are
             0..L-1), so gathering index0 or orig by an index gives the index.
+        one_unit: every sample has at most one image (its visual slots all hold image id 0),
+            known on the host: the visual-first order is then one sort of `image_ids`.
     """
 
     index_prev: torch.Tensor
@@ -59,6 +61,7 @@ class Level:
     visual_span: tuple[int, int] | None = None
     is_root: bool = False
     visual_perm: torch.Tensor | None = field(default=None, repr=False)  # see `_uniform_level`
+    one_unit: bool = False
 
     @property
     def length(self) -> int:
@@ -74,6 +77,8 @@ class Level:
         """[B, Ls] long: slot indices with the visual slots first, in slot order (computed once)."""
         if self.visual_perm is not None:
             return self.visual_perm.argsort(dim=1)
+        if self.one_unit:  # ids are 0 (visual) or -1: a descending stable sort puts the 0s first, in slot order
+            return torch.sort(self.image_ids, dim=1, descending=True, stable=True).indices
         return torch.sort((~self.visual).to(torch.int8), dim=1, stable=True).indices
 
     @cached_property
@@ -112,9 +117,10 @@ def root_level(
     visual_span the one run of visual positions every sample shares (see `VisualLayout.visual_span`)."""
     b, length = image_ids.shape
     arange, ones = identity_tensors(b, length, image_ids.device)
+    one_unit = image_sizes is not None and all(len(sizes) <= 1 for sizes in image_sizes)
     return Level(arange, arange, arange, ones, image_ids, identity=True, same_as_prev=True,
                  n_slots=[length] * b, n_visual=list(n_visual), image_sizes=image_sizes, visual_span=visual_span,
-                 is_root=True)
+                 is_root=True, one_unit=one_unit)
 
 
 def next_level(parent: Level, keep_visual: list[torch.Tensor] | torch.Tensor) -> Level:
@@ -139,6 +145,7 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor] | torch.Tensor) ->
             parent.index0, parent.orig, parent.valid, parent.image_ids,
             identity=parent.identity, same_as_prev=True, n_slots=n_slots, n_visual=kept,
             image_sizes=parent.image_sizes, visual_span=parent.visual_span, is_root=parent.is_root,
+            one_unit=parent.one_unit,
         )
     chosen = None
     if max(kept, default=0) and min(kept) == max(kept):  # as many per sample (batch 1): no padding
@@ -167,9 +174,10 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor] | torch.Tensor) ->
     # A slot is valid iff it holds a kept slot (kept slots were valid in the parent).
     valid = keep.gather(1, index)
     image_ids = torch.where(valid, parent.image_ids.gather(1, index), -1)
+    index0 = parent.index0.gather(1, index)
     return Level(
-        index, parent.index0.gather(1, index), parent.orig.gather(1, index), valid, image_ids,
-        n_slots=n_slots, n_visual=kept,
+        index, index0, _child_orig(parent, index, index0), valid, image_ids,
+        n_slots=n_slots, n_visual=kept, image_sizes=_one_unit_sizes(parent, kept), one_unit=parent.one_unit,
     )
 
 
@@ -196,12 +204,25 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> L
         index, perm = torch.cat([visual_slots, order[:, parent.n_visual[0]:]], dim=1).sort(dim=1)  # distinct: no ties
     # perm[b, j] is the concatenation entry that new slot j holds; its inverse lists the new
     # slots of the kept visual entries (ascending), then of the text entries (ascending).
+    index0 = index if parent.is_root else parent.index0.gather(1, index)
     return Level(
-        index, index if parent.is_root else parent.index0.gather(1, index),
-        index if parent.is_root else parent.orig.gather(1, index),
+        index, index0, index if parent.is_root else _child_orig(parent, index, index0),
         identity_tensors(batch, index.shape[1], index.device)[1], parent.image_ids.gather(1, index),
-        n_slots=n_slots, n_visual=[k] * batch, visual_span=span, visual_perm=perm,
+        n_slots=n_slots, n_visual=[k] * batch, image_sizes=_one_unit_sizes(parent, [k] * batch), visual_span=span,
+        visual_perm=perm, one_unit=parent.one_unit,
     )
+
+
+def _child_orig(parent: Level, index: torch.Tensor, index0: torch.Tensor) -> torch.Tensor:
+    """A child level's `orig`: its `index0` itself when the parent's two are one tensor (no `pre`
+    stage: level 0 is the input, so level-0 and input positions agree), else a gather."""
+    return index0 if parent.orig is parent.index0 else parent.orig.gather(1, index)
+
+
+def _one_unit_sizes(parent: Level, kept: list[int]) -> list[list[int]] | None:
+    """A child level's `image_sizes` when its parent's samples have one image at most (then
+    known on the host from the kept counts, as `torch.bincount` counts them), else None."""
+    return [[k] if k else [] for k in kept] if parent.one_unit else None
 
 
 def write_visual(level: Level, hidden: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
@@ -218,4 +239,5 @@ def as_root(level: Level) -> Level:
     b, length = level.index_prev.shape
     arange = identity_tensors(b, length, level.index_prev.device)[0]
     return Level(level.index_prev, arange, level.orig, level.valid, level.image_ids, True, level.same_as_prev,
-                 n_slots=level.n_slots, n_visual=level.n_visual, visual_span=level.visual_span)
+                 n_slots=level.n_slots, n_visual=level.n_visual, image_sizes=level.image_sizes,
+                 visual_span=level.visual_span, one_unit=level.one_unit)

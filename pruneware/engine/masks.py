@@ -28,11 +28,13 @@ def mask_kind(attn_implementation: str) -> MaskKind:
 
 
 def _gather_last(m: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """m: [B|1, ..., K]; cols: [B, n] -> [B, ..., n]."""
-    if m.shape[0] == 1 and cols.shape[0] > 1:
-        m = m.expand(cols.shape[0], *m.shape[1:])
-    view = cols.view(cols.shape[0], *([1] * (m.dim() - 2)), cols.shape[1])
-    return m.gather(-1, view.expand(*m.shape[:-1], cols.shape[1]))
+    """m: [B|1, ..., K]; cols: [B, n] -> [B, ..., n].
+
+    One `take_along_dim`, which broadcasts the index over the middle dims and a batch-1 mask
+    over the samples (a view, an expand and a gather would be three ops, each a dispatch)."""
+    if m.dim() == 2:
+        return torch.take_along_dim(m, cols, dim=1)
+    return torch.take_along_dim(m, cols.view(cols.shape[0], *([1] * (m.dim() - 2)), cols.shape[1]), dim=-1)
 
 
 def _fix_invalid(m: torch.Tensor, valid_cols: torch.Tensor, invalid_rows: torch.Tensor | None) -> torch.Tensor:
@@ -95,11 +97,9 @@ def level_columns(
 
 
 def _rows(mask: torch.Tensor, index0: torch.Tensor) -> torch.Tensor:
-    """mask [B|1, 1, Q, K] -> [B, 1, Ls, K], the rows of index0 [B, Ls]."""
-    if mask.shape[0] == 1 and index0.shape[0] > 1:
-        mask = mask.expand(index0.shape[0], *mask.shape[1:])
-    rows = index0.view(index0.shape[0], 1, -1, 1)
-    return mask.gather(2, rows.expand(mask.shape[0], mask.shape[1], index0.shape[1], mask.shape[3]))
+    """mask [B|1, 1, Q, K] -> [B, 1, Ls, K], the rows of index0 [B, Ls] (one broadcasting
+    `take_along_dim`, as in `_gather_last`)."""
+    return torch.take_along_dim(mask, index0.view(index0.shape[0], 1, -1, 1), dim=2)
 
 
 def slice_static_prefill_mask(

@@ -195,6 +195,7 @@ class StageContext:
         vision: (scores [B, Ls] or None, keys [B, Ls, d] or None, per-sample tower grids or
             None) for `needs.vision`.
         real: [B, Ls] bool, slots holding a real token (`needs.attention`).
+        text_width: a host-known upper bound of any sample's text rows (`post_image_width`), or None.
     """
 
     policy: Policy
@@ -208,6 +209,7 @@ class StageContext:
     attention: torch.Tensor | None = None
     vision: tuple | None = None
     real: torch.Tensor | None = None
+    text_width: int | None = None
 
 
 def stage_context(
@@ -237,9 +239,10 @@ def stage_context(
         if needs.final_norm:
             with torch.no_grad():
                 hidden = norm(hidden)
+    text_width = post_image_width(state) if needs.text and needs.query == "post-image" else None
     return StageContext(
         policy, stage, level, hidden, prefill.n_visual, seed, prefill.layout.grids, state.sample_stages(stage_index),
-        attention, vision, real,
+        attention, vision, real, text_width,
     )
 
 
@@ -314,7 +317,11 @@ def text_rows(ctx: StageContext) -> TextRows:
     rows (`Needs(text=True)`)."""
     if ctx.real is None:
         raise RuntimeError(f"{ctx.policy.name} needs the real-token mask at its text rows")
-    hidden = ctx.hidden
-    rows, row_valid = query_rows(ctx.policy.needs.query, ctx.level.visual, ctx.real)
-    text_hidden = gather_rows(rows, hidden)[0] * row_valid[..., None].to(hidden.dtype)
-    return TextRows(text_hidden, row_valid, None if ctx.attention is None else ctx.attention.gather(1, rows))
+    hidden, attention = ctx.hidden, ctx.attention
+    rows = query_layout(ctx.policy.needs.query, ctx.level, ctx.real, ctx.text_width, hidden.device, block=True)
+    if rows.run is not None:  # one run of slots in every sample, known on the host: sliced, not gathered
+        text_hidden, score = hidden[:, rows.run], None if attention is None else attention[:, rows.run]
+    else:
+        slots: torch.Tensor = rows.slots  # type: ignore[assignment]  # without a run the slots are given
+        text_hidden, score = gather_rows(slots, hidden)[0], None if attention is None else attention.gather(1, slots)
+    return TextRows(text_hidden * rows.valid[..., None].to(hidden.dtype), rows.valid, score)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pruneware.engine.levels import next_level, write_visual
+from pruneware.engine.levels import Level, next_level, write_visual
 from pruneware.engine.request import RequestState
 from pruneware.engine.stage_inputs import StageContext, no_grad, stage_input, visual_picker
 from pruneware.kernels.gather import gather_rows
@@ -51,6 +51,8 @@ def run_stage(ctx: StageContext) -> Selection:
         keep = keep if keep.device == level.orig.device else keep.to(level.orig.device)
         if level.is_root and level.visual_span is not None:  # visual slot j is input position start + j
             kept = list(keep + level.visual_span[0])
+        elif level.is_root:  # the slots are the input positions: the j-th visual slot is visual_first[:, j]
+            kept = list(level.visual_first.gather(1, keep))
         else:
             kept = list(pick(level.orig).gather(1, keep))
         counts = [keep.shape[1]] * keep.shape[0]
@@ -81,10 +83,32 @@ def enter_level(
     if level.same_as_prev and not recycled:
         return args
     if not level.same_as_prev:
-        (hidden,) = gather_rows(level.index_prev, hidden)
+        hidden = _gather_with_rope(level, state.levels[-2], hidden, kwargs)
     if recycled:
         hidden = write_visual(level, hidden, selection.merged.embeds)
     if args:
         return (hidden, *args[1:])
     kwargs["hidden_states"] = hidden
     return args
+
+
+def _gather_with_rope(level: Level, parent: Level, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """hidden [B, Ls_prev, D] -> [B, Ls, D], the level's rows, gathered in one call (one launch
+    on CUDA) with the layer's RoPE rows (cos, sin, position ids) when those are gathered by the
+    same index: from level 0's when the level is cut from it, else from the parent's own rows
+    (a gather of a gather: the same values). Positions kept only. The rows are left in
+    `level.cache["rope_rows"]` for `layer_inputs.level_kwargs`, keyed by the level-0 tensors."""
+    cos_sin, positions = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+    source = None
+    if cos_sin is not None and level.stage.positions != "compact":
+        if level.index_prev is level.index0:
+            source = (*cos_sin, positions)
+        else:
+            rows = parent.cache.get("rope_rows")
+            if rows is not None and rows[0][0] is cos_sin[0] and rows[0][1] is cos_sin[1] and rows[1] is positions:
+                source = (*rows[2], rows[3])
+    if source is None:
+        return gather_rows(level.index_prev, hidden)[0]
+    hidden, cos, sin, *kept_positions = gather_rows(level.index_prev, hidden, *source[:2], positions=source[2])
+    level.cache["rope_rows"] = (cos_sin, positions, (cos, sin), kept_positions[0] if kept_positions else None)
+    return hidden
