@@ -151,7 +151,8 @@ class Calibration:
         visual = [v for r in reports for v in r.visual_per_sample]
         flops = sum(r.lm_flops for r in reports) / max(sum(r.lm_flops_unpruned for r in reports), 1.0)
         # a report without vision FLOPs ran the tower whole on its inputs
-        vision = sum(sum(r.vision_flops) if r.vision_flops else full for r, full in zip(reports, self.vision_flops, strict=True))
+        vision = sum(sum(r.vision_flops) if r.vision_flops else full
+                     for r, full in zip(reports, self.vision_flops, strict=True))
         return Measurement(
             float(loss.mean()), float(kl.mean()), None if scores is None else sum(scores) / len(scores),
             sum(visual) / len(visual), flops, vision / max(sum(self.vision_flops), 1.0),

@@ -1,7 +1,8 @@
 """Sensitivity profiling and the dynamic program over multi-stage schedules.
 
 A schedule is a sequence of stages at strictly later places (one of `pre` or a vision-side place,
-`pre-vit` or `vitK`, when the tuner has a vision budget; then decoder layers) that keep strictly fewer tokens: ratios r_1 > r_2 > ... of each sample's visual tokens. Its cost
+`pre-vit` or `vitK`, when the tuner has a vision budget; then decoder layers) that keep strictly
+fewer tokens: ratios r_1 > r_2 > ... of each sample's visual tokens. Its cost
 under any budget is separable over layers (see `budget.CostModel`). Its loss is estimated from
 single-stage profiles D_{p,l}(r), the measured objective of the one-stage plan "p@l:r":
 
