@@ -26,7 +26,10 @@ Deliberate differences from the official code:
   - a budget below `pivot_image` keeps the top key-norm image tokens only; too few text tokens
     give fewer text pivots (the official code would fail in topk);
   - key norms are summed in float32 (official: the model's dtype), so 16-bit near-ties can
-    pick other pivots.
+    pick other pivots;
+  - exact ties in similarity go to the lowest index (official: `topk`'s order, unspecified).
+The selection itself runs in `pruneware.kernels.dart` (a Triton kernel on CUDA, numpy on the
+CPU, the plain-torch reference beside them), for every image of the batch at once.
 """
 
 from __future__ import annotations
@@ -36,37 +39,20 @@ from typing import ClassVar
 
 import torch
 
+from pruneware.kernels.dart import duplication_aware
 from pruneware.policies.attention import AttentionPolicy
-from pruneware.policies.base import StageInput, register_policy, split_budget
+from pruneware.policies.base import StageInput, TextRows, register_policy, split_budget
 from pruneware.policies.needs import Needs
 
 
-def duplication_aware(
-    visual: torch.Tensor, visual_norm: torch.Tensor, text_pivots: torch.Tensor, k: int, pivot_image: int
-) -> torch.Tensor:
-    """DART's selection for one image. visual: [n, D] normed states; visual_norm: [n] key L1
-    norms; text_pivots: [p, D] normed states of the text pivots, in position order. Returns the
-    kept indices into the n visual tokens, sorted."""
-    n = visual.shape[0]
-    if k >= n:
-        return torch.arange(n, device=visual.device)
-    p_img = min(pivot_image, k)
-    image_pivots = visual_norm.topk(p_img).indices.sort().values
-    free = torch.ones(n, dtype=torch.bool, device=visual.device)
-    free[image_pivots] = False
-    pivots = torch.cat([visual[image_pivots], text_pivots])  # image tokens precede the text after them
-    share, extra = divmod(k - p_img, max(1, pivots.shape[0]))
-    kept = [image_pivots]
-    for i, pivot in enumerate(pivots):
-        take = min(share + (i < extra), int(free.sum()))
-        if take == 0:
-            continue
-        candidates = free.nonzero().squeeze(1)
-        similarity = torch.nn.functional.cosine_similarity(pivot[None], visual[candidates], dim=-1)
-        picked = candidates[(-similarity).topk(take).indices]
-        free[picked] = False
-        kept.append(picked)
-    return torch.cat(kept).sort().values
+def text_pivots(text: TextRows, pivot_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's text pivots: the `pivot_text` valid text rows with the largest key L1 norm,
+    in position order. Returns their states [B, p, D] and which count [B, p] bool (a sample with
+    fewer valid rows has fewer pivots; its invalid ones come last)."""
+    p = min(pivot_text, text.valid.shape[1])
+    norms = torch.where(text.valid, text.score, float("-inf"))  # type: ignore[arg-type]  # rows are left-aligned
+    rows = norms.topk(p, dim=1).indices.sort(dim=1).values  # [B, p]
+    return torch.take_along_dim(text.hidden, rows[..., None], dim=1), text.valid.gather(1, rows)
 
 
 @register_policy
@@ -88,24 +74,26 @@ class DARTPolicy(AttentionPolicy):
         if self.pivot_image + self.pivot_text == 0:
             raise TypeError("dart needs at least one pivot: pivot_image + pivot_text >= 1")
 
-    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor] | torch.Tensor:
         if inputs.attention is None or inputs.text is None:
             raise RuntimeError("dart needs key norms and text rows; the session did not provide them")
-        text = inputs.text
+        pivots, pivots_valid = text_pivots(inputs.text, self.pivot_text)
+        sizes = inputs.image_sizes()
+        n = inputs.hidden.shape[1]
+        if n and all(s == [n] for s in sizes) and len(set(counts)) == 1 and 0 < counts[0] < n:
+            # One full image per sample and one budget: every image at once (one kernel call).
+            return duplication_aware(inputs.hidden, inputs.attention, pivots, pivots_valid, counts[0], self.pivot_image)
         out = []
-        for b, sizes in enumerate(inputs.image_sizes()):
-            norms = text.score[b, text.valid[b]]
-            p_txt = min(self.pivot_text, norms.numel())
-            order = norms.topk(p_txt).indices.sort().values  # rows are in position order
-            text_pivots = text.hidden[b, text.valid[b]][order]
+        for b, image_sizes in enumerate(sizes):
             parts = []
-            for image, k in enumerate(split_budget(sizes, counts[b])):
+            for image, k in enumerate(split_budget(image_sizes, counts[b])):
                 members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
                 if k:
                     picked = duplication_aware(
-                        inputs.hidden[b, members], inputs.attention[b, members], text_pivots, k, self.pivot_image
+                        inputs.hidden[b, members][None], inputs.attention[b, members][None], pivots[b : b + 1],
+                        pivots_valid[b : b + 1], min(k, members.numel()), self.pivot_image,
                     )
-                    parts.append(members[picked])
-            empty = torch.zeros(0, dtype=torch.long, device=norms.device)
+                    parts.append(members[picked[0]])
+            empty = torch.zeros(0, dtype=torch.long, device=inputs.hidden.device)
             out.append(torch.cat(parts).sort().values if parts else empty)
         return out

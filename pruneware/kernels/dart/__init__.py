@@ -1,0 +1,47 @@
+"""DART's duplication-aware selection: ``duplication_aware``.
+
+Three paths, one result, bit for bit (they share the pivots and the similarity matrix,
+``reference.prepare``, and differ only in the greedy loop):
+  - ``triton.py``: the loop in one launch, for CUDA tensors;
+  - ``cpu.py``: the loop in numpy, for CPU tensors (a torch call per step costs more than the step);
+  - ``reference.py``: the rule in plain torch, the truth the others are tested against.
+``PRUNEWARE_KERNELS=reference`` forces the reference and ``=triton`` the kernel (see
+:mod:`pruneware.kernels.dispatch`). The Triton module is imported only when used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import choose_backend, forced_backend
+
+__all__ = ["duplication_aware"]
+
+
+def duplication_aware(
+    visual: torch.Tensor, norms: torch.Tensor, text_pivots: torch.Tensor, text_valid: torch.Tensor, k: int,
+    pivot_image: int,
+) -> torch.Tensor:
+    """DART's kept tokens of G images (one image per row) at once.
+
+    Args:
+        visual: ``[G, n, D]`` float normed states of each image's tokens.
+        norms: ``[G, n]`` their key L1 norms (the image pivots are the largest).
+        text_pivots: ``[G, p, D]`` the text pivots' normed states, in position order.
+        text_valid: ``[G, p]`` bool, the text pivots that count (fewer text rows, fewer pivots).
+        k: tokens to keep per image, in ``[0, n]``.
+        pivot_image: image pivots per image (``min(pivot_image, k)`` are taken).
+
+    Returns:
+        ``[G, k]`` int64 sorted indices into each image's n tokens.
+
+    Raises:
+        ValueError: a shape or budget that does not fit, naming the value.
+    """
+    if choose_backend(visual, norms, text_pivots, text_valid) == "triton":
+        from .triton import duplication_aware as impl
+    elif visual.device.type == "cpu" and forced_backend() != "reference":
+        from .cpu import duplication_aware as impl
+    else:
+        from .reference import duplication_aware as impl
+    return impl(visual, norms, text_pivots, text_valid, k, pivot_image)
