@@ -14,7 +14,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
+import pruneware
+from pruneware import models
+from pruneware.evals.synthetic import make_split
+from pruneware.evals.synthetic.accuracy import predict
 from tests.integrations.serving.conftest import run_driver
 
 pytestmark = pytest.mark.slow
@@ -61,5 +66,18 @@ def test_deep_levels_hold_blocks_for_the_tokens_they_keep(vllm_python, unpruned,
             assert per_group[level] == {math.ceil((prompt - (visual - kept)) / block)}, (level, per_group, prompt, visual)
     if SIZES[model]:
         assert len(set(out["visual_tokens"])) == len(SIZES[model])
+        # Requests of different sizes batched together answer as the HF path does (its padded batch).
+        ours = hf_answers(model, plan, SIZES[model])
+        agree = sum(a == b for a, b in zip(ours, out["answers"], strict=True))
+        assert agree >= N - 1, f"{model} {plan}: vLLM and HF agree on {agree} of {N} mixed-size questions"
+
+
+def hf_answers(name: str, plan: str, sizes: list[list[int]]) -> list[str]:
+    model, processor = models.load(name)
+    items = make_split("eval", N, seed=0)
+    for i, item in enumerate(items):
+        item.image = item.image.resize(tuple(sizes[i % len(sizes)]))
+    with pruneware.prune(model, plan, seed=0), torch.inference_mode():
+        return predict(model, processor, items)
     assert out["peak_usage"] < unpruned[model]["peak_usage"]
     assert out["prompt_lengths"] == unpruned[model]["prompt_lengths"]  # in-LLM stages keep every placeholder
