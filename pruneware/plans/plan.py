@@ -285,9 +285,18 @@ class Plan:
                     "this model uses M-RoPE, use 'keep'"
                 )
 
+    def entering_llm(self, n_visual: int) -> int:
+        """Visual tokens a sample with `n_visual` of them brings into the language model: what the
+        vision-side stages (`pre-vit`, `vitK`) leave (at most: `pixelprune` may keep fewer)."""
+        current = n_visual
+        for stage in self.vision:
+            current = min(current, stage.keep_count(n_visual, current))
+        return current
+
     def keep_counts(self, n_visual: int) -> list[int]:
-        """Visual tokens left after each stage, for a sample with `n_visual` visual tokens."""
-        counts, current = [], n_visual
+        """Visual tokens left after each language-model-side stage, for a sample with `n_visual`
+        visual tokens (after the vision-side stages, `entering_llm`)."""
+        counts, current = [], self.entering_llm(n_visual)
         for stage in self.stages:
             current = min(current, stage.keep_count(n_visual, current))
             counts.append(current)
@@ -295,7 +304,7 @@ class Plan:
 
     def avg_visual_tokens(self, n_visual: int, n_layers: int) -> float:
         """Average visual tokens per decoder layer for a sample with `n_visual` visual tokens."""
-        total, current, start = 0.0, n_visual, 0
+        total, current, start = 0.0, self.entering_llm(n_visual), 0
         for stage, count in zip(self.stages, self.keep_counts(n_visual), strict=True):
             total += current * (stage.layer - start)
             current, start = count, stage.layer

@@ -111,3 +111,11 @@ def test_zero_budgets_are_refused_where_they_cannot_run():
 
     with pytest.raises(PlanError, match="vLLM needs at least one placeholder token per item"):
         check_stage(Stage.parse("random@pre:0"))
+
+
+def test_vision_side_stages_count_toward_the_tokens_entering_the_llm():
+    plan = Plan.parse("divprune@vit1:144,random@4:*0.5")
+    assert plan.entering_llm(576) == 144
+    assert plan.keep_counts(576) == [72]
+    assert plan.avg_visual_tokens(576, 8) == pytest.approx((4 * 144 + 4 * 72) / 8)
+    assert Plan.parse("pixelprune@pre-vit:0.5,divprune@vit2:*0.5").avg_visual_tokens(576, 8) == 144
