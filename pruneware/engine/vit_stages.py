@@ -127,9 +127,14 @@ class VisionStages:
         return handles
 
     def remove(self) -> None:
+        """Uninstall, and empty this context's slots: a forward that failed inside the tower (a
+        refused stage, an error in a block) leaves its call, records and cut behind otherwise."""
         if self.capture is not None:
             self.capture.remove()
             self.capture = None
+        for slot, empty in ((self._call, None), (self._kept, ()), (self._flops, ()), (self._types, None),
+                            (self._last, None)):
+            slot.set(empty)
 
     # hooks ---------------------------------------------------------------------------------
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

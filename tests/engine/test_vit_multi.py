@@ -183,6 +183,11 @@ def test_pixelprune_after_a_cut_is_refused(model):
     inputs = qwen_inputs(model, [(3, [(8, 12)], 4)])
     with pytest.raises(pruneware.PlanError, match="make pixelprune the plan's first vision-side stage"):
         _logits(model, inputs, "random@pre-vit:0.5,pixelprune@vit1:1.0")
+    # the forward failed inside the tower: the session still leaves nothing in this context
+    import contextvars
+
+    slots = [v for var, v in contextvars.copy_context().items() if var.name == "pruneware_requests"]
+    assert all(not s for s in slots), slots
 
 
 # --- LLaVA (CLIP) ------------------------------------------------------------------------------
