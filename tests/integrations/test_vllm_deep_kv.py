@@ -5,11 +5,13 @@ checked in `serving/test_kv_accounting.py`."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # before vllm picks its platform (the other vLLM test files rely on it)
 pytest.importorskip("vllm")
 
 from vllm.multimodal.inputs import PlaceholderRange  # noqa: E402
