@@ -32,20 +32,3 @@ def nan_poison(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-
-
-def request_state_left() -> list:
-    """The non-empty values of the engine's shared context-local slots (`engine.request._ContextSlot`)
-    in this thread's context: what a finished session left behind."""
-    import contextvars
-
-    return [value for var, value in contextvars.copy_context().items() if var.name == "pruneware_requests" and value]
-
-
-@pytest.fixture
-def sessions_leave_nothing():
-    """Fail a test after which a session (finished, refused or failed mid-forward) left request
-    state in the thread's context. Used autouse by the engine, policy and CLI suites."""
-    yield
-    left = request_state_left()
-    assert not left, f"a pruneware session left state in the context: {left}"
