@@ -110,6 +110,21 @@ def qwen_inputs(
         tok.padding_side = side
 
 
+def qwen_images(processor: Any, images_per_prompt: Sequence[Sequence[Image.Image]]) -> list[Any]:
+    """The images of several prompts, in order, as Qwen's tooling hands them to the processor:
+    `process_vision_info` on one user turn per prompt holding that prompt's images (no
+    `min_pixels` / `max_pixels`, as in `qwen_inputs`). For callers whose prompt text is already
+    rendered (lmms-eval's messages), so only the pixels take Qwen's route."""
+    from qwen_vl_utils import process_vision_info
+
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": im} for im in images]}]
+                     for images in images_per_prompt if images]  # fmt: skip
+    if not conversations:
+        return []
+    image_inputs, _ = process_vision_info(conversations, image_patch_size=int(processor.image_processor.patch_size))
+    return list(image_inputs or [])
+
+
 def vision_inputs(processor: Any, questions: Sequence[str], images: Sequence[Image.Image], prompt=None) -> Any:
     """A left-padded batch for one image per question: Qwen's tooling for Qwen processors
     (`qwen_inputs`), else `processor(text=prompt(processor, q), images=...)`."""

@@ -10,7 +10,10 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not importable: run .ci/in
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from pruneware.evals.datasets import load_benchmark  # noqa: E402
+import torch  # noqa: E402
+
 from pruneware.integrations.lmms_eval.model import PrunewareChat, PrunewareSimple  # noqa: E402
+from pruneware.integrations.lmms_eval.prompting import from_messages, render  # noqa: E402
 
 PLAN = "divprune@pre:0.25"
 GEN = {"max_new_tokens": 3, "temperature": 0, "do_sample": False}
@@ -121,3 +124,25 @@ def test_unsupported_model_is_refused(tmp_path):
     AutoConfig.for_model("gpt2", n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(ModelArgsError, match=r"model_type 'gpt2'; pruneware supports .*llava"):
         load_model(ModelArgs.parse(pretrained=str(tmp_path)))
+
+
+def test_qwen_images_take_qwen_vl_utils_route(docs):
+    """A Qwen model's images reach the processor as `qwen_vl_utils` sizes them (the same pixels and
+    grid as pruneware's own evals, `qwen_inputs`); for an image whose sides are not whole merge
+    units this differs from the processor alone (tiny-qwen2.5-vl: 46x52 patches alone, 44x54 here)."""
+    import numpy as np
+    from PIL import Image
+
+    from pruneware.evals.qwen_inputs import qwen_inputs
+
+    model = _model(PrunewareChat, docs, batch_size=2, pretrained_override="tiny-qwen2.5-vl")
+    odd = Image.fromarray(np.random.default_rng(0).integers(0, 255, (257, 301, 3), dtype=np.uint8))
+    images = [[odd], [docs[0]["image"]]]
+    prompts = [from_messages([{"role": "user", "content": [{"type": "image", "url": im[0]}, {"type": "text", "text": "q"}]}])
+               for im in images]  # fmt: skip
+    got = model._inputs([render(model.processor, p) for p in prompts], images)
+    want = qwen_inputs(model.processor, ["q", "q"], images=[odd, docs[0]["image"]])
+    alone = model.processor(text=["<|image_pad|>"], images=[odd], return_tensors="pt")
+    assert got["image_grid_thw"].tolist() == want["image_grid_thw"].tolist()
+    assert got["image_grid_thw"][0].tolist() != alone["image_grid_thw"][0].tolist()
+    assert torch.equal(got["pixel_values"], want["pixel_values"])

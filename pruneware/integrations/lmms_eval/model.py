@@ -3,7 +3,8 @@
 Unlike several built-in wrappers:
 - requests are batched (`--batch_size N`), left-padded, one `generate` per batch;
 - an exception in generation propagates: it is never turned into an empty answer;
-- images go to the processor as given (PIL or file), never re-encoded as JPEG.
+- images go to the processor as given (PIL or file), never re-encoded as JPEG; a Qwen model's
+  images first take `qwen_vl_utils`' route, as Qwen's own tooling sends them.
 
 Each batch runs inside `pruneware.prune(model, plan, seed=..., avg_tokens=...)`; budgets are
 solved per sample, so a padded batch gives the answers its samples give alone.
@@ -22,6 +23,7 @@ from loguru import logger
 from tqdm import tqdm
 
 import pruneware
+from pruneware.evals.qwen_inputs import is_qwen_processor, qwen_images
 from pruneware.integrations.lmms_eval.args import ModelArgs, load_model
 from pruneware.integrations.lmms_eval.cost import CostLog, default_cost_path
 from pruneware.integrations.lmms_eval.prompting import Generation, Prompt, from_context, from_messages, render
@@ -58,7 +60,13 @@ class _Pruneware(lmms):
         return self._model.device
 
     # one batch ---------------------------------------------------------------------------
-    def _inputs(self, texts: list[str], images: list) -> dict:
+    def _inputs(self, texts: list[str], images_per_prompt: list[list]) -> dict:
+        """A left-padded batch; a Qwen processor's images go through `qwen_vl_utils` first, as
+        Qwen's own tooling (and pruneware's evals, `evals/qwen_inputs.py`) sends them."""
+        if is_qwen_processor(self.processor):
+            images = qwen_images(self.processor, images_per_prompt)
+        else:
+            images = [im for per_prompt in images_per_prompt for im in per_prompt]
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
@@ -81,7 +89,7 @@ class _Pruneware(lmms):
     def _generate(self, prompts: Sequence[Prompt], gen: Generation, keys: list[dict]) -> list[GenerationResult]:
         """Answers for one batch of prompts, and their pruning cost recorded under `keys`."""
         texts = [render(self.processor, p) for p in prompts]
-        inputs = self._inputs(texts, [im for p in prompts for im in p.images])
+        inputs = self._inputs(texts, [p.images for p in prompts])
         session = self._session()
         if session is None:
             out, report = self._model.generate(**inputs, **gen.kwargs), None
@@ -148,8 +156,8 @@ class _Pruneware(lmms):
         for request in tqdm(requests, disable=self.rank != 0, desc="pruneware loglikelihood"):
             context, continuation, doc_to_visual, doc_id, task, split = request.args
             prompt = from_context(context, doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual else [])
-            head = self._inputs([render(self.processor, prompt)], prompt.images)["input_ids"]
-            inputs = self._inputs([render(self.processor, prompt, continuation)], prompt.images)
+            head = self._inputs([render(self.processor, prompt)], [prompt.images])["input_ids"]
+            inputs = self._inputs([render(self.processor, prompt, continuation)], [prompt.images])
             n = inputs["input_ids"].shape[1] - head.shape[1]
             if n <= 0 or not torch.equal(inputs["input_ids"][0, : head.shape[1]], head[0]):
                 raise ValueError(f"continuation {continuation!r} does not tokenize as an extension of its context")
