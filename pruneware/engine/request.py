@@ -314,7 +314,12 @@ class RequestTracker:
         self._local.report = report
 
     def clear(self) -> None:
-        """Forget every cache's state (the session is detached)."""
+        """Forget every cache's state, and empty this context's slots (the session is detached):
+        a vision-tower call outside a forward (`get_image_features` alone) leaves what it saw
+        there otherwise, since only the end of a top-level forward empties them."""
         with self._lock:
             self._by_cache.clear()
             self._encodings.clear()
+        for slot, empty in ((self._current, None), (self._depth, 0), (self._vision, ()), (self._vision_reads, ()),
+                            (self._tower_flops, ())):
+            slot.set(empty)

@@ -283,3 +283,16 @@ def test_sessions_leave_nothing_in_the_context(model):
     assert len(context) == before
     slots = [value for var, value in context.items() if var.name == "pruneware_requests"]
     assert all(not s for s in slots)
+
+
+@pytest.mark.parametrize("plan", ["random@vit1:0.5", "divprune@pre:0.5"])
+def test_a_tower_call_alone_leaves_nothing_in_the_context(model, plan):
+    """The vision tower run outside a forward (`get_image_features`, as vLLM-side tests and feature
+    extraction call it): what the session saw of it goes when the session closes."""
+    import contextvars
+
+    inputs = _alone(model, [(3, [(8, 12)], 4)], 0)
+    with pruneware.prune(model, plan), torch.inference_mode():
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    slots = [value for var, value in contextvars.copy_context().items() if var.name == "pruneware_requests"]
+    assert all(not s for s in slots), slots
