@@ -39,6 +39,8 @@ Deliberate differences from the official code:
     with a cache work; the official code handles one sample (`mask[0][indices]`).
   - The official Qwen code does not exist: on M-RoPE models the same rule runs with positions kept.
   - `sparsevlm[recycle=false]` prunes without recycling (SparseVLM v2.0 also turns merging off).
+The raters and the recycling run in `pruneware.kernels.sparsevlm` (one Triton launch each on
+CUDA, numpy on the CPU, the plain-torch reference beside them), for the whole batch at once.
 """
 
 from __future__ import annotations
@@ -48,19 +50,15 @@ from typing import ClassVar
 
 import torch
 
+from pruneware.kernels.sparsevlm import recycle, recycled_count, text_raters
+from pruneware.kernels.sparsevlm.reference import RECYCLE_SHARE, TOKENS_PER_CLUSTER, cluster_and_merge
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import MergeResult, StageInput, register_policy, topk_per_image
 from pruneware.policies.needs import Needs
 
-RECYCLE_SHARE = 0.3  # official: `int(merge_token_idx_stage1.shape[0] * 0.3) + 1`, "Top 30%"
-TOKENS_PER_CLUSTER = 10  # official: `cluster_num = int(merge_token_stage2.shape[1] / 10) + 1`
-
-
-def recycled_count(pruned: int) -> int:
-    """Merged tokens made from `pruned` pruned tokens (none when nothing was pruned)."""
-    if pruned <= 0:
-        return 0
-    return int((int(pruned * RECYCLE_SHARE) + 1) / TOKENS_PER_CLUSTER) + 1
+# The rule's constants and its clustering step live with the fused kernels; re-exported here.
+__all__ = ["RECYCLE_SHARE", "TOKENS_PER_CLUSTER", "SparseVLMPolicy", "cluster_and_merge", "recycled_count",
+           "tokens_after"]
 
 
 def tokens_after(received: int, count: int) -> int:
@@ -72,38 +70,6 @@ def tokens_after(received: int, count: int) -> int:
     return kept + recycled_count(received - kept)
 
 
-def raters(embeds: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool: the text slots that rate the visual tokens (SparseVLM's `t_token_idx`).
-
-    embeds: [B, L, D] the language model's input embeddings; visual: [B, L] bool its visual
-    slots; text: [B, L] bool the candidate text slots (the real text after the last visual slot).
-    """
-    out = torch.zeros_like(text)
-    for b in range(embeds.shape[0]):
-        if not visual[b].any() or not text[b].any():
-            continue
-        v, t = embeds[b, visual[b]].float(), embeds[b, text[b]].float()  # [Nv, D], [Nt, D]
-        relevance = (v @ t.T).softmax(dim=1).mean(dim=0)  # [Nt]
-        out[b, text[b].nonzero().squeeze(1)] = relevance > relevance.mean()
-    return out
-
-
-def cluster_and_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
-    """[clusters, D]: the official DPC-kNN merge of x [M, D] (without its density noise)."""
-    x = x.float()
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[1] ** 0.5  # [M, M]
-    nearest = dist.topk(clusters, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp()  # [M]
-    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
-    parent = torch.where(denser, dist, dist.max()).min(dim=-1).values
-    centres = (parent * density).topk(clusters).indices  # [clusters]
-    assign = dist[centres].argmin(dim=0)  # [M] nearest centre
-    assign[centres] = torch.arange(clusters, device=x.device)
-    sizes = torch.zeros(clusters, device=x.device).index_add_(0, assign, torch.ones_like(assign, dtype=x.dtype))
-    weights = 1.0 / (sizes + 1e-6)  # official: token_weight / (all_weight + 1e-6)
-    return torch.zeros(clusters, x.shape[1], device=x.device).index_add_(0, assign, x * weights[assign, None])
-
-
 @register_policy
 @dataclass(frozen=True)
 class SparseVLMPolicy(AttentionPolicy):
@@ -113,7 +79,8 @@ class SparseVLMPolicy(AttentionPolicy):
     recycle: bool = True
 
     def raters(self, embeds: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return raters(embeds, visual, text)
+        """[B, L] bool rater slots of embeds [B, L, D] among the text slots [B, L] (one fused call)."""
+        return text_raters(embeds, visual, text)
 
     def row_weights(self, query_block: torch.Tensor | None, row_valid: torch.Tensor) -> torch.Tensor:
         """The mean over the raters (the session passes only rater rows as valid)."""
@@ -121,25 +88,15 @@ class SparseVLMPolicy(AttentionPolicy):
         return valid / valid.sum(dim=1, keepdim=True).clamp(min=1.0)
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
-        """Per sample: the kept visual tokens plus the slots of the recycled ones, and their states."""
-        scores = self.score(inputs).float().masked_fill(~inputs.valid, float("-inf"))
-        sizes = inputs.valid.sum(dim=1).tolist()
+        """Per sample: the kept visual tokens plus the slots of the recycled ones, and their states.
+
+        The top-k is one batched call (`topk_per_image`); the recycling (pruned set, rating,
+        DPC-kNN clustering, merged states) is one fused call for the batch (`kernels.sparsevlm`).
+        Token counts come from the host-side layout: no sync."""
+        scores = self.score(inputs)  # [B, N] float32
+        sizes = inputs.token_counts()
         budgets = [min(c, max(n - 1, 0)) for c, n in zip(counts, sizes, strict=True)]
-        chosen = topk_per_image(scores, inputs, budgets)
-        keep, embeds = [], []
-        for b, (kept, n) in enumerate(zip(chosen, sizes, strict=True)):
-            hidden = inputs.hidden[b, :n]
-            pruned_mask = torch.ones(n, dtype=torch.bool, device=hidden.device)
-            pruned_mask[kept] = False
-            pruned = pruned_mask.nonzero().squeeze(1)  # slot order
-            states = hidden.clone()
-            slots = pruned[:0]
-            if self.recycle and pruned.numel():
-                rated = scores[b, pruned].topk(int(pruned.numel() * RECYCLE_SHARE) + 1).indices
-                merged = cluster_and_merge(hidden[pruned[rated]], recycled_count(pruned.numel()))
-                slots = pruned[pruned.numel() - merged.shape[0]:]
-                states[slots] = merged.to(states.dtype)
-            index = torch.cat([kept.to(hidden.device), slots]).sort().values
-            keep.append(index)
-            embeds.append(states[index])
+        ranked = scores if inputs.all_valid() else scores.masked_fill(~inputs.valid, float("-inf"))
+        chosen = topk_per_image(ranked, inputs, budgets)
+        keep, embeds = recycle(inputs.hidden, scores, chosen, sizes, self.recycle)
         return MergeResult(keep, embeds, None)
