@@ -28,8 +28,8 @@ Deliberate differences from the official code:
   - key norms are summed in float32 (official: the model's dtype), so 16-bit near-ties can
     pick other pivots;
   - exact ties in similarity go to the lowest index (official: `topk`'s order, unspecified).
-The selection itself runs in `pruneware.kernels.dart` (a Triton kernel on CUDA, numpy on the
-CPU, the plain-torch reference beside them), for every image of the batch at once.
+The selection itself, text pivots included, runs in `pruneware.kernels.dart` (a Triton kernel on
+CUDA, numpy on the CPU, the plain-torch reference beside them), for every image of the batch at once.
 """
 
 from __future__ import annotations
@@ -39,20 +39,10 @@ from typing import ClassVar
 
 import torch
 
-from pruneware.kernels.dart import duplication_aware
+from pruneware.kernels.dart import select as dart_select
 from pruneware.policies.attention import AttentionPolicy
-from pruneware.policies.base import StageInput, TextRows, register_policy, split_budget
+from pruneware.policies.base import StageInput, register_policy, split_budget
 from pruneware.policies.needs import Needs
-
-
-def text_pivots(text: TextRows, pivot_text: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample's text pivots: the `pivot_text` valid text rows with the largest key L1 norm,
-    in position order. Returns their states [B, p, D] and which count [B, p] bool (a sample with
-    fewer valid rows has fewer pivots; its invalid ones come last)."""
-    p = min(pivot_text, text.valid.shape[1])
-    norms = torch.where(text.valid, text.score, float("-inf"))  # type: ignore[arg-type]  # rows are left-aligned
-    rows = norms.topk(p, dim=1).indices.sort(dim=1).values  # [B, p]
-    return torch.take_along_dim(text.hidden, rows[..., None], dim=1), text.valid.gather(1, rows)
 
 
 @register_policy
@@ -75,23 +65,26 @@ class DARTPolicy(AttentionPolicy):
             raise TypeError("dart needs at least one pivot: pivot_image + pivot_text >= 1")
 
     def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor] | torch.Tensor:
-        if inputs.attention is None or inputs.text is None:
+        if inputs.attention is None or inputs.text is None or inputs.text.score is None:
             raise RuntimeError("dart needs key norms and text rows; the session did not provide them")
-        pivots, pivots_valid = text_pivots(inputs.text, self.pivot_text)
+        text = inputs.text
         sizes = inputs.image_sizes()
         n = inputs.hidden.shape[1]
         if n and all(s == [n] for s in sizes) and len(set(counts)) == 1 and 0 < counts[0] < n:
-            # One full image per sample and one budget: every image at once (one kernel call).
-            return duplication_aware(inputs.hidden, inputs.attention, pivots, pivots_valid, counts[0], self.pivot_image)
+            # One full image per sample and one budget: every image at once (one kernel call,
+            # the text pivots included).
+            return dart_select(inputs.hidden, inputs.attention, text.hidden, text.valid, text.score, counts[0],
+                               self.pivot_image, self.pivot_text)
         out = []
         for b, image_sizes in enumerate(sizes):
             parts = []
             for image, k in enumerate(split_budget(image_sizes, counts[b])):
                 members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
                 if k:
-                    picked = duplication_aware(
-                        inputs.hidden[b, members][None], inputs.attention[b, members][None], pivots[b : b + 1],
-                        pivots_valid[b : b + 1], min(k, members.numel()), self.pivot_image,
+                    picked = dart_select(
+                        inputs.hidden[b, members][None], inputs.attention[b, members][None], text.hidden[b : b + 1],
+                        text.valid[b : b + 1], text.score[b : b + 1], min(k, members.numel()), self.pivot_image,
+                        self.pivot_text,
                     )
                     parts.append(members[picked[0]])
             empty = torch.zeros(0, dtype=torch.long, device=inputs.hidden.device)

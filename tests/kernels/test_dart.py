@@ -172,3 +172,66 @@ def test_dispatch(forced, used, monkeypatch):
         monkeypatch.setattr(module, "duplication_aware", lambda *a, name=name: calls.append(name))
     dart.duplication_aware(*case(1, 4, 3, 1), 2, 4)
     assert calls == [used]
+
+
+def text_case(g: int, t: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Left-aligned text rows [G, T, D], their validity (group 1 has 2 rows, group 2 none) and key norms."""
+    gen = torch.Generator().manual_seed(seed + 7 * t + d)
+    hidden = torch.randn(g, t, d, generator=gen).to(dtype)
+    valid = torch.ones(g, t, dtype=torch.bool)
+    if g > 1:
+        valid[1, 2:] = False
+    if g > 2:
+        valid[2] = False
+    return hidden, valid, torch.rand(g, t, generator=gen)
+
+
+def hand_text_pivots(hidden, valid, norms, pivot_text):
+    """The policy's earlier rule: the top `pivot_text` valid rows by norm, in position order."""
+    p = min(pivot_text, valid.shape[1])
+    rows = torch.where(valid, norms, float("-inf")).topk(p, dim=1).indices.sort(dim=1).values
+    return torch.take_along_dim(hidden, rows[..., None], dim=1), valid.gather(1, rows)
+
+
+@pytest.mark.parametrize("shape", [(1, 63, 17, 9, 20), (3, 101, 33, 5, 37), (2, 40, 8, 2, 39), (3, 577, 64, 12, 144)],
+                         ids=str)
+@pytest.mark.parametrize("pivot_text", [0, 1, 4, 7])
+def test_select_from_text_rows_matches_the_two_steps(shape, pivot_text, interpret, nan_poison):
+    """`select` = the text pivots by key norm, then `duplication_aware`: on every path, exactly."""
+    g, n, d, t, k = shape
+    visual, norms, _, _ = case(g, n, d, 0)
+    hidden, valid, text_norms = text_case(g, t, d)
+    pivots, ok = hand_text_pivots(hidden, valid, text_norms, pivot_text)
+    want = reference.duplication_aware(visual, norms, pivots, ok, k, 4)
+    assert torch.equal(reference.select(visual, norms, hidden, valid, text_norms, k, 4, pivot_text), want)
+    assert torch.equal(cpu.select(visual, norms, hidden, valid, text_norms, k, 4, pivot_text), want)
+    assert torch.equal(fused.select(visual, norms, hidden, valid, text_norms, k, 4, pivot_text), want)
+    if 0 < pivot_text < t:  # the check can fail: other text rows give other tokens
+        shuffled = reference.select(visual, norms, hidden, valid, text_norms.flip(1), k, 4, pivot_text)
+        assert not torch.equal(shuffled, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_select_in_half_precision(dtype, interpret):
+    visual, norms, _, _ = case(2, 63, 24, 0, dtype)
+    hidden, valid, text_norms = text_case(2, 9, 24, dtype=dtype)
+    want = reference.select(visual, norms, hidden, valid, text_norms, 20, 4, 4)
+    assert torch.equal(cpu.select(visual, norms, hidden, valid, text_norms, 20, 4, 4), want)
+    assert torch.equal(fused.select(visual, norms, hidden, valid, text_norms, 20, 4, 4), want)
+
+
+@pytest.mark.parametrize(
+    "text_shape, valid_shape, norms_shape, pivot_text, message",
+    [
+        ((2, 5, 8), (2, 5), (2, 5), 4, r"text_hidden must be \[G, T, D\] with G=1, D=8"),
+        ((1, 5, 8), (1, 4), (1, 5), 4, r"text_valid must be bool \[G, T\] = \(1, 5\)"),
+        ((1, 5, 8), (1, 5), (1, 3), 4, r"text_norms must be \[G, T\] = \(1, 5\)"),
+        ((1, 5, 8), (1, 5), (1, 5), -1, "pivot_text must be >= 0, got -1"),
+    ],
+)
+def test_bad_text_rows_are_named(text_shape, valid_shape, norms_shape, pivot_text, message):
+    visual, norms, _, _ = case(1, 9, 8, 0)
+    for impl in (reference, cpu, fused):
+        with pytest.raises(ValueError, match=message):
+            impl.select(visual, norms, torch.randn(text_shape), torch.ones(valid_shape, dtype=torch.bool),
+                        torch.rand(norms_shape), 3, 4, pivot_text)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..host import as_numpy, as_tensor
 from .reference import EPS_REL, dpp_kernel, validate_inputs
 
 
@@ -54,7 +55,7 @@ def conditional_dpp(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.T
     g = x.shape[0]
     if k == 0 or g == 0:
         return torch.zeros(g, 0, dtype=torch.long)
-    kernel = dpp_kernel(x.detach(), relevance.detach()).numpy()  # [G, N, N] float32
+    kernel = as_numpy(dpp_kernel(x, relevance))  # [G, N, N] float32 (as_numpy detaches)
     chosen = np.stack([greedy_map_one(kernel[i], k) for i in range(g)])
     chosen.sort(axis=1)
-    return torch.from_numpy(chosen)
+    return as_tensor(chosen)

@@ -15,7 +15,36 @@ import torch
 
 from ..dispatch import choose_backend, forced_backend
 
-__all__ = ["duplication_aware"]
+__all__ = ["duplication_aware", "select"]
+
+
+def select(
+    visual: torch.Tensor, norms: torch.Tensor, text_hidden: torch.Tensor, text_valid: torch.Tensor,
+    text_norms: torch.Tensor, k: int, pivot_image: int, pivot_text: int,
+) -> torch.Tensor:
+    """DART's kept tokens of G images, from the text rows: the text pivots (the `pivot_text` valid
+    rows with the largest key L1 norm, in position order), then ``duplication_aware``, in one call.
+
+    Args:
+        visual, norms, k, pivot_image: as for ``duplication_aware``.
+        text_hidden: ``[G, T, D]`` float normed states of each group's text rows (left-aligned).
+        text_valid: ``[G, T]`` bool, the real rows.
+        text_norms: ``[G, T]`` their key L1 norms.
+        pivot_text: text pivots per group (fewer when a group has fewer valid rows).
+
+    Returns:
+        ``[G, k]`` int64 sorted indices into each image's n tokens.
+
+    Raises:
+        ValueError: a shape or budget that does not fit, naming the value.
+    """
+    if choose_backend(visual, norms, text_hidden, text_valid) == "triton":
+        from .triton import select as impl
+    elif visual.device.type == "cpu" and forced_backend() != "reference":
+        from .cpu import select as impl
+    else:
+        from .reference import select as impl
+    return impl(visual, norms, text_hidden, text_valid, text_norms, k, pivot_image, pivot_text)
 
 
 def duplication_aware(

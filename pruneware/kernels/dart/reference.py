@@ -40,6 +40,44 @@ def validate_inputs(
         raise ValueError(f"pivot_image must be >= 0, got {pivot_image}")
 
 
+def text_pivots(
+    text_hidden: torch.Tensor, text_valid: torch.Tensor, text_norms: torch.Tensor, pivot_text: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's text pivots: the `pivot_text` valid text rows with the largest key L1 norm,
+    in position order. text_hidden: [G, T, D]; text_valid: [G, T] bool (left-aligned rows);
+    text_norms: [G, T]. Returns their states [G, p, D] and which count [G, p] bool (a group with
+    fewer valid rows has fewer pivots; its invalid ones come last)."""
+    p = min(pivot_text, text_valid.shape[1])
+    norms = torch.where(text_valid, text_norms, float("-inf"))
+    rows = norms.topk(p, dim=1).indices.sort(dim=1).values  # [G, p]
+    return torch.take_along_dim(text_hidden, rows[..., None], dim=1), text_valid.gather(1, rows)
+
+
+def validate_text(visual: torch.Tensor, text_hidden: torch.Tensor, text_valid: torch.Tensor,
+                  text_norms: torch.Tensor, pivot_text: int) -> None:
+    """Raise ValueError for text rows `select` cannot take, naming the bad value."""
+    g, _, d = visual.shape
+    if text_hidden.dim() != 3 or text_hidden.shape[0] != g or text_hidden.shape[2] != d:
+        raise ValueError(f"text_hidden must be [G, T, D] with G={g}, D={d}, got {tuple(text_hidden.shape)}")
+    if text_valid.dtype != torch.bool or tuple(text_valid.shape) != tuple(text_hidden.shape[:2]):
+        raise ValueError(f"text_valid must be bool [G, T] = {tuple(text_hidden.shape[:2])}, "
+                         f"got {text_valid.dtype} {tuple(text_valid.shape)}")
+    if tuple(text_norms.shape) != tuple(text_hidden.shape[:2]):
+        raise ValueError(f"text_norms must be [G, T] = {tuple(text_hidden.shape[:2])}, got {tuple(text_norms.shape)}")
+    if pivot_text < 0:
+        raise ValueError(f"pivot_text must be >= 0, got {pivot_text}")
+
+
+def select(
+    visual: torch.Tensor, norms: torch.Tensor, text_hidden: torch.Tensor, text_valid: torch.Tensor,
+    text_norms: torch.Tensor, k: int, pivot_image: int, pivot_text: int,
+) -> torch.Tensor:
+    """DART from the text rows: `text_pivots`, then `duplication_aware`. [G, k] sorted int64."""
+    validate_text(visual, text_hidden, text_valid, text_norms, pivot_text)
+    pivots, valid = text_pivots(text_hidden, text_valid, text_norms, pivot_text)
+    return duplication_aware(visual, norms, pivots, valid, k, pivot_image)
+
+
 def prepare(
     visual: torch.Tensor, norms: torch.Tensor, text_pivots: torch.Tensor, text_valid: torch.Tensor, k: int,
     pivot_image: int,

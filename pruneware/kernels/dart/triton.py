@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import prepare, validate_inputs
+from .reference import prepare, text_pivots, validate_inputs, validate_text
 
 MAX_N = 32768  # a similarity row lives in registers; wider rows would spill badly
 
@@ -99,3 +99,13 @@ def duplication_aware(
         num_warps=4 if n <= 2048 else 8,
     )
     return out.sort(dim=1).values
+
+
+def select(
+    visual: torch.Tensor, norms: torch.Tensor, text_hidden: torch.Tensor, text_valid: torch.Tensor,
+    text_norms: torch.Tensor, k: int, pivot_image: int, pivot_text: int,
+) -> torch.Tensor:
+    """DART from the text rows: the text pivots in torch (``reference.text_pivots``), then the kernel."""
+    validate_text(visual, text_hidden, text_valid, text_norms, pivot_text)
+    pivots, valid = text_pivots(text_hidden, text_valid, text_norms, pivot_text)
+    return duplication_aware(visual, norms, pivots, valid, k, pivot_image)
