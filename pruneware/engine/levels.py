@@ -123,12 +123,15 @@ def root_level(
                  is_root=True, one_unit=one_unit)
 
 
-def next_level(parent: Level, keep_visual: list[torch.Tensor] | torch.Tensor) -> Level:
+def next_level(
+    parent: Level, keep_visual: list[torch.Tensor] | torch.Tensor, visual_slots: torch.Tensor | None = None,
+) -> Level:
     """The level that keeps every valid non-visual slot of `parent` plus the chosen visual ones.
 
     keep_visual[b] holds sorted, distinct indices into sample b's visual slots (in slot order):
-    a list, or a [B, k] tensor when every sample keeps k. Built with batched tensor ops; the
-    new length comes from the host-side counts, so no sync.
+    a list, or a [B, k] tensor when every sample keeps k. visual_slots: [B, k] the parent's slots
+    of those tokens, when the caller has them already (the stage's report reads them): not made
+    twice. Built with batched tensor ops; the new length comes from the host-side counts, so no sync.
     """
     batch, length = parent.index_prev.shape
     device = parent.index_prev.device
@@ -155,7 +158,7 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor] | torch.Tensor) ->
             chosen = keep_visual[0][None] if batch == 1 else torch.stack(list(keep_visual))
         chosen = chosen if chosen.device == device else chosen.to(device)
         if parent.all_valid and min(parent.n_visual) == max(parent.n_visual):
-            return _uniform_level(parent, chosen, n_slots)
+            return _uniform_level(parent, chosen, n_slots, visual_slots)
     # Visual slots of each row, in slot order, first: order[b, j] is the j-th visual slot.
     order = parent.visual_first
     keep = parent.valid & ~parent.visual
@@ -181,7 +184,7 @@ def next_level(parent: Level, keep_visual: list[torch.Tensor] | torch.Tensor) ->
     )
 
 
-def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> Level:
+def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int], visual_slots: torch.Tensor | None) -> Level:
     """`next_level` when no row is padded before or after: every sample has the parent's length,
     the same visual count, and keeps as many (chosen: [B, k] into the visual slots).
 
@@ -189,28 +192,48 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int]) -> L
     visual ones: one small sort instead of a mask, a scatter and a full-length sort, and the
     sort's permutation gives the new level's visual-first order for free (inverted only if a
     later stage asks for it). When the visual slots are one known run (`visual_span`), the
-    union is already in order: the text slots before the run, the chosen ones, the text after.
+    union is already in order: the text slots before the run, the chosen ones, the text after;
+    those text runs, and the image ids when every sample has one image, depend on the shapes
+    only and are made once (`_span_parts`). visual_slots: see `next_level`.
     """
     batch, k = chosen.shape
-    span = None
+    span = image_ids = None
     if parent.visual_span is not None:
         start, n = parent.visual_span
-        slots = identity_tensors(batch, parent.length, chosen.device)[0]
-        index = torch.cat([slots[:, :start], chosen + start, slots[:, start + n:]], dim=1)
+        before, after, one_image = _span_parts(batch, parent.length, start, n, k, chosen.device,
+                                               torch.is_inference_mode_enabled())
+        index = torch.cat([before, chosen + start if visual_slots is None else visual_slots, after], dim=1)
         perm, span = None, (start, k)
+        image_ids = one_image if parent.one_unit and parent.image_ids.dtype == torch.long else None
     else:
         order = parent.visual_first  # [B, L]: the n visual slots, then the text slots
-        visual_slots = order.gather(1, chosen)  # [B, k] ascending, since `chosen` is
+        if visual_slots is None:
+            visual_slots = order.gather(1, chosen)  # [B, k] ascending, since `chosen` is
         index, perm = torch.cat([visual_slots, order[:, parent.n_visual[0]:]], dim=1).sort(dim=1)  # distinct: no ties
     # perm[b, j] is the concatenation entry that new slot j holds; its inverse lists the new
     # slots of the kept visual entries (ascending), then of the text entries (ascending).
     index0 = index if parent.is_root else parent.index0.gather(1, index)
     return Level(
         index, index0, index if parent.is_root else _child_orig(parent, index, index0),
-        identity_tensors(batch, index.shape[1], index.device)[1], parent.image_ids.gather(1, index),
+        identity_tensors(batch, index.shape[1], index.device)[1],
+        parent.image_ids.gather(1, index) if image_ids is None else image_ids,
         n_slots=n_slots, n_visual=[k] * batch, image_sizes=_one_unit_sizes(parent, [k] * batch), visual_span=span,
         visual_perm=perm, one_unit=parent.one_unit,
     )
+
+
+@lru_cache(maxsize=64)
+def _span_parts(
+    batch: int, length: int, start: int, n: int, k: int, device: torch.device, inference: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a level cut from a parent of `length` slots whose visual run is slots start..start+n-1,
+    keeping k of them: ([B, start] the slots before the run, [B, length - start - n] those after
+    it, [B, length - n + k] long image ids: 0 on the kept run, -1 elsewhere, for one image per
+    sample). Made once per shape, device and inference mode, shared by every forward (never written)."""
+    slots = torch.arange(length, device=device).expand(batch, length)
+    ids = torch.full((length - n + k,), -1, dtype=torch.long, device=device)
+    ids[start:start + k] = 0
+    return slots[:, :start], slots[:, start + n:], ids.expand(batch, -1)
 
 
 def _child_orig(parent: Level, index: torch.Tensor, index0: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ class Selection:
     merged: MergeResult | None
     report: StageReport
     finite: torch.Tensor | None = None  # [B] bool: the states the policy read are finite (read at the report's sync)
+    visual_slots: torch.Tensor | None = None  # [B, k] the level's slots of the kept visual tokens, when made
 
 
 def run_stage(ctx: StageContext) -> Selection:
@@ -47,12 +48,15 @@ def run_stage(ctx: StageContext) -> Selection:
     else:
         with no_grad():
             keep = policy.select(inputs, budgets)
+    slots = None
     if isinstance(keep, torch.Tensor):  # [B, k]: every sample keeps k
         keep = keep if keep.device == level.orig.device else keep.to(level.orig.device)
         if level.is_root and level.visual_span is not None:  # visual slot j is input position start + j
-            kept = list(keep + level.visual_span[0])
+            slots = keep + level.visual_span[0]  # the level's slots too: next_level reuses them
+            kept = list(slots)
         elif level.is_root:  # the slots are the input positions: the j-th visual slot is visual_first[:, j]
-            kept = list(level.visual_first.gather(1, keep))
+            slots = level.visual_first.gather(1, keep)
+            kept = list(slots)
         else:
             kept = list(pick(level.orig).gather(1, keep))
         counts = [keep.shape[1]] * keep.shape[0]
@@ -61,7 +65,7 @@ def run_stage(ctx: StageContext) -> Selection:
         kept = [originals[b, k if k.device == originals.device else k.to(originals.device)] for b, k in enumerate(keep)]
         counts = [k.numel() for k in keep]
     report = StageReport(stage.where, stage.policy, kept, list(host_counts), counts)
-    return Selection(keep, merged, report, finite)
+    return Selection(keep, merged, report, finite, slots)
 
 
 def enter_level(
@@ -73,7 +77,7 @@ def enter_level(
     hidden: [B, Ls, D] the layer's input (args[0], or kwargs["hidden_states"], which is
     replaced in place); recycles: the policy gives some kept slots new states. Returns the args.
     """
-    level = next_level(state.levels[-1], selection.keep)
+    level = next_level(state.levels[-1], selection.keep, selection.visual_slots)
     level.stage = stage
     if stage.positions == "compact":  # renumbered even where nothing was dropped, so a sample alone
         level.identity = False  # gets the positions it gets in a batch whose other samples drop tokens
