@@ -28,7 +28,7 @@ from pruneware.adapters import Adapter, adapter_for
 from pruneware.engine import masks
 from pruneware.engine.arguments import SmallImages, check_session_arguments, stage_seed
 from pruneware.engine.attention_capture import AttentionCapture
-from pruneware.engine.attention_preview import PreviewDone, run_preview
+from pruneware.engine.attention_preview import PreviewDone, last_row_preview, run_preview
 from pruneware.engine.kv_caches import cache_of, output_cache, static_length, unwrap_mask
 from pruneware.engine.layer_inputs import memoised_level_kwargs
 from pruneware.engine.levels import Level
@@ -40,7 +40,7 @@ from pruneware.engine.stage_runner import Selection, enter_level, run_stage
 from pruneware.engine.vision_tower_reads import VisionSide, refuse_counts_over_units, resize_budget, vision_needs
 from pruneware.engine.vit_stages import VisionStages, check_vision_stages
 from pruneware.errors import NonFiniteError, PlanError
-from pruneware.policies import build_policy
+from pruneware.policies import Policy, build_policy
 from pruneware.plans.plan import Plan, Stage
 from pruneware.report import Report, finish_report
 
@@ -271,14 +271,20 @@ class Session:
         parent = state.levels[-1]
         policy = self.source.policy(state.plan, stage_index)
         if previews(policy.needs):
-            self._preview_attention(state, layer, parent, hidden, kwargs)
+            self._preview_attention(state, layer, parent, hidden, kwargs, policy)
         selection = self._run(state, stage_index, stage, parent, hidden)
         return enter_level(state, stage, layer, selection, policy.needs.recycles, hidden, args, kwargs)
 
-    def _preview_attention(self, state: RequestState, layer: int, parent: Level, hidden: torch.Tensor, kwargs) -> None:
+    def _preview_attention(
+        self, state: RequestState, layer: int, parent: Level, hidden: torch.Tensor, kwargs, policy: Policy,
+    ) -> None:
         """Score layer `layer`'s own attention rows on its unpruned input (see attention_preview.py)."""
         if not parent.identity:
             kwargs = {**kwargs, **self._sliced_kwargs(state, parent, layer, kwargs)}
+        fused = last_row_preview(state, policy, parent, self.adapter.layers[layer], hidden, kwargs)
+        if fused is not None:  # one kernel call, no module run and no capture
+            state.prefill.captured[layer] = fused
+            return
         state.prefill.preview = layer
         try:
             run_preview(self.adapter.layers[layer], hidden, kwargs)
