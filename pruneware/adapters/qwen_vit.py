@@ -91,6 +91,10 @@ class QwenVisionCut:
         """Per image of the call, (t, units high, units wide)."""
         return [(t, h // self.merge, w // self.merge) for t, h, w in grid.tolist()]
 
+    def call_units(self, grid: torch.Tensor, args: tuple, kwargs: dict) -> list[tuple[int, int, int]]:
+        """`units(grid)` of one encoder call (read once per call)."""
+        return self.units(grid)
+
     def order(self, grid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(window_index, cu_window_seqlens) as the tower computes them; (None, None) for Qwen2-VL."""
         if not self.windowed:
@@ -145,6 +149,13 @@ class QwenVisionCut:
             window_of_pos = torch.searchsorted(bounds[1:], kept_pos, right=True)
             cu_window = _lengths_to_cu(torch.bincount(window_of_pos, minlength=len(bounds) - 1) * self.unit)
         return TowerCut(keep, kept_pos, rows, cu_full.to(torch.int32), cu_window, parent=parent)
+
+    def cut_rows(self, grid: torch.Tensor, units: list[tuple[int, int, int]], rows: torch.Tensor,
+                 parent: TowerCut | None = None) -> TowerCut:
+        """`cut` when every image of the call has `units[0]` units and keeps rows [n, k] of them (sorted)."""
+        t, hh, ww = units[0]
+        keep = torch.zeros(len(units), t * hh * ww, dtype=torch.bool, device=rows.device).scatter_(1, rows, True)
+        return self.cut(grid, keep.view(-1), parent)
 
     def cut_hidden(self, cut: TowerCut, hidden: torch.Tensor) -> torch.Tensor:
         """[n_rows, d] in the tower's order (or the rows `cut.parent` kept) -> the kept rows."""

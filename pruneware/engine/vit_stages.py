@@ -40,16 +40,23 @@ from pruneware.engine.request import _ContextSlot  # same package: the tracker's
 from pruneware.engine.vision_tower_reads import VisionAttentionCapture
 from pruneware.errors import PlanError
 from pruneware.plans.plan import Stage
-from pruneware.policies import Policy, StageInput, policy_names
+from pruneware.policies import Policy, policy_names
+from pruneware.engine.vit_units import ShapeCache, keep_mask, picked_rows, uniform_language_keep, unit_input
+
+__all__ = ["KeptUnits", "VisionStages", "check_vision_stages", "score_block", "unit_input"]
 
 
 
 @dataclass
 class KeptUnits:
-    """One encoder call: per vision-side stage, per image (call order), [t * hh * ww] bool,
-    row-major, frame after frame."""
+    """One encoder call. cuts: per vision-side stage, its cut (`.keep`: [n_units] bool, row-major
+    over the call's images in call order, frame after frame, built when read); rows: per stage,
+    [n_images, k] the kept unit indices per image when every image kept k (else None); units:
+    per image (t, h, w), host-side."""
 
-    keep: list[list[torch.Tensor]]
+    cuts: list[Any]
+    rows: list[torch.Tensor | None]
+    units: list[tuple[int, int, int]]
 
 
 def check_vision_stages(stages: tuple[Stage, ...], policies: list[Policy], adapter: Adapter) -> None:
@@ -110,6 +117,12 @@ class VisionStages:
                   for s, p in zip(self.stages, self.policies, strict=True)]
         self.targets = [None if b is None else self.cut.attention(b) for b in scored]  # per stage
         self._last = _ContextSlot(None)  # the last finished call's cut (a projector after the tower)
+        self._shapes = ShapeCache()  # masks and offsets that depend only on the call's sizes
+        self._modalities = len(adapter.visual_token_ids())  # one: calls map onto the slots in reading order
+        # a cut may read the tower's attention itself, without the keys the `pre` stage's reads carry
+        self._call_scores = getattr(self.cut, "attention_scores", adapter.vision_call_scores)
+        self._image_scores = getattr(self.cut, "call_scores", None)
+        self._per_image = {"per_image": True} if getattr(self.cut, "per_image_features", False) else {}
 
     def install(self) -> list[Any]:
         handles = [
@@ -139,7 +152,7 @@ class VisionStages:
     # hooks ---------------------------------------------------------------------------------
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is not None:
+        if input_ids is not None and self._modalities > 1:
             self._types.set(self.adapter.token_types(input_ids))
 
     def _base_done(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -150,10 +163,11 @@ class VisionStages:
         pixels = args[0] if args else next(v for k, v in kwargs.items() if k in ("hidden_states", "pixel_values"))
         # cut: the cut in force; cuts: (block, cut) as they ran; parts: per stage, its attention reads
         # and the cut in force when they were read
-        call: dict[str, Any] = {"grid": grid, "cut": None, "cuts": [], "parts": [[] for _ in self.stages],
+        call: dict[str, Any] = {"grid": grid, "units": self.cut.call_units(grid, args, kwargs), "cut": None,
+                                "cuts": [], "rows": [], "parts": [[] for _ in self.stages],
                                 "read_under": [None] * len(self.stages)}
         if self.stages[0].where == "pre-vit":
-            call["features"] = self.cut.pixel_features(pixels)
+            call["features"] = self.cut.pixel_features(pixels, **self._per_image)
         self._call.set(call)
 
     def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
@@ -162,7 +176,7 @@ class VisionStages:
             return
         for i, target in enumerate(self.targets):
             if module is target and len(call["cuts"]) <= i:  # stage i has not chosen yet
-                call["parts"][i].append(self.adapter.vision_call_scores(query, key, kwargs.get("scaling"), kwargs))
+                call["parts"][i].append(self._call_scores(query, key, kwargs.get("scaling"), kwargs))
                 call["read_under"][i] = call["cut"]
 
     def _block_hook(self, block: int):
@@ -172,7 +186,7 @@ class VisionStages:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             for i in (i for i, k in enumerate(self.blocks) if k == block):  # plan order: pre-vit before vit0
-                cut = self.cut.cut(call["grid"], self._select(call, hidden, i), parent=call["cut"])
+                cut = self._select(call, hidden, i)
                 hidden = self.cut.cut_hidden(cut, hidden)
                 call["cut"] = cut
                 call["cuts"].append((block, cut))
@@ -196,31 +210,34 @@ class VisionStages:
             return
         grid = call["grid"]
         self._last.set(call["cut"])
-        sizes = [t * hh * ww for t, hh, ww in self.cut.units(grid)]
-        self._kept.set((*self._kept.get(), KeptUnits([list(c.keep.split(sizes)) for _, c in call["cuts"]])))
+        record = KeptUnits([c for _, c in call["cuts"]], call["rows"], call["units"])
+        self._kept.set((*self._kept.get(), record))
         self._flops.set((*self._flops.get(), *self.cut.call_flops(grid, call["cuts"])))
 
     # selection -------------------------------------------------------------------------------
-    def _select(self, call: dict, hidden: torch.Tensor, i: int) -> torch.Tensor:
-        """[n_units] bool, row-major: the units stage i keeps in this call (a subset of the cut in force)."""
-        grid, before = call["grid"], call["cut"]
+    def _select(self, call: dict, hidden: torch.Tensor, i: int) -> Any:
+        """The cut of stage i in this call: the units its policy keeps (a subset of the cut in force)."""
+        grid, units, before = call["grid"], call["units"], call["cut"]
         feats = call.get("features") if self.stages[i].where == "pre-vit" else None
-        feats = self.cut.unit_features(hidden, grid, before) if feats is None else feats
+        feats = self.cut.unit_features(hidden, grid, before, **self._per_image) if feats is None else feats
         scores = None
         if call["parts"][i]:
             parts = self.cut.full_parts(call["read_under"][i], call["parts"][i])
-            scores = torch.cat(self.adapter.vision_image_scores(parts, grid)[0])
+            if self._image_scores is not None:  # the cut's own read: scores only
+                scores = self._image_scores(parts, grid)
+            else:
+                per_image = self.adapter.vision_image_scores(parts, grid)[0]
+                scores = per_image[0] if len(per_image) == 1 else torch.cat(per_image)
         alive = None if before is None else before.keep
-        inputs, counts = unit_input(self.stages[i], feats, scores, self.cut.units(grid), self.seed - i * 1_000_003,
-                                    alive)
+        inputs, counts = unit_input(self.stages[i], feats, scores, units, self.seed - i * 1_000_003, alive,
+                                    self._shapes)
         with torch.no_grad():
             picked = self.policies[i].select(inputs, counts)
-        keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
-        start = 0
-        for (t, hh, ww), rows in zip(self.cut.units(grid), picked, strict=True):
-            keep[start + rows.to(keep.device)] = True
-            start += t * hh * ww
-        return keep
+        rows = picked_rows(picked, feats.device) if len(set(units)) == 1 else None
+        call["rows"].append(rows)
+        if rows is not None:  # every image keeps k: one batched cut, no mask to rebuild
+            return self.cut.cut_rows(grid, units, rows, parent=before)
+        return self.cut.cut(grid, keep_mask(picked, units, feats.device), parent=before)
 
     # what the language-model side reads --------------------------------------------------------
     def take_flops(self) -> list[float]:
@@ -228,81 +245,47 @@ class VisionStages:
         self._flops.set(())
         return flops
 
-    def language_model_keep(self, visual: torch.Tensor) -> list[list[torch.Tensor]]:
+    def language_model_keep(self, visual: torch.Tensor, n_visual: list[int] | None = None) -> list[list[torch.Tensor]]:
         """Per vision-side stage, per sample, the indices (into its visual slots, in slot order) of
-        the visual tokens it kept. visual: [B, L] bool. Calls are laid over the visual positions
-        modality by modality (the Qwen models encode every image, then every video), each in
-        reading order."""
+        the visual tokens it kept (a list, or a [B, k] tensor when every sample keeps k). visual:
+        [B, L] bool; n_visual: its visual slots per sample, when known on the host (then, for a
+        model of one visual modality whose samples hold alike images, no sync). Calls are laid over
+        the visual positions modality by modality (the Qwen models encode every image, then every
+        video), each in reading order."""
         records = list(self._kept.get())
         self._kept.set(())
         self._last.set(None)
         types = self._types.get()
         self._types.set(None)
-        n_visual = int(visual.sum())
-
-        def per_stage(i: int) -> list[torch.Tensor]:
-            return [k for r in records for k in r.keep[i]]
-
-        while records and sum(k.numel() for k in per_stage(0)) > n_visual:  # calls encoded earlier in this context
+        total = int(visual.sum()) if n_visual is None else sum(n_visual)
+        units_of = [sum(t * hh * ww for t, hh, ww in r.units) for r in records]
+        while records and sum(units_of) > total:  # calls encoded earlier in this context
             records.pop(0)
-        if n_visual == 0 and not records:
+            units_of.pop(0)
+        if total == 0 and not records:
             return [[visual.new_zeros(0, dtype=torch.long) for _ in range(visual.shape[0])] for _ in self.stages]
-        if types is None or sum(k.numel() for k in per_stage(0)) != n_visual:
+        if (types is None and self._modalities > 1) or sum(units_of) != total:
             raise ValueError(
-                f"the vision tower cut {sum(k.numel() for k in per_stage(0))} visual tokens' units but the input "
-                f"holds {n_visual}: vision-side stages need the pixels encoded inside the pruneware session"
+                f"the vision tower cut {sum(units_of)} visual tokens' units but the input "
+                f"holds {total}: vision-side stages need the pixels encoded inside the pruneware session"
             )
-        kinds = sorted(set(types[visual].tolist()))
+        if self._modalities == 1 and n_visual is not None and all(r is not None for c in records for r in c.rows):
+            units = [u for c in records for u in c.units]
+            kept = [uniform_language_keep([c.rows[i] for c in records], units, n_visual, self._shapes)
+                    for i in range(len(self.stages))]
+            if all(k is not None for k in kept):
+                return kept  # type: ignore[return-value]
+        kinds = sorted(set(types[visual].tolist())) if types is not None else [None]
         out = []
         for i in range(len(self.stages)):
-            keep = per_stage(i)
+            keep = [c.cuts[i].keep for c in records]
             flat = torch.cat(keep).to(visual.device) if keep else visual.new_zeros(0)
             kept_map = torch.zeros_like(visual)
             start = 0
             for kind in kinds:
-                slots = visual & (types.to(visual.device) == kind)
+                slots = visual if kind is None else visual & (types.to(visual.device) == kind)
                 n = int(slots.sum())
                 kept_map[slots] = flat[start : start + n]
                 start += n
             out.append([kept_map[b][visual[b]].nonzero().squeeze(1) for b in range(visual.shape[0])])
         return out
-
-
-def unit_input(
-    stage: Stage, feats: torch.Tensor, scores: torch.Tensor | None, units: list[tuple[int, int, int]], seed: int,
-    alive: torch.Tensor | None = None,
-) -> tuple[StageInput, list[int]]:
-    """The policy's batch for one encoder call: row b is image b, its frames are its images.
-
-    feats: [n_units, D] row-major over the call; scores: [n_units] or None; alive: [n_units] bool,
-    the units an earlier vision-side stage kept (None: all); the others are invalid rows. Returns
-    the input and each row's budget (from its own unit count, capped by the units alive).
-    """
-    sizes = [t * hh * ww for t, hh, ww in units]
-    n, batch, device = max(sizes), len(sizes), feats.device
-    hidden = feats.new_zeros(batch, n, feats.shape[-1])
-    valid = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    image_ids = torch.full((batch, n), -1, dtype=torch.long, device=device)
-    vision_scores = None if scores is None else torch.zeros(batch, n, dtype=torch.float32, device=device)
-    start = 0
-    for b, (t, hh, ww) in enumerate(units):
-        m = t * hh * ww
-        hidden[b, :m] = feats[start : start + m]
-        valid[b, :m] = True if alive is None else alive[start : start + m]
-        image_ids[b, :m] = torch.arange(t, device=device).repeat_interleave(hh * ww)
-        if vision_scores is not None:
-            vision_scores[b, :m] = scores[start : start + m].float()
-        start += m
-    frame_sizes = [[hh * ww] * t for t, hh, ww in units]
-    if alive is not None:  # one host read: the units alive per frame
-        image_ids.masked_fill_(~valid, -1)
-        frames = torch.cat([torch.arange(t * hh * ww, device=device) // (hh * ww) + sum(len(f) for f in frame_sizes[:b])
-                            for b, (t, hh, ww) in enumerate(units)])
-        alive_per_frame = torch.zeros(sum(len(f) for f in frame_sizes), dtype=torch.long, device=device)
-        flat = alive_per_frame.index_add_(0, frames, alive.long()).tolist()
-        frame_sizes = [[flat.pop(0) for _ in f] for f in frame_sizes]
-    inputs = StageInput(
-        hidden=hidden, valid=valid, image_ids=image_ids, attention=None, seed=seed, layer=0,
-        grids=[[(hh, ww)] * t for t, hh, ww in units], vision_scores=vision_scores, sizes=frame_sizes,
-    )
-    return inputs, [min(stage.keep_count(m, sum(f)), sum(f)) for m, f in zip(sizes, frame_sizes, strict=True)]
