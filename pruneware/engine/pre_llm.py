@@ -15,9 +15,9 @@ from pruneware.engine.kv_caches import padding_of
 from pruneware.engine.levels import Level, as_root, next_level, root_level
 from pruneware.engine.request import RequestState
 from pruneware.engine.stage_runner import Selection
+from pruneware.engine.vit_units import vision_reports
 from pruneware.kernels.gather import gather_rows
 from pruneware.plans.plan import Stage
-from pruneware.report import StageReport
 
 
 @dataclass
@@ -149,7 +149,7 @@ def prefill_inputs(
     state: RequestState, adapter: Adapter, kwargs: dict, embeds: torch.Tensor, positions: torch.Tensor | None,
     mask: torch.Tensor | None, kind: masks.MaskKind, records_lm_input: bool,
     run_pre: Callable[[Stage, Level, torch.Tensor], Selection],
-    vision_keep: Callable[[torch.Tensor], list[list[torch.Tensor]]] | None = None,
+    vision_keep: Callable[[torch.Tensor, list[int]], list[list[torch.Tensor]]] | None = None,
 ) -> dict:
     """The language model's kwargs at prefill: level 0 set up, and the `pre` stage run if the plan has one.
 
@@ -157,7 +157,8 @@ def prefill_inputs(
     static cache); records_lm_input: keep the (pruned) input for policies that rate text;
     run_pre(stage, level, hidden): the `pre` stage's selection on a level (the root, or what a
     vision-side stage left) whose states are hidden [B, Ls, D];
-    vision_keep(visual [B, L] bool): per vision-side stage, per sample, the visual slots it kept;
+    vision_keep(visual [B, L] bool, n_visual per sample on the host): per vision-side stage, per sample,
+    the visual slots it kept;
     the last stage's enter as a `pre` stage keeping them would (None: the plan has no vision-side stage).
     """
     prefill, decode = state.prefill, state.decode
@@ -182,17 +183,12 @@ def prefill_inputs(
         return kwargs
     base = root
     if vision_keep is not None:  # the slots the vision-side stages kept, as a `pre` stage would keep them
-        originals = [row[ok] for row, ok in zip(root.orig, root.visual, strict=True)]
-        n_before = list(prefill.n_visual)
-        for vision_stage, kept in zip(state.plan.vision, vision_keep(root.visual), strict=True):  # one report each
-            prefill.report.stages.append(StageReport(
-                vision_stage.where, vision_stage.policy, [o[k] for o, k in zip(originals, kept, strict=True)],
-                n_before, [k.numel() for k in kept],
-            ))
-            n_before = [k.numel() for k in kept]
+        kept_by_stage = vision_keep(root.visual, root.n_visual)  # one report each
+        prefill.report.stages.extend(vision_reports(state.plan.vision, kept_by_stage, root, prefill.n_visual))
+        vision_stage, kept = state.plan.vision[-1], kept_by_stage[-1]
         base = next_level(root, kept)
     if pre is None:
-        selection = Selection([k for k in kept], None, prefill.report.stages[-1])
+        selection = Selection(kept if isinstance(kept, torch.Tensor) else list(kept), None, prefill.report.stages[-1])
         level, pre = base, vision_stage
     else:
         hidden = embeds if base is root else gather_rows(base.index_prev, embeds)[0]
