@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from pruneware.errors import PlanError
 from pruneware.policies.base import Policy, StageInput, register_policy, split_budget
@@ -45,25 +46,37 @@ def unit_distance(x: torch.Tensor, y: torch.Tensor, method: str) -> torch.Tensor
 
 def loco_anchors(grid: torch.Tensor, method: str = "exact", threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep [h, w] bool, distance [h, w] to the prediction) of one (h, w, D) unit grid."""
-    h, w, _ = grid.shape
     limit = 0.0 if method == "exact" else threshold
-    if method == "exact" or (method == "max" and threshold == 0):
-        return _sliding(grid, method, limit)
+    dist = loco_distances(grid[None], method, threshold)
+    if dist is not None:
+        return dist[0] > limit, dist[0]
     return _anchored(grid, method, limit)
 
 
-def _sliding(g: torch.Tensor, method: str, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-    h, w, _ = g.shape
-    dist = torch.full((h, w), float("inf"), device=g.device)  # the top-left unit has no prediction
-    if w > 1:
-        dist[0, 1:] = unit_distance(g[0, 1:], g[0, :-1], method)
-    if h > 1:
-        dist[1:, 0] = unit_distance(g[1:, 0], g[:-1, 0], method)
-    if h > 1 and w > 1:
-        x, a, b, c = g[1:, 1:], g[1:, :-1], g[:-1, 1:], g[:-1, :-1]
-        use_b = (unit_distance(c, a, method) <= limit) & ~(unit_distance(c, b, method) <= limit)
-        dist[1:, 1:] = unit_distance(x, torch.where(use_b[..., None], b, a), method)
-    return dist > limit, dist
+def loco_distances(grids: torch.Tensor, method: str = "exact", threshold: float = 0.0) -> torch.Tensor | None:
+    """[n, h, w] each unit's distance to its LOCO-I prediction from its original neighbours (inf at
+    the top-left unit), for n (h, w, D) unit grids at once ([n, h, w, D]); None for the methods that
+    compare with the reconstructed grid (see the module docstring: a unit-by-unit loop).
+
+    Every comparison is a distance between two adjacent units, so two batched differences (with
+    the left and the upper neighbour) give them all: C-A is the upper pair one column left, C-B the
+    left pair one row up."""
+    if not (method == "exact" or (method == "max" and threshold == 0)):
+        return None
+    n, h, w, _ = grids.shape
+    inf = float("inf")
+    left = unit_distance(grids[:, :, 1:], grids[:, :, :-1], method) if w > 1 else None  # [n, h, w - 1]: X to A
+    up = unit_distance(grids[:, 1:], grids[:, :-1], method) if h > 1 else None  # [n, h - 1, w]: X to B
+    if left is None and up is None:
+        return torch.full((n, h, w), inf, device=grids.device)
+    if up is None:
+        return F.pad(left, (1, 0), value=inf)
+    if left is None:
+        return F.pad(up, (0, 0, 1, 0), value=inf)
+    use_b = (up[:, :, :-1] <= 0.0) & ~(left[:, :-1] <= 0.0)  # C matches A but not B: a vertical edge
+    inner = torch.where(use_b, up[:, :, 1:], left[:, 1:])  # [n, h - 1, w - 1]
+    body = torch.cat([up[:, :, :1], inner], dim=2)  # rows 1..h-1; the first column predicts from above
+    return torch.cat([F.pad(left[:, :1], (1, 0), value=inf), body], dim=1)  # the first row from the left
 
 
 def _anchored(g: torch.Tensor, method: str, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,23 +118,54 @@ class PixelPrunePolicy(Policy):
         if self.threshold < 0:
             raise PlanError(f"pixelprune threshold must be >= 0, got {self.threshold}")
 
-    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
-        out = []
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor] | torch.Tensor:
+        alive = inputs.image_sizes()  # on the host when the engine knows them
+        frames = []  # (row, frame, (h, w), budget)
         for b, grids in enumerate(inputs.grids):
-            parts = []
-            sizes = [hh * ww for hh, ww in grids]
-            for image, ((hh, ww), budget) in enumerate(zip(grids, split_budget(sizes, counts[b]), strict=True)):
-                members = (inputs.image_ids[b] == image).nonzero().squeeze(1)
-                if members.numel() != hh * ww:
+            budgets = split_budget([hh * ww for hh, ww in grids], counts[b])
+            for image, ((hh, ww), budget) in enumerate(zip(grids, budgets, strict=True)):
+                if alive[b][image] != hh * ww:
                     raise PlanError(
                         f"pixelprune predicts each unit from its neighbours on the whole {hh}x{ww} grid, but an "
-                        f"earlier vision-side stage left {members.numel()} of its units: make pixelprune the plan's "
+                        f"earlier vision-side stage left {alive[b][image]} of its units: make pixelprune the plan's "
                         "first vision-side stage (e.g. pixelprune@pre-vit:0.8,divprune@vit1:0.5)"
                     )
-                keep, dist = loco_anchors(inputs.hidden[b, members].float().view(hh, ww, -1), self.method, self.threshold)
-                keep, dist = keep.flatten(), dist.flatten()
-                if int(keep.sum()) > budget:  # over the share: the anchors predicted worst
-                    keep = torch.zeros_like(keep).scatter_(0, dist.topk(budget).indices, True)
-                parts.append(members[keep.nonzero().squeeze(1)])
-            out.append(torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long))
-        return out
+                frames.append((b, image, (hh, ww), budget))
+        if not frames:
+            return [torch.zeros(0, dtype=torch.long) for _ in inputs.grids]
+        x = inputs.hidden if inputs.hidden.dtype == torch.float32 else inputs.hidden.float()
+        (hh, ww), t = frames[0][2], len(inputs.grids[0])
+        dist = None
+        if all(f[2] == (hh, ww) for f in frames) and all(len(g) == t for g in inputs.grids) \
+                and x.shape[1] == t * hh * ww:  # every frame alike: one batched pass
+            dist = loco_distances(x.reshape(-1, hh, ww, x.shape[-1]), self.method, self.threshold)
+        if dist is None:  # the reconstructed-grid methods (a loop), or frames of several sizes
+            return self._keep([loco_anchors(x[b, f * h * w:(f + 1) * h * w].view(h, w, -1), self.method,
+                                            self.threshold)[1].flatten() for b, f, (h, w), _ in frames], frames, inputs)
+        return self._keep(dist.view(len(frames), hh * ww), frames, inputs)
+
+    def _keep(self, dist: torch.Tensor | list[torch.Tensor], frames: list, inputs: StageInput
+              ) -> list[torch.Tensor] | torch.Tensor:
+        """Per row, the sorted kept units: each frame's anchors (distance over the limit), or, when
+        it has more than its budget, the budget predicted worst. dist: [n_frames, h * w] (or one
+        [h_i * w_i] per frame). The anchor counts set the sizes: one host read, the stage's only one."""
+        limit = 0.0 if self.method == "exact" else self.threshold
+        stacked = isinstance(dist, torch.Tensor)
+        anchors = dist > limit if stacked else [d > limit for d in dist]
+        n_anchors = (anchors.sum(dim=1) if stacked else torch.stack([a.sum() for a in anchors])).tolist()
+        budgets = [f[3] for f in frames]
+        t = len(inputs.grids[0])
+        if stacked and len(set(budgets)) == 1 and all(n > budgets[0] for n in n_anchors) \
+                and all(len(g) == t for g in inputs.grids):  # every frame capped at one budget
+            rows = dist.topk(budgets[0], dim=1).indices.sort(dim=1).values  # [n_frames, k]
+            if t == 1:
+                return rows
+            offsets = torch.arange(t, device=rows.device).repeat_interleave(budgets[0]) * dist.shape[1]
+            return rows.view(len(inputs.grids), t * budgets[0]) + offsets
+        parts: list[list[torch.Tensor]] = [[] for _ in inputs.grids]
+        for i, (b, image, (hh, ww), budget) in enumerate(frames):
+            keep = anchors[i]
+            if n_anchors[i] > budget:  # over the share: the anchors predicted worst
+                keep = torch.zeros_like(keep).scatter_(0, dist[i].topk(budget).indices, True)
+            parts[b].append(image * hh * ww + keep.nonzero().squeeze(1))
+        return [torch.cat(p).sort().values if p else torch.zeros(0, dtype=torch.long) for p in parts]
