@@ -167,6 +167,19 @@ class Policy:
         """
         return row_valid.float()
 
+    def fused_attention_scores(
+        self, q_rows: torch.Tensor, key: torch.Tensor, row_valid: torch.Tensor, query_positions: torch.Tensor | None,
+        key_mask: torch.Tensor | None, scale: float | None, query_run: slice | None,
+    ) -> torch.Tensor | None:
+        """Attention policies: their whole score [B, L] in one fused kernel call, or None (the
+        default): the engine then composes the shared score kernel with `row_weights`.
+
+        q_rows: [B, H, T, d] the query rows; key: [B, Hkv, L, d]; row_valid: [B, T] bool;
+        query_positions: [B, T] their key slots; key_mask: [B, L] bool or None; query_run: the
+        rows as one slice of slots shared by every sample, when known on the host.
+        """
+        return None
+
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
         """Merging policies: new embeddings for the kept slots."""
         raise NotImplementedError(f"policy {self.name!r} selects tokens; it does not merge them")
