@@ -121,6 +121,9 @@ def attention_policy_scores(
             slots: torch.Tensor = rows.slots  # type: ignore[assignment]  # without a run the slots are given
             index = slots.view(slots.shape[0], 1, -1, 1).expand(-1, heads, -1, dim)
             q_rows = query.gather(2, index)  # [B, H, T, d]
+        fused = policy.fused_attention_scores(q_rows, key, row_valid, rows.slots, real, scale, rows.run)
+        if fused is not None:  # the policy's whole score in one kernel call
+            return fused
         block = needs.query_block is not None
         if block:  # weights from the block among the rows, one softmax for both
             weights = partial(policy.row_weights, row_valid=row_valid)
