@@ -52,7 +52,8 @@ METADATA_CALLS = ("__get__", "shape", "dtype", "device", "is_cuda", "numel", "di
 PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # pruneware's own files, wherever it is installed
 POLICY_DIRS = tuple(
     os.path.join(PACKAGE_DIR, *part.split("/")) + os.sep
-    for part in ("policies", "kernels/scores", "kernels/divprune", "kernels/dart", "kernels/preview")
+    for part in ("policies", "kernels/scores", "kernels/divprune", "kernels/dart", "kernels/preview",
+                 "kernels/text_prior")
 )
 POLICY_FUNCTIONS = ("attention_policy_scores",)  # engine/stage_inputs.py: a policy's attention scores from q, k
 

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from pruneware.kernels.text_prior import text_prior, text_prior_scores
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import register_policy
 from pruneware.policies.needs import Needs
@@ -47,8 +48,17 @@ class AdaptInferPolicy(AttentionPolicy):
             last = valid.sum(dim=1).long().clamp(min=1) - 1
             return torch.nn.functional.one_hot(last, valid.shape[1]).float() * valid
         assert query_block is not None
-        both_valid = torch.einsum("bi,bj->bij", valid, valid)  # [B, T, T]: 1 where row and column are real
-        block = query_block * both_valid.unsqueeze(1)  # [B, H, T, T]
-        # Official: (t2t + t2t^T - diag_embed(diag)).sum(dim=2), the column sums. An invalid
-        # row or column of `block` is 0, so an invalid row's prior is 0 too.
-        return block.sum(dim=2).add_(block.sum(dim=3)).sub_(torch.diagonal(block, dim1=2, dim2=3))
+        # Official: (t2t + t2t^T - diag_embed(diag)).sum(dim=2), the column sums, over the valid
+        # rows and columns (an invalid row's prior is 0): `kernels.text_prior`, whose reference is that rule.
+        return text_prior(query_block, row_valid)
+
+    def fused_attention_scores(
+        self, q_rows: torch.Tensor, key: torch.Tensor, row_valid: torch.Tensor, query_positions: torch.Tensor | None,
+        key_mask: torch.Tensor | None, scale: float | None, query_run: slice | None,
+    ) -> torch.Tensor | None:
+        """The text prior's scores in one kernel call (`kernels.text_prior.text_prior_scores`: the
+        block, the prior and the weighted sum from one softmax); `prior=last` composes (FastV's rule)."""
+        if self.prior != "text" or query_positions is None:
+            return None
+        return text_prior_scores(q_rows, key, query_positions, row_valid, key_mask=key_mask, scale=scale,
+                                 query_run=query_run)
