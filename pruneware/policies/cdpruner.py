@@ -5,7 +5,9 @@ tokens' cosine similarity conditioned on the instruction:
 ``L_ij = r_i cos(x_i, x_j) r_j``, with ``x`` the projected visual tokens and ``r_i`` token i's
 relevance to the instruction, min-max normalised over the sample's visual tokens as the official
 code does (``(r - min + 1e-6) / (max - min)``). The greedy MAP (Fast-MAP-DPP) is
-`pruneware.kernels.cdpruner.conditional_dpp`: one Triton launch on CUDA, plain torch elsewhere.
+`pruneware.kernels.cdpruner.conditional_dpp`: one Triton launch on CUDA, numpy on the CPU, the
+plain-torch reference beside them; with one image per sample, `pruneware.kernels.cdpruner.select`
+computes the relevance, the kernel matrix and the greedy MAP in one call.
 
 Relevance. The official code compares CLIP's patch embeddings with CLIP's text embedding of the
 question, and negates their mean cosine (``(-relevance).mean(dim=-1)``). It has no path for a
@@ -33,39 +35,11 @@ from typing import ClassVar
 
 import torch
 
-from pruneware.kernels.cdpruner import conditional_dpp
+from pruneware.kernels.cdpruner import RELEVANCE, conditional_dpp, instruction_relevance, select
 from pruneware.policies.base import Policy, StageInput, image_groups, register_policy, split_budget
 from pruneware.policies.needs import Needs
 
-RELEVANCE = ("positive", "negative", "none")
-
-
-def instruction_relevance(
-    visual: torch.Tensor, valid: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, sign: str,
-    theta: float | None = None,
-) -> torch.Tensor:
-    """[B, N] float32 relevance of each visual token to its sample's instruction, normalised to
-    about [0, 1] per sample over its valid tokens (0 on invalid ones).
-
-    visual: [B, N, D], valid: [B, N] bool; text: [B, T, D], text_valid: [B, T] bool;
-    sign: one of `RELEVANCE`; theta: None or in (0, 1) (see the module docstring).
-    """
-    if sign == "none":
-        raw = torch.ones(valid.shape, device=visual.device)
-    else:
-        unit_v = torch.nn.functional.normalize(visual.float(), dim=-1)
-        unit_t = torch.nn.functional.normalize(text.float(), dim=-1) * text_valid[..., None]
-        count = text_valid.sum(dim=1).clamp(min=1)[:, None]  # [B, 1]
-        raw = (unit_v @ unit_t.transpose(1, 2)).sum(dim=2) / count  # [B, N] mean cosine over the rows
-        if sign == "negative":
-            raw = -raw
-    low = raw.masked_fill(~valid, float("inf")).min(dim=1, keepdim=True).values
-    high = raw.masked_fill(~valid, float("-inf")).max(dim=1, keepdim=True).values
-    span = torch.where(high > low, high - low, 1.0)  # equal relevance everywhere: no division by 0
-    rel = (raw - low + 1e-6) / span
-    if theta is not None:
-        rel = torch.exp(theta / (2 * (1 - theta)) * rel)
-    return rel.masked_fill(~valid, 0.0)
+__all__ = ["RELEVANCE", "CDPrunerPolicy", "instruction_relevance"]  # the relevance lives with the kernels
 
 
 @register_policy
@@ -87,14 +61,16 @@ class CDPrunerPolicy(Policy):
         if inputs.text is None:
             raise RuntimeError("cdpruner reads the instruction's text rows; the engine gave none")
         device = inputs.hidden.device
-        relevance = instruction_relevance(
-            inputs.hidden, inputs.valid, inputs.text.hidden, inputs.text.valid, self.relevance, self.theta,
-        )
         sizes = inputs.image_sizes()
         n = inputs.hidden.shape[1]
         if n and all(s == [n] for s in sizes) and len(set(counts)) == 1:
-            # One full-width image per sample and one budget: the rows are the images, in order.
-            return list(conditional_dpp(inputs.hidden, relevance, split_budget([n], counts[0])[0]))
+            # One full-width image per sample and one budget: the rows are the images, in order;
+            # relevance, kernel matrix and greedy MAP in one call.
+            return list(select(inputs.hidden, inputs.text.hidden, inputs.text.valid, split_budget([n], counts[0])[0],
+                               self.relevance, self.theta))
+        relevance = instruction_relevance(
+            inputs.hidden, inputs.valid, inputs.text.hidden, inputs.text.valid, self.relevance, self.theta,
+        )
         out: list[list[torch.Tensor]] = [[] for _ in sizes]
         for (_, k), items in image_groups(inputs, sizes, counts).items():
             if k == 0:

@@ -155,3 +155,61 @@ def test_dispatch(forced, used, monkeypatch):
         monkeypatch.setattr(module, "conditional_dpp", lambda x, r, k, name=name: calls.append(name))
     cdpruner.conditional_dpp(torch.randn(1, 4, 3), torch.rand(1, 4), 2)
     assert calls == [used]
+
+
+def select_case(g: int, n: int, d: int, t: int, dtype: torch.dtype = torch.float32):
+    """G groups of N tokens and T instruction rows each; group 1 has 2 real rows, group 2 none."""
+    gen = torch.Generator().manual_seed(n + 10 * t)
+    x, text = torch.randn(g, n, d, generator=gen).to(dtype), torch.randn(g, t, d, generator=gen).to(dtype)
+    text_valid = torch.ones(g, t, dtype=torch.bool)
+    if g > 1:
+        text_valid[1, 2:] = False
+    if g > 2:
+        text_valid[2] = False
+    return x, text, text_valid
+
+
+SELECT_SHAPES = [(1, 63, 17, 5, 20), (3, 101, 33, 9, 37), (2, 257, 48, 12, 64), (1, 10, 4, 3, 10), (2, 40, 8, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", SELECT_SHAPES, ids=str)
+@pytest.mark.parametrize("sign, theta", [("positive", None), ("negative", None), ("none", None), ("positive", 0.5)])
+def test_select_is_relevance_then_the_greedy_map_on_every_path(shape, sign, theta, interpret, nan_poison):
+    g, n, d, t, k = shape
+    x, text, text_valid = select_case(g, n, d, t)
+    valid = torch.ones(g, n, dtype=torch.bool)
+    relevance = reference.instruction_relevance(x, valid, text, text_valid, sign, theta)
+    want = reference.conditional_dpp(x, relevance, k)
+    assert torch.equal(reference.select(x, text, text_valid, k, sign, theta), want)
+    assert torch.equal(cpu.select(x, text, text_valid, k, sign, theta), want)
+    assert torch.equal(fused.select(x, text, text_valid, k, sign, theta), want)
+    # The CPU path's kernel matrix is the reference's, bit for bit (the check can fail: see below).
+    kernel = torch.from_numpy(cpu.conditional_kernel(x, text, text_valid, sign, theta))
+    assert torch.equal(kernel, reference.dpp_kernel(x, relevance))
+    if sign == "positive" and theta is None:
+        other = reference.instruction_relevance(x, valid, text, text_valid, "negative")
+        assert not torch.equal(kernel, reference.dpp_kernel(x, other))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_select_in_half_precision(dtype, interpret):
+    x, text, text_valid = select_case(2, 63, 24, 5, dtype)
+    want = reference.select(x, text, text_valid, 20)
+    assert torch.equal(cpu.select(x, text, text_valid, 20), want)
+    assert torch.equal(fused.select(x, text, text_valid, 20), want)
+
+
+@pytest.mark.parametrize(
+    "text_shape, valid_shape, k, sign, message",
+    [
+        ((2, 5, 4), (2, 5), 1, "positive", r"text must be \[G, T, D\] with G=1, D=4"),
+        ((1, 5, 4), (1, 4), 1, "positive", r"text_valid must be bool \[G, T\] = \(1, 5\)"),
+        ((1, 5, 4), (1, 5), 7, "positive", r"k=7 is outside \[0, N=6\]"),
+        ((1, 5, 4), (1, 5), 1, "sideways", "sign must be one of"),
+    ],
+)
+def test_bad_select_inputs_are_named(text_shape, valid_shape, k, sign, message):
+    for impl in (reference, cpu, fused):
+        with pytest.raises(ValueError, match=message):
+            impl.select(torch.randn(1, 6, 4), torch.randn(text_shape), torch.ones(valid_shape, dtype=torch.bool), k,
+                        sign)

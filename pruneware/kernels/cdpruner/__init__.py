@@ -14,8 +14,38 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import choose_backend, forced_backend
+from .reference import RELEVANCE, instruction_relevance
 
-__all__ = ["conditional_dpp"]
+__all__ = ["RELEVANCE", "conditional_dpp", "instruction_relevance", "select"]
+
+
+def select(
+    x: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, k: int, sign: str = "positive",
+    theta: float | None = None,
+) -> torch.Tensor:
+    """CDPruner on G groups whose tokens are all valid, in one call: the instruction relevance
+    (``instruction_relevance``), the kernel matrix and its greedy MAP (``conditional_dpp``).
+
+    Args:
+        x: ``[G, N, D]`` float features, G groups (images) of N tokens each.
+        text: ``[G, T, D]`` float, each group's instruction rows (left-aligned).
+        text_valid: ``[G, T]`` bool, the real rows.
+        k: tokens to keep per group, in ``[0, N]``.
+        sign, theta: the relevance's sign (one of ``RELEVANCE``) and optional exponent.
+
+    Returns:
+        ``[G, k]`` int64 sorted indices into each group's N tokens.
+
+    Raises:
+        ValueError: a shape, budget or sign that does not fit, naming the value.
+    """
+    if choose_backend(x, text, text_valid) == "triton":
+        from .triton import select as impl
+    elif x.device.type == "cpu" and forced_backend() != "reference":
+        from .cpu import select as impl
+    else:
+        from .reference import select as impl
+    return impl(x, text, text_valid, k, sign, theta)
 
 
 def conditional_dpp(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:

@@ -23,6 +23,65 @@ from __future__ import annotations
 import torch
 
 EPS_REL = 1e-5  # a residual at most this times the largest L_ii counts as spanned
+RELEVANCE = ("positive", "negative", "none")  # the sign of the instruction relevance (see the policy)
+
+
+def instruction_relevance(
+    visual: torch.Tensor, valid: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, sign: str,
+    theta: float | None = None,
+) -> torch.Tensor:
+    """[B, N] float32 relevance of each visual token to its sample's instruction, normalised to
+    about [0, 1] per sample over its valid tokens (0 on invalid ones): the mean cosine to the
+    valid text rows, with `sign`, min-max normalised as the official code does
+    (``(r - min + 1e-6) / (max - min)``), then ``exp(theta / (2 (1 - theta)) r)`` if theta is set.
+
+    visual: [B, N, D], valid: [B, N] bool; text: [B, T, D], text_valid: [B, T] bool;
+    sign: one of `RELEVANCE`; theta: None or in (0, 1) (see `pruneware.policies.cdpruner`).
+    """
+    if sign not in RELEVANCE:
+        raise ValueError(f"sign must be one of {RELEVANCE}, got {sign!r}")
+    if sign == "none":
+        raw = torch.ones(valid.shape, device=visual.device)
+    else:
+        unit_v = torch.nn.functional.normalize(visual.float(), dim=-1)
+        unit_t = torch.nn.functional.normalize(text.float(), dim=-1) * text_valid[..., None]
+        count = text_valid.sum(dim=1).clamp(min=1)[:, None]  # [B, 1]
+        raw = (unit_v @ unit_t.transpose(1, 2)).sum(dim=2) / count  # [B, N] mean cosine over the rows
+        if sign == "negative":
+            raw = -raw
+    low = raw.masked_fill(~valid, float("inf")).min(dim=1, keepdim=True).values
+    high = raw.masked_fill(~valid, float("-inf")).max(dim=1, keepdim=True).values
+    span = torch.where(high > low, high - low, 1.0)  # equal relevance everywhere: no division by 0
+    rel = (raw - low + 1e-6) / span
+    if theta is not None:
+        rel = torch.exp(theta / (2 * (1 - theta)) * rel)
+    return rel.masked_fill(~valid, 0.0)
+
+
+def validate_select(x: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, k: int, sign: str) -> None:
+    """Raise ValueError for inputs `select` cannot take, naming the bad value (reads shapes only)."""
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"x must be a float [G, N, D] tensor, got {x.dtype} {tuple(x.shape)}")
+    if not 0 <= k <= x.shape[1]:
+        raise ValueError(f"k={k} is outside [0, N={x.shape[1]}]")
+    if text.dim() != 3 or text.shape[0] != x.shape[0] or text.shape[2] != x.shape[2]:
+        raise ValueError(f"text must be [G, T, D] with G={x.shape[0]}, D={x.shape[2]}, got {tuple(text.shape)}")
+    if text_valid.dtype != torch.bool or tuple(text_valid.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"text_valid must be bool [G, T] = {tuple(text.shape[:2])}, "
+                         f"got {text_valid.dtype} {tuple(text_valid.shape)}")
+    if sign not in RELEVANCE:
+        raise ValueError(f"sign must be one of {RELEVANCE}, got {sign!r}")
+
+
+def select(
+    x: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, k: int, sign: str = "positive",
+    theta: float | None = None,
+) -> torch.Tensor:
+    """CDPruner on G full groups: `instruction_relevance` (every token valid), then `conditional_dpp`.
+    x: [G, N, D]; text: [G, T, D]; text_valid: [G, T] bool. Returns sorted int64 [G, k]."""
+    validate_select(x, text, text_valid, k, sign)
+    valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return conditional_dpp(x, instruction_relevance(x, valid, text, text_valid, sign, theta), k)
 
 
 def validate_inputs(x: torch.Tensor, relevance: torch.Tensor, k: int) -> None:

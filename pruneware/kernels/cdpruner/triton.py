@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import EPS_REL, dpp_kernel, validate_inputs
+from .reference import EPS_REL, dpp_kernel, instruction_relevance, validate_inputs, validate_select
 
 MAX_N = 16384  # the residuals live in registers; wider rows would spill badly
 
@@ -91,3 +91,13 @@ def conditional_dpp(x: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.T
         EPS=EPS_REL, BLOCK_N=block_n, num_warps=warps,
     )
     return out.sort(dim=1).values
+
+
+def select(
+    x: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, k: int, sign: str = "positive",
+    theta: float | None = None,
+) -> torch.Tensor:
+    """``reference.select``: the relevance in torch (``reference.instruction_relevance``), then the kernel."""
+    validate_select(x, text, text_valid, k, sign)
+    valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return conditional_dpp(x, instruction_relevance(x, valid, text, text_valid, sign, theta), k)
