@@ -15,6 +15,7 @@ at batch 1 and on a left-padded batch of 2 (prompts of different lengths). The b
 counts are deterministic (they do not depend on timing), so they hold on any machine.
 
     python benchmarks/launch_budget.py [--layers 8] [--plans P ...] [--detail] [--json out.json]
+        [--model llava|qwen2.5-vl]
 """
 
 from __future__ import annotations
@@ -43,16 +44,51 @@ def padded_inputs() -> dict:
     return {**inputs, "input_ids": ids, "attention_mask": mask}
 
 
+def qwen_model_and_batches(layers: int) -> tuple[torch.nn.Module, dict]:
+    """`--model qwen2.5-vl`: a random-weight Qwen2.5-VL (4 vision blocks, 1 and 3 over whole frames,
+    windows of 2x2 units) with one 16x16-patch image (64 visual tokens) per prompt; batch 1 and a
+    left-padded batch of 2 whose second prompt is 6 tokens shorter."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pruneware.models.tiny_configs import IDS, tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("qwen2.5-vl", layers=layers, vision={"depth": 4, "fullatt_block_indexes": [1, 3]},
+                         bos_token_id=None, eos_token_id=None)
+    config._attn_implementation = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    vc, g = config.vision_config, torch.Generator().manual_seed(0)
+    patch = 3 * vc.temporal_patch_size * vc.patch_size**2
+    image = [IDS["vision_start"]] + [IDS["image"]] * 64 + [IDS["vision_end"]]
+
+    def batch(shorter: list[int]) -> dict:
+        rows = [torch.randint(1, 80, (8 - s,), generator=g).tolist() + image
+                + torch.randint(1, 80, (24,), generator=g).tolist() for s in shorter]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IDS["image"]).int(),
+                "pixel_values": torch.randn(len(rows) * 256, patch, generator=g),
+                "image_grid_thw": torch.tensor([[1, 16, 16]] * len(rows))}
+
+    return model, {"batch 1": batch([0]), "padded 2": batch([0, 6])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--plans", nargs="+", default=None, help="default: every registered policy at every place")
     parser.add_argument("--detail", action="store_true", help="also print the extra ops of each plan by name")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", choices=("llava", "qwen2.5-vl"), default="llava",
+                        help="llava: cpu_overhead.py's (576 image tokens); qwen2.5-vl: a tiny one (64 image tokens)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = build_model(layers=args.layers)
-    batches = {"batch 1": make_inputs(1), "padded 2": padded_inputs()}
+    if args.model == "llava":
+        model = build_model(layers=args.layers)
+        batches = {"batch 1": make_inputs(1), "padded 2": padded_inputs()}
+    else:
+        model, batches = qwen_model_and_batches(args.layers)
     base = {name: plan_cost(model, inputs, None) for name, inputs in batches.items()}
     rows = []
     for plan in args.plans or budget_plans(args.layers):
@@ -71,7 +107,7 @@ def main() -> None:
         if args.detail:
             for name in batches:
                 print(f"    {name}: {row[name]['ops_by_name']}")
-    meta = {"date": time.strftime("%Y-%m-%d"), "layers": args.layers, "torch": torch.__version__,
+    meta = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "layers": args.layers, "torch": torch.__version__,
             "transformers": transformers.__version__, "budget": [OPS_PER_STAGE, SYNCS_PER_STAGE],
             "unpruned": {name: {"ops": c.ops, "syncs": c.syncs} for name, c in base.items()}}
     counts = "; ".join(f"{n}: {c.ops} ops, {c.syncs} syncs" for n, c in base.items())
