@@ -88,11 +88,22 @@ class QwenVisionCut:
         return grid
 
     def units(self, grid: torch.Tensor) -> list[tuple[int, int, int]]:
-        """Per image of the call, (t, units high, units wide)."""
-        return [(t, h // self.merge, w // self.merge) for t, h, w in grid.tolist()]
+        """Per image of the call, (t, units high, units wide) (read once per grid tensor)."""
+        return self._per_grid("units", grid, lambda: [(t, h // self.merge, w // self.merge)
+                                                      for t, h, w in grid.tolist()])
+
+    def _per_grid(self, name: str, grid: torch.Tensor, build: Callable[[], Any]) -> Any:
+        """What `build` derives from `grid`, computed once while the same grid tensor comes back (the
+        calls of one encoder call): each derivation reads the grid on the host."""
+        memo = self.__dict__.setdefault("_grid_memo", {})
+        seen = memo.get(name)
+        if seen is None or seen[0] is not grid:
+            seen = memo[name] = (grid, build())
+        return seen[1]
 
     def call_units(self, grid: torch.Tensor, args: tuple, kwargs: dict) -> list[tuple[int, int, int]]:
-        """`units(grid)` of one encoder call (read once per call)."""
+        """`units(grid)` of one encoder call; a new call reads its grid afresh (nothing carries over)."""
+        self.__dict__.pop("_grid_memo", None)
         return self.units(grid)
 
     def order(self, grid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -102,7 +113,8 @@ class QwenVisionCut:
         from transformers.vision_utils import get_vision_window_index
 
         v = self.visual
-        return get_vision_window_index(grid, v.spatial_merge_size, v.window_size, v.patch_size)
+        return self._per_grid("order", grid, lambda: get_vision_window_index(
+            grid, v.spatial_merge_size, v.window_size, v.patch_size))
 
     def unit_features(self, hidden: torch.Tensor, grid: torch.Tensor, cut: TowerCut | None = None) -> torch.Tensor:
         """[n_units, d] the mean of each unit's patch rows, row-major; hidden [n_units * unit, d] in
@@ -197,27 +209,19 @@ class QwenVisionCut:
         """Per image, the FLOPs of a call whose blocks ran on every unit until the first cut, and
         from each cut's block on (the merger after the last) on that cut's kept units.
         cuts: (block, cut) in the order they ran (empty: nothing cut)."""
-        out, start = [], 0
-        window_units = self.tower.window_units
-        for t, hh, ww in self.units(grid):
+        units = self.units(grid)
+        kept = self._kept_counts(units, cuts)
+        out, window_units, states = [], self.tower.window_units, [-1, *(block for block, _ in cuts)]
+        for (t, hh, ww), per_cut in zip(units, kept, strict=True):
             n = t * hh * ww
-            states = [(-1, None)] + [(block, cut.keep[start : start + n].view(t, hh, ww)) for block, cut in cuts]
-            start += n
-            lengths = []  # per state: (per frame rows, per window rows or None, units kept)
-            for _, keep in states:
-                if keep is None:
-                    full = [hh * ww * self.unit] * t
-                    windows = [s * self.unit for s in _window_units(hh, ww, window_units)] * t if self.windowed else None
-                    lengths.append((full, windows, n))
-                    continue
-                windows = None
-                if self.windowed:
-                    windows = [int(keep[f, i:i + window_units, j:j + window_units].sum()) * self.unit
-                               for f in range(t) for i in range(0, hh, window_units) for j in range(0, ww, window_units)]
-                lengths.append(([int(k.sum()) * self.unit for k in keep], windows, int(keep.sum())))
+            windows = [s * self.unit for s in _window_units(hh, ww, window_units)] * t if self.windowed else None
+            lengths = [([hh * ww * self.unit] * t, windows, n)]  # per state: (per frame rows, per window rows, units)
+            for frames, wins in per_cut:
+                rows = None if wins is None else [k * self.unit for k in wins]
+                lengths.append(([k * self.unit for k in frames], rows, sum(frames)))
 
             def at(block: int) -> int:  # the state block `block` ran in: the last cut at or before it
-                return max(i for i, (b, _) in enumerate(states) if b <= block)
+                return max(i for i, b in enumerate(states) if b <= block)
 
             sequences = []
             for b in range(self.depth):
@@ -225,6 +229,34 @@ class QwenVisionCut:
                 sequences.append(full if (b in self.full_blocks or windows is None) else windows)
             taps = [lengths[at(tap)][2] for tap in self.taps]  # DeepStack mergers read what their block held
             out.append(qwen_tower_flops(self.config, self.tower, n * self.unit, sequences, [lengths[-1][2], *taps]))
+        return out
+
+    def _kept_counts(self, units: list[tuple[int, int, int]], cuts: list[tuple[int, TowerCut]]) -> list:
+        """Per image, per cut: (units kept per frame, per window frame by frame in HF's row-major
+        tiling, or None unwindowed), read to the host at once."""
+        parts, start, wu = [], 0, self.tower.window_units
+        for t, hh, ww in units:
+            n = t * hh * ww
+            for _, cut in cuts:
+                keep = cut.keep[start : start + n].view(t, hh, ww)
+                parts.append(keep.sum(dim=(1, 2)))
+                if self.windowed:
+                    nh, nw = -(-hh // wu), -(-ww // wu)
+                    padded = F.pad(keep, (0, nw * wu - ww, 0, nh * wu - hh))
+                    parts.append(padded.view(t, nh, wu, nw, wu).sum(dim=(2, 4)).flatten())
+            start += n
+        flat = torch.cat(parts).tolist() if parts else []  # the FLOPs' one host read
+        out, pos = [], 0
+        for t, hh, ww in units:
+            per_cut = []
+            for _ in cuts:
+                frames, pos = flat[pos : pos + t], pos + t
+                wins = None
+                if self.windowed:
+                    m = t * -(-hh // wu) * -(-ww // wu)
+                    wins, pos = flat[pos : pos + m], pos + m
+                per_cut.append((frames, wins))
+            out.append(per_cut)
         return out
 
 
