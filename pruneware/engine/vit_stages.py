@@ -67,7 +67,7 @@ def check_vision_stages(stages: tuple[Stage, ...], policies: list[Policy], adapt
         if depth is None:
             raise PlanError(
                 f"stage {stage}: {type(adapter).__name__} does not support vision-side stages (pre-vit, vitK); "
-                "they run on LLaVA-1.5, Qwen2-VL, Qwen2.5-VL and Qwen3-VL"
+                "they run on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL"
             )
         if not 0 <= stage.vit_block < depth:  # type: ignore[operator]
             raise PlanError(
@@ -123,6 +123,7 @@ class VisionStages:
         self._call_scores = getattr(self.cut, "attention_scores", adapter.vision_call_scores)
         self._image_scores = getattr(self.cut, "call_scores", None)
         self._per_image = {"per_image": True} if getattr(self.cut, "per_image_features", False) else {}
+        self._frames = getattr(self.cut, "frames", None)  # a cut whose images hold frames of different sizes
 
     def install(self) -> list[Any]:
         handles = [
@@ -230,7 +231,7 @@ class VisionStages:
                 scores = per_image[0] if len(per_image) == 1 else torch.cat(per_image)
         alive = None if before is None else before.keep
         inputs, counts = unit_input(self.stages[i], feats, scores, units, self.seed - i * 1_000_003, alive,
-                                    self._shapes)
+                                    self._shapes, None if self._frames is None else self._frames(grid))
         with torch.no_grad():
             picked = self.policies[i].select(inputs, counts)
         rows = picked_rows(picked, feats.device) if len(set(units)) == 1 else None

@@ -42,6 +42,7 @@ class ShapeCache:
 def unit_input(
     stage: Stage, feats: torch.Tensor, scores: torch.Tensor | None, units: Units, seed: int,
     alive: torch.Tensor | None = None, cache: ShapeCache | None = None,
+    frames: list[list[tuple[int, int]]] | None = None,
 ) -> tuple[StageInput, list[int]]:
     """The policy's batch for one encoder call: row b is image b, its frames are its images.
 
@@ -51,12 +52,14 @@ def unit_input(
     per image (t, h, w). Returns the input and each row's budget (from its own unit count, capped
     by the units alive). When every image has as many units and all are alive, the batch is a view
     of `feats` and its masks come from `cache` (built once per shape): a handful of ops.
+    frames: per image, the (h, w) grid of each of its frames when they differ in size (LLaVA-NeXT:
+    base, then high-res; `units` then gives (1, 1, n)); None: t frames of (h, w).
     """
     sizes = [t * hh * ww for t, hh, ww in units]
     n, batch, device = max(sizes), len(sizes), feats.device
-    frame_sizes = [[hh * ww] * t for t, hh, ww in units]
-    grids = [[(hh, ww)] * t for t, hh, ww in units]
-    if alive is None and len(set(units)) == 1:
+    grids = [[(hh, ww)] * t for t, hh, ww in units] if frames is None else [list(f) for f in frames]
+    frame_sizes = [[hh * ww for hh, ww in g] for g in grids]
+    if alive is None and len(set(units)) == 1 and frames is None:
         inputs = _uniform_input(feats, scores, units, seed, cache or ShapeCache())
         inputs.grids, inputs.sizes = grids, frame_sizes
         return inputs, [min(stage.keep_count(m, m), m) for m in sizes]
@@ -71,22 +74,29 @@ def unit_input(
         m = t * hh * ww
         hidden[b, :m] = feats[start : start + m]
         valid[b, :m] = True if alive is None else alive[start : start + m]
-        image_ids[b, :m] = torch.arange(t, device=device).repeat_interleave(hh * ww)
+        image_ids[b, :m] = _frame_ids(frame_sizes[b], device)
         if vision_scores is not None:
             vision_scores[b, :m] = scores[start : start + m].float()
         start += m
     if alive is not None:  # one host read: the units alive per frame
         image_ids.masked_fill_(~valid, -1)
-        frames = torch.cat([torch.arange(t * hh * ww, device=device) // (hh * ww) + sum(len(f) for f in frame_sizes[:b])
-                            for b, (t, hh, ww) in enumerate(units)])
+        frame_of = torch.cat([_frame_ids(f, device) + sum(len(g) for g in frame_sizes[:b])
+                              for b, f in enumerate(frame_sizes)])
         alive_per_frame = torch.zeros(sum(len(f) for f in frame_sizes), dtype=torch.long, device=device)
-        flat = alive_per_frame.index_add_(0, frames, alive.long()).tolist()
+        flat = alive_per_frame.index_add_(0, frame_of, alive.long()).tolist()
         frame_sizes = [[flat.pop(0) for _ in f] for f in frame_sizes]
     inputs = StageInput(
         hidden=hidden, valid=valid, image_ids=image_ids, attention=None, seed=seed, layer=0,
         grids=grids, vision_scores=vision_scores, sizes=frame_sizes,
     )
     return inputs, [min(stage.keep_count(m, sum(f)), sum(f)) for m, f in zip(sizes, frame_sizes, strict=True)]
+
+
+def _frame_ids(sizes: list[int], device: torch.device) -> torch.Tensor:
+    """[sum(sizes)] the frame of each unit of an image whose frames hold `sizes` units each."""
+    if len(set(sizes)) <= 1:
+        return torch.arange(len(sizes), device=device).repeat_interleave(sizes[0] if sizes else 0)
+    return torch.arange(len(sizes), device=device).repeat_interleave(torch.tensor(sizes, device=device))
 
 
 def _uniform_input(feats: torch.Tensor, scores: torch.Tensor | None, units: Units, seed: int,
