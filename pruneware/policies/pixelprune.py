@@ -120,17 +120,18 @@ class PixelPrunePolicy(Policy):
 
     def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor] | torch.Tensor:
         alive = inputs.image_sizes()  # on the host when the engine knows them
-        frames = []  # (row, frame, (h, w), budget)
+        frames = []  # (row, frame, (h, w), budget, first unit): a row's frames may differ in size (LLaVA-NeXT)
         for b, grids in enumerate(inputs.grids):
             budgets = split_budget([hh * ww for hh, ww in grids], counts[b])
-            for image, ((hh, ww), budget) in enumerate(zip(grids, budgets, strict=True)):
+            firsts = [sum(hh * ww for hh, ww in grids[:i]) for i in range(len(grids))]
+            for image, ((hh, ww), budget, first) in enumerate(zip(grids, budgets, firsts, strict=True)):
                 if alive[b][image] != hh * ww:
                     raise PlanError(
                         f"pixelprune predicts each unit from its neighbours on the whole {hh}x{ww} grid, but an "
                         f"earlier vision-side stage left {alive[b][image]} of its units: make pixelprune the plan's "
                         "first vision-side stage (e.g. pixelprune@pre-vit:0.8,divprune@vit1:0.5)"
                     )
-                frames.append((b, image, (hh, ww), budget))
+                frames.append((b, image, (hh, ww), budget, first))
         if not frames:
             return [torch.zeros(0, dtype=torch.long) for _ in inputs.grids]
         x = inputs.hidden if inputs.hidden.dtype == torch.float32 else inputs.hidden.float()
@@ -140,8 +141,9 @@ class PixelPrunePolicy(Policy):
                 and x.shape[1] == t * hh * ww:  # every frame alike: one batched pass
             dist = loco_distances(x.reshape(-1, hh, ww, x.shape[-1]), self.method, self.threshold)
         if dist is None:  # the reconstructed-grid methods (a loop), or frames of several sizes
-            return self._keep([loco_anchors(x[b, f * h * w:(f + 1) * h * w].view(h, w, -1), self.method,
-                                            self.threshold)[1].flatten() for b, f, (h, w), _ in frames], frames, inputs)
+            return self._keep([loco_anchors(x[b, first:first + h * w].view(h, w, -1), self.method,
+                                            self.threshold)[1].flatten() for b, _, (h, w), _, first in frames],
+                              frames, inputs)
         return self._keep(dist.view(len(frames), hh * ww), frames, inputs)
 
     def _keep(self, dist: torch.Tensor | list[torch.Tensor], frames: list, inputs: StageInput
@@ -163,9 +165,9 @@ class PixelPrunePolicy(Policy):
             offsets = torch.arange(t, device=rows.device).repeat_interleave(budgets[0]) * dist.shape[1]
             return rows.view(len(inputs.grids), t * budgets[0]) + offsets
         parts: list[list[torch.Tensor]] = [[] for _ in inputs.grids]
-        for i, (b, image, (hh, ww), budget) in enumerate(frames):
+        for i, (b, _, _, budget, first) in enumerate(frames):
             keep = anchors[i]
             if n_anchors[i] > budget:  # over the share: the anchors predicted worst
                 keep = torch.zeros_like(keep).scatter_(0, dist[i].topk(budget).indices, True)
-            parts[b].append(image * hh * ww + keep.nonzero().squeeze(1))
+            parts[b].append(first + keep.nonzero().squeeze(1))
         return [torch.cat(p).sort().values if p else torch.zeros(0, dtype=torch.long) for p in parts]
