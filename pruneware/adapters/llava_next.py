@@ -12,6 +12,9 @@ Newline rows are always kept: they are laid out as text (image id -1). They carr
 structure of the high-res grid to the language model and are few (h per image), so dropping
 them would save little and leave the surviving tokens of different rows run together.
 
+Vision-side stages (`vitK`, `pre-vit`) prune the same two units per image inside the tiles' CLIP
+passes (`clip_vit_next.NextVisionCut`); the newline rows are never theirs to prune.
+
 Where the grids come from: a plain forward passes `image_sizes`, and the unpadded grid follows
 from transformers' own anyres arithmetic (`get_anyres_image_grid_shape`, `unpad_image`).
 `generate()` encodes the pixels first and drops `image_sizes`; the per-image features then
@@ -26,7 +29,9 @@ from typing import Any
 import torch
 
 from pruneware.adapters.base import Adapter, VisualItem, VisualLayout, items_to_layout
+from pruneware.adapters.clip_vit_next import NextGrid, NextVisionCut
 from pruneware.adapters.registry import register_adapter
+from pruneware.adapters.vision import cls_attention
 from pruneware.adapters.vision_flops import llava_next_flops
 
 
@@ -51,6 +56,24 @@ class LlavaNextAdapter(Adapter):
     def input_vision_flops(self, inputs: dict[str, Any]) -> list[float]:
         # a tower call sees the tiles of the whole batch flattened: counted from the inputs only
         return llava_next_flops(self.config, inputs.get("pixel_values"), inputs.get("image_sizes"))
+
+    # vision-side stages (`vitK`, `pre-vit`; see clip_vit_next.py) ----
+    def vision_encoder(self) -> torch.nn.Module:
+        return self.base_model.vision_tower
+
+    def vision_cut(self) -> NextVisionCut:
+        return NextVisionCut(self.config, self.base_model)
+
+    def vision_call_scores(self, query, key, scale, kwargs):
+        # query, key: [n_tiles, H, 1 + side^2, d]; token 0 is [CLS] (read by a vitK stage only)
+        return cls_attention(query, key, scale), key[:, :, 1:].float().mean(dim=1)
+
+    def vision_image_scores(self, parts, grid: NextGrid):
+        """Per image, its units' [CLS] attention and keys (base patches, then the unpadded high-res grid)."""
+        scores, keys = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        sizes = [sum(h * w for h, w in f) for f in grid.frames]
+        tile, patch = grid.unit_tile.to(scores.device), grid.unit_patch.to(scores.device)
+        return list(scores[tile, patch].split(sizes)), list(keys[tile, patch].split(sizes))
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
         if not bool((input_ids == self.config.image_token_id).any()):

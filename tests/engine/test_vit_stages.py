@@ -231,11 +231,14 @@ def test_bad_plans_are_refused_before_any_hook(model, plan, match):
     assert not model.model.visual._forward_hooks
 
 
-def test_families_without_a_cut_are_refused():
+def test_towers_without_a_cut_are_refused():
     from tests.tiny import tiny_llava_next
 
-    with pytest.raises(pruneware.PlanError, match="LlavaNextAdapter does not support vision-side stages"):
-        pruneware.prune(tiny_llava_next(), "random@vit1:0.5").__enter__()
+    model = tiny_llava_next()
+    model.config.vision_feature_select_strategy = "full"  # no [CLS] outside the visual tokens
+    with pytest.raises(pruneware.PlanError, match="vision_feature_select_strategy='default'"):
+        pruneware.prune(model, "random@vit1:0.5").__enter__()
+    assert not model.model.vision_tower._forward_pre_hooks
 
 
 @pytest.mark.parametrize("plan", ["random@vit2:0.5", "divprune@vit1:0.5,random@1:0.5"])

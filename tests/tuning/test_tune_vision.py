@@ -105,8 +105,10 @@ def test_bad_vision_budgets_and_uncuttable_towers_are_refused():
 
     with pytest.raises(BudgetError, match=r"vision_flops_ratio must be in \(0, 1\]"):
         pruneware.tune(tiny_llava_next(), None, default_calibration(2), {"avg_tokens": 64}, vision_flops_ratio=1.5)
-    with pytest.raises(PlanError, match="llava_next has no vision-side stages"):
-        pruneware.tune(tiny_llava_next(), None, default_calibration(2), {"avg_tokens": 64}, vision_flops_ratio=0.5)
+    no_cls = tiny_llava_next()
+    no_cls.config.vision_feature_select_strategy = "full"  # no [CLS] outside the visual tokens: no cut
+    with pytest.raises(PlanError, match="vision_feature_select_strategy='default'"):
+        pruneware.tune(no_cls, None, default_calibration(2), {"avg_tokens": 64}, vision_flops_ratio=0.5)
     result = CliRunner().invoke(app, ["tune", "--avg-tokens", "64", "--vision-flops-ratio", "0"])
     assert result.exit_code == 2 and result.stderr.strip() == (
         "error: --vision-flops-ratio must be in (0, 1] (vision FLOPs relative to unpruned), got 0")
