@@ -23,17 +23,19 @@ Deliberate differences:
     re-packs them, dominant first, which is `compact` on LLaVA). The kept set is not a grid,
     so on M-RoPE models the tokens also keep their slots' 3-D positions.
   - On Qwen the keys are read after the ViT's 2-D RoPE (what its attention sees).
-The budget is per sample and split over its images in proportion. Images only.
+The budget is per sample and split over its images in proportion. Images only. With one image
+per sample, every image merges at once in `pruneware.kernels.visionzip` (a Triton launch on CUDA,
+numpy on the CPU, the plain-torch reference beside them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import ClassVar
 
 import torch
 
+from pruneware.kernels.visionzip import batched_merge
 from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy, split_budget
 from pruneware.policies.fastervlm import vision_scores
 from pruneware.policies.needs import Needs
@@ -54,45 +56,6 @@ def contextual_merge(hidden: torch.Tensor, keys: torch.Tensor, count: int) -> tu
     sizes = one_hot.sum(dim=0).clamp(min=1)[:, None]
     merged = one_hot.T @ hidden[others].float() / sizes
     return targets, (hidden[targets].float() + merged).to(hidden.dtype)
-
-
-@lru_cache(maxsize=64)
-def _rest_order(m: int, count: int, device: torch.device) -> torch.Tensor:
-    """[m]: `contextual_merge`'s targets among m non-dominant tokens, then the others, in order."""
-    targets = list(range(0, m, max(1, m // count)))[:count]
-    chosen = set(targets)
-    return torch.tensor(targets + [i for i in range(m) if i not in chosen], device=device)
-
-
-def batched_merge(
-    hidden: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, budget: int, share: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """VisionZip on B images of n tokens each, all at once (one op per step for the whole batch,
-    not per image): the rule of `merge`'s loop and `contextual_merge`.
-
-    hidden: [B, n, D]; scores: [B, n]; keys: [B, n, d]; 0 < budget < n. Returns the kept slots
-    [B, budget] (sorted) and their states [B, budget, D].
-    """
-    batch, n, _ = hidden.shape
-    n_dominant = max(1, min(budget, round(budget * share)))
-    count, m = budget - n_dominant, n - n_dominant
-    dominant = torch.zeros(batch, n, dtype=torch.int8, device=hidden.device)
-    dominant.scatter_(1, scores.topk(n_dominant, dim=1).indices, 1)
-    order = torch.sort(dominant, dim=1, stable=True).indices  # [B, n]: the others in order, then the dominant
-    if count == 0:
-        slots = order[:, m:]
-        return slots, torch.take_along_dim(hidden, slots.unsqueeze(-1), dim=1)
-    rest = order[:, _rest_order(m, count, hidden.device)]  # [B, m]: targets first, then the tokens to merge
-    unit = torch.take_along_dim(keys, rest.unsqueeze(-1), dim=1)
-    unit = unit / unit.norm(dim=-1, keepdim=True)
-    assign = torch.matmul(unit[:, count:], unit[:, :count].transpose(1, 2)).argmax(dim=2)  # [B, m - count]
-    one_hot = torch.nn.functional.one_hot(assign, count).to(torch.float32)  # [B, m - count, count]
-    rows = torch.take_along_dim(hidden, rest.unsqueeze(-1), dim=1).float()  # [B, m, D]
-    merged = torch.matmul(one_hot.transpose(1, 2), rows[:, count:]) / one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
-    contextual = (rows[:, :count] + merged).to(hidden.dtype)
-    slots, by_slot = torch.cat([order[:, m:], rest[:, :count]], dim=1).sort(dim=1)
-    states = torch.cat([torch.take_along_dim(hidden, order[:, m:].unsqueeze(-1), dim=1), contextual], dim=1)
-    return slots, torch.take_along_dim(states, by_slot.unsqueeze(-1), dim=1)
 
 
 @register_policy
