@@ -29,13 +29,13 @@ MAX_VISION_PLACES = 3  # `pre-vit` and up to two cut points inside the tower
 def vision_places(model, max_places: int = MAX_VISION_PLACES) -> list[str]:
     """`pre-vit` and up to `max_places - 1` cut points `vitK`, K evenly spread over 1..depth-1.
 
-    Raises PlanError naming the family when its tower cannot be cut (e.g. LLaVA-NeXT)."""
+    Raises PlanError when its tower cannot be cut (e.g. a CLIP read without its [CLS] token)."""
     cut = adapter_for(model).vision_cut()
     if cut is None:
         family = getattr(model.config, "model_type", type(model).__name__)
         raise PlanError(
             f"{family} has no vision-side stages (pre-vit, vitK) in pruneware; tune it without a vision budget "
-            "(vision_flops_ratio / --vision-flops-ratio), or use LLaVA-1.5, Qwen2-VL, Qwen2.5-VL or Qwen3-VL"
+            "(vision_flops_ratio / --vision-flops-ratio), or use LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or Qwen3-VL"
         )
     blocks = list(range(1, cut.depth))
     k = max_places - 1
