@@ -228,7 +228,8 @@ def test_vision_flops_are_what_ran():
         with torch.no_grad(), pruneware.prune(model, plan) as run, FlopCounterMode(display=False) as counter:
             model(**inputs, use_cache=False)
         counts = counter.get_flop_counts()
-        vision = sum(sum(v.values()) for k, v in counts.items() if k.endswith(("model.vision_tower", "model.multi_modal_projector")))
+        vision = sum(sum(v.values()) for k, v in counts.items()
+                     if k.endswith(("model.vision_tower", "model.multi_modal_projector")))
         assert sum(run.report.vision_flops) == pytest.approx(float(vision))
         if plan.endswith("1.0"):
             assert run.report.vision_flops == pytest.approx(unpruned)
