@@ -35,7 +35,8 @@ def vision_places(model, max_places: int = MAX_VISION_PLACES) -> list[str]:
         family = getattr(model.config, "model_type", type(model).__name__)
         raise PlanError(
             f"{family} has no vision-side stages (pre-vit, vitK) in pruneware; tune it without a vision budget "
-            "(vision_flops_ratio / --vision-flops-ratio), or use LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or Qwen3-VL"
+            "(vision_flops_ratio / --vision-flops-ratio), or use LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or "
+            "Qwen3-VL"
         )
     blocks = list(range(1, cut.depth))
     k = max_places - 1
