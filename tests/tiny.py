@@ -107,7 +107,7 @@ def _finish(model, attn: str):
 
 
 def tiny_llava_next(attn: str = "sdpa", layers: int = 6, seed: int = 0):
-    """A LLaVA-NeXT with 28-px tiles (a 2x2 base grid per tile) and anyres pinpoints up to 2x2 tiles."""
+    """A LLaVA-NeXT with 42-px tiles (a 3x3 patch grid per tile) and anyres pinpoints up to 2x2 tiles."""
     from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
