@@ -203,6 +203,17 @@ def test_vit_refusals_name_what_is_served(plan, message):
         parse_stages(plan, 2, "mrope")
 
 
+@pytest.mark.parametrize("architecture", ["PrunewareLlavaNextForConditionalGeneration", "PrunewareQwen2VLForConditionalGeneration"])
+def test_vit_stages_on_other_families_name_the_served_ones(architecture):
+    from types import SimpleNamespace
+
+    from pruneware.integrations.vllm.spec import require_spec
+
+    config = SimpleNamespace(pruneware={"plan": "random@vit1:0.5"}, text_config=SimpleNamespace(num_hidden_layers=2))
+    with pytest.raises(PlanError, match=rf"does not cut {architecture}'s vision tower.*served for PrunewareLlava.*HF wrapper"):
+        require_spec(config, architecture, "1d")
+
+
 def test_vit_stage_seed_is_the_sessions():
     assert spec_for("random@vit1:0.5", 3, 2, "mrope").stage_seed == 3 * 1_000_003 - 1
     assert PruneSpec(parse_stages("random@pre:0.5", 2, "mrope")[0], 3).stage_seed == 3 * 1_000_003

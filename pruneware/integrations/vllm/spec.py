@@ -294,8 +294,9 @@ def require_spec(hf_config: Any, architecture: str, rope: Literal["1d", "mrope"]
             f"'{CONFIG_KEY}': {{'plan': 'divprune@pre:0.25'}}}} or set ${ENV_PLAN}"
         )
     if spec.stage.in_vision and architecture not in VISION_SIDE_ARCHITECTURES:
-        raise PlanError(f"stage {spec.stage}: {architecture} runs 'pre' and in-LLM stages; vision-side stages "
-                        f"('pre-vit', 'vitK') are served for {', '.join(VISION_SIDE_ARCHITECTURES)}")
+        raise PlanError(f"stage {spec.stage}: the vLLM plugin does not cut {architecture}'s vision tower; vision-side "
+                        f"stages ('pre-vit', 'vitK') are served for {', '.join(VISION_SIDE_ARCHITECTURES)} "
+                        "(on other families they run in the HF wrapper, pruneware.prune)")
     return spec
 
 
