@@ -57,6 +57,22 @@ def test_rows_with_no_allowed_key_contribute_zero():
     assert (got[0] == 0).all() and torch.isfinite(got).all()
 
 
+def test_live_rows_skips_zeroing_only_rows_of_weight_zero():
+    """live_rows=True (the engine's promise: a weighed row sees a key): the same scores when the
+    rows that see no key weigh 0, and finite; without the promise kept, those rows would count."""
+    q, k, _, _ = make(2, 4, 2, 3, 9, 8)
+    km = torch.zeros(2, 9, dtype=torch.bool)
+    km[1, 4:] = True  # sample 0 has no real key at all; sample 1's row at position 2 sees none
+    pos = torch.tensor([[1, 5, 8], [2, 5, 8]])
+    w = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 2.0]])  # the rows that see no key weigh 0
+    got, _ = scores.attention_scores(q, k, w, query_positions=pos, key_mask=km, live_rows=True)
+    ref, _ = reference.attention_scores(q, k, w, query_positions=pos, key_mask=km)
+    torch.testing.assert_close(got, ref)
+    assert (got[0] == 0).all() and (got[1, :4] == 0).all() and torch.isfinite(got).all()
+    broken, _ = scores.attention_scores(q, k, torch.ones(2, 3), query_positions=pos, key_mask=km, live_rows=True)
+    assert (broken[0] != 0).any()  # a weighed row that sees no key is not zeroed: the promise matters
+
+
 @pytest.mark.parametrize("per_head", [False, True], ids=["summed", "per-head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weights_from_the_block_equal_two_reference_calls(per_head, dtype):

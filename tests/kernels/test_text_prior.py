@@ -40,7 +40,7 @@ def case(B, H, Hkv, T, L, d, run, dtype=torch.float32, seed=0):
         key_mask = torch.rand(B, L, generator=gen) > 0.25
         valid[1:, :2] = False
         key_mask[1:, : int(positions[1, 1]) + 1] = False
-        key_mask.scatter_(1, positions[:, 2:], True)  # a valid row's own slot is a real key
+        key_mask.scatter_(1, positions, valid)  # a valid row sees its own slot; a padding row does not
         query_run = None
     return (q, k, positions, valid), dict(key_mask=key_mask, query_run=query_run)
 
@@ -131,7 +131,8 @@ def test_triton_cuda_matches_reference(shape, monkeypatch, nan_poison):
     cuda = [t.cuda() for t in (q, k, positions, valid)]
     mask = None if kw["key_mask"] is None else kw["key_mask"].cuda()
     got = text_prior.text_prior_scores(*cuda, key_mask=mask, query_run=kw["query_run"])
-    torch.testing.assert_close(got.cpu(), reference.text_prior_scores(q, k, positions, valid, **kw), **TOL[torch.float32])
+    want = reference.text_prior_scores(q, k, positions, valid, **kw)
+    torch.testing.assert_close(got.cpu(), want, **TOL[torch.float32])
 
 
 def test_bad_inputs_are_named():

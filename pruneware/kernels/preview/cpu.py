@@ -85,13 +85,14 @@ def preview_scores(
     roped = (both * table).sum(dim=2)  # [B, L, Hkv + H, d]: x * cos + rotate_half(x) * sin
     k, q = roped.split((kv_heads, heads), dim=2)  # q already scaled
     q = q[:, -1]  # [B, H, d]: the last row
+    # Heads first, samples and keys last: the [B, L] key mask broadcasts as it is.
     if kv_heads == heads:
-        logits = torch.einsum("bhd,blhd->bhl", q, k)  # [B, H, L]
+        logits = torch.einsum("bhd,blhd->hbl", q, k)  # [H, B, L]
     else:  # query head h reads key head h // g
-        logits = torch.einsum("bkgd,blkd->bkgl", q.view(B, kv_heads, heads // kv_heads, d), k)  # [B, Hkv, g, L]
+        logits = torch.einsum("bkgd,blkd->kgbl", q.view(B, kv_heads, heads // kv_heads, d), k)  # [Hkv, g, B, L]
     if key_mask is not None:  # the lowest float, not -inf: a sample of padding only gets no NaN
-        logits = torch.where(key_mask.view(B, *([1] * (logits.dim() - 2)), L), logits, torch.finfo(torch.float32).min)
+        logits = torch.where(key_mask, logits, torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
     if weights is None:
-        return probs.sum(dim=tuple(range(1, probs.dim() - 1)))
-    return torch.einsum("bhl,bz->bl" if probs.dim() == 3 else "bkgl,bz->bl", probs, weights)
+        return probs.sum(dim=tuple(range(probs.dim() - 2)))
+    return torch.einsum("hbl,bz->bl" if probs.dim() == 3 else "kgbl,bz->bl", probs, weights)

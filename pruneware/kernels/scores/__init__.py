@@ -32,6 +32,7 @@ def attention_scores(
     return_query_block: bool = False,
     per_head_block: bool = False,
     check_positions: bool = True,
+    live_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score every key by the weighted attention that chosen query rows pay it.
 
@@ -55,6 +56,10 @@ def attention_scores(
         per_head_block: return that block per head instead, ``[B, H, T, T]``.
         check_positions: check that query_positions lie in ``[0, L)`` (reads them on
             the host: a device sync); False for positions that are slot indices by construction.
+        live_rows: the caller promises that every row with a nonzero weight sees at least one
+            key (the engine's rows are real tokens, which see themselves); the CPU path then
+            skips zeroing rows that see none (their weight, 0, already drops them), one op fewer.
+            The scores are the same; a returned block's rows that see no key are then not 0.
 
     Returns:
         ``(s, qq)``: ``s`` ``[B, L]`` float32, 0 on masked keys; ``qq``
@@ -67,7 +72,7 @@ def attention_scores(
 
         return fast(q, k, weights, query_positions=query_positions, key_mask=key_mask, scale=scale,
                     return_query_block=return_query_block, per_head_block=per_head_block,
-                    check_positions=check_positions)
+                    check_positions=check_positions, live_rows=live_rows)
     if backend == "triton":
         from .triton import attention_scores as impl
     else:

@@ -27,11 +27,13 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 
 def probabilities(
     q: torch.Tensor, k: torch.Tensor, scale: float, query_positions: torch.Tensor | None,
-    key_mask: torch.Tensor | None,
+    key_mask: torch.Tensor | None, live_rows: bool = False,
 ) -> torch.Tensor:
     """Softmax rows float32, 0 at keys a row may not see (a row that may see none is all 0):
     ``[B, H, T, L]`` when every query head has its own key head, else ``[B, Hkv, g, T, L]``
-    (grouped-query attention, without repeating k)."""
+    (grouped-query attention, without repeating k). live_rows: the caller promises that every
+    row it weighs sees a key; a row that sees none then gets finite values (the lowest float
+    stands for -inf, so it is uniform, not NaN), one op fewer than zeroing it."""
     B, H, T, d = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     if Hkv == H:
@@ -47,6 +49,8 @@ def probabilities(
         allowed = real if allowed is None else allowed.logical_and_(real)
     if allowed is None:
         return torch.softmax(logits.mul_(scale), dim=-1)
+    if live_rows:  # exactly 0 at a masked key of a row that sees a real key: exp underflows
+        return torch.softmax(torch.where(allowed, logits.mul_(scale), torch.finfo(logits.dtype).min), dim=-1)
     # `where`, not a masked fill of the negated mask: one op fewer, the same numbers.
     probs = torch.softmax(torch.where(allowed, logits.mul_(scale), float("-inf")), dim=-1)
     # A row that may see no key is NaN here (a softmax of -inf only): it contributes 0. A NaN
@@ -65,6 +69,7 @@ def attention_scores(
     return_query_block: bool = False,
     per_head_block: bool = False,
     check_positions: bool = True,
+    live_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`pruneware.kernels.scores.reference.attention_scores` in few ops (CPU tensors).
 
@@ -80,7 +85,7 @@ def attention_scores(
     )
     B, H, T, _ = q.shape
     Hkv, L = k.shape[1], k.shape[2]
-    probs = probabilities(q, k, scale, query_positions, key_mask)  # [B, H, T, L] or [B, Hkv, g, T, L]
+    probs = probabilities(q, k, scale, query_positions, key_mask, live_rows)  # [B, H, T, L] or [B, Hkv, g, T, L]
     grouped = probs.dim() == 5
     block = None
     if wants_block:

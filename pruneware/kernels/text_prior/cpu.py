@@ -56,8 +56,9 @@ def text_prior_scores(
         allowed = torch.arange(L, device=q.device) <= query_positions.reshape(B, *lead, T, 1)
     if key_mask is not None:
         allowed = allowed & key_mask.reshape(B, *lead, 1, L)
-    probs = torch.softmax(torch.where(allowed, logits.mul_(scale), float("-inf")), dim=-1)
-    probs = torch.where(allowed, probs, 0.0)  # a row that sees no key: 0, not NaN
+    # The lowest float, not -inf: a row that sees no key (invalid, by the contract: V = 0 drops it
+    # from the prior and the sum) is uniform instead of NaN; a masked key of any other row is exactly 0.
+    probs = torch.softmax(torch.where(allowed, logits.mul_(scale), torch.finfo(torch.float32).min), dim=-1)
     if run is not None:
         block = probs[..., run.start:]  # [B, heads.., T, T]: the rows' own keys, in row order
     else:
