@@ -131,7 +131,7 @@ def attention_policy_scores(
             weights = policy.row_weights(None, row_valid)
         scores, _ = attention_scores(
             q_rows, key, weights, query_positions=rows.slots, key_mask=real, scale=scale,
-            per_head_block=needs.query_block == "per-head", check_positions=False,
+            per_head_block=needs.query_block == "per-head", check_positions=False, live_rows=True,
         )
         return scores
 
