@@ -107,14 +107,24 @@ class QwenVisionCut:
         return self.units(grid)
 
     def order(self, grid: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(window_index, cu_window_seqlens) as the tower computes them; (None, None) for Qwen2-VL."""
+        """(window_index, cu_window_seqlens) as the tower computes them; (None, None) for Qwen2-VL.
+
+        They depend only on the grid's values, so they are computed from the host-side units (a CPU
+        grid: no device read) once per shape and reused (never written to)."""
         if not self.windowed:
             return None, None
         from transformers.vision_utils import get_vision_window_index
 
-        v = self.visual
-        return self._per_grid("order", grid, lambda: get_vision_window_index(
-            grid, v.spatial_merge_size, v.window_size, v.patch_size))
+        units, v = self.units(grid), self.visual
+        orders = self.__dict__.setdefault("_orders", {})
+        key = (tuple(units), str(grid.device))
+        if key not in orders:
+            if len(orders) > 64:  # a bounded memo: many distinct shapes just recompute
+                orders.clear()
+            host = torch.tensor([[t, hh * self.merge, ww * self.merge] for t, hh, ww in units])
+            index, cu = get_vision_window_index(host, v.spatial_merge_size, v.window_size, v.patch_size)
+            orders[key] = (index, cu.to(grid.device))
+        return orders[key]
 
     def unit_features(self, hidden: torch.Tensor, grid: torch.Tensor, cut: TowerCut | None = None) -> torch.Tensor:
         """[n_units, d] the mean of each unit's patch rows, row-major; hidden [n_units * unit, d] in
