@@ -50,6 +50,9 @@ def tune(
     max_places: int = typer.Option(6, "--max-places", help="Places searched: 'pre' and up to this minus one layers."),
     accuracy_weight: float = typer.Option(1.0, "--accuracy-weight", help="Objective: KL + this x (1 - accuracy) where labels exist."),
     seed: int = typer.Option(0, help="Seed: the calibration questions and random policies."),
+    recycle: str = typer.Option(
+        "nearest", "--recycle",
+        help="Recycling modes also verified on each searched schedule, ','-separated: nearest, context; none: off."),
     download: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json", help="stdout is one JSON object; its `plan` plugs into `eval --plans`."),
 ) -> None:
@@ -57,6 +60,7 @@ def tune(
     from pruneware.evals.datasets import BENCHMARKS
     from pruneware.policies import get_policy
     from pruneware.tuning import Budget, tune as run_tune
+    from pruneware.tuning.recycling import checked_modes
 
     budget = Budget.of(_budget(avg_tokens, flops_ratio, latency_ms))  # checks the range
     if calib < 1:
@@ -74,6 +78,7 @@ def tune(
     if bench.lower() not in BENCHMARKS:
         raise UserError(f"unknown benchmark {bench!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
     names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+    checked_modes(recycle)  # an unknown mode fails here, listing the valid ones
     for policy in names or ():
         get_policy(policy)  # an unknown name fails here, listing the valid ones
     items = _calibration(bench.lower(), data, calib, seed)  # a bad dataset fails before the model loads
@@ -89,7 +94,8 @@ def tune(
 
         result = run_tune(vlm, processor, items, budget, bench=bench.lower(), seed=seed, policies=names,
                           max_stages=max_stages, max_places=max_places, accuracy_weight=accuracy_weight,
-                          time_budget_s=time_budget, vision_flops_ratio=vision_flops_ratio, on_progress=on_progress)
+                          time_budget_s=time_budget, vision_flops_ratio=vision_flops_ratio, recycle=recycle,
+                          on_progress=on_progress)
     report = result.report
     payload = {"model": name, "plan": str(result.plan), "budget": str(budget), "bench": bench,
                "calibration": len(items), **{k: v for k, v in report.summary().items() if k != "candidates"},
