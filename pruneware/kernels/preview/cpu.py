@@ -12,8 +12,10 @@ At batch 1 a stage is bound by the host, one dispatch per torch op (see
   - RoPE as one product with the stacked ``(cos, sin)`` and one sum over that pair
     (``x * cos + R(x) * sin``: the model's two products and one addition);
   - one ``einsum`` for every head's logits, one softmax, one weighted head sum.
-q is projected for every row (the last is used): more arithmetic than the model's one row, but
-fewer calls, which is what a batch-1 stage pays for on the CPU. Other dtypes take the reference.
+q is projected for every row (the last is used) and the weights' rotated copies too: four widths of
+the key projection where the module preview computes three, for fewer calls (what the launch
+budget counts). On the cpu_overhead model the preview is no faster than the module calls (see
+benchmarks/RESULTS.md, session 3). Other dtypes take the reference.
 """
 
 from __future__ import annotations
