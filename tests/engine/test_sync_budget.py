@@ -47,7 +47,6 @@ OVER_BUDGET: dict[tuple[str, str], str] = {
     ("sparsevlm@2:0.5", "padded"): "+111 ops, +2 syncs",
     ("sparsevlm@2:0.5,sparsevlm@4:0.25,sparsevlm@6:0.125", "batch1"): "+194 ops, +2 syncs",
     ("sparsevlm@2:0.5,sparsevlm@4:0.25,sparsevlm@6:0.125", "padded"): "+281 ops, +2 syncs",
-    ("vision-score@2:0.5", "padded"): "+42 ops, +2 syncs",
     ("visionzip@pre:0.25", "batch1"): "+52 ops, +2 syncs",
     ("visionzip@pre:0.25", "padded"): "+71 ops, +2 syncs",
 }
