@@ -23,6 +23,8 @@ class VisualLayout:
             ids (a trailing unit with no tokens is left out), on the host; None when not known.
         spans: per sample, (start, n) when its visual tokens are one run of positions (None
             otherwise); None when not known.
+        first_real: per sample, the first column of the 2-D attention mask holding a real token
+            (0 when unpadded), read in the layout's one host sync; None when not known.
     """
 
     image_ids: torch.Tensor
@@ -30,6 +32,7 @@ class VisualLayout:
     counts: list[int]
     sizes: list[list[int]] | None = None
     spans: list[tuple[int, int] | None] | None = None
+    first_real: list[int] | None = None
 
     @property
     def visual_span(self) -> tuple[int, int] | None:

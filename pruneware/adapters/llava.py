@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import Any
 
 import torch
@@ -34,11 +36,22 @@ class LlavaAdapter(Adapter):
         return h * w + (1 if full else 0)
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
-        rows = input_ids.tolist()  # the layout's one host sync
+        mask = model_kwargs.get("attention_mask")
+        first_real = None
+        if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape and mask.device == input_ids.device:
+            # The ids and the padding in the layout's one host sync (one op more): where each sample's
+            # first real token is, so that scores reading keys' absolute values need not ask the device.
+            same = mask if mask.dtype == input_ids.dtype else mask.to(input_ids.dtype)
+            both = torch.cat([input_ids, same]).tolist()
+            rows, padding = both[: input_ids.shape[0]], both[input_ids.shape[0]:]
+            first_real = [row.index(1) if 1 in row else 0 for row in padding]
+        else:
+            rows = input_ids.tolist()  # the layout's one host sync
         token, per, grid = self._layout_constants()
         n = sum(row.count(token) for row in rows)
         count = -(-n // per)
-        return self._runs_to_layout(input_ids, [per] * count, [grid] * count, rows)
+        layout = self._runs_to_layout(input_ids, [per] * count, [grid] * count, rows)
+        return layout if first_real is None else replace(layout, first_real=first_real)
 
     def _layout_constants(self) -> tuple[int, int, tuple[int, int]]:
         """(image token id, tokens per image, grid), read from the config once per adapter

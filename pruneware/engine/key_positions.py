@@ -14,6 +14,7 @@ the sample computes alone, whatever the padding. A sample whose first real token
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,24 @@ def first_real_shift(state: RequestState, level: Level) -> torch.Tensor | None:
     positions (a `keep` stage takes the original ones, also after a `compact` stage)."""
     if level.stage is not None and level.stage.positions == "compact" and level is not state.levels[0]:
         return state.real_tokens(level).long().argmax(dim=1)  # [B] the level's first real slot
-    return first_real_positions(*state.prefill.lm_positions)
+    positions, mask = state.prefill.lm_positions
+    host = host_first_real(state)
+    if host is not None and positions is None and mask is not None:  # positions 0..L-1: the first real column
+        if not any(host):
+            return None  # unpadded: rotated by zero
+        shift = torch.frombuffer(array("q", host), dtype=torch.int64)  # no op on the CPU
+        return shift if mask.device.type == "cpu" else shift.to(mask.device)
+    return first_real_positions(positions, mask)
+
+
+def host_first_real(state: RequestState) -> list[int] | None:
+    """Each sample's first real column at the language model's input, known on the host from the
+    layout (`VisualLayout.first_real`) when that input is the model's own (no `pre` or
+    vision-side stage shortened it); None otherwise."""
+    plan = state.plan
+    if plan.vision or (plan.stages and plan.stages[0].where == "pre"):
+        return None
+    return state.prefill.layout.first_real
 
 
 def keys_as_alone(
