@@ -111,7 +111,7 @@ class VisionStages:
         self._call = _ContextSlot(None)  # dict | None: the encoder call in flight
         self._kept = _ContextSlot(())  # KeptUnits per finished call, until the prefill takes them
         self._flops = _ContextSlot(())  # per image, what the calls ran
-        self._types = _ContextSlot(None)  # [B, L] token types of the prefill that follows encoder calls
+        self._types = _ContextSlot(None)  # [B, L] input_ids of the prefill that follows encoder calls (their types)
         self.capture: VisionAttentionCapture | None = None
         scored = [score_block(self.cut, s) if "attention" in p.needs.vision else None
                   for s, p in zip(self.stages, self.policies, strict=True)]
@@ -153,8 +153,8 @@ class VisionStages:
     # hooks ---------------------------------------------------------------------------------
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is not None and self._modalities > 1:
-            self._types.set(self.adapter.token_types(input_ids))
+        if input_ids is not None and self._modalities > 1:  # typed only if several calls must be told apart
+            self._types.set(input_ids)
 
     def _base_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._types.set(None)
@@ -249,8 +249,8 @@ class VisionStages:
     def language_model_keep(self, visual: torch.Tensor, n_visual: list[int] | None = None) -> list[list[torch.Tensor]]:
         """Per vision-side stage, per sample, the indices (into its visual slots, in slot order) of
         the visual tokens it kept (a list, or a [B, k] tensor when every sample keeps k). visual:
-        [B, L] bool; n_visual: its visual slots per sample, when known on the host (then, for a
-        model of one visual modality whose samples hold alike images, no sync). Calls are laid over
+        [B, L] bool; n_visual: its visual slots per sample, when known on the host (then, when one
+        modality or one encoder call fills the slots and the samples hold alike images, no sync). Calls are laid over
         the visual positions modality by modality (the Qwen models encode every image, then every
         video), each in reading order."""
         records = list(self._kept.get())
@@ -270,12 +270,14 @@ class VisionStages:
                 f"the vision tower cut {sum(units_of)} visual tokens' units but the input "
                 f"holds {total}: vision-side stages need the pixels encoded inside the pruneware session"
             )
-        if self._modalities == 1 and n_visual is not None and all(r is not None for c in records for r in c.rows):
+        one_kind = self._modalities == 1 or len(records) == 1  # one call: the slots in reading order are its units
+        if one_kind and n_visual is not None and all(r is not None for c in records for r in c.rows):
             units = [u for c in records for u in c.units]
             kept = [uniform_language_keep([c.rows[i] for c in records], units, n_visual, self._shapes)
                     for i in range(len(self.stages))]
             if all(k is not None for k in kept):
                 return kept  # type: ignore[return-value]
+        types = None if types is None or one_kind else self.adapter.token_types(types)
         kinds = sorted(set(types[visual].tolist())) if types is not None else [None]
         out = []
         for i in range(len(self.stages)):

@@ -90,3 +90,39 @@ def test_clip_cut_rows_equals_the_mask_cut():
     kept = cut.cut_hidden(lean, hidden)
     assert torch.equal(cut.unit_features(kept, grid, lean, per_image=True).view(-1, 8),
                        cut.unit_features(kept, grid, full))
+
+
+def test_images_and_videos_of_one_forward_land_on_their_own_slots():
+    """Qwen encodes every image, then every video (two calls): the kept units of each call must reach
+    that modality's placeholders, whatever the reading order (here a video before an image)."""
+    from tests.engine.test_vit_stages import _model
+    from tests.tiny import IMAGE_TOKEN, VIDEO_TOKEN, qwen_media_inputs
+
+    import pruneware
+
+    model = _model("qwen2.5-vl")
+    inputs = qwen_media_inputs(model, [[3, ("video", 2, 8, 12), 2, ("image", 8, 8), 4]])
+    with torch.no_grad(), pruneware.prune(model, "random@vit1:0.5") as run:
+        model(**inputs, use_cache=False)
+    kept = run.report.stages[0].kept[0]
+    ids = inputs["input_ids"][0]
+    assert int((ids[kept] == VIDEO_TOKEN).sum()) == 24  # 2 frames x 24 units, half of each
+    assert int((ids[kept] == IMAGE_TOKEN).sum()) == 8  # 16 units, half
+
+
+def test_a_flat_video_before_a_noisy_image_keeps_its_own_anchors():
+    """The same with pixelprune at pre-vit (kept counts per image differ: the general path): a flat
+    video keeps one anchor per frame, the noisy image all its units, each on its own placeholders."""
+    from tests.engine.test_vit_stages import _model
+    from tests.tiny import IMAGE_TOKEN, VIDEO_TOKEN, qwen_media_inputs
+
+    import pruneware
+
+    model = _model("qwen2.5-vl")
+    inputs = qwen_media_inputs(model, [[3, ("video", 2, 8, 12), 2, ("image", 8, 8), 4]])
+    inputs["pixel_values_videos"] = torch.full_like(inputs["pixel_values_videos"], 0.5)
+    with torch.no_grad(), pruneware.prune(model, "pixelprune@pre-vit:1.0") as run:
+        model(**inputs, use_cache=False)
+    kept = run.report.stages[0].kept[0]
+    ids = inputs["input_ids"][0]
+    assert int((ids[kept] == VIDEO_TOKEN).sum()) == 2 and int((ids[kept] == IMAGE_TOKEN).sum()) == 16
