@@ -35,14 +35,24 @@ def text_raters(embeds: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) 
     return as_tensor(out)
 
 
-def cluster_and_merge(x: np.ndarray, clusters: int) -> np.ndarray:
-    """[clusters, D] float32: ``reference.cluster_and_merge`` of x [M, D] float32."""
+def distances(rows: list[np.ndarray]) -> list[np.ndarray]:
+    """Per x [M, D] float32: its distances ||x_i - x_j|| / sqrt(D) [M, M], by the reference's
+    ``torch.cdist`` without the matmul shortcut (one call for all when every M agrees): the
+    reference's numbers, at C speed (a numpy difference tensor costs M times the memory traffic)."""
+    mode = "donot_use_mm_for_euclid_dist"
+    if len({len(x) for x in rows}) == 1:
+        stacked = as_tensor(np.stack(rows))
+        dist = list(as_numpy(torch.cdist(stacked, stacked, compute_mode=mode)))
+    else:
+        dist = [as_numpy(torch.cdist(t, t, compute_mode=mode)) for t in map(as_tensor, rows)]
+    return [d / np.float32(x.shape[1] ** 0.5) for d, x in zip(dist, rows, strict=True)]
+
+
+def cluster_and_merge(x: np.ndarray, clusters: int, dist: np.ndarray | None = None) -> np.ndarray:
+    """[clusters, D] float32: ``reference.cluster_and_merge`` of x [M, D] float32 (dist: its
+    ``distances``, when the caller computed them for several samples at once)."""
     m, d = x.shape
-    dist = np.empty((m, m), dtype=np.float32)
-    for i in range(m):  # row by row: no [M, M, D] difference tensor
-        diff = x - x[i]
-        dist[i] = np.sqrt((diff * diff).sum(axis=1))
-    dist /= np.float32(d**0.5)
+    dist = distances([x])[0] if dist is None else dist
     nearest = np.partition(dist, clusters - 1, axis=1)[:, :clusters] if clusters < m else dist
     density = np.exp(-(nearest * nearest).mean(axis=1, dtype=np.float32))  # [M]
     denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
@@ -73,16 +83,21 @@ def recycle(
     wide = as_numpy(hidden, float32=True)
     rating = as_numpy(scores, float32=True)
     kept_np = as_numpy(kept) if isinstance(kept, torch.Tensor) else [as_numpy(rows) for rows in kept]
-    slots_out, states_out = [], []
+    pruned_of, rated_of = [], {}
     for b, n in enumerate(counts):
         pruned_mask = np.ones(n, dtype=bool)
         pruned_mask[kept_np[b]] = False
-        pruned = np.flatnonzero(pruned_mask)  # slot order
+        pruned_of.append(np.flatnonzero(pruned_mask))  # slot order
+        if merge and len(pruned_of[b]):
+            order = np.argsort(-rating[b, pruned_of[b]], kind="stable")[: rated_count(len(pruned_of[b]))]
+            rated_of[b] = wide[b, pruned_of[b][order]]  # [M, D], the best rated first
+    dist_of = dict(zip(rated_of, distances(list(rated_of.values())), strict=True)) if rated_of else {}
+    slots_out, states_out = [], []
+    for b, pruned in enumerate(pruned_of):
         slots = pruned[:0]
         merged = None
-        if merge and len(pruned):
-            rated = pruned[np.argsort(-rating[b, pruned], kind="stable")[: rated_count(len(pruned))]]
-            merged = cluster_and_merge(wide[b, rated], recycled_count(len(pruned)))
+        if b in rated_of:
+            merged = cluster_and_merge(rated_of[b], recycled_count(len(pruned)), dist_of[b])
             slots = pruned[len(pruned) - len(merged):]
         index = np.sort(np.concatenate([kept_np[b], slots]))
         if states_in is not None:
