@@ -65,7 +65,8 @@ def cluster_and_merge(x: np.ndarray, clusters: int, dist: np.ndarray | None = No
     sizes = np.bincount(assign, minlength=clusters).astype(np.float32)
     weights = np.float32(1.0) / (sizes + np.float32(1e-6))  # official: token_weight / (all_weight + 1e-6)
     merged = np.zeros((clusters, d), dtype=np.float32)
-    np.add.at(merged, assign, x * weights[assign, None])
+    for row, cluster in zip(x * weights[assign, None], assign, strict=True):  # index_add_'s order, row by row
+        merged[cluster] += row  # (np.add.at is element by element: ten times slower here)
     return merged
 
 
