@@ -37,16 +37,6 @@ def official_relevance(x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return (rel - rel.min() + 1e-6) / (rel.max() - rel.min())
 
 
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route conditional_dpp to the Triton kernel, interpreted on CPU."""
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-
-
 @pytest.mark.parametrize("n, d, k", [(24, 32, 6), (63, 96, 16), (100, 128, 50), (577, 640, 144), (576, 96, 90)])
 def test_reference_matches_the_official_loop(n, d, k):
     gen = torch.Generator().manual_seed(n)

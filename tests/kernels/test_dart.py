@@ -60,16 +60,6 @@ def one_by_one(visual, norms, pivots, valid, k, pivot_image):
     return torch.stack(out)
 
 
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route duplication_aware to the Triton kernel, interpreted on CPU."""
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_reference_matches_the_per_pivot_rule(shape):
     g, n, d, p, k = shape

@@ -37,16 +37,6 @@ def tied(g: int, n: int, directions: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(which, directions).float() * scale
 
 
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route max_min_diverse to the Triton kernel, interpreted on CPU."""
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-
-
 @pytest.mark.parametrize("n, k", [(24, 6), (63, 16), (577, 144)])
 def test_reference_matches_the_official_loop(n, k):
     x = features(1, n, 32)

@@ -87,16 +87,6 @@ def check_against_reference(case: Case, device: str) -> None:
         assert torch.equal(got, ref), "gathered rows differ from the reference (or were never written)"
 
 
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route gather_rows to the Triton kernel, interpreted on CPU."""
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-
-
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=str)
 def test_reference_matches_naive_loop(case: Case) -> None:
     index, (hidden, cos, sin, mask), positions = make_inputs(case, "cpu")

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 import pruneware.kernels.preview as preview
 from pruneware.kernels import dispatch
 from pruneware.kernels.preview import cpu, reference
-from pruneware.kernels.preview import triton as fused
+from pruneware.kernels.preview import triton as fused  # noqa: F401 (tests/kernels/conftest.py's interpret fixture reads it)
 
 CUDA = torch.cuda.is_available()
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
@@ -44,15 +44,6 @@ def case(B, L, D, H, Hkv, d, bias, mask, dtype=torch.float32, seed=0):
         key_mask[:, -1] = True  # the query row is real
         weights = torch.rand(B, 1, generator=gen)
     return (hidden, norm_weight, 1e-6, wq, bq, wk, bk, cos, sin, H, Hkv), dict(key_mask=key_mask, weights=weights)
-
-
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
 
 
 @pytest.mark.parametrize("gqa", [False, True])

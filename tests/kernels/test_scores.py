@@ -143,16 +143,6 @@ def check_against_reference(case: Case, device: str) -> None:
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route attention_scores to the Triton kernel, interpreted on CPU."""
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-
-
 @pytest.mark.parametrize("case", NAIVE_CASES, ids=str)
 def test_reference_matches_naive_softmax(case: Case) -> None:
     inputs = make_inputs(case)

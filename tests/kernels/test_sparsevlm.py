@@ -23,16 +23,6 @@ CUDA = torch.cuda.is_available()
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route the ops to the Triton kernels, interpreted on CPU."""
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-
-
 def rater_case(b: int, length: int, d: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed + 100 * length + d)
     embeds = torch.randn(b, length, d, generator=gen)

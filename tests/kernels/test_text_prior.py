@@ -17,7 +17,7 @@ import pruneware.kernels.text_prior as text_prior
 from pruneware.kernels import dispatch
 from pruneware.kernels.scores.reference import attention_scores
 from pruneware.kernels.text_prior import cpu, reference
-from pruneware.kernels.text_prior import triton as fused
+from pruneware.kernels.text_prior import triton as fused  # noqa: F401 (tests/kernels/conftest.py's interpret fixture reads it)
 
 CUDA = torch.cuda.is_available()
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
@@ -43,15 +43,6 @@ def case(B, H, Hkv, T, L, d, run, dtype=torch.float32, seed=0):
         key_mask.scatter_(1, positions, valid)  # a valid row sees its own slot; a padding row does not
         query_run = None
     return (q, k, positions, valid), dict(key_mask=key_mask, query_run=query_run)
-
-
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
 
 
 def official_prior(block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

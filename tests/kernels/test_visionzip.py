@@ -13,7 +13,7 @@ import torch
 import pruneware.kernels.visionzip as visionzip
 from pruneware.kernels import dispatch
 from pruneware.kernels.visionzip import cpu, reference
-from pruneware.kernels.visionzip import triton as fused
+from pruneware.kernels.visionzip import triton as fused  # noqa: F401 (tests/kernels/conftest.py's interpret fixture reads it)
 from pruneware.policies.visionzip import contextual_merge
 
 CUDA = torch.cuda.is_available()
@@ -21,16 +21,6 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 # (B, n, D, d, budget, share): odd sizes, the official 54/64 split, every kept token dominant.
 SHAPES = [(1, 63, 17, 9, 20, 0.8), (2, 101, 33, 17, 37, 54 / 64), (2, 50, 8, 8, 3, 1.0), (1, 200, 40, 24, 64, 54 / 64),
           (3, 7, 5, 3, 6, 0.5)]
-
-
-@pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route batched_merge to the Triton kernel, interpreted on CPU."""
-    if not fused._INTERPRETED:
-        if CUDA:
-            pytest.skip("Triton compiles for CUDA in this process; the CUDA tests cover it")
-        pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py)")
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
 
 
 def case(b: int, n: int, d_model: int, d_key: int, dtype: torch.dtype = torch.float32):
