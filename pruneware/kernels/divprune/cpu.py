@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..host import as_numpy, as_tensor
 from .reference import cosine_similarity, validate_inputs
 
 
@@ -32,7 +33,7 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(g, 0, dtype=torch.long)
     if x.requires_grad:  # vLLM's embed path runs with grad enabled; a selection needs none
         x = x.detach()
-    dist = cosine_similarity(x).numpy()  # [G, N, N], owned here: turned into distances in place
+    dist = as_numpy(cosine_similarity(x))  # [G, N, N], owned here: turned into distances in place
     np.subtract(np.float32(1.0), dist, out=dist)
     diag = np.arange(n)
     dist[:, diag, diag] = np.inf  # a token is not its own nearest neighbour
@@ -58,4 +59,4 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
             chosen[:, i] = pick
             np.minimum(nearest, dist[rows, pick], out=nearest)
     chosen.sort(axis=1)
-    return torch.from_numpy(chosen)
+    return as_tensor(chosen)
