@@ -66,6 +66,10 @@ def prune_inputs(
             start, k = level.visual_span
             same = merged_embeds.dtype == new_embeds.dtype
             new_embeds[:, start : start + k] = merged_embeds if same else merged_embeds.to(new_embeds.dtype)
+        elif isinstance(merged_embeds, torch.Tensor):  # [B, k, D]: each sample's k visual slots, in one scatter
+            slots = level.visual_first[:, : merged_embeds.shape[1], None].expand(-1, -1, merged_embeds.shape[2])
+            same = merged_embeds.dtype == new_embeds.dtype
+            new_embeds.scatter_(1, slots, merged_embeds if same else merged_embeds.to(new_embeds.dtype))
         else:
             for b, merged in enumerate(merged_embeds):
                 slots = level.visual[b].nonzero().squeeze(1)
