@@ -9,6 +9,7 @@ representative is the first (top-left) token of its bin.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -52,6 +53,55 @@ def cross_attend(queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     scale = queries.shape[-1] ** -0.5
     weights = torch.softmax(queries.float() @ tokens.float().T * scale, dim=-1)
     return (weights @ tokens.float()).to(queries.dtype)
+
+
+def uniform_grid(inputs: StageInput, counts: list[int], grids: list[list[tuple[int, int]]] | None = None) -> tuple[int, int, int] | None:
+    """(h, w, budget) when every sample holds one image that fills its N visual rows, every image
+    has the grid (h, w) and every sample the same budget (known on the host, no sync): the
+    images can then be merged as one batch, row b being sample b's image. grids: the per-sample
+    grids to compare (default `inputs.grids`). None otherwise."""
+    n = inputs.hidden.shape[1]
+    if not n or inputs.sizes is None or len(set(counts)) != 1 or any(s != [n] for s in inputs.sizes):
+        return None
+    shapes = {tuple(g[0]) if len(g) == 1 else None for g in (grids if grids is not None else inputs.grids)}
+    if len(shapes) != 1 or None in shapes:
+        return None
+    h, w = shapes.pop()  # type: ignore[misc]
+    return (h, w, split_budget([n], counts[0])[0]) if h * w == n else None
+
+
+def batch_firsts(batch: int, h: int, w: int, ph: int, pw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([ph*pw], the same expanded to [B, ph*pw]) long: the row-major index into an (h, w) grid
+    of each (ph, pw) bin's first token. Made once per shape, device and inference mode (no op
+    per forward: a memo of constants, as the engine's identity tensors); shared, never written."""
+    return _firsts(batch, h, w, ph, pw, device, torch.is_inference_mode_enabled())
+
+
+@lru_cache(maxsize=64)
+def _firsts(
+    batch: int, h: int, w: int, ph: int, pw: int, device: torch.device, inference: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    first = torch.tensor([r * w + c for r in bin_starts(h, ph) for c in bin_starts(w, pw)], device=device)
+    return first, first.expand(batch, -1)
+
+
+def pool_grids(x: torch.Tensor, h: int, w: int, ph: int, pw: int) -> torch.Tensor:
+    """`pool_grid` for B images at once. x: [B, h*w, D], row b one image in row-major order;
+    returns the pooled [B, ph*pw, D] (each image's bins, as `pool_grid` pools them)."""
+    batch, _, dim = x.shape
+    grid = x.reshape(batch, h, w, dim).permute(0, 3, 1, 2)  # [B, D, h, w], channels-last as pool_grid's
+    grid = grid if grid.dtype == torch.float32 else grid.float()
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grid, (ph, pw)).permute(0, 2, 3, 1).reshape(batch, ph * pw, dim)
+    return pooled if pooled.dtype == x.dtype else pooled.to(x.dtype)
+
+
+def cross_attend_batched(queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`cross_attend` for B images at once. queries: [B, P, D]; tokens: [B, N, D] -> [B, P, D]."""
+    q = queries if queries.dtype == torch.float32 else queries.float()
+    t = tokens if tokens.dtype == torch.float32 else tokens.float()
+    weights = torch.softmax(torch.einsum("bpd,bnd->bpn", q, t) * queries.shape[-1] ** -0.5, dim=-1)  # [B, P, N]
+    out = weights @ t
+    return out if out.dtype == queries.dtype else out.to(queries.dtype)
 
 
 def merge_per_image(inputs: StageInput, counts: list[int], merge_image) -> MergeResult:

@@ -31,7 +31,9 @@ from typing import ClassVar
 import torch
 
 from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy
-from pruneware.policies.pooling import bin_starts, merge_per_image, pool_grid, pooled_shape
+from pruneware.policies.pooling import (
+    batch_firsts, bin_starts, merge_per_image, pool_grid, pool_grids, pooled_shape, uniform_grid,
+)
 from pruneware.policies.needs import Needs
 
 
@@ -44,6 +46,9 @@ class ResizePolicy(Policy):
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
         device = inputs.hidden.device
+        batched = self._merge_batched(inputs, counts)
+        if batched is not None:
+            return batched
 
         def merge_image(b, image, members, hw, budget):
             h, w = hw
@@ -67,6 +72,25 @@ class ResizePolicy(Policy):
                     "resize a ratio budget (e.g. resize@pre:0.25) for several images per sample"
                 )
         return result
+
+    def _merge_batched(self, inputs: StageInput, counts: list[int]) -> MergeResult | None:
+        """`merge` when every sample holds one image of one grid and one budget (see
+        `uniform_grid`): every image at once, a few ops in all rather than a few per image."""
+        uniform = uniform_grid(inputs, counts)
+        if uniform is None:
+            return None
+        h, w, budget = uniform
+        batch = inputs.hidden.shape[0]
+        if inputs.vision_grids is not None:  # the tower already ran at the lower resolution
+            towers = {tuple(g[0]) if len(g) == 1 else None for g in inputs.vision_grids}
+            if len(towers) != 1 or None in towers:
+                return None
+            ph, pw = towers.pop()  # type: ignore[misc]
+            first, keep = batch_firsts(batch, h, w, ph, pw, inputs.hidden.device)
+            return MergeResult(keep, inputs.hidden.index_select(1, first), [[(ph, pw)] for _ in range(batch)])
+        ph, pw = pooled_shape(h, w, budget)
+        keep = batch_firsts(batch, h, w, ph, pw, inputs.hidden.device)[1]
+        return MergeResult(keep, pool_grids(inputs.hidden, h, w, ph, pw), [[(ph, pw)] for _ in range(batch)])
 
     def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
         return self.merge(inputs, counts).keep

@@ -12,7 +12,12 @@ import pruneware
 from pruneware.policies.crosslmm.compressor import (
     CompressorError, V2VCompressor, live_compressor, load_compressor, save_compressor,
 )
-from pruneware.policies.pooling import pool_grid, pooled_shape
+from pruneware.policies import StageInput
+from pruneware.policies.crosslmm import CrossLMMPolicy
+from pruneware.policies.pooling import (
+    batch_firsts, cross_attend, cross_attend_batched, pool_grid, pool_grids, pooled_shape,
+)
+from pruneware.policies.resize import ResizePolicy
 from tests.reference import pad_batch, uncached_greedy
 from tests.engine.test_equivalence import logits, make
 from tests.tiny import qwen_inputs, tiny_qwen
@@ -198,3 +203,36 @@ def test_video_frames_pool_per_frame_with_temporal_positions_kept():
     assert torch.equal(seen["positions"], expected)
     assert torch.equal(out.sequences, ids)
     torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("h", "w", "ph", "pw"), [(5, 7, 2, 3), (24, 24, 12, 12), (3, 3, 1, 1)])
+def test_batched_pooling_equals_pooling_each_image(h, w, ph, pw):
+    x = torch.randn(3, h * w, 8, generator=torch.Generator().manual_seed(h * w))
+    pooled, first = pool_grids(x, h, w, ph, pw), batch_firsts(3, h, w, ph, pw, x.device)[1]
+    attended = cross_attend_batched(pooled, x)
+    for b in range(3):
+        one, firsts = pool_grid(x[b], h, w, ph, pw)
+        assert torch.equal(first[b], firsts)
+        torch.testing.assert_close(pooled[b], one, atol=1e-6, rtol=1e-6)  # the same bins (summed in another order)
+        torch.testing.assert_close(attended[b], cross_attend(one, x[b]), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [CrossLMMPolicy(), CrossLMMPolicy(factor=2, gate=0.3), CrossLMMPolicy(factor=1),
+                                    ResizePolicy()])
+def test_one_image_per_sample_merges_as_the_per_image_loop_does(policy):
+    """The batched path (sizes known on the host, one grid and one budget) keeps the loop's slots
+    and states; without host sizes the loop runs."""
+    batch, h, w = 2, 6, 5
+    hidden = torch.randn(batch, h * w, 8, generator=torch.Generator().manual_seed(1))
+
+    def stage_input(sizes):
+        return StageInput(hidden, torch.ones(batch, h * w, dtype=torch.bool), torch.zeros(batch, h * w, dtype=torch.long),
+                          None, 0, 0, grids=[[(h, w)]] * batch, sizes=sizes)
+
+    fast = policy.merge(stage_input([[h * w]] * batch), [7, 7])
+    loop = policy.merge(stage_input(None), [7, 7])
+    assert isinstance(fast.keep, torch.Tensor) and isinstance(loop.keep, list)
+    assert fast.grids == loop.grids
+    for b in range(batch):
+        assert torch.equal(fast.keep[b], loop.keep[b])
+        torch.testing.assert_close(fast.embeds[b], loop.embeds[b], atol=1e-6, rtol=1e-5)

@@ -31,7 +31,9 @@ from typing import ClassVar
 import torch
 
 from pruneware.policies.base import MergeResult, Policy, StageInput, register_policy
-from pruneware.policies.pooling import cross_attend, merge_per_image, pool_grid, pooled_shape
+from pruneware.policies.pooling import (
+    batch_firsts, cross_attend, cross_attend_batched, merge_per_image, pool_grid, pool_grids, pooled_shape, uniform_grid,
+)
 from pruneware.policies.needs import Needs
 
 
@@ -70,6 +72,20 @@ class CrossLMMPolicy(Policy):
         return pooled + self.gate * (cross_attend(pooled, tokens) - pooled)
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
+        uniform = uniform_grid(inputs, counts) if self.compressor_dir is None else None
+        if uniform is not None:  # one image of one grid per sample: every image at once
+            h, w, budget = uniform
+            ph, pw = pooled_shape(h, w, budget, self.factor)
+            batch = inputs.hidden.shape[0]
+            if (ph, pw) == (h, w):  # nothing pooled: kept as it is (see the module's docstring)
+                keep = batch_firsts(batch, h, w, h, w, inputs.hidden.device)[1]
+                return MergeResult(keep, inputs.hidden, [[(h, w)] for _ in range(batch)])
+            keep = batch_firsts(batch, h, w, ph, pw, inputs.hidden.device)[1]
+            pooled = pool_grids(inputs.hidden, h, w, ph, pw)
+            if self.gate != 0:
+                pooled = torch.add(pooled, cross_attend_batched(pooled, inputs.hidden) - pooled, alpha=self.gate)
+            return MergeResult(keep, pooled, [[(ph, pw)] for _ in range(batch)])
+
         def merge_image(b, _image, members, hw, budget):
             ph, pw = pooled_shape(*hw, budget, self.factor)
             tokens = inputs.hidden[b, members]
