@@ -123,3 +123,72 @@ def test_dispatch(forced, used, monkeypatch):
         monkeypatch.setattr(module, "max_min_diverse", lambda x, k, name=name: calls.append(name))
     divprune.max_min_diverse(torch.randn(1, 4, 3), 2)
     assert calls == [used]
+
+
+# The optional grid term (`spatial=w`: select on 1 - cos + w * grid distance / diagonal).
+SPATIAL_CASES = [((1, 5), 1, 2, 0.5), ((3, 7), 2, 5, 0.25), ((24, 24), 2, 64, 1.0), ((5, 1), 1, 5, 3.0)]
+
+
+def loop_spatial(x: torch.Tensor, k: int, w: float, grid: tuple[int, int]) -> list[int]:
+    """The rule written out for one group: distances by hand, the official loop's steps."""
+    h, wd = grid
+    n = x.shape[0]
+    unit = x / x.norm(dim=1, keepdim=True)
+    diagonal = ((h - 1) ** 2 + (wd - 1) ** 2) ** 0.5
+    dist = [[1.0 - float(unit[i] @ unit[j]) + w * ((i // wd - j // wd) ** 2 + (i % wd - j % wd) ** 2) ** 0.5 / diagonal
+             for j in range(n)] for i in range(n)]
+    first = max(range(n), key=lambda i: (min(dist[i][j] for j in range(n) if j != i), -i))
+    chosen = [first]
+    for _ in range(k - 1):
+        rest = [j for j in range(n) if j not in chosen]
+        chosen.append(max(rest, key=lambda j: (min(dist[i][j] for i in chosen), -j)))
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("grid, g, k, w", SPATIAL_CASES, ids=str)
+def test_spatial_paths_agree_exactly(grid, g, k, w, interpret, nan_poison):
+    x = features(g, grid[0] * grid[1], 19)
+    want = reference.max_min_diverse(x, k, w, grid)
+    assert torch.equal(cpu.max_min_diverse(x, k, w, grid), want)
+    assert torch.equal(fused.max_min_diverse(x, k, w, grid), want)
+    assert torch.equal(divprune.max_min_diverse(x, k, w, grid), want)
+
+
+@pytest.mark.parametrize("grid, g, k, w", SPATIAL_CASES[:2], ids=str)
+def test_spatial_reference_matches_the_rule_written_out(grid, g, k, w):
+    x = features(g, grid[0] * grid[1], 7, seed=3)
+    for row in range(g):
+        assert reference.max_min_diverse(x[row:row + 1], k, w, grid)[0].tolist() == loop_spatial(x[row], k, w, grid)
+
+
+def test_spatial_zero_is_the_official_rule():
+    x = features(2, 63, 17)
+    official = [official_divprune(x[i], 16 / 63).sort().values for i in range(2)]
+    for impl in (reference, cpu, divprune):
+        assert torch.equal(impl.max_min_diverse(x, 16, 0.0, (7, 9)), torch.stack(official))
+        assert torch.equal(impl.max_min_diverse(x, 16, 0.0, None), torch.stack(official))
+
+
+def test_spatial_keeps_far_apart_look_alikes_in_a_hand_checked_case(interpret):
+    # A 1 x 4 grid of features e1, e2, e2, e1. Official (w = 0): every token has a twin at distance 0,
+    # so it starts at token 0 and adds the lowest-index e2, token 1: {0, 1}. With w = 1 the distances are
+    # 1 - cos + |i - j| / 3: token 0's row minimum is 1 (its twin, 3 cells away), tokens 1 and 2's is 1/3,
+    # so it starts at 0 again; then token 2 is farthest from it (1 + 2/3 against 1 + 1/3 and 1): {0, 2}.
+    e1, e2 = torch.eye(2)
+    x = torch.stack([e1, e2, e2, e1])[None]
+    for impl in (reference, cpu, fused):
+        assert impl.max_min_diverse(x, 2).tolist() == [[0, 1]]
+        assert impl.max_min_diverse(x, 2, 1.0, (1, 4)).tolist() == [[0, 2]]
+
+
+@pytest.mark.parametrize(
+    "spatial, grid, message",
+    [(-0.5, (2, 3), r"spatial=-0.5: a finite number >= 0"), (float("nan"), (2, 3), "spatial=nan"),
+     ("x", (2, 3), "spatial='x'"), (True, (2, 3), "spatial=True"),
+     (0.5, None, r"needs the tokens' \(h, w\) grid with h \* w == N=6"), (0.5, (4, 4), "got grid=")],
+)
+def test_bad_spatial_values_are_named(spatial, grid, message, interpret):
+    x = torch.randn(1, 6, 4)
+    for impl in (reference, cpu, fused, divprune):
+        with pytest.raises(ValueError, match=message):
+            impl.max_min_diverse(x, 2, spatial, grid)

@@ -18,12 +18,15 @@ from ..dispatch import choose_backend, forced_backend
 __all__ = ["max_min_diverse"]
 
 
-def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
+def max_min_diverse(x: torch.Tensor, k: int, spatial: float = 0.0, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Greedy max-min subset of each group's rows by cosine distance.
 
     Args:
         x: ``[G, N, D]`` float features, G groups (images) of N tokens each.
         k: tokens to keep per group, in ``[0, N]``.
+        spatial: weight of the optional grid-distance term (``reference.py``); 0, the default,
+            is the official rule.
+        grid: ``(h, w)`` with ``h * w == N``, the tokens' grid (row-major); needed when spatial > 0.
 
     Returns:
         ``[G, k]`` int64 sorted indices into each group's N tokens.
@@ -37,4 +40,6 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
         from .cpu import max_min_diverse as impl
     else:
         from .reference import max_min_diverse as impl
+    if spatial:
+        return impl(x, k, spatial, grid)
     return impl(x, k)

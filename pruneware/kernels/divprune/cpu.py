@@ -20,21 +20,25 @@ import numpy as np
 import torch
 
 from ..host import as_numpy, as_tensor
-from .reference import cosine_similarity, validate_inputs
+from .reference import cosine_similarity, spatial_term, validate_inputs, validate_spatial
 
 
-def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min diverse subset. x: [G, N, D] float on CPU; returns sorted int64 indices [G, k]."""
+def max_min_diverse(x: torch.Tensor, k: int, spatial: float = 0.0, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Greedy max-min diverse subset. x: [G, N, D] float on CPU; returns sorted int64 indices [G, k].
+    spatial, grid: the optional grid-distance term (``reference.py``), added as the reference adds it."""
     validate_inputs(x, k)
     if x.device.type != "cpu":
         raise ValueError(f"the numpy path takes CPU tensors, got {x.device}")
     g, n, _ = x.shape
+    validate_spatial(n, spatial, grid)
     if k == 0:
         return torch.zeros(g, 0, dtype=torch.long)
     if x.requires_grad:  # vLLM's embed path runs with grad enabled; a selection needs none
         x = x.detach()
     dist = as_numpy(cosine_similarity(x))  # [G, N, N], owned here: turned into distances in place
     np.subtract(np.float32(1.0), dist, out=dist)
+    if spatial:  # the same float32 [N, N] term the reference adds, broadcast over the groups
+        np.add(dist, as_numpy(spatial_term(spatial, grid)), out=dist)  # type: ignore[arg-type]
     diag = np.arange(n)
     dist[:, diag, diag] = np.inf  # a token is not its own nearest neighbour
     first = dist.min(axis=2).argmax(axis=1)  # [G]: the token farthest from its nearest neighbour

@@ -1,7 +1,7 @@
 """DivPrune's whole greedy max-min selection in one Triton launch. Same contract as ``reference.py``.
 
-The distance matrix comes from ``cosine_distance`` (a normalise, one batched matmul on cuBLAS
-and ``1 -`` in torch), so this kernel and the reference select on the same numbers. The launch
+The distance matrix comes from ``selection_distance`` (a normalise, one batched matmul on cuBLAS
+and ``1 -`` in torch, plus the optional grid term), so this kernel and the reference select on the same numbers. The launch
 has one program per group (image): it finds the first token with a tiled pass over its
 ``[N, N]`` block, then runs the k - 1 dependent steps in a loop, holding the running minimum
 distance to the chosen set in registers (``BLOCK_N`` = N rounded up to a power of two) and
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import cosine_distance, validate_inputs
+from .reference import selection_distance, validate_inputs, validate_spatial
 
 MAX_N = 32768  # the running minimum lives in registers; wider rows would spill badly
 _TILE = 8192  # elements of the [BLOCK_R, BLOCK_N] tile of the first pass
@@ -61,8 +61,9 @@ def _max_min_kernel(
 _INTERPRETED = not isinstance(_max_min_kernel, triton.runtime.JITFunction)
 
 
-def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min diverse subset. x: [G, N, D] float; returns sorted int64 indices [G, k]."""
+def max_min_diverse(x: torch.Tensor, k: int, spatial: float = 0.0, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Greedy max-min diverse subset. x: [G, N, D] float; returns sorted int64 indices [G, k].
+    spatial, grid: the optional grid-distance term (``reference.py``)."""
     validate_inputs(x, k)
     if not x.is_cuda and not _INTERPRETED:
         raise ValueError(
@@ -70,12 +71,13 @@ def max_min_diverse(x: torch.Tensor, k: int) -> torch.Tensor:
             "use PRUNEWARE_KERNELS=reference or set TRITON_INTERPRET=1 before triton is imported"
         )
     g, n, _ = x.shape
+    validate_spatial(n, spatial, grid)
     if n > MAX_N:
         raise ValueError(f"N={n} tokens per image is over the kernel's limit of {MAX_N}; "
                          "set PRUNEWARE_KERNELS=reference to use the plain-torch path")
     if k == 0 or g == 0:
         return torch.zeros(g, 0, dtype=torch.long, device=x.device)
-    dist = cosine_distance(x).contiguous()  # [G, N, N]
+    dist = selection_distance(x, spatial, grid).contiguous()  # [G, N, N]
     out = torch.full((g, k), -1, dtype=torch.long, device=x.device)
     block_n = triton.next_power_of_2(n)
     block_r = max(1, min(_TILE // block_n, triton.next_power_of_2(n)))
