@@ -32,8 +32,10 @@ def prepare_numpy(
     x = as_numpy(visual)
     image_pivots = top_rows(as_numpy(norms), p_img)  # [G, p_img]
     chosen = np.take_along_axis(x, image_pivots[..., None], axis=1)  # [G, p_img, D]
-    pivots = as_tensor(np.concatenate([chosen, text_pivots.astype(x.dtype, copy=False)], axis=1))  # [G, P, D]
-    similarity = torch.nn.functional.cosine_similarity(pivots[:, :, None], visual[:, None], dim=-1)  # [G, P, n]
+    pivots = np.concatenate([chosen, text_pivots.astype(x.dtype, copy=False)], axis=1)  # [G, P, D]
+    # The broadcast axes are numpy views, shared by DLPack: the one torch op is the similarity.
+    similarity = torch.nn.functional.cosine_similarity(
+        as_tensor(pivots[:, :, None]), as_tensor(x[:, None]), dim=-1)  # [G, P, n]
     valid = np.pad(text_valid, ((0, 0), (p_img, 0)), constant_values=True)  # [G, P]
     return image_pivots, as_numpy(similarity, float32=True), valid
 
