@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pruneware.adapters import Adapter, adapter_for
+from pruneware.adapters.final_norm import final_norm
 from pruneware.engine import masks
 from pruneware.engine.arguments import SmallImages, check_session_arguments, stage_seed
 from pruneware.engine.attention_capture import AttentionCapture
@@ -338,7 +339,7 @@ class Session:
         reads = self._requests.take_vision_reads() if stage.where == "pre" and self._vision is not None else None
         ctx = stage_context(
             state, stage_index, policy, level, hidden, stage_seed(self.seed, stage_index), reads,
-            lambda states: self.adapter.language_model.norm(states),
+            lambda states: final_norm(self.adapter.language_model.norm, states),
         )
         selection = run_stage(ctx)
         state.prefill.report.stages.append(selection.report)
