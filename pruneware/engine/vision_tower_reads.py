@@ -43,15 +43,17 @@ class VisionRead:
     """One encoder call, per image in call order.
 
     Attributes:
-        scores: [n] float32 per image, the score layer's attention (None if not read).
-        keys: [n, d] float32 per image, the score layer's keys averaged over heads.
+        scores: the score layer's attention, float32: per image [n], or one tensor of the call's
+            images in order ([n_images, n] or [sum of n]; see `Adapter.vision_image_scores`);
+            None if not read.
+        keys: the score layer's keys averaged over heads, float32, as `scores` with a last dim d.
         grids: the (h, w) token grid the tower actually produced per image (after `resize`),
             or None when it ran at the input's own resolution.
         n_images: images in the call.
     """
 
-    scores: list[torch.Tensor] | None
-    keys: list[torch.Tensor] | None
+    scores: list[torch.Tensor] | torch.Tensor | None
+    keys: list[torch.Tensor] | torch.Tensor | None
     grids: list[tuple[int, int]] | None
     n_images: int
 
@@ -218,25 +220,38 @@ def reads_to_positions(
             f"vision-side policies ({policy_names(lambda n: bool(n.vision))}) need the pixels encoded inside the "
             "pruneware session, one image per unit (images, not video)"
         )
-    scores = [s for r in reads if r.scores is not None for s in r.scores]
-    keys = [k for r in reads if r.keys is not None for k in r.keys]
+    scores = _in_call_order([r.scores for r in reads if r.scores is not None], image_ids.device, keys=False)
+    keys = _in_call_order([r.keys for r in reads if r.keys is not None], image_ids.device, keys=True) if want_keys else None
     resized = [g for r in reads for g in (r.grids or [None] * r.n_images)]
     tokens = sum(h * w for sample in grids for h, w in sample)
-    if scores and sum(len(x) for x in scores) != tokens:
-        raise ValueError(
-            f"the vision tower scored {sum(len(x) for x in scores)} visual tokens but the input holds {tokens}"
-        )
+    if scores is not None and scores.numel() != tokens:
+        raise ValueError(f"the vision tower scored {scores.numel()} visual tokens but the input holds {tokens}")
     # Units are numbered by appearance, so the visual positions in row-major order run through
-    # the images in call order.
+    # the images in call order: a masked scatter (row-major) lays the reads over them in order.
     visual = image_ids >= 0
     score_map = key_map = None
-    if scores:
+    if scores is not None:
         score_map = torch.zeros(image_ids.shape, dtype=torch.float32, device=image_ids.device)
-        score_map[visual] = torch.cat(scores).to(image_ids.device)
-    if want_keys and keys:
-        key_map = torch.zeros(*image_ids.shape, keys[0].shape[-1], dtype=torch.float32, device=image_ids.device)
-        key_map[visual] = torch.cat(keys).to(image_ids.device)
+        score_map.masked_scatter_(visual, scores)
+    if keys is not None:
+        key_map = torch.zeros(*image_ids.shape, keys.shape[-1], dtype=torch.float32, device=image_ids.device)
+        key_map.masked_scatter_(visual[..., None], keys)
     out_grids: list[list[tuple[int, int]]] = [[] for _ in grids]
     for i, (b, u) in enumerate(units):
         out_grids[b].append(resized[i] if resized[i] is not None else grids[b][u])
     return score_map, key_map, out_grids if any(g is not None for g in resized) else None
+
+
+def _in_call_order(parts: list[list[torch.Tensor] | torch.Tensor], device: torch.device, keys: bool) -> torch.Tensor | None:
+    """The reads of several calls (per image [n] or [n, d] for keys, or one tensor per call, see
+    `VisionRead`) as one tensor whose elements (rows of d for keys) run through the images in call
+    order; None when there is none. One call read as one tensor costs no op."""
+    pieces = [p for part in parts for p in ([part] if isinstance(part, torch.Tensor) else part)]
+    if not pieces:
+        return None
+    if len(pieces) == 1:
+        out = pieces[0]
+    else:
+        rank = 2 if keys else 1
+        out = torch.cat([p if p.dim() == rank else p.reshape(-1, *p.shape[-1:]) if keys else p.reshape(-1) for p in pieces])
+    return out if out.device == device else out.to(device)

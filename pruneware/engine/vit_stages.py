@@ -227,8 +227,11 @@ class VisionStages:
             if self._image_scores is not None:  # the cut's own read: scores only
                 scores = self._image_scores(parts, grid)
             else:
-                per_image = self.adapter.vision_image_scores(parts, grid)[0]
-                scores = per_image[0] if len(per_image) == 1 else torch.cat(per_image)
+                per_image = self.adapter.vision_image_scores(parts, grid)[0]  # per image, or one tensor in order
+                if isinstance(per_image, torch.Tensor):
+                    scores = per_image if per_image.dim() == 1 else per_image.reshape(-1)
+                else:
+                    scores = per_image[0] if len(per_image) == 1 else torch.cat(per_image)
         alive = None if before is None else before.keep
         inputs, counts = unit_input(self.stages[i], feats, scores, units, self.seed - i * 1_000_003, alive,
                                     self._shapes, None if self._frames is None else self._frames(grid))
