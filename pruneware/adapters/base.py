@@ -159,9 +159,11 @@ class Adapter:
 
     def vision_image_scores(
         self, parts: list[tuple[torch.Tensor, torch.Tensor]], grid: torch.Tensor | None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[list[torch.Tensor] | torch.Tensor, list[torch.Tensor] | torch.Tensor]:
         """The parts one encoder call produced -> per image, in call order, its visual tokens'
-        scores [n] and keys [n, d] (row-major over the token grid)."""
+        scores [n] and keys [n, d] (row-major over the token grid); or each as one tensor whose
+        leading dims flatten to the images' tokens in call order ([n_images, n] when the images
+        are alike, or [sum of n]; keys with a last dim d), which costs no split."""
         raise NotImplementedError
 
     def vision_cut(self) -> Any:
