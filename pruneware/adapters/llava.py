@@ -97,9 +97,11 @@ class LlavaAdapter(Adapter):
 
     def vision_call_scores(self, query, key, scale, kwargs):
         # query, key: [n_images, H, 1 + h*w, d]; token 0 is [CLS].
-        return cls_attention(query, key, scale), key[:, :, 1:].float().mean(dim=1)
+        patches = key[:, :, 1:]
+        return cls_attention(query, key, scale), (patches if patches.dtype == torch.float32 else patches.float()).mean(dim=1)
 
     def vision_image_scores(self, parts, grid):
-        scores = torch.cat([p[0] for p in parts])
-        keys = torch.cat([p[1] for p in parts])
-        return list(scores), list(keys)
+        # Every image has the grid's h*w tokens: [n_images, h*w] and [n_images, h*w, d], in call order.
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
