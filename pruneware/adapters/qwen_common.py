@@ -98,8 +98,7 @@ class QwenVLAdapter(Adapter):
             order = order.to(scores.device)
             scores = torch.empty_like(scores).index_copy_(0, order, scores)
             keys = torch.empty_like(keys).index_copy_(0, order, keys)
-        sizes = (grid.prod(-1) // unit).tolist()
-        return list(scores.split(sizes)), list(keys.split(sizes))
+        return scores, keys  # [sum of n], [sum of n, d]: the images' tokens in call order
 
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
         """The visual-token grid of an image of (h, w) patches."""
