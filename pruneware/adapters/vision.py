@@ -10,6 +10,7 @@ plain-torch reference runs over blocks of query rows so that CPU memory stays bo
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -24,9 +25,16 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> torc
 
     q, k: [B, H, L, d] one attention call's queries and keys, token 0 being [CLS].
     """
-    weights = torch.full((q.shape[0], 1), 1.0 / q.shape[1], dtype=torch.float32, device=q.device)  # mean over heads
+    weights = _head_mean(q.shape[0], q.shape[1], q.device, torch.is_inference_mode_enabled())  # mean over heads
     scores, _ = attention_scores(q[:, :, :1], k, weights, scale=scale)  # [B, L]
     return scores[:, 1:]
+
+
+@lru_cache(maxsize=16)
+def _head_mean(batch: int, heads: int, device: torch.device, inference: bool) -> torch.Tensor:
+    """[B, 1] float32 1/H: the weight of the one query row that averages H heads. Made once per
+    shape, device and inference mode (no op per call), shared and never written."""
+    return torch.full((batch, 1), 1.0 / heads, dtype=torch.float32, device=device)
 
 
 @torch.no_grad()
