@@ -29,7 +29,6 @@ OVER_BUDGET: dict[tuple[str, str], str] = {
     ("cdpruner@2:0.5,cdpruner@4:0.25,cdpruner@6:0.125", "padded"): "+187 ops, +2 syncs",
     ("dart@2:0.5", "padded"): "+120 ops, +2 syncs",
     ("dart@2:0.5,dart@4:0.25,dart@6:0.125", "padded"): "+350 ops, +2 syncs",
-    ("fastervlm@pre:0.25", "padded"): "+44 ops, +2 syncs",
     ("fastv@2:0.5", "padded"): "+42 ops, +2 syncs",
     ("pdrop@2:0.5", "padded"): "+48 ops, +2 syncs",
     ("pdrop@2:0.5,pdrop@4:0.25,pdrop@6:0.125", "padded"): "+136 ops, +2 syncs",
@@ -41,8 +40,6 @@ OVER_BUDGET: dict[tuple[str, str], str] = {
     ("sparsevlm@2:0.5", "padded"): "+111 ops, +2 syncs",
     ("sparsevlm@2:0.5,sparsevlm@4:0.25,sparsevlm@6:0.125", "batch1"): "+185 ops, +2 syncs",
     ("sparsevlm@2:0.5,sparsevlm@4:0.25,sparsevlm@6:0.125", "padded"): "+281 ops, +2 syncs",
-    ("visionzip@pre:0.25", "batch1"): "+53 ops, +2 syncs",
-    ("visionzip@pre:0.25", "padded"): "+72 ops, +2 syncs",
 }
 
 
