@@ -18,6 +18,7 @@ from pruneware.tuning.phases import (
     TuneRun, add_presets, profile_places, screen, shortlist_schedules, valid_places, verify,
 )
 from pruneware.tuning.recycling import DEFAULT_MODES, checked_modes, with_recycling
+from pruneware.tuning.spatial import checked_weights, with_spatial
 from pruneware.tuning.vision import VisionCost, vision_places
 
 PROFILE_SHARE = 0.7
@@ -67,7 +68,7 @@ def tune(
     *, bench: str = "synthetic", seed: int = 0, policies: Sequence[str] | None = None, max_stages: int = 3,
     max_places: int = 6, shortlist: int = 4, accuracy_weight: float = 1.0, batch_size: int = 32,
     time_budget_s: float | None = None, presets: bool = True, vision_flops_ratio: float | None = None,
-    recycle: Sequence[str] | str | None = DEFAULT_MODES,
+    recycle: Sequence[str] | str | None = DEFAULT_MODES, spatial: Sequence[float] | str | None = (),
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> TuneResult:
     """Find the plan with the lowest calibration objective whose cost stays within `budget`.
@@ -92,7 +93,8 @@ def tune(
          budget, and (with `presets`) every preset solved for the same budget, are measured for
          real (the search's best first, then the presets); the lowest measured objective wins.
          With `recycle`, each search schedule is also measured with its in-LLM stages, then all
-         its stages, recycling their pruned tokens (`pruneware.tuning.recycling`).
+         its stages, recycling their pruned tokens (`pruneware.tuning.recycling`); with
+         `spatial`, each of those with DivPrune's grid term at `pre` (`pruneware.tuning.spatial`).
     With `vision_flops_ratio=v` (LLaVA-1.5 and the Qwen-VL families), the plan must also keep the
     vision encoder's FLOPs at or below v of the unpruned model's, and the places searched include
     the vision-side ones (`pre-vit` and up to two `vitK` cut points, `pruneware.tuning.vision`),
@@ -116,6 +118,8 @@ def tune(
             plan is always measured); what was profiled is still searched.
         recycle: recycling modes ("nearest", "context") verified on each searched schedule besides
             the plain one; () or "none" switches the knob off. Same cost, so budgets hold.
+        spatial: weights w of `divprune[spatial=w]` verified on each searched schedule whose first
+            stage is DivPrune at `pre` (default (): off). Same cost, so budgets hold.
         on_progress: called as on_progress(done, total, what) after each measurement.
     Raises:
         BudgetError (a PlanError): a malformed or unreachable budget; CalibrationError: empty
@@ -124,6 +128,7 @@ def tune(
     start = time.perf_counter()
     budget, names = _checked_arguments(budget, max_stages, max_places, policies)
     modes = checked_modes(recycle)
+    weights = checked_weights(spatial)
     if vision_flops_ratio is not None:
         if isinstance(vision_flops_ratio, bool) or not isinstance(vision_flops_ratio, int | float) \
                 or not 0.0 < vision_flops_ratio <= 1.0:
@@ -158,13 +163,14 @@ def tune(
                                  vision_places(model) if vision_flops_ratio is not None else [])
     screened = [p for p in S.screen_places(places) if len(valid[p]) > 1]
     run.total = sum(len(valid[p]) for p in screened) + len(places) * len(S.PROFILE_RATIOS) \
-        + shortlist * (1 + 2 * len(modes)) + 6
+        + shortlist * (1 + 2 * len(modes)) * (1 + len(weights)) + 6
     choice, profile = screen(run, places, screened, valid)
     profile_places(run, places, choice, profile)
     candidates = shortlist_schedules(run, profile, choice, places, max_stages, shortlist)
     if presets:  # verified right after the search's best, before its runners-up
         candidates = add_presets(run, candidates, profile, n_layers, rope)
     candidates = with_recycling(model, candidates, modes)
+    candidates = with_spatial(candidates, weights)
     _, best_plan = verify(run, candidates)
     report.vision_costs = cost.vision.summary() if cost.vision is not None else {}
     report.time_s = round(time.perf_counter() - start, 2)
