@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from pruneware.errors import PlanError
+from pruneware.kernels.loco import loco_distances as kernel_distances
 from pruneware.policies.base import Policy, StageInput, register_policy, split_budget
 from pruneware.policies.needs import Needs
 
@@ -58,25 +58,11 @@ def loco_distances(grids: torch.Tensor, method: str = "exact", threshold: float 
     the top-left unit), for n (h, w, D) unit grids at once ([n, h, w, D]); None for the methods that
     compare with the reconstructed grid (see the module docstring: a unit-by-unit loop).
 
-    Every comparison is a distance between two adjacent units, so two batched differences (with
-    the left and the upper neighbour) give them all: C-A is the upper pair one column left, C-B the
-    left pair one row up."""
+    One kernel call (`pruneware.kernels.loco`: a Triton launch on CUDA, numpy on the CPU, the
+    plain-torch rule beside them)."""
     if not (method == "exact" or (method == "max" and threshold == 0)):
         return None
-    n, h, w, _ = grids.shape
-    inf = float("inf")
-    left = unit_distance(grids[:, :, 1:], grids[:, :, :-1], method) if w > 1 else None  # [n, h, w - 1]: X to A
-    up = unit_distance(grids[:, 1:], grids[:, :-1], method) if h > 1 else None  # [n, h - 1, w]: X to B
-    if left is None and up is None:
-        return torch.full((n, h, w), inf, device=grids.device)
-    if up is None:
-        return F.pad(left, (1, 0), value=inf)
-    if left is None:
-        return F.pad(up, (0, 0, 1, 0), value=inf)
-    use_b = (up[:, :, :-1] <= 0.0) & ~(left[:, :-1] <= 0.0)  # C matches A but not B: a vertical edge
-    inner = torch.where(use_b, up[:, :, 1:], left[:, 1:])  # [n, h - 1, w - 1]
-    body = torch.cat([up[:, :, :1], inner], dim=2)  # rows 1..h-1; the first column predicts from above
-    return torch.cat([F.pad(left[:, :1], (1, 0), value=inf), body], dim=1)  # the first row from the left
+    return kernel_distances(grids)
 
 
 def _anchored(g: torch.Tensor, method: str, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
