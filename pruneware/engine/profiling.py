@@ -53,7 +53,7 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep  # pruneware's
 POLICY_DIRS = tuple(
     os.path.join(PACKAGE_DIR, *part.split("/")) + os.sep
     for part in ("policies", "kernels/scores", "kernels/divprune", "kernels/dart", "kernels/preview",
-                 "kernels/text_prior", "kernels/sparsevlm", "kernels/visionzip", "kernels/cdpruner")
+                 "kernels/text_prior", "kernels/sparsevlm", "kernels/visionzip", "kernels/cdpruner", "kernels/loco")
 )
 POLICY_FUNCTIONS = ("attention_policy_scores",)  # engine/stage_inputs.py: a policy's attention scores from q, k
 
