@@ -53,6 +53,10 @@ def tune(
     recycle: str = typer.Option(
         "nearest", "--recycle",
         help="Recycling modes also verified on each searched schedule, ','-separated: nearest, context; none: off."),
+    spatial: str = typer.Option(
+        "none", "--spatial",
+        help="Grid-term weights w (DivPrune spatial=w) also verified on each searched schedule that starts with "
+             "divprune@pre, ','-separated (e.g. 0.25,0.5); none: off."),
     download: bool = typer.Option(False),
     json_out: bool = typer.Option(False, "--json", help="stdout is one JSON object; its `plan` plugs into `eval --plans`."),
 ) -> None:
@@ -61,6 +65,7 @@ def tune(
     from pruneware.policies import get_policy
     from pruneware.tuning import Budget, tune as run_tune
     from pruneware.tuning.recycling import checked_modes
+    from pruneware.tuning.spatial import checked_weights
 
     budget = Budget.of(_budget(avg_tokens, flops_ratio, latency_ms))  # checks the range
     if calib < 1:
@@ -79,6 +84,7 @@ def tune(
         raise UserError(f"unknown benchmark {bench!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
     names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
     checked_modes(recycle)  # an unknown mode fails here, listing the valid ones
+    checked_weights(spatial)  # so does a bad grid-term weight
     for policy in names or ():
         get_policy(policy)  # an unknown name fails here, listing the valid ones
     items = _calibration(bench.lower(), data, calib, seed)  # a bad dataset fails before the model loads
@@ -95,6 +101,7 @@ def tune(
         result = run_tune(vlm, processor, items, budget, bench=bench.lower(), seed=seed, policies=names,
                           max_stages=max_stages, max_places=max_places, accuracy_weight=accuracy_weight,
                           time_budget_s=time_budget, vision_flops_ratio=vision_flops_ratio, recycle=recycle,
+                          spatial=spatial,
                           on_progress=on_progress)
     report = result.report
     payload = {"model": name, "plan": str(result.plan), "budget": str(budget), "bench": bench,
