@@ -64,3 +64,12 @@ def test_tune_verifies_spatial_variants_and_chooses_by_measurement():
     assert gridded and all(c["origin"].endswith("+ spatial=0.5 (pre stage)") for c in gridded)
     assert all(c["predicted_cost"] <= 64 for c in verified)
     assert result.report.chosen["loss"] == min(c["loss"] for c in verified)
+
+
+def test_cli_refuses_a_bad_spatial_weight():
+    from typer.testing import CliRunner
+
+    from pruneware.cli import app
+
+    result = CliRunner().invoke(app, ["tune", "--avg-tokens", "64", "--spatial", "-0.5"])
+    assert result.exit_code == 2 and "valid are finite numbers > 0" in result.output
