@@ -221,7 +221,9 @@ def reads_to_positions(
             "pruneware session, one image per unit (images, not video)"
         )
     scores = _in_call_order([r.scores for r in reads if r.scores is not None], image_ids.device, keys=False)
-    keys = _in_call_order([r.keys for r in reads if r.keys is not None], image_ids.device, keys=True) if want_keys else None
+    keys = None
+    if want_keys:
+        keys = _in_call_order([r.keys for r in reads if r.keys is not None], image_ids.device, keys=True)
     resized = [g for r in reads for g in (r.grids or [None] * r.n_images)]
     tokens = sum(h * w for sample in grids for h, w in sample)
     if scores is not None and scores.numel() != tokens:
@@ -242,7 +244,9 @@ def reads_to_positions(
     return score_map, key_map, out_grids if any(g is not None for g in resized) else None
 
 
-def _in_call_order(parts: list[list[torch.Tensor] | torch.Tensor], device: torch.device, keys: bool) -> torch.Tensor | None:
+def _in_call_order(
+    parts: list[list[torch.Tensor] | torch.Tensor], device: torch.device, keys: bool,
+) -> torch.Tensor | None:
     """The reads of several calls (per image [n] or [n, d] for keys, or one tensor per call, see
     `VisionRead`) as one tensor whose elements (rows of d for keys) run through the images in call
     order; None when there is none. One call read as one tensor costs no op."""
@@ -253,5 +257,9 @@ def _in_call_order(parts: list[list[torch.Tensor] | torch.Tensor], device: torch
         out = pieces[0]
     else:
         rank = 2 if keys else 1
-        out = torch.cat([p if p.dim() == rank else p.reshape(-1, *p.shape[-1:]) if keys else p.reshape(-1) for p in pieces])
+
+        def flat(p: torch.Tensor) -> torch.Tensor:  # one call's [n_images, n(, d)] -> [n_images * n(, d)]
+            return p if p.dim() == rank else p.reshape(-1, p.shape[-1]) if keys else p.reshape(-1)
+
+        out = torch.cat([flat(p) for p in pieces])
     return out if out.device == device else out.to(device)

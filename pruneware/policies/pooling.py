@@ -55,22 +55,23 @@ def cross_attend(queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return (weights @ tokens.float()).to(queries.dtype)
 
 
-def uniform_grid(inputs: StageInput, counts: list[int], grids: list[list[tuple[int, int]]] | None = None) -> tuple[int, int, int] | None:
+def uniform_grid(inputs: StageInput, counts: list[int]) -> tuple[int, int, int] | None:
     """(h, w, budget) when every sample holds one image that fills its N visual rows, every image
     has the grid (h, w) and every sample the same budget (known on the host, no sync): the
-    images can then be merged as one batch, row b being sample b's image. grids: the per-sample
-    grids to compare (default `inputs.grids`). None otherwise."""
+    images can then be merged as one batch, row b being sample b's image. None otherwise."""
     n = inputs.hidden.shape[1]
     if not n or inputs.sizes is None or len(set(counts)) != 1 or any(s != [n] for s in inputs.sizes):
         return None
-    shapes = {tuple(g[0]) if len(g) == 1 else None for g in (grids if grids is not None else inputs.grids)}
+    shapes = {tuple(g[0]) if len(g) == 1 else None for g in inputs.grids}
     if len(shapes) != 1 or None in shapes:
         return None
     h, w = shapes.pop()  # type: ignore[misc]
     return (h, w, split_budget([n], counts[0])[0]) if h * w == n else None
 
 
-def batch_firsts(batch: int, h: int, w: int, ph: int, pw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_firsts(
+    batch: int, h: int, w: int, ph: int, pw: int, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([ph*pw], the same expanded to [B, ph*pw]) long: the row-major index into an (h, w) grid
     of each (ph, pw) bin's first token. Made once per shape, device and inference mode (no op
     per forward: a memo of constants, as the engine's identity tensors); shared, never written."""
