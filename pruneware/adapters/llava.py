@@ -97,8 +97,8 @@ class LlavaAdapter(Adapter):
 
     def vision_call_scores(self, query, key, scale, kwargs):
         # query, key: [n_images, H, 1 + h*w, d]; token 0 is [CLS].
-        patches = key[:, :, 1:]
-        return cls_attention(query, key, scale), (patches if patches.dtype == torch.float32 else patches.float()).mean(dim=1)
+        patches = key[:, :, 1:] if key.dtype == torch.float32 else key[:, :, 1:].float()
+        return cls_attention(query, key, scale), patches.mean(dim=1)
 
     def vision_image_scores(self, parts, grid):
         # Every image has the grid's h*w tokens: [n_images, h*w] and [n_images, h*w, d], in call order.
