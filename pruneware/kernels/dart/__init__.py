@@ -1,9 +1,12 @@
-"""DART's duplication-aware selection: ``duplication_aware``.
+"""DART's duplication-aware selection (``select``, ``duplication_aware``) and its pivot scores
+(``key_norms`` of keys that ``rotate_back`` first rotates to the positions a padded sample has alone).
 
-Three paths, one result, bit for bit (they share the pivots and the similarity matrix,
-``reference.prepare``, and differ only in the greedy loop):
-  - ``triton.py``: the loop in one launch, for CUDA tensors;
-  - ``cpu.py``: the loop in numpy, for CPU tensors (a torch call per step costs more than the step);
+Three paths; the selection is one result bit for bit (they share the pivots and the similarity
+matrix, ``reference.prepare``, and differ only in the greedy loop), and so are the CPU path's
+rotation and norms (the reference's float32 operations, in its order and memory layout):
+  - ``triton.py``: the loop, the rotation and the norms in one launch each, for CUDA tensors
+    (their rotation and norms round in float32, within per-dtype tolerances of the reference);
+  - ``cpu.py``: numpy, for CPU tensors (a torch call per step costs more than the step);
   - ``reference.py``: the rule in plain torch, the truth the others are tested against.
 ``PRUNEWARE_KERNELS=reference`` forces the reference and ``=triton`` the kernel (see
 :mod:`pruneware.kernels.dispatch`). The Triton module is imported only when used.
@@ -15,7 +18,52 @@ import torch
 
 from ..dispatch import choose_backend, forced_backend
 
-__all__ = ["duplication_aware", "select"]
+__all__ = ["duplication_aware", "key_norms", "rotate_back", "select"]
+
+
+def _backend(*tensors: torch.Tensor) -> str:
+    if choose_backend(*tensors) == "triton":
+        return "triton"
+    return "cpu" if tensors[0].device.type == "cpu" and forced_backend() != "reference" else "reference"
+
+
+def rotate_back(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Each sample's post-RoPE keys rotated back by a shift of its positions (DART reads key norms
+    as a sample alone has them: ``pruneware.engine.key_positions``).
+
+    Args:
+        key: ``[B, H, L, d]`` float post-RoPE keys.
+        cos, sin: ``[B, 2, d]`` the model's RoPE tables (attention scaling included) at each
+            sample's shift (row 0) and at position 0 (row 1: the scaling alone).
+
+    Returns:
+        ``[B, H, L, d]`` in key's dtype: ``k * c - rotate_half(k) * s``, c and s the row-0 tables
+        over the scaling (transformers' rotation by minus the shift).
+
+    Raises:
+        ValueError: a shape that does not fit, naming the value.
+    """
+    backend = _backend(key, cos, sin)
+    if backend == "triton":
+        from .triton import rotate_back as impl
+    elif backend == "cpu":
+        from .cpu import rotate_back as impl
+    else:
+        from .reference import rotate_back as impl
+    return impl(key, cos, sin)
+
+
+def key_norms(key: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` float32: the L1 norm of each key ``[B, H, L, d]`` over every head and channel
+    (DART's pivot score), summed in float32. Raises ValueError for a shape that does not fit."""
+    backend = _backend(key)
+    if backend == "triton":
+        from .triton import key_norms as impl
+    elif backend == "cpu":
+        from .cpu import key_norms as impl
+    else:
+        from .reference import key_norms as impl
+    return impl(key)
 
 
 def select(

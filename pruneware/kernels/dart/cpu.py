@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..host import as_numpy, as_tensor
-from .reference import prepare, shares, text_pivots, validate_inputs, validate_text
+from . import reference
+from .reference import prepare, shares, text_pivots, validate_inputs, validate_keys, validate_text
 
 
 def top_rows(scores: np.ndarray, count: int) -> np.ndarray:
@@ -99,3 +100,28 @@ def duplication_aware(
             kept.append(picked)
         out[b] = np.sort(np.concatenate(kept))
     return as_tensor(out)
+
+
+def rotate_back(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``reference.rotate_back`` in numpy (float32 keys and tables; others take the reference):
+    the same elementwise float32 operations in the same order, so the same numbers, and no torch op."""
+    validate_keys(key, cos, sin)
+    if key.device.type != "cpu" or not key.dtype == cos.dtype == sin.dtype == torch.float32:
+        return reference.rotate_back(key, cos, sin)
+    k, cos_np, sin_np = as_numpy(key), as_numpy(cos), as_numpy(sin)
+    scale = cos_np[:, 1:]  # [B, 1, d]
+    c, s = (cos_np[:, :1] / scale)[:, None], (sin_np[:, :1] / scale)[:, None]  # [B, 1, 1, d]
+    half = k.shape[-1] // 2
+    rotated = np.concatenate([-k[..., half:], k[..., :half]], axis=-1)
+    out = np.empty_like(k)  # key's memory layout, as torch gives the reference's result
+    return torch.from_dlpack(np.subtract(k * c, rotated * s, out=out))
+
+
+def key_norms(key: torch.Tensor) -> torch.Tensor:
+    """``reference.key_norms``: the absolute values in numpy, in key's memory layout (as torch
+    lays out the reference's), summed by torch: one op, the reference's reduction, the same
+    numbers. Float32 CPU keys; others take the reference."""
+    validate_keys(key)
+    if key.device.type != "cpu" or key.dtype != torch.float32:
+        return reference.key_norms(key)
+    return torch.from_dlpack(np.abs(as_numpy(key))).sum(dim=(1, 3))  # strides kept: the same summation order

@@ -135,3 +135,37 @@ def duplication_aware(
             kept.append(picked)
         out.append(torch.cat(kept).sort().values)
     return torch.stack(out)
+
+
+# Key norms: DART's pivots ----------------------------------------------------------------
+def validate_keys(key: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> None:
+    """Raise ValueError for keys or RoPE tables `rotate_back` / `key_norms` cannot take, naming the bad value."""
+    if key.dim() != 4 or not key.is_floating_point():
+        raise ValueError(f"key must be a float [B, H, L, d] tensor, got {key.dtype} {tuple(key.shape)}")
+    if key.shape[-1] % 2:
+        raise ValueError(f"key's head size must be even (RoPE rotates pairs of channels), got {key.shape[-1]}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table is not None and tuple(table.shape) != (key.shape[0], 2, key.shape[-1]):
+            raise ValueError(f"{name} must be [B, 2, d] = {(key.shape[0], 2, key.shape[-1])}, got {tuple(table.shape)}")
+
+
+def rotate_back(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Each sample's post-RoPE keys rotated back by a shift of its positions (`engine/key_positions.py`).
+
+    key: [B, H, L, d]; cos, sin: [B, 2, d] the model's RoPE tables (its attention scaling
+    included) at each sample's shift (row 0) and at position 0 (row 1, whose cos is the scaling
+    alone). Returns [B, H, L, d] in key's dtype: transformers' rotation by minus the shift,
+    k * c - rotate_half(k) * s, with c, s the row-0 tables over the scaling, narrowed to key's dtype.
+    """
+    validate_keys(key, cos, sin)
+    scale = cos[:, 1:]  # [B, 1, d]
+    c, s = (cos[:, :1] / scale)[:, None].to(key.dtype), (sin[:, :1] / scale)[:, None].to(key.dtype)  # [B, 1, 1, d]
+    half = key.shape[-1] // 2
+    rotated = torch.cat([-key[..., half:], key[..., :half]], dim=-1)  # transformers' rotate_half
+    return key * c - rotated * s
+
+
+def key_norms(key: torch.Tensor) -> torch.Tensor:
+    """[B, L] float32: each key's L1 norm over every head and channel (DART's pivot score). key: [B, H, L, d]."""
+    validate_keys(key)
+    return key.float().abs().sum(dim=(1, 3))

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import prepare, text_pivots, validate_inputs, validate_text
+from .reference import prepare, text_pivots, validate_inputs, validate_keys, validate_text
 
 MAX_N = 32768  # a similarity row lives in registers; wider rows would spill badly
 
@@ -64,7 +64,95 @@ def _dart_kernel(
         key_norms = tl.where(cols == pick, float("-inf"), key_norms)
 
 
+@triton.jit
+def _rotate_back_kernel(
+    key_ptr, cos_ptr, sin_ptr, out_ptr, H, L, D, HALF, k_b, k_h, k_l, o_b, o_h, o_l, t_b, t_r,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (sample, head, block of positions): k * c - rotate_half(k) * s."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    partner = tl.where(cols < HALF, cols + HALF, cols - HALF)  # rotate_half's source channel
+    sign = tl.where(cols < HALF, -1.0, 1.0)
+    scale = tl.load(cos_ptr + b * t_b + t_r + cols, mask=col_ok, other=1.0).to(tl.float32)
+    c = tl.load(cos_ptr + b * t_b + cols, mask=col_ok, other=0.0).to(tl.float32) / scale
+    s = tl.load(sin_ptr + b * t_b + cols, mask=col_ok, other=0.0).to(tl.float32) / scale
+    mask = (rows[:, None] < L) & col_ok[None, :]
+    base = key_ptr + b * k_b + h * k_h + rows[:, None] * k_l
+    k = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rotated = sign[None, :] * tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = k * c[None, :] - rotated * s[None, :]
+    tl.store(out_ptr + b * o_b + h * o_h + rows[:, None] * o_l + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _key_norms_kernel(key_ptr, out_ptr, H, L, D, k_b, k_h, k_l, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (sample, block of positions): the L1 norm over every head and channel."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < L) & (cols[None, :] < D)
+    total = tl.zeros((BLOCK_L,), tl.float32)
+    for h in range(0, H):
+        k = tl.load(key_ptr + b * k_b + h * k_h + rows[:, None] * k_l + cols[None, :], mask=mask, other=0.0)
+        total += tl.sum(tl.abs(k.to(tl.float32)), axis=1)
+    tl.store(out_ptr + b * L + rows, total, mask=rows < L)
+
+
 _INTERPRETED = not isinstance(_dart_kernel, triton.runtime.JITFunction)
+
+
+def _check_device(name: str, x: torch.Tensor) -> None:
+    if not x.is_cuda and not _INTERPRETED:
+        raise ValueError(
+            f"{name}: the Triton backend needs CUDA tensors, got {x.device}; "
+            "use PRUNEWARE_KERNELS=reference or set TRITON_INTERPRET=1 before triton is imported"
+        )
+
+
+def _row_strides(key: torch.Tensor) -> torch.Tensor:
+    """key itself when its channels are contiguous (the kernels index rows by stride), else a copy."""
+    return key if key.stride(-1) == 1 else key.contiguous()
+
+
+def rotate_back(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``reference.rotate_back`` in one launch (float32 arithmetic, rounded once to key's dtype)."""
+    validate_keys(key, cos, sin)
+    _check_device("rotate_back", key)
+    key = _row_strides(key)
+    b, h, length, d = key.shape
+    out = torch.empty_like(key)  # key's layout, as the reference's
+    if out.numel() == 0:
+        return out
+    cos, sin = cos.contiguous(), sin.contiguous()
+    block_l = 32
+    _rotate_back_kernel[(b * h, triton.cdiv(length, block_l))](
+        key, cos, sin, out, h, length, d, d // 2, key.stride(0), key.stride(1), key.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), cos.stride(0), cos.stride(1),
+        BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out
+
+
+def key_norms(key: torch.Tensor) -> torch.Tensor:
+    """``reference.key_norms`` in one launch (float32 sums, in the kernel's order)."""
+    validate_keys(key)
+    _check_device("key_norms", key)
+    key = _row_strides(key)
+    b, h, length, d = key.shape
+    out = torch.empty(b, length, dtype=torch.float32, device=key.device)
+    if out.numel() == 0:
+        return out
+    block_l = 32
+    _key_norms_kernel[(b, triton.cdiv(length, block_l))](
+        key, out, h, length, d, key.stride(0), key.stride(1), key.stride(2),
+        BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out
 
 
 def duplication_aware(
