@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pruneware.engine.levels import Level
+from pruneware.kernels.dart import rotate_back
 
 if TYPE_CHECKING:
     from pruneware.engine.request import RequestState
@@ -70,13 +71,11 @@ def keys_as_alone(
     key: torch.Tensor, shift: torch.Tensor | None, rotary: Callable[[torch.Tensor, torch.Tensor], tuple],
 ) -> torch.Tensor:
     """key: [B, Hkv, Ls, d] post-RoPE; shift: [B] positions to rotate back (None: none).
-    rotary(like, positions [B, 1]) -> (cos, sin) [B, 1, d]: the model's RoPE tables."""
+    rotary(like, positions [B, 2]) -> (cos, sin) [B, 2, d]: the model's RoPE tables, taken in one
+    call at each shift and at 0 (whose cos is a RoPE's attention scaling, 1 for most); the
+    rotation is one kernel call (`kernels.dart.rotate_back`: transformers' rotation by -shift)."""
     if shift is None:
         return key
-    like = key.new_zeros(1, dtype=torch.float32)
-    cos, sin = rotary(like, shift[:, None])
-    scale, _ = rotary(like, torch.zeros_like(shift)[:, None])  # a RoPE's attention scaling (1 for most)
-    cos, sin = (cos / scale)[:, None].to(key.dtype), (sin / scale)[:, None].to(key.dtype)  # [B, 1, 1, d]
-    half = key.shape[-1] // 2
-    rotated = torch.cat([-key[..., half:], key[..., :half]], dim=-1)  # transformers' rotate_half
-    return key * cos - rotated * sin
+    positions = torch.stack([shift, torch.zeros_like(shift)], dim=1)  # [B, 2]
+    cos, sin = rotary(key.new_zeros(1, dtype=torch.float32), positions)
+    return rotate_back(key, cos, sin)
