@@ -25,6 +25,7 @@ from pruneware.engine.levels import Level, identity_tensors
 from pruneware.engine.key_positions import first_real_shift, keys_as_alone
 from pruneware.engine.vision_tower_reads import reads_to_positions
 from pruneware.errors import PlanError
+from pruneware.kernels.dart import key_norms
 from pruneware.kernels.gather import gather_rows
 from pruneware.kernels.scores import attention_scores
 from pruneware.plans.plan import Stage
@@ -106,7 +107,7 @@ def attention_policy_scores(
     needs = policy.needs
     with no_grad():  # scores only: never part of a graph
         if needs.captures == "key-norm":
-            return key.float().abs().sum(dim=(1, 3))  # [B, Ls]: L1 norm over every key head
+            return key_norms(key)  # [B, Ls]: L1 norm over every key head (one kernel call)
         row_valid = rows.valid
         if rater_slots is not None:
             if rows.run is not None:
