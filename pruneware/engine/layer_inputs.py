@@ -32,6 +32,7 @@ def memoised_level_kwargs(
             level, kwargs, kind=kind, compact=level.stage.positions == "compact", rotary=rotary,
             decoding=decode.active, level0_length=state.levels[0].length, past0=decode.past0,
             q_length=decode.q_length, static_len=state.static_len,
+            default_positions=state.prefill.lm_positions[0] is None,
         )
     return level.cache[key]  # type: ignore[return-value]
 
@@ -39,6 +40,7 @@ def memoised_level_kwargs(
 def level_kwargs(
     level: Level, kwargs: dict[str, Any], *, kind: masks.MaskKind, compact: bool, rotary: Callable,
     decoding: bool, level0_length: int, past0: int, q_length: int, static_len: int | None = None,
+    default_positions: bool = False,
 ) -> dict[str, Any]:
     """The kwargs to replace at a layer of `level`.
 
@@ -47,6 +49,8 @@ def level_kwargs(
     before the step and q_length the step's new tokens. rotary(like, positions) -> (cos, sin):
     the adapter's RoPE tables (`Adapter.rope_tables`), for `compact` positions. static_len: a static cache's
     `max_cache_len` (every layer then attends over that many key slots), None for a dynamic one.
+    default_positions: the language model numbered its prefill input itself (0..L0-1, no position
+    ids given), so a level's kept position ids are its `index0` (no gather).
     """
     cos, sin = kwargs["position_embeddings"]
     out: dict[str, Any] = {}
@@ -81,7 +85,10 @@ def level_kwargs(
         if rows is not None and rows[0][0] is cos and rows[0][1] is sin and rows[1] is pos:  # type: ignore[index]
             gathered = (*rows[2], rows[3])  # type: ignore[index]
         else:
-            gathered = gather_rows(index0, cos, sin, positions=pos)  # one fused launch on CUDA
+            if default_positions and pos is not None and pos.dim() == 2:  # 0..L0-1: the kept ones are index0
+                gathered = (*gather_rows(index0, cos, sin), index0)
+            else:
+                gathered = gather_rows(index0, cos, sin, positions=pos)  # one fused launch on CUDA
             level.cache["rope_rows"] = ((cos, sin), pos, gathered[:2], gathered[2] if pos is not None else None)
         out["position_embeddings"] = gathered[:2]
         if pos is not None:

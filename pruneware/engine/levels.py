@@ -13,6 +13,7 @@ from functools import cached_property, lru_cache
 
 import torch
 
+from pruneware.engine.run_tables import run_cut, run_order, run_starts
 from pruneware.plans.plan import Stage
 
 
@@ -44,6 +45,11 @@ class Level:
             0..L-1), so gathering index0 or orig by an index gives the index.
         one_unit: every sample has at most one image (its visual slots all hold image id 0),
             known on the host: the visual-first order is then one sort of `image_ids`.
+        visual_starts: per sample b, the first of its visual slots when they are one run
+            start_b..start_b+n_visual[b]-1 (no padding slots), known on the host: a left-padded
+            batch's samples each have one run, at different slots. Then the visual-first order,
+            the slots a stage reads and the next level's index are made from host-built tables
+            (`run_tables.py`): no sort.
     """
 
     index_prev: torch.Tensor
@@ -62,6 +68,7 @@ class Level:
     is_root: bool = False
     visual_perm: torch.Tensor | None = field(default=None, repr=False)  # see `_uniform_level`
     one_unit: bool = False
+    visual_starts: tuple[int, ...] | None = None
 
     @property
     def length(self) -> int:
@@ -75,6 +82,8 @@ class Level:
     @cached_property
     def visual_first(self) -> torch.Tensor:
         """[B, Ls] long: slot indices with the visual slots first, in slot order (computed once)."""
+        if self.visual_starts is not None:  # host-built: no op
+            return run_order(self.visual_starts, tuple(self.n_visual), self.length, self.index_prev.device)
         if self.visual_perm is not None:
             return self.visual_perm.argsort(dim=1)
         if self.one_unit:  # ids are 0 (visual) or -1: a descending stable sort puts the 0s first, in slot order
@@ -110,17 +119,21 @@ def identity_tensors(batch: int, length: int, device: torch.device) -> tuple[tor
 
 def root_level(
     image_ids: torch.Tensor, n_visual: list[int], image_sizes: list[list[int]] | None = None,
-    visual_span: tuple[int, int] | None = None,
+    visual_span: tuple[int, int] | None = None, spans: list[tuple[int, int] | None] | None = None,
 ) -> Level:
     """The unpruned sequence: image_ids [B, L] as given by the adapter, n_visual its visual tokens
-    per sample; host-side when known, image_sizes the tokens of each of its images and
-    visual_span the one run of visual positions every sample shares (see `VisualLayout.visual_span`)."""
+    per sample; host-side when known, image_sizes the tokens of each of its images,
+    visual_span the one run of visual positions every sample shares (see `VisualLayout.visual_span`)
+    and spans each sample's own run (`VisualLayout.spans`)."""
     b, length = image_ids.shape
     arange, ones = identity_tensors(b, length, image_ids.device)
     one_unit = image_sizes is not None and all(len(sizes) <= 1 for sizes in image_sizes)
+    starts = None
+    if spans and all(span is not None and span[1] == n > 0 for span, n in zip(spans, n_visual, strict=True)):
+        starts = tuple(span[0] for span in spans)  # type: ignore[index]
     return Level(arange, arange, arange, ones, image_ids, identity=True, same_as_prev=True,
                  n_slots=[length] * b, n_visual=list(n_visual), image_sizes=image_sizes, visual_span=visual_span,
-                 is_root=True, one_unit=one_unit)
+                 is_root=True, one_unit=one_unit, visual_starts=starts)
 
 
 def next_level(
@@ -148,7 +161,7 @@ def next_level(
             parent.index0, parent.orig, parent.valid, parent.image_ids,
             identity=parent.identity, same_as_prev=True, n_slots=n_slots, n_visual=kept,
             image_sizes=parent.image_sizes, visual_span=parent.visual_span, is_root=parent.is_root,
-            one_unit=parent.one_unit,
+            one_unit=parent.one_unit, visual_starts=parent.visual_starts,
         )
     chosen = None
     if max(kept, default=0) and min(kept) == max(kept):  # as many per sample (batch 1): no padding
@@ -194,17 +207,27 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int], visu
     later stage asks for it). When the visual slots are one known run (`visual_span`), the
     union is already in order: the text slots before the run, the chosen ones, the text after;
     those text runs, and the image ids when every sample has one image, depend on the shapes
-    only and are made once (`_span_parts`). visual_slots: see `next_level`.
+    only and are made once (`_span_parts`); when each sample has its own run (`visual_starts`),
+    the cut is one scatter of the kept slots into a host-built table (`run_tables.run_cut`).
+    visual_slots: see `next_level`.
     """
     batch, k = chosen.shape
-    span = image_ids = None
+    span = image_ids = starts = None
     if parent.visual_span is not None:
         start, n = parent.visual_span
         before, after, one_image = _span_parts(batch, parent.length, start, n, k, chosen.device,
                                                torch.is_inference_mode_enabled())
         index = torch.cat([before, chosen + start if visual_slots is None else visual_slots, after], dim=1)
-        perm, span = None, (start, k)
+        perm, span, starts = None, (start, k), parent.visual_starts
         image_ids = one_image if parent.one_unit and parent.image_ids.dtype == torch.long else None
+    elif parent.visual_starts is not None:  # one run per sample, at its own slot: the same cut, from host tables
+        starts = parent.visual_starts
+        cut = run_cut(starts, parent.length, parent.n_visual[0], k, chosen.device)
+        if visual_slots is None:
+            visual_slots = chosen + run_starts(starts, chosen.device)
+        index = cut.text.scatter(1, cut.columns, visual_slots)  # [B, Ls]: text slots, the run's overwritten
+        perm = None
+        image_ids = cut.image_ids if parent.one_unit and parent.image_ids.dtype == torch.long else None
     else:
         order = parent.visual_first  # [B, L]: the n visual slots, then the text slots
         if visual_slots is None:
@@ -218,7 +241,7 @@ def _uniform_level(parent: Level, chosen: torch.Tensor, n_slots: list[int], visu
         identity_tensors(batch, index.shape[1], index.device)[1],
         parent.image_ids.gather(1, index) if image_ids is None else image_ids,
         n_slots=n_slots, n_visual=[k] * batch, image_sizes=_one_unit_sizes(parent, [k] * batch), visual_span=span,
-        visual_perm=perm, one_unit=parent.one_unit,
+        visual_perm=perm, one_unit=parent.one_unit, visual_starts=starts,
     )
 
 
@@ -263,4 +286,4 @@ def as_root(level: Level) -> Level:
     arange = identity_tensors(b, length, level.index_prev.device)[0]
     return Level(level.index_prev, arange, level.orig, level.valid, level.image_ids, True, level.same_as_prev,
                  n_slots=level.n_slots, n_visual=level.n_visual, image_sizes=level.image_sizes,
-                 visual_span=level.visual_span, one_unit=level.one_unit)
+                 visual_span=level.visual_span, one_unit=level.one_unit, visual_starts=level.visual_starts)

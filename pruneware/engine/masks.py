@@ -11,6 +11,7 @@ attends only to itself so that no row is empty (an empty softmax row gives NaN).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -78,7 +79,7 @@ def slice_prefill_mask(
         return mask
     if mask.dim() == 2:
         return _gather_last(mask, index0) * valid.to(mask.dtype)
-    mask = _gather_last(_rows(mask, index0), index0)
+    mask = _rows_and_columns(mask, index0, index0)
     return _fix_invalid(mask, valid, ~valid if has_invalid else None) if has_invalid else mask
 
 
@@ -96,10 +97,21 @@ def level_columns(
     return torch.cat([index0, tail], dim=1), torch.cat([valid, tail < kv_length], dim=1)
 
 
-def _rows(mask: torch.Tensor, index0: torch.Tensor) -> torch.Tensor:
-    """mask [B|1, 1, Q, K] -> [B, 1, Ls, K], the rows of index0 [B, Ls] (one broadcasting
-    `take_along_dim`, as in `_gather_last`)."""
-    return torch.take_along_dim(mask, index0.view(index0.shape[0], 1, -1, 1), dim=2)
+@lru_cache(maxsize=32)
+def _head_and_samples(batch: int, device: torch.device, inference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """([1, 1, 1, 1] zero, [B, 1, 1, 1] 0..B-1) long: the head and sample indices of a 4-D mask's
+    advanced index (made once per size, device and inference mode, never written)."""
+    samples = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    return samples[:1] * 0, samples
+
+
+def _rows_and_columns(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """mask [B|1, 1, Q, K] -> [B, 1, Ls, n]: rows [B, Ls] and columns [B, n] of each sample, in
+    one advanced index (two `take_along_dim`s would be twice the ops and the memory traffic)."""
+    b = rows.shape[0]
+    head, samples = _head_and_samples(b, rows.device, torch.is_inference_mode_enabled())
+    sample = samples if mask.shape[0] == b else head  # a batch-1 mask serves every sample
+    return mask[sample, head, rows.view(b, 1, -1, 1), cols.view(b, 1, 1, -1)]
 
 
 def slice_static_prefill_mask(
@@ -127,7 +139,7 @@ def slice_static_prefill_mask(
     cols = cols.clamp(max=mask.shape[-1] - 1)
     if mask.dim() == 2:
         return _gather_last(mask, cols) * valid_cols.to(mask.dtype)
-    return _fix_invalid(_gather_last(_rows(mask, index0), cols), valid_cols, invalid_rows)
+    return _fix_invalid(_rows_and_columns(mask, index0, cols), valid_cols, invalid_rows)
 
 
 def slice_decode_mask(

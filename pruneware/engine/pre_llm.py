@@ -170,7 +170,7 @@ def prefill_inputs(
     prefill.injections = adapter.take_injections(kwargs)
     layout = prefill.layout
     image_ids = layout.image_ids if layout.image_ids.device == embeds.device else layout.image_ids.to(embeds.device)
-    root = root_level(image_ids, prefill.n_visual, layout.sizes, layout.visual_span)
+    root = root_level(image_ids, prefill.n_visual, layout.sizes, layout.visual_span, layout.spans)
     pre = state.plan.stages[0] if state.plan.stages and state.plan.stages[0].where == "pre" else None
     full = None  # a 4-D mask generate() prebuilt for a static cache
     if mask is not None and mask.dim() == 4 and state.static_len is not None:
@@ -197,7 +197,7 @@ def prefill_inputs(
     else:
         hidden = embeds if base is root else gather_rows(base.index_prev, embeds)[0]
         selection = run_pre(pre, base, hidden)
-        level = next_level(base, selection.keep)
+        level = next_level(base, selection.keep, selection.visual_slots)  # slots made by the stage: not twice
         if base is not root:  # index the input sequence itself, as prune_inputs expects
             level = replace(level, index_prev=level.orig)
     pruned = prune_inputs(adapter, pre, level, selection, embeds, mask, positions, prefill.position_inputs)

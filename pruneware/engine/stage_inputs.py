@@ -23,6 +23,7 @@ import torch
 
 from pruneware.engine.levels import Level, identity_tensors
 from pruneware.engine.key_positions import first_real_shift, keys_as_alone
+from pruneware.engine.run_tables import post_image_rows, run_slots, slot_run
 from pruneware.engine.vision_tower_reads import reads_to_positions
 from pruneware.errors import PlanError
 from pruneware.kernels.dart import key_norms
@@ -85,9 +86,18 @@ def query_layout(
     batch, length = level.index0.shape
     if query == "last" or (query == "post-image" and level.visual_span is not None and level.all_valid):
         first = length - 1 if query == "last" else sum(level.visual_span)  # type: ignore[arg-type]
-        slots = identity_tensors(batch, length, device)[0][:, first:] if query != "last" or block else None
+        slots = slot_run(batch, first, length, device) if query != "last" or block else None
         valid = identity_tensors(batch, length - first, device)[1] if real is None else real[:, first:]
         return QueryRows(slots, valid, slice(first, length))
+    if query == "post-image" and level.visual_starts is not None and level.all_valid:
+        # Each sample's run ends at its own slot: the rows are the run of slots after the earliest
+        # end, each sample's own from its end on (known on the host), so sliced as above.
+        ends = tuple(start + n for start, n in zip(level.visual_starts, level.n_visual, strict=True))
+        first = min(ends)
+        if first < length:
+            after = post_image_rows(ends, length, device)  # [B, T] bool
+            slots = slot_run(batch, first, length, device) if block else None
+            return QueryRows(slots, after if real is None else after & real[:, first:], slice(first, length))
     if real is None:
         real = level.valid
     slots, valid = query_rows(query, level.visual, real, width)
@@ -272,6 +282,12 @@ def visual_picker(level: Level) -> Callable[[torch.Tensor], torch.Tensor]:
             y = x[:, visual_slots]
             return y if y.shape[0] == 1 else y.contiguous()  # one sample: a slice is contiguous
         return pick
+    if level.visual_starts is not None and min(level.n_visual) == n:  # one run per sample, n each: host-built slots
+        order = run_slots(level.visual_starts, n, level.index_prev.device)
+
+        def pick_run(x: torch.Tensor) -> torch.Tensor:
+            return gather_rows(order, x)[0]
+        return pick_run
     order = level.visual_first[:, :n]  # visual slots first
 
     def pick_gathered(x: torch.Tensor) -> torch.Tensor:
@@ -328,4 +344,4 @@ def text_rows(ctx: StageContext) -> TextRows:
     else:
         slots: torch.Tensor = rows.slots  # type: ignore[assignment]  # without a run the slots are given
         text_hidden, score = gather_rows(slots, hidden)[0], None if attention is None else attention.gather(1, slots)
-    return TextRows(text_hidden * rows.valid[..., None].to(hidden.dtype), rows.valid, score)
+    return TextRows(text_hidden * rows.valid[..., None], rows.valid, score)  # bool promotes to the states' dtype

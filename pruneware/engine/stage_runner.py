@@ -10,6 +10,7 @@ import torch
 
 from pruneware.engine.levels import Level, next_level, write_visual
 from pruneware.engine.request import RequestState
+from pruneware.engine.run_tables import run_starts
 from pruneware.engine.stage_inputs import StageContext, no_grad, stage_input, visual_picker
 from pruneware.kernels.gather import gather_rows
 from pruneware.plans.plan import Stage
@@ -51,14 +52,17 @@ def run_stage(ctx: StageContext) -> Selection:
     slots = None
     if isinstance(keep, torch.Tensor):  # [B, k]: every sample keeps k
         keep = keep if keep.device == level.orig.device else keep.to(level.orig.device)
-        if level.is_root and level.visual_span is not None:  # visual slot j is input position start + j
-            slots = keep + level.visual_span[0]  # the level's slots too: next_level reuses them
-            kept = list(slots)
-        elif level.is_root:  # the slots are the input positions: the j-th visual slot is visual_first[:, j]
+        # The level's slots of the kept tokens (next_level reuses them), made from what the host knows where it can.
+        if level.visual_span is not None:  # visual slot j is slot start + j
+            slots = keep + level.visual_span[0]
+        elif level.visual_starts is not None:  # sample b's visual slot j is slot start_b + j
+            slots = keep + run_starts(level.visual_starts, keep.device)
+        elif level.is_root:  # the j-th visual slot is visual_first[:, j]
             slots = level.visual_first.gather(1, keep)
-            kept = list(slots)
-        else:
+        if slots is None:
             kept = list(pick(level.orig).gather(1, keep))
+        else:  # a root's slots are the input positions
+            kept = list(slots if level.is_root else level.orig.gather(1, slots))
         counts = [keep.shape[1]] * keep.shape[0]
     else:
         originals = pick(level.orig)
@@ -87,7 +91,7 @@ def enter_level(
     if level.same_as_prev and not recycled:
         return args
     if not level.same_as_prev:
-        hidden = _gather_with_rope(level, state.levels[-2], hidden, kwargs)
+        hidden = _gather_with_rope(level, state.levels[-2], hidden, kwargs, state.prefill.lm_positions[0] is None)
     if recycled:
         hidden = write_visual(level, hidden, selection.merged.embeds)
     if args:
@@ -96,12 +100,16 @@ def enter_level(
     return args
 
 
-def _gather_with_rope(level: Level, parent: Level, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def _gather_with_rope(
+    level: Level, parent: Level, hidden: torch.Tensor, kwargs: dict, default_positions: bool,
+) -> torch.Tensor:
     """hidden [B, Ls_prev, D] -> [B, Ls, D], the level's rows, gathered in one call (one launch
     on CUDA) with the layer's RoPE rows (cos, sin, position ids) when those are gathered by the
     same index: from level 0's when the level is cut from it, else from the parent's own rows
     (a gather of a gather: the same values). Positions kept only. The rows are left in
-    `level.cache["rope_rows"]` for `layer_inputs.level_kwargs`, keyed by the level-0 tensors."""
+    `level.cache["rope_rows"]` for `layer_inputs.level_kwargs`, keyed by the level-0 tensors.
+    default_positions: the language model numbered its input itself (no position ids given at
+    prefill: 0..L0-1), so the kept position ids are the level's `index0`, not gathered."""
     cos_sin, positions = kwargs.get("position_embeddings"), kwargs.get("position_ids")
     source = None
     if cos_sin is not None and level.stage.positions != "compact":
@@ -113,6 +121,10 @@ def _gather_with_rope(level: Level, parent: Level, hidden: torch.Tensor, kwargs:
                 source = (*rows[2], rows[3])
     if source is None:
         return gather_rows(level.index_prev, hidden)[0]
-    hidden, cos, sin, *kept_positions = gather_rows(level.index_prev, hidden, *source[:2], positions=source[2])
+    if default_positions and positions is not None and positions.dim() == 2:  # [1|B, L0]: 0..L0-1 in every row
+        hidden, cos, sin = gather_rows(level.index_prev, hidden, *source[:2])
+        kept_positions = [level.index0]
+    else:
+        hidden, cos, sin, *kept_positions = gather_rows(level.index_prev, hidden, *source[:2], positions=source[2])
     level.cache["rope_rows"] = (cos_sin, positions, (cos, sin), kept_positions[0] if kept_positions else None)
     return hidden

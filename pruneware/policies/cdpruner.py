@@ -57,7 +57,7 @@ class CDPrunerPolicy(Policy):
         if self.theta is not None and not (isinstance(self.theta, float | int) and 0 < self.theta < 1):
             raise TypeError(f"theta must be None or a number in (0, 1), got {self.theta!r}")
 
-    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor]:
+    def select(self, inputs: StageInput, counts: list[int]) -> list[torch.Tensor] | torch.Tensor:
         if inputs.text is None:
             raise RuntimeError("cdpruner reads the instruction's text rows; the engine gave none")
         device = inputs.hidden.device
@@ -65,9 +65,9 @@ class CDPrunerPolicy(Policy):
         n = inputs.hidden.shape[1]
         if n and all(s == [n] for s in sizes) and len(set(counts)) == 1:
             # One full-width image per sample and one budget: the rows are the images, in order;
-            # relevance, kernel matrix and greedy MAP in one call.
-            return list(select(inputs.hidden, inputs.text.hidden, inputs.text.valid, split_budget([n], counts[0])[0],
-                               self.relevance, self.theta))
+            # relevance, kernel matrix and greedy MAP in one call; [B, k], row b sample b's (no split).
+            return select(inputs.hidden, inputs.text.hidden, inputs.text.valid, split_budget([n], counts[0])[0],
+                          self.relevance, self.theta)
         relevance = instruction_relevance(
             inputs.hidden, inputs.valid, inputs.text.hidden, inputs.text.valid, self.relevance, self.theta,
         )

@@ -19,6 +19,8 @@ Every output is a new contiguous tensor with the input's dtype and the index's b
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 _NAME = "gather_rows"
@@ -82,13 +84,21 @@ def validate_inputs(
     return length
 
 
+@lru_cache(maxsize=32)
+def _batch_rows(batch: int, device: torch.device, inference: bool) -> torch.Tensor:
+    """[B, 1] long 0..B-1: the sample index that pairs with a [B, k] keep index in one advanced
+    index (made once per size, device and inference mode, never written)."""
+    return torch.arange(batch, device=device)[:, None]
+
+
 def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, cache: dict) -> torch.Tensor:
     """x [..., Bx, L, *W] with Bx in {1, B} at dim-1; index [B, k] int64 -> [..., B, k, *W].
 
     Batch 1 (one sample): a single `index_select` of the k rows, much faster on the CPU than a
-    `gather` over an expanded index. Several samples: one `take_along_dim`, a `gather` that
-    broadcasts the index over the row width and a batch-1 table over the samples (one op, where
-    a view, an expand and a gather would be three; each op is a dispatch on the host).
+    gather over an expanded index. Several samples: one advanced index `x[..., rows, index]`
+    (rows: [B, 1] the sample of each row, or [1, 1] zeros for a batch-1 table, broadcast), which
+    needs no view of the index (a `take_along_dim` would need one per layout: each op is a
+    dispatch on the host) and runs several times faster on the CPU.
     cache: per call, the index forms made once and shared by its tensors.
     """
     B = index.shape[0]
@@ -96,12 +106,11 @@ def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, cache: dict) -> 
         if "row" not in cache:
             cache["row"] = index[0]
         return x.index_select(dim, cache["row"])  # [..., 1, k, *W]
-    form = (dim - 1, x.dim() - 1 - dim)  # dims before the batch dim, width dims after the sequence dim
-    if form not in cache:
-        cache[form] = index if form == (0, 0) else index.view(*([1] * form[0]), *index.shape, *([1] * form[1]))
-    return torch.take_along_dim(x, cache[form], dim=dim)  # a new contiguous tensor
-
-
+    rows = _batch_rows(B if x.shape[dim - 1] == B else 1,  # a batch-1 table: sample 0 for every row
+                       index.device, torch.is_inference_mode_enabled())
+    if dim == 1:
+        return x[rows, index]  # a new contiguous tensor
+    return x[(slice(None),) * (dim - 1) + (rows, index)]
 def gather_rows(
     index: torch.Tensor, *tensors: torch.Tensor, positions: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:

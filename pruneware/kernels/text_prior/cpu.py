@@ -4,8 +4,9 @@ At batch 1 a scored stage is bound by the host, one dispatch per torch op (see
 ``pruneware.engine.profiling``). One softmax gives the probabilities ``P``; the block among the
 rows is a slice of it when the rows are one run of slots (``query_run``), else one gather; and
 the prior and the weighted sum are contracted together, never materialised:
-    s = sum_{h,i,t} V_i V_t (B_ti + B_it) P_i - sum_{h,i} V_i B_ii P_i
-(three einsums' worth of arithmetic in two calls, ``einsum`` contracting four operands at once).
+    s = sum_{h,i,t} V_i V_t (B_ti + B_it) P_i - sum_{h,i} V_i B_ii P_i = sum_{h,i,t} V_i V_t max(B_ti, B_it) P_i
+(``einsum`` contracting four operands at once). The last form is exact because attention is
+causal: of two rows at distinct slots, at most one sees the other, so one of B_ti, B_it is 0.
 The causal mask of a run is the same for every forward of one shape and made once.
 """
 
@@ -65,6 +66,7 @@ def text_prior_scores(
         columns = query_positions if query_positions.dtype == torch.int64 else query_positions.long()
         block = probs.gather(-1, columns.reshape(B, *lead, 1, T).expand(*probs.shape[:-1], T))
     valid = row_valid.to(torch.float32)
-    h = heads
-    both = torch.einsum(f"bt,b{h}ti,bi,b{h}il->bl", valid, block + block.transpose(-1, -2), valid, probs)
-    return both - torch.einsum(f"bi,b{h}ii,b{h}il->bl", valid, block, probs)
+    # B + B^T - diag(B) is max(B, B^T), exactly: the rows sit at distinct slots, so of B_ti and
+    # B_it one is a masked key's probability (exactly 0, see above) unless i = t, and both are >= 0.
+    prior_block = torch.maximum(block, block.transpose(-1, -2))
+    return torch.einsum(f"bt,b{heads}ti,bi,b{heads}il->bl", valid, prior_block, valid, probs)
