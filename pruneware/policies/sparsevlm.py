@@ -31,9 +31,11 @@ Deliberate differences from the official code:
   - The density noise (`torch.rand(...) * 1e-6`, unseeded, "to ensure no tokens have the same
     density") is left out: selection is reproducible; exact density ties then go to topk's order.
   - Raters, scores and merging are computed in float32 (official: the model's dtype), and heads
-    are summed rather than averaged (the same order). Distances use `torch.cdist` without the
-    matmul shortcut (official: the norm of an [M, M, D] difference tensor; the same values
-    without materialising it).
+    and raters are summed rather than averaged (the same order: one positive factor per sample,
+    so the top-k and the recycling's rating rank alike; the session passes only rater rows as
+    valid, and the base class weighs each valid row 1: one op where the mean took four).
+    Distances use `torch.cdist` without the matmul shortcut (official: the norm of an [M, M, D]
+    difference tensor; the same values without materialising it).
   - Padded batches, several images per sample (the top-k budget split over images in
     proportion; raters and recycling over the sample's whole visual block) and `generate`
     with a cache work; the official code handles one sample (`mask[0][indices]`).
@@ -82,21 +84,21 @@ class SparseVLMPolicy(AttentionPolicy):
         """[B, L] bool rater slots of embeds [B, L, D] among the text slots [B, L] (one fused call)."""
         return text_raters(embeds, visual, text)
 
-    def row_weights(self, query_block: torch.Tensor | None, row_valid: torch.Tensor) -> torch.Tensor:
-        """The mean over the raters (the session passes only rater rows as valid)."""
-        valid = row_valid.float()
-        return valid / valid.sum(dim=1, keepdim=True).clamp(min=1.0)
-
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
         """Per sample: the kept visual tokens plus the slots of the recycled ones, and their states.
 
-        The top-k is one batched call (`topk_per_image`); the recycling (pruned set, rating,
-        DPC-kNN clustering, merged states) is one fused call for the batch (`kernels.sparsevlm`).
-        Token counts come from the host-side layout: no sync."""
+        The top-k is one batched call (`topk_per_image`; unsorted for one image per sample); the
+        recycling (pruned set, rating, DPC-kNN clustering, merged states, the sorted slots) is one
+        fused call for the batch (`kernels.sparsevlm`). Token counts come from the host-side
+        layout: no sync."""
         scores = self.score(inputs)  # [B, N] float32
         sizes = inputs.token_counts()
         budgets = [min(c, max(n - 1, 0)) for c, n in zip(counts, sizes, strict=True)]
         ranked = scores if inputs.all_valid() else scores.masked_fill(~inputs.valid, float("-inf"))
-        chosen = topk_per_image(ranked, inputs, budgets)
+        if all(len(s) <= 1 for s in inputs.image_sizes()) and len(set(budgets)) == 1 and budgets[0] > 0:
+            # One image per sample, one budget: one batched top-k, unsorted (`recycle` sorts the slots).
+            chosen = ranked.topk(min(budgets[0], ranked.shape[1]), dim=1).indices
+        else:
+            chosen = topk_per_image(ranked, inputs, budgets)
         keep, embeds = recycle(inputs.hidden, scores, chosen, sizes, self.recycle)
         return MergeResult(keep, embeds, None)
