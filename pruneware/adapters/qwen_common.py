@@ -56,14 +56,14 @@ class QwenVLAdapter(Adapter):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         if grid is None:
             return []
-        return [self.image_flops(t, h, w) for t, h, w in grid.tolist()]
+        return [self.image_flops(t, h, w) for t, h, w in self.host_grid(grid)]  # the layout's read, when it had it
 
     def input_vision_flops(self, inputs: dict[str, Any]) -> list[float]:
         grids = [g for g in (inputs.get("image_grid_thw"), inputs.get("video_grid_thw")) if g is not None]
         return self.tower_call_flops((None, torch.cat(grids)), {}) if grids else []
 
     def vision_cut(self) -> QwenVisionCut:
-        return QwenVisionCut(self.base_model.visual, self.tower_shape())
+        return QwenVisionCut(self.base_model.visual, self.tower_shape(), self.host_grid)
 
     def vision_score_attention(self) -> torch.nn.Module:
         """The attention of the last full-attention ViT block (Qwen2.5-VL's others are windowed)."""
@@ -161,18 +161,54 @@ class QwenVLAdapter(Adapter):
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
         merge = self.config.vision_config.spatial_merge_size
+        grids = {modality: self._grid_thw(model_kwargs, modality) for modality in MODALITIES}
+        rows, host_grids = self._read_ids_and_grids(input_ids, grids)
         items = []
         for modality in MODALITIES:
             token = getattr(self.config, f"{modality}_token_id")
-            grid_thw = self._grid_thw(model_kwargs, modality)
-            if grid_thw is None:
-                if bool((input_ids == token).any()):
+            if host_grids[modality] is None:
+                if any(token in row for row in rows):
                     raise ValueError(f"input_ids hold {modality} tokens but no {modality}_grid_thw was given")
                 continue
-            for t, h, w in grid_thw.tolist():
+            for t, h, w in host_grids[modality]:
                 grid = (h // merge, w // merge)
                 items.append(VisualItem(token, (grid,) * t, (grid[0] * grid[1],) * t))
-        return items_to_layout(input_ids, items)
+        return items_to_layout(input_ids, items, rows)
+
+    def _read_ids_and_grids(
+        self, input_ids: torch.Tensor, grids: dict[str, torch.Tensor | None],
+    ) -> tuple[list[list[int]], dict[str, list[list[int]] | None]]:
+        """input_ids [B, L] and each modality's grid_thw [n, 3] on the host, in the layout's one
+        host read (one cat of the flattened tensors, one op); a grid read before (the vision
+        tower's units, `host_grid`) is not read again."""
+        host = {m: None if grid is None else self.host_grid(grid, read=False) for m, grid in grids.items()}
+        unread = [(m, grid) for m, grid in grids.items() if grid is not None and host[m] is None]
+        parts = [input_ids.reshape(-1)]
+        for _, grid in unread:
+            same = grid.device == input_ids.device and grid.dtype == input_ids.dtype
+            parts.append(grid.reshape(-1) if same else grid.reshape(-1).to(input_ids.device, input_ids.dtype))
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
+        batch, length = input_ids.shape
+        rows = [flat[b * length : (b + 1) * length] for b in range(batch)]
+        at = batch * length
+        for modality, grid in unread:
+            values, at = flat[at : at + grid.numel()], at + grid.numel()
+            host[modality] = self.remember_grid(grid, [values[i : i + 3] for i in range(0, len(values), 3)])
+        return rows, host
+
+    def host_grid(self, grid: torch.Tensor, read: bool = True) -> list[list[int]] | None:
+        """grid_thw [n, 3] on the host, read once per tensor: the layout and the vision tower's
+        cut get the same tensor in one forward (`image_grid_thw`), so the second asks no sync.
+        read=False: None when it was not read yet."""
+        seen = self.__dict__.get("_host_grid")
+        if seen is not None and seen[0] is grid:
+            return seen[1]
+        return self.remember_grid(grid, grid.tolist()) if read else None
+
+    def remember_grid(self, grid: torch.Tensor, values: list[list[int]]) -> list[list[int]]:
+        """Keep `values`, the host copy of `grid`, for `host_grid` (the last grid only)."""
+        self.__dict__["_host_grid"] = (grid, values)
+        return values
 
     @staticmethod
     def _grid_thw(model_kwargs: dict[str, Any], modality: str) -> torch.Tensor | None:

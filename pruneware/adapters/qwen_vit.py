@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -51,15 +52,41 @@ class TowerCut:
 
 
 def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
+    """[n] sequence lengths -> [m + 1] int32 bounds of the m non-empty ones (empty sequences vanish)."""
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return torch.unique_consecutive(cu)  # empty sequences (no unit kept) vanish
+    return torch.unique_consecutive(cu)
+
+
+def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on `device` (no op when it is there already)."""
+    return x if x.device == device else x.to(device)
+
+
+def _unit_rows(unit: int, device: torch.device) -> torch.Tensor:
+    """[unit] 0..unit-1: a unit's patch rows from its first (made once per device and inference
+    mode, never written)."""
+    return _arange(unit, device, torch.is_inference_mode_enabled())
+
+
+@lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device, inference: bool) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+@lru_cache(maxsize=64)
+def _uniform_cu(n_frames: int, step: int, device: torch.device, inference: bool) -> torch.Tensor:
+    """[n_frames + 1] int32 bounds of n_frames sequences of `step` rows each, as `_lengths_to_cu`
+    gives them (made once per shape, device and inference mode, never written)."""
+    return torch.arange(0, (n_frames + 1) * step, step, dtype=torch.int32, device=device)
 
 
 class QwenVisionCut:
     """The `Adapter.vision_cut()` of the Qwen2-VL, Qwen2.5-VL and Qwen3-VL towers."""
 
-    def __init__(self, visual: torch.nn.Module, tower: QwenTower):
+    def __init__(self, visual: torch.nn.Module, tower: QwenTower,
+                 host_grid: Callable[[torch.Tensor], list[list[int]]] | None = None):
         self.visual = visual
+        self.host_grid = host_grid  # grid_thw -> its host copy, shared with the layout's read (None: tolist)
         self.tower = tower
         self.config = visual.config
         self.merge = visual.spatial_merge_size
@@ -89,8 +116,11 @@ class QwenVisionCut:
 
     def units(self, grid: torch.Tensor) -> list[tuple[int, int, int]]:
         """Per image of the call, (t, units high, units wide) (read once per grid tensor)."""
-        return self._per_grid("units", grid, lambda: [(t, h // self.merge, w // self.merge)
-                                                      for t, h, w in grid.tolist()])
+        def build() -> list[tuple[int, int, int]]:
+            rows = self.host_grid(grid) if self.host_grid is not None else grid.tolist()
+            return [(t, h // self.merge, w // self.merge) for t, h, w in rows]
+
+        return self._per_grid("units", grid, build)
 
     def _per_grid(self, name: str, grid: torch.Tensor, build: Callable[[], Any]) -> Any:
         """What `build` derives from `grid`, computed once while the same grid tensor comes back (the
@@ -126,18 +156,28 @@ class QwenVisionCut:
             orders[key] = (index, cu.to(grid.device))
         return orders[key]
 
+    def window_ends(self, grid: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """[n_windows] long: where each window of `order(grid)` ends, in units (tower order), on
+        `device`; made once per shape, as the order is (never written to)."""
+        orders = self.__dict__.setdefault("_orders", {})
+        key = ("ends", tuple(self.units(grid)), str(device), torch.is_inference_mode_enabled())
+        if key not in orders:
+            orders[key] = (_on(self.order(grid)[1], device).long() // self.unit)[1:]  # type: ignore[arg-type]
+        return orders[key]
+
     def unit_features(self, hidden: torch.Tensor, grid: torch.Tensor, cut: TowerCut | None = None) -> torch.Tensor:
         """[n_units, d] the mean of each unit's patch rows, row-major; hidden [n_units * unit, d] in
         tower order, or (after `cut`) [k * unit, d] its kept rows, the other units' rows zeros."""
-        feats = hidden.float().view(-1, self.unit, hidden.shape[-1]).mean(dim=1)
+        wide = hidden if hidden.dtype == torch.float32 else hidden.float()
+        feats = wide.view(-1, self.unit, hidden.shape[-1]).mean(dim=1)
         order = self.order(grid)[0]
         if cut is not None:
-            pos = cut.kept_pos.to(feats.device)
-            row_major = pos if order is None else order.to(feats.device)[pos]
+            pos = _on(cut.kept_pos, feats.device)
+            row_major = pos if order is None else _on(order, feats.device)[pos]
             return feats.new_zeros(cut.keep.shape[0], feats.shape[-1]).index_copy_(0, row_major, feats)
         if order is None:
             return feats
-        return torch.empty_like(feats).index_copy_(0, order.to(feats.device), feats)
+        return torch.empty_like(feats).index_copy_(0, _on(order, feats.device), feats)
 
     def full_parts(self, cut: TowerCut | None, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
         """One block's attention reads (`vision_call_scores` per call), laid over every patch row of
@@ -154,35 +194,42 @@ class QwenVisionCut:
         orders patches unit by unit, row-major (as `resize_pixels` reads them)."""
         return pixels.float().reshape(-1, self.unit * pixels.shape[-1])
 
-    def cut(self, grid: torch.Tensor, keep: torch.Tensor, parent: TowerCut | None = None) -> TowerCut:
+    def cut(self, grid: torch.Tensor, keep: torch.Tensor, parent: TowerCut | None = None,
+            per_frame: int | None = None) -> TowerCut:
         """The cut that keeps the units `keep` ([n_units] bool, row-major) of a call on `grid`
-        (a subset of `parent`'s, when an earlier stage of the call cut the tower first)."""
+        (a subset of `parent`'s, when an earlier stage of the call cut the tower first).
+        per_frame: the units every frame keeps, when known on the host (> 0): the frames'
+        sequence bounds are then made once per shape instead of counted on the device."""
         device = keep.device
         order, cu_windows = self.order(grid)
-        keep_tower = keep if order is None else keep[order.to(device)]
+        keep_tower = keep if order is None else keep[_on(order, device)]
         kept_pos = keep_tower.nonzero().squeeze(1)
-        rows = (kept_pos[:, None] * self.unit + torch.arange(self.unit, device=device)).reshape(-1)
-        frames = torch.tensor([hh * ww for t, hh, ww in self.units(grid) for _ in range(t)], device=device)
-        frame_of_unit = torch.repeat_interleave(torch.arange(len(frames), device=device), frames)  # row-major
-        cu_full = _lengths_to_cu(torch.bincount(frame_of_unit[keep], minlength=len(frames)) * self.unit)
+        rows = (kept_pos[:, None] * self.unit + _unit_rows(self.unit, device)).reshape(-1)
+        n_frames = sum(t for t, _, _ in self.units(grid))
+        if per_frame:
+            cu_full = _uniform_cu(n_frames, per_frame * self.unit, device, torch.is_inference_mode_enabled())
+        else:
+            frames = torch.tensor([hh * ww for t, hh, ww in self.units(grid) for _ in range(t)], device=device)
+            frame_of_unit = torch.repeat_interleave(torch.arange(n_frames, device=device), frames)  # row-major
+            cu_full = _lengths_to_cu(torch.bincount(frame_of_unit[keep], minlength=n_frames) * self.unit)
         cu_window = None
         if cu_windows is not None:
-            bounds = cu_windows.to(device).long() // self.unit  # window boundaries in units, tower order
-            window_of_pos = torch.searchsorted(bounds[1:], kept_pos, right=True)
-            cu_window = _lengths_to_cu(torch.bincount(window_of_pos, minlength=len(bounds) - 1) * self.unit)
-        return TowerCut(keep, kept_pos, rows, cu_full.to(torch.int32), cu_window, parent=parent)
+            ends = self.window_ends(grid, device)  # each window's end, in units, tower order
+            window_of_pos = torch.searchsorted(ends, kept_pos, right=True)
+            cu_window = _lengths_to_cu(torch.bincount(window_of_pos, minlength=len(ends)) * self.unit)
+        return TowerCut(keep, kept_pos, rows, cu_full, cu_window, parent=parent)
 
     def cut_rows(self, grid: torch.Tensor, units: list[tuple[int, int, int]], rows: torch.Tensor,
                  parent: TowerCut | None = None) -> TowerCut:
         """`cut` when every image of the call has `units[0]` units and keeps rows [n, k] of them (sorted)."""
         t, hh, ww = units[0]
         keep = torch.zeros(len(units), t * hh * ww, dtype=torch.bool, device=rows.device).scatter_(1, rows, True)
-        return self.cut(grid, keep.view(-1), parent)
+        return self.cut(grid, keep.view(-1), parent, per_frame=rows.shape[1] if t == 1 else None)
 
     def cut_hidden(self, cut: TowerCut, hidden: torch.Tensor) -> torch.Tensor:
         """[n_rows, d] in the tower's order (or the rows `cut.parent` kept) -> the kept rows."""
         if cut.parent is None:
-            return hidden[cut.rows.to(hidden.device)]
+            return hidden[_on(cut.rows, hidden.device)]
         local = torch.searchsorted(cut.parent.kept_pos, cut.kept_pos)  # kept units among the parent's
         rows = (local[:, None] * self.unit + torch.arange(self.unit, device=local.device)).reshape(-1)
         return hidden[rows.to(hidden.device)]
