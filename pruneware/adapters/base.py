@@ -113,6 +113,11 @@ class Adapter:
         """The grid argument of one vision-tower call (see `vision_tower`)."""
         return kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
 
+    def host_grid(self, grid: torch.Tensor) -> list[list[int]]:
+        """A grid tensor (e.g. `grid_thw` [n, 3]) on the host: one device read (a family whose
+        forward reads the same grid tensor in several places memoises it)."""
+        return grid.tolist()
+
     def rope_tables(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for `positions` [B, L] (or [3, B, L]), in `like`'s dtype and device."""
         return self.language_model.rotary_emb(like, positions)
