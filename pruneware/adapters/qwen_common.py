@@ -122,7 +122,7 @@ class QwenVLAdapter(Adapter):
         vc = self.config.vision_config
         m, p, tp = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
         out, new_grid, start = [], [], 0
-        for (t, h, w), (ph, pw) in zip(grid.tolist(), targets, strict=True):
+        for (t, h, w), (ph, pw) in zip(self.host_grid(grid), targets, strict=True):
             x = pixels[start : start + t * h * w]
             start += t * h * w
             if (ph * m, pw * m) == (h, w):
@@ -142,7 +142,9 @@ class QwenVLAdapter(Adapter):
             patches = patches.unsqueeze(5).expand(-1, -1, -1, -1, -1, tp, -1, -1)
             out.append(patches.reshape(ph * m * pw * m, c * tp * p * p))
             new_grid.append([t, ph * m, pw * m])
-        return torch.cat(out), torch.tensor(new_grid, dtype=grid.dtype, device=grid.device)
+        resized = torch.tensor(new_grid, dtype=grid.dtype, device=grid.device)
+        self.remember_grid(resized, new_grid)  # its host copy: the tower's FLOPs read it
+        return torch.cat(out), resized
 
     def spread_tokens(
         self, features: torch.Tensor, grid: torch.Tensor, targets: list[tuple[int, int]]
@@ -150,7 +152,7 @@ class QwenVLAdapter(Adapter):
         """[sum ph*pw, D] tokens of resized images -> [sum h*w/m^2, D] over the input's grids,
         each at its bin's first slot, zeros elsewhere (the `pre` stage keeps only those slots)."""
         out, start = [], 0
-        for (t, h, w), (ph, pw) in zip(grid.tolist(), targets, strict=True):
+        for (t, h, w), (ph, pw) in zip(self.host_grid(grid), targets, strict=True):
             hh, ww = self.token_grid(h, w)
             rows = features[start : start + ph * pw]
             start += ph * pw
@@ -196,18 +198,18 @@ class QwenVLAdapter(Adapter):
             host[modality] = self.remember_grid(grid, [values[i : i + 3] for i in range(0, len(values), 3)])
         return rows, host
 
-    def host_grid(self, grid: torch.Tensor, read: bool = True) -> list[list[int]] | None:
-        """grid_thw [n, 3] on the host, read once per tensor: the layout and the vision tower's
-        cut get the same tensor in one forward (`image_grid_thw`), so the second asks no sync.
-        read=False: None when it was not read yet."""
-        seen = self.__dict__.get("_host_grid")
-        if seen is not None and seen[0] is grid:
-            return seen[1]
+    def host_grid(self, grid: torch.Tensor, read: bool = True) -> list[list[int]] | None:  # type: ignore[override]
+        """grid_thw [n, 3] on the host, read once per tensor: the layout, the vision tower's cut,
+        its FLOPs and `resize`'s resampling get the same tensor in one forward (`image_grid_thw`),
+        so only the first asks for a sync. read=False: None when it was not read yet."""
+        for seen, values in self.__dict__.get("_host_grids", ()):
+            if seen is grid:
+                return values
         return self.remember_grid(grid, grid.tolist()) if read else None
 
     def remember_grid(self, grid: torch.Tensor, values: list[list[int]]) -> list[list[int]]:
-        """Keep `values`, the host copy of `grid`, for `host_grid` (the last grid only)."""
-        self.__dict__["_host_grid"] = (grid, values)
+        """Keep `values`, the host copy of `grid`, for `host_grid` (the last four grids)."""
+        self.__dict__["_host_grids"] = [(grid, values), *self.__dict__.get("_host_grids", ())][:4]
         return values
 
     @staticmethod

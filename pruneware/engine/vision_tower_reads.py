@@ -167,13 +167,13 @@ class VisionSide:
         self._call.set(call)
         if self.resize_budget is None or grid is None:
             return None
-        targets = []
-        for t, h, w in grid.tolist():
+        targets, rows = [], self.adapter.host_grid(grid)  # the layout's read of the same tensor, when it had it
+        for t, h, w in rows:
             hh, ww = self.adapter.token_grid(h, w)
             budget = self.resize_budget(t * hh * ww)
             factor = self.adapter.pixel_factor  # type: ignore[attr-defined]  # resizes_pixels: a Qwen adapter
             targets.append((hh, ww) if budget is None else resized_grid(hh, ww, max(1, budget // t), factor))
-        if all(tuple(self.adapter.token_grid(h, w)) == g for (_, h, w), g in zip(grid.tolist(), targets, strict=True)):
+        if all(tuple(self.adapter.token_grid(h, w)) == g for (_, h, w), g in zip(rows, targets, strict=True)):
             return None
         if "grid_thw" not in kwargs:
             raise RuntimeError("resize needs the vision encoder's grid_thw passed by keyword")

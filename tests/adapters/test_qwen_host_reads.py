@@ -41,3 +41,10 @@ def test_video_tokens_without_their_grid_are_refused_from_the_host_read(model):
     inputs["input_ids"][0, 1] = model.config.video_token_id
     with pruneware.prune(model, "random@pre:0.5"), pytest.raises((ValueError, PlanError), match="video tokens but no video_grid_thw"):
         model(**inputs)
+
+
+def test_resize_resamples_from_the_layouts_read_of_the_grid(model):
+    """The layout's read, the pooled grid's M-RoPE positions (one per sample) and the report's: the
+    resampling, the spreading back and the tower's FLOPs read no grid (the resized one's host copy
+    is kept when it is made)."""
+    assert engine_syncs(model, qwen_inputs(model, [(3, [(8, 12)], 4)]), "resize@pre:0.25") == 3
