@@ -20,8 +20,10 @@ from pruneware.kernels.host import as_tensor
 
 
 def _on(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """array on `device`: shared memory on the CPU; elsewhere one copy that does not wait for the
+    device (from pageable memory it is staged at once, so the array may go away after)."""
     tensor = as_tensor(array)
-    return tensor if device.type == "cpu" else tensor.to(device)
+    return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
 
 
 def _cached(fn):
