@@ -11,6 +11,8 @@ under `generate`).
 
 from __future__ import annotations
 
+import itertools
+
 from typing import Any, ClassVar
 
 import torch
@@ -74,9 +76,14 @@ class QwenVLAdapter(Adapter):
     def vision_call_scores(self, query, key, scale, kwargs):
         # query, key: [1, H, n, d], the patches of one attention call: one image or frame
         # (sdpa, eager), or every image packed with cu_seq_lens_q (flash attention).
-        bounds = kwargs.get("cu_seq_lens_q")
-        lengths = [query.shape[2]] if bounds is None else (bounds[1:] - bounds[:-1]).tolist()
-        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        # frame_lengths: each frame's patch rows, from the host grid when the caller knows the call ran
+        # uncut (they are the packed bounds then: no read of cu_seq_lens_q).
+        bounds, lengths = kwargs.get("cu_seq_lens_q"), kwargs.get("frame_lengths")
+        if bounds is None:
+            lengths = [query.shape[2]]
+        elif lengths is None or sum(lengths) != query.shape[2]:
+            lengths = (bounds[1:] - bounds[:-1]).tolist()
+        starts = [0, *itertools.accumulate(lengths)]
         scores = [
             mean_attention_received(query[:, :, a:b], key[:, :, a:b], scale)[0]
             for a, b in zip(starts[:-1], starts[1:], strict=True)
@@ -87,13 +94,26 @@ class QwenVLAdapter(Adapter):
         """The order in which the ViT holds the merged patch groups (None: row-major)."""
         return None
 
+    def window_order(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """`window_index(grid)` on the grid's device, computed once per grid shape from its host copy
+        (`host_grid`: no device read; the values depend on the grid only, never written to)."""
+        rows = self.host_grid(grid)
+        memo = self.__dict__.setdefault("_window_orders", {})
+        key = (tuple(map(tuple, rows)), str(grid.device))
+        if key not in memo:
+            if len(memo) > 64:  # a bounded memo: many distinct shapes just recompute
+                memo.clear()
+            order = self.window_index(torch.tensor(rows, dtype=grid.dtype))
+            memo[key] = None if order is None else order.to(grid.device)
+        return memo[key]
+
     def vision_image_scores(self, parts, grid):
         """Mean over each merged group of patches (a visual token), back in row-major order."""
         unit = self.config.vision_config.spatial_merge_size ** 2
         scores = torch.cat([p[0] for p in parts]).view(-1, unit).mean(dim=1)
         keys = torch.cat([p[1] for p in parts])
         keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
-        order = self.window_index(grid)
+        order = self.window_order(grid)
         if order is not None:
             order = order.to(scores.device)
             scores = torch.empty_like(scores).index_copy_(0, order, scores)

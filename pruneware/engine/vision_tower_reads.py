@@ -159,6 +159,9 @@ class VisionSide:
     def _on_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
         call = self._call.get()
         if module is self.target and call is not None:
+            if call.get("frames") is None and call["grid"] is not None:  # the frames' rows, from the host grid
+                call["frames"] = [h * w for t, h, w in self.adapter.host_grid(call["grid"]) for _ in range(t)]
+            kwargs = kwargs if call.get("frames") is None else {**kwargs, "frame_lengths": call["frames"]}
             call["parts"].append(self.adapter.vision_call_scores(query, key, kwargs.get("scaling"), kwargs))
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):

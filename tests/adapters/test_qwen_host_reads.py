@@ -48,3 +48,9 @@ def test_resize_resamples_from_the_layouts_read_of_the_grid(model):
     resampling, the spreading back and the tower's FLOPs read no grid (the resized one's host copy
     is kept when it is made)."""
     assert engine_syncs(model, qwen_inputs(model, [(3, [(8, 12)], 4)]), "resize@pre:0.25") == 3
+
+
+@pytest.mark.parametrize("plan", ["visionzip@pre:0.25", "fastervlm@pre:0.25"])
+def test_reading_the_tower_asks_no_more_than_the_layout_and_the_report(model, plan):
+    """The score layer's per-frame rows and the window order come from the grid's host copy."""
+    assert engine_syncs(model, qwen_inputs(model, [(3, [(8, 12)], 4)]), plan) == 2
