@@ -48,10 +48,11 @@ def batched_merge(
     assign = as_numpy(similarity).argmax(axis=2)  # [B, m - c]
     one_hot = np.zeros((batch, count, m - count), dtype=np.float32)  # the reference's one-hot, transposed
     np.put_along_axis(one_hot, assign[:, None, :], 1.0, axis=1)
-    rows = take_rows(states_in, rest).astype(np.float32, copy=False)  # [B, m, D]
-    summed = as_numpy(torch.matmul(as_tensor(one_hot), as_tensor(rows[:, count:])))
+    targets = take_rows(states_in, rest[:, :count]).astype(np.float32, copy=False)  # [B, c, D]
+    members = take_rows(states_in, rest[:, count:]).astype(np.float32, copy=False)  # [B, m - c, D], contiguous
+    summed = as_numpy(torch.matmul(as_tensor(one_hot), as_tensor(members)))
     merged = summed / np.maximum(one_hot.sum(axis=2), np.float32(1))[..., None]
-    contextual = (rows[:, :count] + merged).astype(states_in.dtype)
+    contextual = (targets + merged).astype(states_in.dtype)
     chosen = np.concatenate([order[:, m:], rest[:, :count]], axis=1)
     by_slot = np.argsort(chosen, axis=1, kind="stable")
     states = np.concatenate([take_rows(states_in, order[:, m:]), contextual], axis=1)
