@@ -12,15 +12,16 @@ under `generate`).
 from __future__ import annotations
 
 import itertools
-
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from pruneware.adapters.base import Adapter, VisualItem, VisualLayout, items_to_layout
 from pruneware.adapters.vision import bin_firsts, mean_attention_received
 from pruneware.adapters.qwen_vit import QwenVisionCut
 from pruneware.adapters.vision_flops import QwenTower, qwen_image_flops
+from pruneware.kernels.host import as_tensor
 
 MODALITIES = ("image", "video")
 
@@ -282,11 +283,14 @@ class QwenVLAdapter(Adapter):
         """
         batch, length = mm_token_type_ids.shape
         device = mm_token_type_ids.device
-        positions = torch.zeros(3, batch, length, dtype=torch.long, device=device)
+        # The types and the mask in one host read (one sync for the batch); the positions are laid out
+        # on the host and handed over in one copy (none on the CPU).
+        both = torch.cat([mm_token_type_ids.to(attention_mask.dtype), attention_mask]).tolist()
+        positions = np.zeros((3, batch, length), dtype=np.int64)
         video = 0
         for b in range(batch):
-            keep = attention_mask[b].bool()
-            types = mm_token_type_ids[b][keep].tolist()
+            keep = [i for i, real in enumerate(both[batch + b]) if real]
+            types = [both[b][i] for i in keep]
             units, parts, current, start = iter(grids[b]), [], 0, 0
             while start < len(types):
                 end = start
@@ -294,7 +298,7 @@ class QwenVLAdapter(Adapter):
                     end += 1
                 count, kind = end - start, types[start]
                 if kind == 0:
-                    parts.append(torch.arange(count, device=device).expand(3, -1) + current)
+                    parts.append(np.broadcast_to(np.arange(count) + current, (3, count)))
                     current += count
                 else:
                     frames, taken = [], 0
@@ -303,13 +307,12 @@ class QwenVLAdapter(Adapter):
                         taken += frames[-1][0] * frames[-1][1]
                     step = self.video_time_interval(video, second_per_grid_ts) if kind == 2 else 1.0
                     for t, (h, w) in enumerate(frames):
-                        rows = torch.arange(h, device=device).repeat_interleave(w)
-                        cols = torch.arange(w, device=device).repeat(h)
-                        temporal = torch.full_like(rows, int(t * step))
-                        parts.append(torch.stack([temporal, rows, cols]) + current)
+                        rows, cols = np.repeat(np.arange(h), w), np.tile(np.arange(w), h)
+                        parts.append(np.stack([np.full(h * w, int(t * step)), rows, cols]) + current)
                     current += max(max(h, w) for h, w in frames)
                     video += kind == 2
                 start = end
             if parts:
-                positions[:, b, keep] = torch.cat(parts, dim=1)
-        return positions
+                positions[:, b, keep] = np.concatenate(parts, axis=1)
+        out = as_tensor(positions)
+        return out if device.type == "cpu" else out.to(device)

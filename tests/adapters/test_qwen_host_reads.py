@@ -43,11 +43,13 @@ def test_video_tokens_without_their_grid_are_refused_from_the_host_read(model):
         model(**inputs)
 
 
-def test_resize_resamples_from_the_layouts_read_of_the_grid(model):
-    """The layout's read, the pooled grid's M-RoPE positions (one per sample) and the report's: the
-    resampling, the spreading back and the tower's FLOPs read no grid (the resized one's host copy
-    is kept when it is made)."""
-    assert engine_syncs(model, qwen_inputs(model, [(3, [(8, 12)], 4)]), "resize@pre:0.25") == 3
+@pytest.mark.parametrize("texts", [[(3, [(8, 12)], 4)], [(3, [(8, 12)], 4), (1, [(8, 8)], 2)]])
+@pytest.mark.parametrize("plan", ["resize@pre:0.25", "crosslmm@pre:0.25"])
+def test_merged_grids_read_the_grid_once_and_the_kept_types_once(model, texts, plan):
+    """The layout's read, the pooled grids' M-RoPE positions (one read for the batch) and the
+    report's: the resampling, the spreading back and the tower's FLOPs read no grid (the resized
+    one's host copy is kept when it is made)."""
+    assert engine_syncs(model, qwen_inputs(model, texts), plan) == 3
 
 
 @pytest.mark.parametrize("plan", ["visionzip@pre:0.25", "fastervlm@pre:0.25"])
