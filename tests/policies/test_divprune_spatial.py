@@ -79,7 +79,8 @@ def test_a_session_runs_it_and_a_batch_equals_its_samples_alone(family):
         samples = [llava_inputs(model, [(5, 1, 9)], seed=1), llava_inputs(model, [(3, 2, 5)], seed=3)]
     else:
         model = tiny_qwen()
-        samples = [qwen_inputs(model, [(4, [(8, 12)], 9)], seed=1), qwen_inputs(model, [(3, [(4, 8), (8, 8)], 5)], seed=3)]
+        samples = [qwen_inputs(model, [(4, [(8, 12)], 9)], seed=1),
+                   qwen_inputs(model, [(3, [(4, 8), (8, 8)], 5)], seed=3)]
     plan = "divprune[spatial=0.5]@pre:6"
     batch = pad_batch(samples)
     with pruneware.prune(model, plan) as run, torch.no_grad():

@@ -1,8 +1,8 @@
 """DivPrune's whole greedy max-min selection in one Triton launch. Same contract as ``reference.py``.
 
 The distance matrix comes from ``selection_distance`` (a normalise, one batched matmul on cuBLAS
-and ``1 -`` in torch, plus the optional grid term), so this kernel and the reference select on the same numbers. The launch
-has one program per group (image): it finds the first token with a tiled pass over its
+and ``1 -`` in torch, plus the optional grid term), so this kernel and the reference select on
+the same numbers. The launch has one program per group (image): it finds the first token with a tiled pass over its
 ``[N, N]`` block, then runs the k - 1 dependent steps in a loop, holding the running minimum
 distance to the chosen set in registers (``BLOCK_N`` = N rounded up to a power of two) and
 reading one row of the matrix per step. Chosen tokens and padding lanes hold -inf, which a
