@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pruneware.engine.levels import Level, identity_tensors
@@ -28,6 +29,7 @@ from pruneware.engine.vision_tower_reads import reads_to_positions
 from pruneware.errors import PlanError
 from pruneware.kernels.dart import key_norms
 from pruneware.kernels.gather import gather_rows
+from pruneware.kernels.host import as_tensor
 from pruneware.kernels.scores import attention_scores
 from pruneware.plans.plan import Stage
 from pruneware.policies import Policy, StageInput
@@ -120,11 +122,12 @@ def attention_policy_scores(
             return key_norms(key)  # [B, Ls]: L1 norm over every key head (one kernel call)
         row_valid = rows.valid
         if rater_slots is not None:
+            # The raters are some of level 0's query rows (real text, which no stage drops), so a
+            # row that holds one is a valid row: the raters alone are the rows that count.
             if rows.run is not None:
-                picked = rater_slots[:, rows.run]
+                row_valid = rater_slots[:, rows.run]
             else:
-                picked = rater_slots.gather(1, rows.slots)  # type: ignore[arg-type]
-            row_valid = row_valid & picked
+                row_valid = rater_slots.gather(1, rows.slots)  # type: ignore[arg-type]
         if rows.run is not None:
             q_rows = query[:, :, rows.run]  # [B, H, T, d]
         else:
@@ -165,12 +168,35 @@ def rater_slots(state: RequestState, policy: Policy) -> torch.Tensor:
         root = state.levels[0]
         real = state.real_tokens(root)
         query = policy.needs.query
-        width = post_image_width(state) if query == "post-image" else None
-        rows, row_valid = query_rows(query, root.visual, real, width)
-        text = torch.zeros_like(real).scatter_(1, rows, row_valid)
+        host = host_post_image(state, root.length, real.device) if query == "post-image" else None
+        if host is not None:  # from the layout: no sort, no scatter
+            visual, text = host
+            text = text if state.padding0 is None else text & real
+        else:
+            visual = root.visual
+            width = post_image_width(state) if query == "post-image" else None
+            rows, row_valid = query_rows(query, visual, real, width)
+            text = torch.zeros_like(real).scatter_(1, rows, row_valid)
         with torch.no_grad():
-            prefill.raters = policy.raters(prefill.lm_embeds, root.visual, text)
+            prefill.raters = policy.raters(prefill.lm_embeds, visual, text)
     return prefill.raters
+
+
+def host_post_image(state: RequestState, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """([B, L0] bool visual slots, [B, L0] bool slots after each sample's visual run: all of them
+    without one), made on the host from the layout's runs (numpy, handed over by DLPack; one copy
+    each to a GPU) when level 0 is the model's own input (no `pre` or vision-side stage) and each
+    sample's visual tokens are one run of positions; else None."""
+    plan, spans = state.plan, state.prefill.layout.spans
+    if plan.vision or (plan.stages and plan.stages[0].where == "pre") or not spans or None in spans:
+        return None
+    slots = np.arange(length)
+    starts = np.array([start for start, _ in spans])[:, None]  # type: ignore[misc]
+    ends = starts + np.array([n for _, n in spans])[:, None]  # type: ignore[misc]
+    visual, after = (slots >= starts) & (slots < ends), slots >= np.where(ends > starts, ends, 0)
+    if device.type == "cpu":
+        return as_tensor(visual), as_tensor(after)
+    return as_tensor(visual).to(device), as_tensor(after).to(device)
 
 
 def captured_scores(
@@ -187,7 +213,9 @@ def captured_scores(
     if policy.needs.captures == "key-norm" and rotary is not None:
         key = keys_as_alone(key, first_real_shift(state, level), rotary)
     needs = policy.needs
-    raters = rater_slots(state, policy).gather(1, level.index0) if needs.raters else None
+    raters = rater_slots(state, policy) if needs.raters else None
+    if raters is not None and level is not state.levels[0]:  # level 0's slots are its own: no gather
+        raters = raters.gather(1, level.index0)
     key_mask = None if state.padding0 is None and level.all_valid else real
     width = post_image_width(state) if needs.query == "post-image" else None
     rows = query_layout(needs.query, level, key_mask, width, query.device, needs.query_block is not None)
