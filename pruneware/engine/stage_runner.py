@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pruneware.engine.levels import Level, next_level, write_visual
 from pruneware.engine.request import RequestState
-from pruneware.engine.run_tables import run_starts
+from pruneware.engine.run_tables import run_slots, run_starts
 from pruneware.engine.stage_inputs import StageContext, no_grad, stage_input, visual_picker
 from pruneware.kernels.gather import gather_rows
+from pruneware.kernels.host import as_tensor
 from pruneware.plans.plan import Stage
 from pruneware.policies import MergeResult
 from pruneware.report import StageReport
@@ -93,11 +95,29 @@ def enter_level(
     if not level.same_as_prev:
         hidden = _gather_with_rope(level, state.levels[-2], hidden, kwargs, state.prefill.lm_positions[0] is None)
     if recycled:
-        hidden = write_visual(level, hidden, selection.merged.embeds)
+        hidden = _write_recycled(level, hidden, selection.merged.embeds)
     if args:
         return (hidden, *args[1:])
     kwargs["hidden_states"] = hidden
     return args
+
+
+def _write_recycled(level: Level, hidden: torch.Tensor, embeds: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """hidden [B, Ls, D] with each sample's visual slots (in slot order) set to its states from a
+    recycling policy, embeds [B, k, D] or per sample [k_b, D]: the values `write_visual` writes,
+    in one op when the slots are known on the host (every sample's k visual slots one run:
+    `Level.visual_span`, a `slice_scatter`; or a run of its own, `Level.visual_starts`, one
+    `index_put` at host-built slots), else by `write_visual`."""
+    span, starts = level.visual_span, level.visual_starts
+    if isinstance(embeds, torch.Tensor) and level.n_visual and set(level.n_visual) == {embeds.shape[1]}:
+        values = embeds if embeds.dtype == hidden.dtype else embeds.to(hidden.dtype)
+        if span is not None:
+            return hidden.slice_scatter(values, dim=1, start=span[0], end=span[0] + span[1])
+        if starts is not None:
+            samples = as_tensor(np.arange(len(starts))[:, None])  # [B, 1]
+            samples = samples if hidden.device.type == "cpu" else samples.to(hidden.device)
+            return hidden.index_put((samples, run_slots(starts, embeds.shape[1], hidden.device)), values)
+    return write_visual(level, hidden, embeds)
 
 
 def _gather_with_rope(
