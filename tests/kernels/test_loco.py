@@ -85,7 +85,8 @@ def test_triton_cuda_is_the_reference(nan_poison):
     assert torch.equal(loco.loco_distances(grids.cuda()).cpu(), reference.loco_distances(grids))
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(3, 4, 5), torch.zeros(1, 2, 2, 3, dtype=torch.long), torch.zeros(1, 0, 2, 3)])
+@pytest.mark.parametrize("bad", [torch.zeros(3, 4, 5), torch.zeros(1, 2, 2, 3, dtype=torch.long),
+                                 torch.zeros(1, 0, 2, 3)])
 def test_bad_inputs_are_named(bad):
     with pytest.raises(ValueError, match="grids must"):
         loco.loco_distances(bad)
