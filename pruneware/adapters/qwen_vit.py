@@ -40,6 +40,9 @@ class TowerCut:
             per window; empty ones dropped); cu_window is None for Qwen2-VL.
         position_embeddings: (cos, sin) [k * unit, d], sliced once at the first cut block.
         parent: the earlier cut of the same call whose rows this one's block receives (None: the full rows).
+        frame_units: the units every frame keeps, when known on the host (else None).
+        window_units: [n_windows] the units kept per window, windows in the tower's order (image,
+            frame, then row-major), as `cu_window` counts them; None for Qwen2-VL.
     """
 
     keep: torch.Tensor
@@ -49,6 +52,8 @@ class TowerCut:
     cu_window: torch.Tensor | None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     parent: TowerCut | None = None
+    frame_units: int | None = None
+    window_units: torch.Tensor | None = None
 
 
 def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
@@ -212,12 +217,13 @@ class QwenVisionCut:
             frames = torch.tensor([hh * ww for t, hh, ww in self.units(grid) for _ in range(t)], device=device)
             frame_of_unit = torch.repeat_interleave(torch.arange(n_frames, device=device), frames)  # row-major
             cu_full = _lengths_to_cu(torch.bincount(frame_of_unit[keep], minlength=n_frames) * self.unit)
-        cu_window = None
+        cu_window = per_window = None
         if cu_windows is not None:
             ends = self.window_ends(grid, device)  # each window's end, in units, tower order
-            window_of_pos = torch.searchsorted(ends, kept_pos, right=True)
-            cu_window = _lengths_to_cu(torch.bincount(window_of_pos, minlength=len(ends)) * self.unit)
-        return TowerCut(keep, kept_pos, rows, cu_full, cu_window, parent=parent)
+            per_window = torch.bincount(torch.searchsorted(ends, kept_pos, right=True), minlength=len(ends))
+            cu_window = _lengths_to_cu(per_window * self.unit)
+        return TowerCut(keep, kept_pos, rows, cu_full, cu_window, parent=parent, frame_units=per_frame or None,
+                        window_units=per_window)
 
     def cut_rows(self, grid: torch.Tensor, units: list[tuple[int, int, int]], rows: torch.Tensor,
                  parent: TowerCut | None = None) -> TowerCut:
@@ -290,24 +296,37 @@ class QwenVisionCut:
 
     def _kept_counts(self, units: list[tuple[int, int, int]], cuts: list[tuple[int, TowerCut]]) -> list:
         """Per image, per cut: (units kept per frame, per window frame by frame in HF's row-major
-        tiling, or None unwindowed), read to the host at once."""
-        parts, start, wu = [], 0, self.tower.window_units
+        tiling, or None unwindowed), read to the host at once. What a cut knows on the host (the
+        units every frame keeps) or counted already (the units each window keeps, `window_units`,
+        in the same order) is not counted again."""
+        parts, start, first_window, wu = [], 0, 0, self.tower.window_units
         for t, hh, ww in units:
-            n = t * hh * ww
+            n, m = t * hh * ww, (t * -(-hh // wu) * -(-ww // wu) if self.windowed else 0)
             for _, cut in cuts:
-                keep = cut.keep[start : start + n].view(t, hh, ww)
-                parts.append(keep.sum(dim=(1, 2)))
-                if self.windowed:
-                    nh, nw = -(-hh // wu), -(-ww // wu)
-                    padded = F.pad(keep, (0, nw * wu - ww, 0, nh * wu - hh))
-                    parts.append(padded.view(t, nh, wu, nw, wu).sum(dim=(2, 4)).flatten())
-            start += n
-        flat = torch.cat(parts).tolist() if parts else []  # the FLOPs' one host read
+                keep = cut.keep[start : start + n].view(t, hh, ww) if cut.frame_units is None else None
+                if keep is not None:
+                    parts.append(keep.sum(dim=(1, 2)))
+                if not self.windowed:
+                    continue
+                if cut.window_units is not None:
+                    whole = first_window == 0 and m == cut.window_units.shape[0]
+                    parts.append(cut.window_units if whole else cut.window_units[first_window : first_window + m])
+                    continue
+                keep = cut.keep[start : start + n].view(t, hh, ww) if keep is None else keep
+                nh, nw = -(-hh // wu), -(-ww // wu)
+                padded = F.pad(keep, (0, nw * wu - ww, 0, nh * wu - hh))
+                parts.append(padded.view(t, nh, wu, nw, wu).sum(dim=(2, 4)).flatten())
+            start, first_window = start + n, first_window + m
+        read = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
+        flat = read.tolist() if read is not None else []  # the FLOPs' one host read
         out, pos = [], 0
         for t, hh, ww in units:
             per_cut = []
-            for _ in cuts:
-                frames, pos = flat[pos : pos + t], pos + t
+            for _, cut in cuts:
+                if cut.frame_units is None:
+                    frames, pos = flat[pos : pos + t], pos + t
+                else:
+                    frames = [cut.frame_units] * t
                 wins = None
                 if self.windowed:
                     m = t * -(-hh // wu) * -(-ww // wu)
@@ -315,7 +334,6 @@ class QwenVisionCut:
                 per_cut.append((frames, wins))
             out.append(per_cut)
         return out
-
 
 def _window_units(hh: int, ww: int, window_units: int) -> list[int]:
     """Units per window of an (hh x ww) unit grid, as HF tiles it (row-major windows)."""

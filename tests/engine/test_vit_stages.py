@@ -217,6 +217,19 @@ def test_vision_flops_are_what_ran(family):
     assert run.report.vision_flops == pytest.approx(unpruned)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_flops_of_alike_images_are_what_ran(family):
+    """Alike images keep k units each: the cut knows each frame's count on the host and reuses its
+    window counts; the FLOPs still equal what ran."""
+    model = _model(family, attn="eager")  # torch's counter skips the CPU sdpa kernel
+    inputs = qwen_inputs(model, [(3, [(8, 12)], 4), (2, [(8, 12)], 3)])
+    for plan in ["random@vit2:0.3", "random@pre-vit:0.5", "random@pre-vit:0.8,random@vit2:0.5"]:
+        with torch.no_grad(), pruneware.prune(model, plan) as run, FlopCounterMode(display=False) as counter:
+            model(**inputs, use_cache=False)
+        tower = next(v for k, v in counter.get_flop_counts().items() if k.endswith("model.visual"))
+        assert sum(run.report.vision_flops) == pytest.approx(float(sum(tower.values())))
+
+
 @pytest.mark.parametrize(("plan", "match"), [
     ("random@vit4:0.5", r"vision tower has 4 blocks: use vit0\.\.vit3"),
     ("fastv@vit1:0.5", r"cannot run in the vision tower; policies that can: .*divprune"),
