@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pruneware.adapters.layout import VisualItem, VisualLayout, items_to_layout
+from pruneware.adapters.rope_tables import rope_tables
 from pruneware.errors import PlanError
 
 __all__ = ["Adapter", "VisualInjections", "VisualItem", "VisualLayout", "items_to_layout"]
@@ -119,8 +120,10 @@ class Adapter:
         return grid.tolist()
 
     def rope_tables(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for `positions` [B, L] (or [3, B, L]), in `like`'s dtype and device."""
-        return self.language_model.rotary_emb(like, positions)
+        """(cos, sin) for `positions` [B, L] (or [3, B, L]), in `like`'s dtype and device (a 1-D RoPE
+        in the ops that do something: `adapters/rope_tables.py`, the same values)."""
+        rotary = self.language_model.rotary_emb
+        return rope_tables(rotary, like, positions) if self.rope == "1d" else rotary(like, positions)
 
     def layer_group(self, layer: int) -> object:
         """Layers of one group share a pruned level's mask and RoPE tables; a family with
