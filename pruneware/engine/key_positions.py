@@ -77,5 +77,6 @@ def keys_as_alone(
     if shift is None:
         return key
     positions = torch.stack([shift, torch.zeros_like(shift)], dim=1)  # [B, 2]
-    cos, sin = rotary(key.new_zeros(1, dtype=torch.float32), positions)
+    like = key if key.dtype == torch.float32 else key.new_zeros(1, dtype=torch.float32)  # float32 tables
+    cos, sin = rotary(like, positions)
     return rotate_back(key, cos, sin)
