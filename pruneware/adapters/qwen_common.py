@@ -12,16 +12,16 @@ under `generate`).
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from pruneware.adapters.base import Adapter, VisualItem, VisualLayout, items_to_layout
 from pruneware.adapters.vision import bin_firsts, mean_attention_received
+from pruneware.adapters.qwen_positions import pooled_mrope_positions
 from pruneware.adapters.qwen_vit import QwenVisionCut
 from pruneware.adapters.vision_flops import QwenTower, qwen_image_flops
-from pruneware.kernels.host import as_tensor
 
 MODALITIES = ("image", "video")
 
@@ -281,38 +281,5 @@ class QwenVLAdapter(Adapter):
         mm_token_type_ids: [B, L] (0 text, 1 image, 2 video); grids: per sample, the pooled grid
         of each unit (image or video time step) in order of appearance.
         """
-        batch, length = mm_token_type_ids.shape
-        device = mm_token_type_ids.device
-        # The types and the mask in one host read (one sync for the batch); the positions are laid out
-        # on the host and handed over in one copy (none on the CPU).
-        both = torch.cat([mm_token_type_ids.to(attention_mask.dtype), attention_mask]).tolist()
-        positions = np.zeros((3, batch, length), dtype=np.int64)
-        video = 0
-        for b in range(batch):
-            keep = [i for i, real in enumerate(both[batch + b]) if real]
-            types = [both[b][i] for i in keep]
-            units, parts, current, start = iter(grids[b]), [], 0, 0
-            while start < len(types):
-                end = start
-                while end < len(types) and types[end] == types[start]:
-                    end += 1
-                count, kind = end - start, types[start]
-                if kind == 0:
-                    parts.append(np.broadcast_to(np.arange(count) + current, (3, count)))
-                    current += count
-                else:
-                    frames, taken = [], 0
-                    while taken < count:
-                        frames.append(next(units))
-                        taken += frames[-1][0] * frames[-1][1]
-                    step = self.video_time_interval(video, second_per_grid_ts) if kind == 2 else 1.0
-                    for t, (h, w) in enumerate(frames):
-                        rows, cols = np.repeat(np.arange(h), w), np.tile(np.arange(w), h)
-                        parts.append(np.stack([np.full(h * w, int(t * step)), rows, cols]) + current)
-                    current += max(max(h, w) for h, w in frames)
-                    video += kind == 2
-                start = end
-            if parts:
-                positions[:, b, keep] = np.concatenate(parts, axis=1)
-        out = as_tensor(positions)
-        return out if device.type == "cpu" else out.to(device)
+        interval = partial(self.video_time_interval, second_per_grid_ts=second_per_grid_ts)
+        return pooled_mrope_positions(mm_token_type_ids, grids, attention_mask, interval)
