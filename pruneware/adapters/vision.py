@@ -31,6 +31,13 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> torc
 
 
 @lru_cache(maxsize=16)
+def _row_weights(batch: int, rows: int, value: float, device: torch.device, inference: bool) -> torch.Tensor:
+    """[B, rows] float32 filled with `value`: made once per shape, device and inference mode (no op
+    per call), shared and never written."""
+    return torch.full((batch, rows), value, dtype=torch.float32, device=device)
+
+
+@lru_cache(maxsize=16)
 def _head_mean(batch: int, heads: int, device: torch.device, inference: bool) -> torch.Tensor:
     """[B, 1] float32 1/H: the weight of the one query row that averages H heads. Made once per
     shape, device and inference mode (no op per call), shared and never written."""
@@ -44,12 +51,15 @@ def mean_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float | Non
     q, k: [B, H, L, d] one (unmasked, non-causal) attention call's queries and keys.
     """
     batch, heads, length, _ = q.shape
-    total = torch.zeros(batch, length, dtype=torch.float32, device=q.device)
     step = length if q.is_cuda else _ROW_BLOCK
+    total = None
     for start in range(0, length, step):
-        rows = q[:, :, start : start + step]
-        weights = torch.full((batch, rows.shape[2]), 1.0 / length, dtype=torch.float32, device=q.device)
-        total += attention_scores(rows, k, weights, scale=scale)[0]
+        rows = q if step >= length else q[:, :, start : start + step]
+        weights = _row_weights(batch, rows.shape[2], 1.0 / length, q.device, torch.is_inference_mode_enabled())
+        scores = attention_scores(rows, k, weights, scale=scale)[0]
+        total = scores if total is None else total + scores  # the first block alone: no zeros to add it to
+    if total is None:
+        total = torch.zeros(batch, length, dtype=torch.float32, device=q.device)
     return total / heads
 
 
