@@ -84,41 +84,46 @@ class QwenVLAdapter(Adapter):
             lengths = [query.shape[2]]
         elif lengths is None or sum(lengths) != query.shape[2]:
             lengths = (bounds[1:] - bounds[:-1]).tolist()
-        starts = [0, *itertools.accumulate(lengths)]
-        scores = [
-            mean_attention_received(query[:, :, a:b], key[:, :, a:b], scale)[0]
-            for a, b in zip(starts[:-1], starts[1:], strict=True)
-        ]
-        return torch.cat(scores), key[0].float().mean(dim=0)
+        if len(lengths) == 1:  # one frame: the whole call, no slicing and no cat
+            scores = mean_attention_received(query, key, scale)[0]
+        else:
+            starts = [0, *itertools.accumulate(lengths)]
+            scores = torch.cat([
+                mean_attention_received(query[:, :, a:b], key[:, :, a:b], scale)[0]
+                for a, b in zip(starts[:-1], starts[1:], strict=True)
+            ])
+        keys = key[0] if key.dtype == torch.float32 else key[0].float()
+        return scores, keys.mean(dim=0)
 
     def window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
         """The order in which the ViT holds the merged patch groups (None: row-major)."""
         return None
 
-    def window_order(self, grid: torch.Tensor) -> torch.Tensor | None:
-        """`window_index(grid)` on the grid's device, computed once per grid shape from its host copy
-        (`host_grid`: no device read; the values depend on the grid only, never written to)."""
+    def window_order(self, grid: torch.Tensor, device: torch.device | None = None) -> torch.Tensor | None:
+        """The inverse of `window_index(grid)` (tower order -> row-major: row-major item j is tower
+        item `order[j]`) on `device` (default: the grid's), computed once per grid shape from the
+        grid's host copy (`host_grid`: no device read; never written to)."""
         rows = self.host_grid(grid)
+        device = grid.device if device is None else device
         memo = self.__dict__.setdefault("_window_orders", {})
-        key = (tuple(map(tuple, rows)), str(grid.device))
+        key = (tuple(map(tuple, rows)), str(device), torch.is_inference_mode_enabled())
         if key not in memo:
             if len(memo) > 64:  # a bounded memo: many distinct shapes just recompute
                 memo.clear()
             order = self.window_index(torch.tensor(rows, dtype=grid.dtype))
-            memo[key] = None if order is None else order.to(grid.device)
+            memo[key] = None if order is None else order.argsort().to(device)
         return memo[key]
 
     def vision_image_scores(self, parts, grid):
         """Mean over each merged group of patches (a visual token), back in row-major order."""
         unit = self.config.vision_config.spatial_merge_size ** 2
-        scores = torch.cat([p[0] for p in parts]).view(-1, unit).mean(dim=1)
-        keys = torch.cat([p[1] for p in parts])
+        scores = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+        keys = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+        scores = scores.view(-1, unit).mean(dim=1)
         keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
-        order = self.window_order(grid)
-        if order is not None:
-            order = order.to(scores.device)
-            scores = torch.empty_like(scores).index_copy_(0, order, scores)
-            keys = torch.empty_like(keys).index_copy_(0, order, keys)
+        to_row_major = self.window_order(grid, scores.device)
+        if to_row_major is not None:  # a permutation: the same values, row-major
+            scores, keys = scores[to_row_major], keys[to_row_major]
         return scores, keys  # [sum of n], [sum of n, d]: the images' tokens in call order
 
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
