@@ -42,6 +42,7 @@ from transformers import LlavaForConditionalGeneration
 
 import pruneware
 from pruneware.models.tiny_configs import tiny_config
+from pruneware.plans.plan import Plan
 
 IMAGE_TOKEN = 250
 
@@ -169,6 +170,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = build_model()
     plans = SCORED if args.scored else args.plans
+    for plan in plans:
+        if Plan.parse(plan).vision:
+            parser.error(f"{plan!r}: the native lower bound here skips rows in the language model only; a vision-side "
+                         "stage (pre-vit, vitK) has none. Plans may use 'pre' and decoder layers; count a vision-side "
+                         "plan's ops with benchmarks/launch_budget.py")
     rows = []
     for batch in args.batch:
         for plan in plans:
