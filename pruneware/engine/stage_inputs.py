@@ -98,7 +98,8 @@ def query_layout(
         first = min(ends)
         if first < length:
             after = post_image_rows(ends, length, device)  # [B, T] bool
-            slots = slot_run(batch, first, length, device) if block else None
+            # The slots always: they are the rows' causal mask (a text row must not see later text).
+            slots = slot_run(batch, first, length, device)
             return QueryRows(slots, after if real is None else after & real[:, first:], slice(first, length))
     if real is None:
         real = level.valid
