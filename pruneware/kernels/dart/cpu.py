@@ -1,10 +1,13 @@
-"""DART's greedy loop on CPU tensors in numpy: same contract and result as ``reference.py``.
+"""DART's greedy loop, key norms and padded keys' rotation on CPU tensors in numpy: same contract
+and result as ``reference.py``.
 
 The pivots and the similarity matrix are the reference's (``reference.prepare``, or from ``select``
-the same top-k and ``cosine_similarity`` with the text pivots and the gathers in numpy: three
-torch ops for the whole batch; arrays cross by DLPack, ``pruneware.kernels.host``); the loop (per image, per pivot: the least similar free tokens) is many tiny
-dependent steps, cheaper in numpy than one torch dispatch each. ``numpy.argsort(kind="stable")`` breaks ties to the
-lowest index, as the reference's stable sort does.
+the same top-k and ``cosine_similarity`` with the text pivots and the gathers in numpy: three torch
+ops for the whole batch; arrays cross by DLPack, ``pruneware.kernels.host``); the loop (per image,
+per pivot: the least similar free tokens) is many tiny dependent steps, cheaper in numpy than one
+torch dispatch each. ``numpy.argsort(kind="stable")`` breaks ties to the lowest index, as the
+reference's stable sort does. The rotation is the reference's elementwise float32 steps (no torch
+op) and the norms its sum (one op), in the key's memory layout: the same numbers.
 """
 
 from __future__ import annotations
