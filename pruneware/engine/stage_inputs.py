@@ -211,8 +211,10 @@ def captured_scores(
     real = state.real_tokens(level)
     if state.static_len is not None:  # a static cache returns all its slots; the prefill fills the first Ls
         key = key[:, :, : level.length]
-    if policy.needs.captures == "key-norm" and rotary is not None:
-        key = keys_as_alone(key, first_real_shift(state, level), rotary)
+    if policy.needs.captures == "key-norm":  # the key norms read no query rows: none are laid out
+        if rotary is not None:
+            key = keys_as_alone(key, first_real_shift(state, level), rotary)
+        return key_norms(key)  # [B, Ls]: L1 norm over every key head (one kernel call)
     needs = policy.needs
     raters = rater_slots(state, policy) if needs.raters else None
     if raters is not None and level is not state.levels[0]:  # level 0's slots are its own: no gather
