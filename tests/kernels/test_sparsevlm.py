@@ -177,3 +177,43 @@ def test_bad_rater_inputs_are_named():
             impl.text_raters(embeds, visual, text.long())
         with pytest.raises(ValueError, match=r"float \[B, L, D\]"):
             impl.text_raters(embeds[0], visual, text)
+
+
+# rater_scores: (B, H, Hkv, T, L, d), odd sizes, GQA and one key head per query head.
+SCORE_SHAPES = [(1, 2, 2, 1, 1, 4), (2, 4, 2, 7, 63, 16), (3, 3, 1, 5, 577, 8)]
+
+
+@pytest.mark.parametrize("shape", SCORE_SHAPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+def test_rater_scores_cpu_path_is_the_score_kernels_numbers(shape, masked):
+    """The CPU path equals the shared score kernel's CPU path bit for bit (same ops, the causal
+    mask from a table) and the plain-torch reference within float32 rounding."""
+    from pruneware.kernels.scores import cpu as scores_cpu
+
+    b, h, hkv, t, length, d = shape
+    gen = torch.Generator().manual_seed(length + t)
+    q, k = torch.randn(b, h, t, d, generator=gen), torch.randn(b, hkv, length, d, generator=gen)
+    raters = torch.rand(b, t, generator=gen) > 0.4
+    raters[:, -1] = True  # a rater in every sample
+    key_mask = None
+    if masked:
+        key_mask = torch.ones(b, length, dtype=torch.bool)
+        key_mask[-1, : length // 3] = False  # a left-padded sample (its rows are real)
+    run = slice(length - t, length)
+    slots = torch.arange(length - t, length).expand(b, -1)
+    got = cpu.rater_scores(q, k, raters, run, key_mask, None)
+    want, _ = scores_cpu.attention_scores(q, k, raters.float(), query_positions=slots, key_mask=key_mask,
+                                          check_positions=False, live_rows=True)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, reference.rater_scores(q, k, raters, run, key_mask, None), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparsevlm.rater_scores(q, k, raters, run, key_mask, 0.3),
+                               reference.rater_scores(q, k, raters, run, key_mask, 0.3), atol=1e-5, rtol=1e-5)
+    if t > 1:  # the check can fail: without the causal mask, earlier rows would see later keys
+        seeing_all, _ = scores_cpu.attention_scores(q, k, raters.float(), key_mask=key_mask, live_rows=True)
+        assert not torch.allclose(seeing_all, got)
+
+
+def test_rater_scores_name_a_run_that_is_not_the_rows():
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 9, 4)
+    with pytest.raises(ValueError, match="run must be the rows' slots 6..8"):
+        cpu.rater_scores(q, k, torch.ones(1, 3, dtype=torch.bool), slice(5, 8), None, None)

@@ -15,7 +15,7 @@ import torch
 from ..dispatch import choose_backend, forced_backend
 from .reference import rated_count, recycled_count
 
-__all__ = ["rated_count", "recycle", "recycled_count", "text_raters"]
+__all__ = ["rated_count", "rater_scores", "recycle", "recycled_count", "text_raters"]
 
 
 def _backend(*tensors: torch.Tensor) -> str:
@@ -78,3 +78,34 @@ def recycle(
     else:
         from .reference import recycle as impl
     return impl(hidden, scores, kept, counts, merge)
+
+
+def rater_scores(
+    q: torch.Tensor, k: torch.Tensor, raters: torch.Tensor, run: slice, key_mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """``[B, L]`` float32: the softmax attention SparseVLM's rater rows pay each key, summed over
+    heads and raters (see ``reference.rater_scores``).
+
+    Args:
+        q: ``[B, H, T, d]`` the query rows, at slots ``run.start .. L-1`` (a run every sample shares).
+        k: ``[B, Hkv, L, d]`` the keys (not repeated for GQA).
+        raters: ``[B, T]`` bool, the rows that count (real tokens, which see themselves).
+        run: the rows' slots. key_mask: ``[B, L]`` bool real keys, or None. scale: the logit scale.
+
+    On CUDA the shared score kernel (``kernels.scores``, one Triton launch) computes it; on the CPU
+    ``cpu.py``, the same numbers in fewer ops. Raises ValueError for inputs that do not fit.
+    """
+    if _backend(q, k) == "cpu":
+        from .cpu import rater_scores as impl
+
+        return impl(q, k, raters, run, key_mask, scale)
+    if _backend(q, k) == "reference":
+        from .reference import rater_scores as impl
+
+        return impl(q, k, raters, run, key_mask, scale)
+    from ..scores import attention_scores
+
+    slots = torch.arange(run.start, k.shape[2], device=q.device).expand(q.shape[0], -1)
+    return attention_scores(q, k, raters.float(), query_positions=slots, key_mask=key_mask, scale=scale,
+                            check_positions=False, live_rows=True)[0]

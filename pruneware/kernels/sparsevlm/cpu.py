@@ -13,10 +13,13 @@ here: see ``cluster_and_merge``) fixes which slot each merged token takes.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
 from ..host import as_numpy, as_tensor
+from ..scores.reference import validate_inputs as validate_scores
 from .reference import rated_count, recycled_count, validate_raters, validate_recycle
 
 
@@ -118,3 +121,36 @@ def recycle(
         return as_tensor(np.stack(slots_out)), stacked
     states_t = [s if isinstance(s, torch.Tensor) else as_tensor(s) for s in states_out]
     return [as_tensor(s) for s in slots_out], states_t
+
+
+@lru_cache(maxsize=64)
+def _causal(first: int, length: int, inference: bool) -> torch.Tensor:
+    """[T, L] bool: row t, at slot first + t, sees slots <= first + t (made once per shape and
+    inference mode, never written)."""
+    return as_tensor(np.arange(length)[None, :] <= np.arange(first, length)[:, None])
+
+
+def rater_scores(
+    q: torch.Tensor, k: torch.Tensor, raters: torch.Tensor, run: slice, key_mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """``reference.rater_scores`` on CPU tensors in the ops of ``kernels.scores.cpu`` (one einsum for
+    the logits, one softmax, one for the sum), with the rows' causal mask a table made once per shape
+    (the rows are one run of slots): the same numbers in three ops fewer."""
+    B, H, T, d = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    scale = validate_scores(q, k, None, None, key_mask, scale, False, False, False)
+    if run.start is None or run.start + T != L:
+        raise ValueError(f"run must be the rows' slots {L - T}..{L - 1}, got {run}")
+    qf, kf = (x if x.dtype == torch.float32 else x.float() for x in (q, k))
+    if Hkv == H:
+        logits, heads = torch.einsum("bhtd,bhld->bhtl", qf, kf), (1,)
+    else:
+        logits, heads = torch.einsum("bkgtd,bkld->bkgtl", qf.reshape(B, Hkv, H // Hkv, T, d), kf), (1, 1)
+    allowed = _causal(run.start, L, torch.is_inference_mode_enabled())  # [T, L]
+    if key_mask is not None:
+        allowed = allowed & key_mask.reshape(B, *heads, 1, L)
+    # Rows are real tokens, which see themselves: the lowest float for -inf, as the score kernel's live rows.
+    probs = torch.softmax(torch.where(allowed, logits.mul_(scale), torch.finfo(logits.dtype).min), dim=-1)
+    w = raters.float()
+    return torch.einsum("bhtl,bt->bl" if Hkv == H else "bkgtl,bt->bl", probs, w)

@@ -129,3 +129,19 @@ def recycle(
         slots_out.append(index)
         states_out.append(states[index])
     return slots_out, states_out
+
+
+def rater_scores(
+    q: torch.Tensor, k: torch.Tensor, raters: torch.Tensor, run: slice, key_mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """[B, L] float32: SparseVLM's score of every key, the softmax attention the rater rows pay it,
+    summed over heads and raters (`kernels.scores` with weight 1 per rater row).
+
+    q: [B, H, T, d] the query rows, at slots run.start..L-1 (one run shared by every sample, each
+    row causal); k: [B, Hkv, L, d]; raters: [B, T] bool, the rows that count (real tokens);
+    key_mask: [B, L] bool real keys, or None."""
+    from ..scores.reference import attention_scores
+
+    slots = torch.arange(run.start, k.shape[2], device=q.device).expand(q.shape[0], -1)
+    return attention_scores(q, k, raters.float(), query_positions=slots, key_mask=key_mask, scale=scale)[0]
