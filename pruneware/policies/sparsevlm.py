@@ -52,7 +52,7 @@ from typing import ClassVar
 
 import torch
 
-from pruneware.kernels.sparsevlm import recycle, recycled_count, text_raters
+from pruneware.kernels.sparsevlm import rater_scores, recycle, recycled_count, text_raters
 from pruneware.kernels.sparsevlm.reference import RECYCLE_SHARE, TOKENS_PER_CLUSTER, cluster_and_merge
 from pruneware.policies.attention import AttentionPolicy
 from pruneware.policies.base import MergeResult, StageInput, register_policy, topk_per_image
@@ -83,6 +83,16 @@ class SparseVLMPolicy(AttentionPolicy):
     def raters(self, embeds: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """[B, L] bool rater slots of embeds [B, L, D] among the text slots [B, L] (one fused call)."""
         return text_raters(embeds, visual, text)
+
+    def fused_attention_scores(
+        self, q_rows: torch.Tensor, key: torch.Tensor, row_valid: torch.Tensor, query_positions: torch.Tensor | None,
+        key_mask: torch.Tensor | None, scale: float | None, query_run: slice | None,
+    ) -> torch.Tensor | None:
+        """The rater rows' score in one kernel call when they are one run of slots (`kernels.sparsevlm.
+        rater_scores`: the score kernel's numbers, the causal mask a table made once per shape)."""
+        if query_run is None:
+            return None
+        return rater_scores(q_rows, key, row_valid, query_run, key_mask, scale)
 
     def merge(self, inputs: StageInput, counts: list[int]) -> MergeResult:
         """Per sample: the kept visual tokens plus the slots of the recycled ones, and their states.
