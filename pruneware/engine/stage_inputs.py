@@ -221,7 +221,9 @@ def captured_scores(
         raters = raters.gather(1, level.index0)
     key_mask = None if state.padding0 is None and level.all_valid else real
     width = post_image_width(state) if needs.query == "post-image" else None
-    rows = query_layout(needs.query, level, key_mask, width, query.device, needs.query_block is not None)
+    # Rater rows are real tokens, and they alone count: the rows' own validity is not needed (no AND with the keys').
+    row_mask = key_mask if raters is None else None
+    rows = query_layout(needs.query, level, row_mask, width, query.device, needs.query_block is not None)
     return attention_policy_scores(policy, rows, key_mask, query, key, scale, raters)
 
 
