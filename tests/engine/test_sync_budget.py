@@ -26,7 +26,6 @@ OVER_BUDGET: dict[tuple[str, str], str] = {
     ("pixelprune@pre-vit:0.5", "padded"): "+30 ops, +3 syncs: the kept count depends on the pixels, one host read",
     ("pixelprune@vit1:0.5", "batch1"): "+29 ops, +3 syncs: the kept count depends on the pixels, one host read",
     ("pixelprune@vit1:0.5", "padded"): "+28 ops, +3 syncs: the kept count depends on the pixels, one host read",
-    ("sparsevlm@2:0.5", "padded"): "+44 ops, +2 syncs: the rater rows' causal mask",
 }
 
 
