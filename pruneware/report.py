@@ -14,8 +14,9 @@ class StageReport:
     Attributes:
         where: "pre" or the decoder layer index K.
         policy: the policy name.
-        kept: per sample, a CPU LongTensor of the original input positions of the visual
-            tokens kept by this stage (sorted); on the model's device until the call completes.
+        kept: per sample, a LongTensor of the original input positions of the visual tokens
+            kept by this stage (sorted), on the model's device: the report brings nothing to
+            the host that the prefill does not need (`.cpu()` it to read it: a device sync).
         n_before: per sample, visual tokens entering the stage.
         n_after: per sample, visual tokens leaving it.
     """
@@ -134,31 +135,29 @@ def fill_report(report: Report, tokens: list[list[int]], visual: list[list[int]]
 
 
 def finish_report(
-    report: Report, real: torch.Tensor | None, slots: list[list[int]], visual: list[list[int]],
+    report: Report, real: torch.Tensor | list[int] | None, slots: list[list[int]], visual: list[list[int]],
     level_of_layer: list[int], input_length: int, text_config, finite: list[torch.Tensor] = (),
 ) -> list[list[bool]]:
-    """Complete a prefill's report in one host sync, which also moves the kept indices to the CPU.
+    """Complete a prefill's report in at most one host sync: the padding (when not known on the
+    host) and the finite flags; nothing when neither is on the device.
 
-    real: [B] real (unpadded) tokens of each sample's L input tokens (None: no padding); slots, visual:
+    The kept indices are not read: they stay where the stages made them (the model's device), so
+    a plan whose stages read no states ends its prefill without a host sync.
+    real: [B] real (unpadded) tokens of each sample's L input tokens, a tensor (read here) or a list
+    already on the host (None: no padding); slots, visual:
     [levels][B] each level's slots and visual tokens per sample, host-side (padding tokens are
     slots a stage never drops); level_of_layer: the level each decoder layer runs;
     input_length: L, the language model's input length before any stage; finite: [B] bool
     flags computed on the device, read in the same sync and returned (as lists of bools).
     """
-    kept = [k for stage in report.stages for k in stage.kept]
     batch = len(slots[0])
-    head = ([] if real is None else [real]) + list(finite)
-    n_head = (batch if real is not None else 0) + batch * len(finite)
-    on_host = all(k.device.type == "cpu" for k in kept)  # then read only the padding and the flags
-    parts = head if on_host else head + kept  # 1-D integer (or bool) tensors, on one device
+    real_on_device = isinstance(real, torch.Tensor)
+    parts = ([real] if real_on_device else []) + list(finite)  # 1-D integer (or bool) tensors, on one device
     values = torch.cat(parts).tolist() if parts else []
-    pads = [input_length - n for n in values[:batch]] if real is not None else [0] * batch
-    read = values[n_head - batch * len(finite): n_head]
+    n_real = batch if real_on_device else 0
+    pads = [0] * batch if real is None else [input_length - n for n in (values[:batch] if real_on_device else real)]
+    read = values[n_real:]
     flags = [[bool(v) for v in read[i * batch: (i + 1) * batch]] for i in range(len(finite))]
-    if not on_host:
-        pieces = iter(torch.tensor(values[n_head:], dtype=torch.long).split([k.numel() for k in kept]))
-        for stage in report.stages:
-            stage.kept = [next(pieces) for _ in stage.kept]
     tokens = [[n - p for n, p in zip(slots[i], pads, strict=True)] for i in level_of_layer]
     fill_report(report, tokens, [visual[i] for i in level_of_layer], [input_length - p for p in pads], text_config)
     return flags

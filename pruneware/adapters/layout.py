@@ -25,6 +25,8 @@ class VisualLayout:
             otherwise); None when not known.
         first_real: per sample, the first column of the 2-D attention mask holding a real token
             (0 when unpadded), read in the layout's one host sync; None when not known.
+        real: per sample, the real (non-zero) columns of that 2-D attention mask, from the same
+            read (what the report counts); None when not known.
     """
 
     image_ids: torch.Tensor
@@ -33,6 +35,7 @@ class VisualLayout:
     sizes: list[list[int]] | None = None
     spans: list[tuple[int, int] | None] | None = None
     first_real: list[int] | None = None
+    real: list[int] | None = None
 
     @property
     def visual_span(self) -> tuple[int, int] | None:

@@ -37,7 +37,7 @@ class LlavaAdapter(Adapter):
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> VisualLayout:
         mask = model_kwargs.get("attention_mask")
-        first_real = None
+        first_real = real = None
         if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape and mask.device == input_ids.device:
             # The ids and the padding in the layout's one host sync (one op more): where each sample's
             # first real token is, so that scores reading keys' absolute values need not ask the device.
@@ -45,13 +45,14 @@ class LlavaAdapter(Adapter):
             both = torch.cat([input_ids, same]).tolist()
             rows, padding = both[: input_ids.shape[0]], both[input_ids.shape[0]:]
             first_real = [row.index(1) if 1 in row else 0 for row in padding]
+            real = [len(row) - row.count(0) for row in padding]
         else:
             rows = input_ids.tolist()  # the layout's one host sync
         token, per, grid = self._layout_constants()
         n = sum(row.count(token) for row in rows)
         count = -(-n // per)
         layout = self._runs_to_layout(input_ids, [per] * count, [grid] * count, rows)
-        return layout if first_real is None else replace(layout, first_real=first_real)
+        return layout if first_real is None else replace(layout, first_real=first_real, real=real)
 
     def _layout_constants(self) -> tuple[int, int, tuple[int, int]]:
         """(image token id, tokens per image, grid), read from the config once per adapter

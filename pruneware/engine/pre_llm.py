@@ -177,7 +177,8 @@ def prefill_inputs(
         full, mask = mask, padding_of(mask, embeds.shape[0], embeds.shape[1])
     elif mask is not None and mask.dim() != 2:
         raise ValueError("pruneware needs a 2-D attention_mask [batch, length] (or none) at the language model")
-    prefill.input_real = None if mask is None else torch.count_nonzero(mask, dim=1)  # [B], for the report (one op)
+    # [B] real tokens, for the report: the layout's host copy when it read this mask (no op, no read at the end)
+    prefill.input_real = None if mask is None else layout.real or torch.count_nonzero(mask, dim=1)
     if pre is None and vision_keep is None:
         decode.last_position = None if positions is None else positions[..., -1]  # for a stage at layer 0
         state.levels, state.starts = [root], [0]

@@ -65,7 +65,7 @@ class PrefillState:
         n_visual: per sample, its visual tokens before pruning.
         report: this call's report, filled during prefill.
         position_inputs: the adapter's, for a merging `pre` stage.
-        input_real: [B] real (unpadded) tokens of each sample's input (for the report).
+        input_real: [B] real (unpadded) tokens of each sample's input (for the report; a host list when the layout read it).
         lm_positions: (position ids or None, 2-D padding mask or None) the language model got
             after a `pre` stage, for scores read at the positions a sample has alone (key_positions.py).
         captured: stage layer K -> [B, Ls] attention scores captured at layer K-1 (or at K).
@@ -82,7 +82,7 @@ class PrefillState:
     n_visual: list[int]
     report: Report
     position_inputs: dict[str, Any] = field(default_factory=dict)
-    input_real: torch.Tensor | None = None
+    input_real: torch.Tensor | list[int] | None = None
     lm_positions: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     preview: int | None = None
