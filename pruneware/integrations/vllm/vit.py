@@ -97,6 +97,7 @@ class QwenViTRunner:
         self.cut = QwenVisionCut.__new__(QwenVisionCut)  # the cut's rules, on vLLM's window order
         self.cut.visual, self.cut.merge = visual, visual.spatial_merge_size
         self.cut.unit, self.cut.windowed, self.cut.taps = visual.spatial_merge_size**2, True, []
+        self.cut.host_grid = None  # no HF layout read to share here: the cut reads the grid itself
         self.cut.full_blocks = set(visual.fullatt_block_indexes)
 
     def _attention_inputs(self, cu: torch.Tensor) -> dict[str, Any]:
