@@ -102,6 +102,17 @@ class QwenVisionCut:
         self.full_blocks = set(full) if full is not None else set(range(len(visual.blocks)))
         self.taps = list(getattr(visual, "deepstack_visual_indexes", None) or [])  # Qwen3-VL's DeepStack
 
+    @classmethod
+    def rules_only(cls, visual: torch.nn.Module) -> QwenVisionCut:
+        """The cut's unit and window rules for a Qwen2.5-VL tower this class does not drive (vLLM's):
+        window order on, no DeepStack taps, the grid read by the cut itself; no tower shape or config."""
+        cut = cls.__new__(cls)
+        cut.visual, cut.host_grid, cut.tower, cut.config = visual, None, None, None
+        cut.merge = visual.spatial_merge_size
+        cut.unit, cut.windowed, cut.taps = cut.merge**2, True, []
+        cut.full_blocks = set(visual.fullatt_block_indexes)
+        return cut
+
     @property
     def depth(self) -> int:
         return len(self.visual.blocks)

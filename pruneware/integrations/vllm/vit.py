@@ -94,11 +94,7 @@ class QwenViTRunner:
     def __init__(self, visual: torch.nn.Module, spec: PruneSpec):
         self.visual, self.spec = visual, spec
         self.block = int(spec.stage.vit_block)  # type: ignore[arg-type]
-        self.cut = QwenVisionCut.__new__(QwenVisionCut)  # the cut's rules, on vLLM's window order
-        self.cut.visual, self.cut.merge = visual, visual.spatial_merge_size
-        self.cut.unit, self.cut.windowed, self.cut.taps = visual.spatial_merge_size**2, True, []
-        self.cut.host_grid = None  # no HF layout read to share here: the cut reads the grid itself
-        self.cut.full_blocks = set(visual.fullatt_block_indexes)
+        self.cut = QwenVisionCut.rules_only(visual)  # the cut's rules, on vLLM's window order
 
     def _attention_inputs(self, cu: torch.Tensor) -> dict[str, Any]:
         """What a block receives for boundaries `cu` (as vLLM's `prepare_encoder_metadata` builds it)."""
